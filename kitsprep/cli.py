@@ -1,0 +1,185 @@
+"""`kitsprep`: thin click commands over the library (synth, build, info, verify)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from kitsprep import __version__
+from kitsprep.errors import KitsError
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"Error: {exc}", err=True)
+    sys.exit(1)
+
+
+class KitsGroup(click.Group):
+    """Turns KitsError into one line and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KitsError as exc:
+            _fail(exc)
+
+
+def _progress(total: int, unit: str, desc: str):
+    """A tqdm bar on a terminal; None (plain lines) otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+@click.group(cls=KitsGroup)
+@click.version_option(__version__, prog_name="kitsprep")
+def main() -> None:
+    """KiTS19 NIfTI volumes -> one chunked HDF5 slice store."""
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Folder to write case_XXXXX/ into (KiTS19 layout).")
+@click.option("--cases", default=10, show_default=True, type=click.IntRange(1, 99999))
+@click.option("--size", default=128, show_default=True, type=click.IntRange(16, 1024),
+              help="In-plane size of the square cases.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth(out: Path, cases: int, size: int, seed: int) -> None:
+    """Write a synthetic KiTS19-layout cohort (the embedded default data set)."""
+    from kitsprep.synth import SynthConfig, write_cohort
+
+    if out.exists() and any(out.glob("case_*")):
+        raise KitsError(f"{out} already holds case folders; choose an empty --out or delete it")
+    bar = _progress(cases, "case", "synth")
+
+    def on_case(cid: str) -> None:
+        if bar is not None:
+            bar.update(1)
+        else:
+            click.echo(f"synth {cid}", err=True)
+
+    ids = write_cohort(SynthConfig(cases=cases, size=size, seed=seed), out, on_case=on_case)
+    if bar is not None:
+        bar.close()
+    click.echo(f"wrote {len(ids)} cases to {out}")
+
+
+@main.command()
+@click.option("--src", type=click.Path(path_type=Path), required=True,
+              help="KiTS19 data folder holding case_XXXXX/ folders.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to write.")
+@click.option("--size", default=512, show_default=True, type=click.IntRange(16, 2048),
+              help="In-plane size of every stored slice (aspect kept, padded with air).")
+@click.option("--window", "window_name", default=None,
+              help="HU window preset: mlperf (default: clip -79..304, z-score) or abdomen "
+                   "(-175..250 -> [0,1]).")
+@click.option("--window-range", nargs=2, type=float, default=None, metavar="LO HI",
+              help="Clip range in HU (overrides the preset's limits).")
+@click.option("--workers", default=None, type=click.IntRange(1, 256),
+              help="Decoding processes [default: all cores].")
+@click.option("--cases", "case_spec", default=None, help="Cases to include: 0-19,50-54 or @file.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build of --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--skip-bad", is_flag=True,
+              help="Record bad cases in the store's attributes and go on.")
+@click.option("--no-fsync", is_flag=True,
+              help="Skip per-case fsync (faster; a power cut may then lose finished cases).")
+def build(src: Path, out: Path, size: int, window_name: str | None,
+          window_range: tuple[float, float] | None, workers: int | None, case_spec: str | None,
+          resume: bool, overwrite: bool, skip_bad: bool, no_fsync: bool) -> None:
+    """Build one chunked HDF5 slice store from every NIfTI case in --src."""
+    from kitsprep.build import BuildConfig, build_store
+    from kitsprep.window import resolve_window
+
+    window = resolve_window(window_name, tuple(window_range) if window_range else None)
+    cfg = BuildConfig(src=src, out=out, window=window, size=size,
+                      workers=workers or os.cpu_count() or 1, cases=case_spec, resume=resume,
+                      overwrite=overwrite, skip_bad=skip_bad, fsync=not no_fsync)
+    state: dict = {}
+
+    def on_start(n_cases: int, n_slices: int) -> None:
+        state["bar"] = _progress(n_slices, "slice", "build")
+
+    def on_case(ev) -> None:
+        bar = state.get("bar")
+        if bar is not None:
+            bar.update(ev.slices)
+            if ev.error:
+                bar.write(f"skipped {ev.case_id}: {ev.error}")
+            return
+        if ev.error:
+            click.echo(f"skipped {ev.case_id}: {ev.error}", err=True)
+        elif ev.resumed:
+            click.echo(f"{ev.case_id}: done in an earlier run", err=True)
+        else:
+            click.echo(f"{ev.case_id}: {ev.slices} slices in {ev.seconds:.2f}s", err=True)
+
+    try:
+        report = build_store(cfg, on_case=on_case, on_start=on_start)
+    finally:
+        if state.get("bar") is not None:
+            state["bar"].close()
+    click.echo(f"built {report.out}: {report.cases} cases, {report.slices} slices, "
+               f"{report.bytes / 2**20:.1f} MiB in {report.seconds:.1f}s "
+               f"({report.slices_per_s:.0f} slices/s)"
+               + (f", {report.resumed_cases} cases from the interrupted run"
+                  if report.resumed_cases else "")
+               + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else ""))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(store: Path, as_json: bool) -> None:
+    """What a store holds: cases, slices, size on disk, window, foreground share."""
+    from kitsprep.store import open_store, summarise
+
+    summary = summarise(open_store(store))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    w = summary["window"]
+    click.echo(f"store        {summary['path']}  (format v{summary['format_version']}, "
+               f"kitsprep {summary['kitsprep_version']})")
+    click.echo(f"cases        {summary['cases']} ({summary['labelled_cases']} labelled, "
+               f"{summary['unlabelled_cases']} unlabelled)")
+    click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}, "
+               f"{summary['num_classes']} classes")
+    click.echo(f"on disk      {summary['bytes'] / 2**20:.1f} MiB")
+    click.echo(f"window       {w['name']}: clip {w['lo']:g}..{w['hi']:g} HU, "
+               f"(v - {w['offset']:g}) / {w['divisor']:g}")
+    click.echo(f"foreground   {100 * summary['fg_slice_share']:.1f}% of labelled slices hold "
+               f"kidney or tumour; kidney {100 * summary['kidney_pixel_share']:.2f}%, tumour "
+               f"{100 * summary['tumour_pixel_share']:.2f}% of labelled pixels")
+    if summary["bad_cases"]:
+        click.echo(f"bad cases    {len(summary['bad_cases'])} skipped at build:")
+        for cid, why in summary["bad_cases"].items():
+            click.echo(f"  {cid}: {why}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--src", type=click.Path(path_type=Path), default=None,
+              help="Also check labels against the source masks in this KiTS19 folder.")
+def verify(store: Path, src: Path | None) -> None:
+    """Integrity: cases complete, index consistent; with --src, labels equal the source."""
+    from kitsprep.verify import verify_store
+
+    report = verify_store(store, src, on_case=lambda c: None)
+    if not report.ok:
+        for p in report.problems[:20]:
+            click.echo(f"FAIL {p}", err=True)
+        raise KitsError(f"{store}: {len(report.problems)} problem(s) found; rebuild the store "
+                        "with `kitsprep build --overwrite`")
+    extra = " and labels equal the source masks" if report.checked_src else ""
+    click.echo(f"ok: {report.cases} cases, {report.slices} slices consistent{extra}")
+
+
+if __name__ == "__main__":
+    main()

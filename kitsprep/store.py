@@ -1,0 +1,400 @@
+"""The slice store's format, in one place: both packages read and write it through here.
+
+Layout (format `kits-slices`, version 1):
+
+    /                 attrs: format, format_version, kitsprep_version, window (JSON),
+                             size, num_classes, image_dtype, build (JSON), cases (JSON list),
+                             bad_cases (JSON), complete
+    /cases/<case_id>/image   (slices, size, size) float16, one uncompressed slice per chunk,
+                             allocated at creation so chunk offsets never move
+    /cases/<case_id>/label   (slices, size, size) uint8, one deflated slice per chunk
+                             (absent for unlabelled cases)
+        attrs: labelled, slices, row_start, source_shape, spacing, affine, axcodes, axes,
+               in_plane (JSON), fingerprint (JSON), source dtypes
+    /index            one row per slice (INDEX_DTYPE): what samplers and `info` read.
+
+Image chunks are raw float16 at recorded byte offsets, so the training loader reads them
+through a read-only memory map without h5py. Label chunks are zlib streams (HDF5's deflate
+filter) at recorded offsets and lengths, so they come out of the same map.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from kitsprep import __version__
+from kitsprep.errors import KitsError
+from kitsprep.geometry import InPlane
+from kitsprep.window import Window
+
+try:
+    from isal import isal_zlib as _zlib
+except ImportError:
+    import zlib as _zlib
+
+FORMAT = "kits-slices"
+FORMAT_VERSION = 1
+LABEL_LEVEL = 1  # deflate level for label chunks: mostly zeros, level 1 is already tiny
+
+INDEX_DTYPE = np.dtype([
+    ("case", "<i4"),          # position in the root `cases` list
+    ("slice", "<i4"),         # slice number within the case (axial, as stored)
+    ("kidney", "<i4"),        # pixels with label 1
+    ("tumour", "<i4"),        # pixels with label 2
+    ("other", "<i4"),         # pixels with label >= 3 (cysts in later KiTS editions)
+    ("image_offset", "<i8"),  # byte offset of the slice's float16 chunk in the file
+    ("label_offset", "<i8"),  # byte offset of the deflated label chunk; -1 if unlabelled
+    ("label_nbytes", "<i4"),  # its length in bytes; 0 if unlabelled
+    ("image_crc", "<u4"),     # CRC-32 of the slice's float16 bytes: verify sees bit rot
+])
+
+
+@dataclass(frozen=True)
+class CasePlan:
+    """What the layout needs before any voxel is decoded (headers only)."""
+
+    case_id: str
+    slices: int
+    labelled: bool
+
+
+@dataclass(frozen=True)
+class CaseMeta:
+    """Per-case attributes: everything needed to map a prediction back to the source."""
+
+    case_id: str
+    labelled: bool
+    slices: int
+    row_start: int
+    source_shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    axcodes: str
+    axes: tuple[int, int, int]
+    in_plane: InPlane
+    fingerprint: dict
+
+    def attrs(self) -> dict:
+        return {
+            "labelled": self.labelled,
+            "slices": self.slices,
+            "row_start": self.row_start,
+            "source_shape": np.asarray(self.source_shape, np.int64),
+            "spacing": np.asarray(self.spacing, np.float64),
+            "affine": np.asarray(self.affine, np.float64),
+            "axcodes": self.axcodes,
+            "axes": np.asarray(self.axes, np.int64),
+            "in_plane": json.dumps(self.in_plane.as_dict()),
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+        }
+
+    @classmethod
+    def from_attrs(cls, case_id: str, a: h5py.AttributeManager) -> CaseMeta:
+        return cls(
+            case_id=case_id,
+            labelled=bool(a["labelled"]),
+            slices=int(a["slices"]),
+            row_start=int(a["row_start"]),
+            source_shape=tuple(int(v) for v in a["source_shape"]),
+            spacing=tuple(float(v) for v in a["spacing"]),
+            affine=np.asarray(a["affine"], np.float64),
+            axcodes=str(a["axcodes"]),
+            axes=tuple(int(v) for v in a["axes"]),
+            in_plane=InPlane(**json.loads(a["in_plane"])),
+            fingerprint=json.loads(a["fingerprint"]),
+        )
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Root attributes plus per-case metadata and the index: all a reader needs."""
+
+    path: Path
+    format_version: int
+    kitsprep_version: str
+    window: Window
+    size: int
+    num_classes: int
+    build: dict
+    bad_cases: dict
+    cases: dict[str, CaseMeta]
+    index: np.ndarray
+
+    @property
+    def case_ids(self) -> list[str]:
+        return list(self.cases)
+
+    @property
+    def labelled_cases(self) -> list[str]:
+        return [c for c, m in self.cases.items() if m.labelled]
+
+    def rows(self, case_id: str) -> np.ndarray:
+        """Index rows of one case, in slice order."""
+        m = self.cases[case_id]
+        return self.index[m.row_start:m.row_start + m.slices]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the store's content: format, parameters and every source fingerprint."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(f"{FORMAT}:{self.format_version}:{self.window.to_json()}:{self.size}".encode())
+        for cid, meta in self.cases.items():
+            h.update(f"{cid}:{json.dumps(meta.fingerprint, sort_keys=True)}".encode())
+        return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def create_layout(path: Path, plans: list[CasePlan], size: int, window: Window,
+                  build: dict) -> dict[str, np.ndarray]:
+    """Create every dataset before any voxel is written, allocating image chunks up front.
+    Returns each case's image-chunk byte offsets. After this the file's metadata does not
+    change until `finalize`, so raw writes at those offsets (from any process) cannot
+    corrupt it, whatever kills the build."""
+    offsets: dict[str, np.ndarray] = {}
+    with h5py.File(path, "w", libver=("v110", "latest"), track_order=True) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["kitsprep_version"] = __version__
+        f.attrs["window"] = window.to_json()
+        f.attrs["size"] = size
+        f.attrs["image_dtype"] = "float16"
+        f.attrs["build"] = json.dumps(build, sort_keys=True)
+        f.attrs["cases"] = json.dumps([p.case_id for p in plans])
+        f.attrs["complete"] = False
+        grp = f.create_group("cases", track_order=True)
+        for p in plans:
+            g = grp.create_group(p.case_id)
+            shape = (p.slices, size, size)
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_chunk((1, size, size))
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            space = h5py.h5s.create_simple(shape)
+            dsid = h5py.h5d.create(g.id, b"image", h5py.h5t.IEEE_F16LE, space, dcpl=dcpl)
+            offsets[p.case_id] = np.array(
+                [dsid.get_chunk_info(i).byte_offset for i in range(p.slices)], np.int64)
+            if p.labelled:
+                g.create_dataset("label", shape=shape, dtype=np.uint8, chunks=(1, size, size),
+                                 compression="gzip", compression_opts=LABEL_LEVEL)
+    return offsets
+
+
+def image_offsets(path: Path) -> dict[str, np.ndarray]:
+    """Image-chunk offsets of an existing layout (for a resumed build)."""
+    with h5py.File(path, "r") as f:
+        return {cid: np.array([g["image"].id.get_chunk_info(i).byte_offset
+                               for i in range(g["image"].shape[0])], np.int64)
+                for cid, g in f["cases"].items()}
+
+
+def compress_label_slice(labels: np.ndarray) -> bytes:
+    """One label slice as the deflate filter stores it (a zlib stream)."""
+    return _zlib.compress(np.ascontiguousarray(labels).tobytes(), LABEL_LEVEL)
+
+
+@dataclass
+class CaseWritten:
+    """What a finished case hands the finaliser: metadata, per-slice counts, label chunks."""
+
+    meta: CaseMeta
+    counts: np.ndarray              # (slices, 3) int64: labels 1, 2, >=3
+    label_chunks: list[bytes] | None
+    max_label: int
+    image_crc: np.ndarray           # (slices,) uint32: crc32 of each stored image slice
+
+
+def crc32(buf: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (ISA-L's, several times zlib's speed)."""
+    return _zlib.crc32(np.ascontiguousarray(buf).view(np.uint8))
+
+
+def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str]) -> None:
+    """Write labels, per-case attributes and the index, then mark the file complete."""
+    rows = []
+    num_classes = 3
+    with h5py.File(path, "r+") as f:
+        order = json.loads(f.attrs["cases"])
+        by_id = {w.meta.case_id: w for w in written}
+        for cid in list(order):
+            if cid not in by_id and cid in f["cases"]:
+                del f["cases"][cid]  # a bad case skipped mid-build; its space stays unused
+        order = [cid for cid in order if cid in by_id]
+        row = 0
+        for pos, cid in enumerate(order):
+            w = by_id[cid]
+            g = f["cases"][cid]
+            meta = CaseMeta(**{**w.meta.__dict__, "row_start": row})
+            for k, v in meta.attrs().items():
+                g.attrs[k] = v
+            img = g["image"]
+            r = np.zeros(meta.slices, INDEX_DTYPE)
+            r["case"] = pos
+            r["slice"] = np.arange(meta.slices)
+            r["kidney"], r["tumour"], r["other"] = w.counts[:, 0], w.counts[:, 1], w.counts[:, 2]
+            r["image_offset"] = [img.id.get_chunk_info(i).byte_offset for i in range(meta.slices)]
+            r["label_offset"] = -1
+            r["image_crc"] = w.image_crc
+            if meta.labelled:
+                lab = g["label"]
+                for i, chunk in enumerate(w.label_chunks):
+                    lab.id.write_direct_chunk((i, 0, 0), chunk)
+                f.flush()
+                for i in range(meta.slices):
+                    info = lab.id.get_chunk_info(i)
+                    r["label_offset"][i] = info.byte_offset
+                    r["label_nbytes"][i] = info.size
+                num_classes = max(num_classes, w.max_label + 1)
+            rows.append(r)
+            row += meta.slices
+        index = np.concatenate(rows) if rows else np.zeros(0, INDEX_DTYPE)
+        if "index" in f:  # left by a run killed after this point: finalize again, same result
+            del f["index"]
+        f.create_dataset("index", data=index)
+        f.attrs["cases"] = json.dumps(order)
+        f.attrs["num_classes"] = num_classes
+        f.attrs["bad_cases"] = json.dumps(bad_cases, sort_keys=True)
+        f.attrs["complete"] = True
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_store(path: Path | str) -> StoreInfo:
+    """Read attributes, case metadata and the index; refuse anything that is not a complete
+    store of a format version this code understands."""
+    path = Path(path)
+    if not path.is_file():
+        raise KitsError(f"store {path} does not exist; build one with "
+                        "`kitsprep build --src DIR --out FILE.h5`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise KitsError(f"{path} is not an HDF5 file; expected a store written by "
+                        "`kitsprep build`") from None
+    with f:
+        a = f.attrs
+        if a.get("format") != FORMAT:
+            raise KitsError(f"{path} is an HDF5 file but not a kits slice store (format "
+                            f"{a.get('format')!r}, expected {FORMAT!r}); build one with "
+                            "`kitsprep build`")
+        version = int(a["format_version"])
+        if version != FORMAT_VERSION:
+            raise KitsError(f"{path} has store format version {version}; this kits reads "
+                            f"version {FORMAT_VERSION}. Rebuild it with this kitsprep, or "
+                            "install the kits release that wrote it")
+        if not bool(a.get("complete", False)):
+            raise KitsError(f"{path} is an unfinished build; finish it with "
+                            "`kitsprep build ... --resume`")
+        cases = {cid: CaseMeta.from_attrs(cid, f["cases"][cid].attrs)
+                 for cid in json.loads(a["cases"])}
+        return StoreInfo(
+            path=path,
+            format_version=version,
+            kitsprep_version=str(a["kitsprep_version"]),
+            window=Window.from_json(a["window"]),
+            size=int(a["size"]),
+            num_classes=int(a["num_classes"]),
+            build=json.loads(a["build"]),
+            bad_cases=json.loads(a.get("bad_cases", "{}")),
+            cases=cases,
+            index=f["index"][...],
+        )
+
+
+class SliceMap:
+    """Read-only memory map of a store: slices by index row, no h5py, no whole-case reads.
+    Open one per process (DataLoader worker) after fork/spawn. Each read copies the slice
+    out and hands the mapped pages back to the OS page cache (MADV_DONTNEED), so a
+    worker's resident memory stays flat however large the store is."""
+
+    def __init__(self, path: Path | str, size: int):
+        self.path = Path(path)
+        self.size = size
+        self._slice_bytes = size * size * 2
+        self._file = open(self.path, "rb")  # noqa: SIM115 - lives as long as the map
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._buf = np.frombuffer(self._mm, dtype=np.uint8)
+        self._page = mmap.PAGESIZE
+
+    def _release(self, off: int, n: int) -> None:
+        start = off - off % self._page
+        self._mm.madvise(mmap.MADV_DONTNEED, start, off + n - start)
+
+    def image(self, row: np.void | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(size, size) float16 copy of one slice (into `out` if given)."""
+        off = int(row["image_offset"])
+        src = self._buf[off:off + self._slice_bytes].view(np.float16).reshape(self.size,
+                                                                              self.size)
+        if out is None:
+            out = src.copy()
+        else:
+            np.copyto(out, src)
+        self._release(off, self._slice_bytes)
+        return out
+
+    def label(self, row: np.void | np.ndarray) -> np.ndarray:
+        """(size, size) uint8, inflated from the deflated chunk in the map."""
+        off, n = int(row["label_offset"]), int(row["label_nbytes"])
+        if off < 0:
+            raise KitsError("this slice belongs to an unlabelled case; it has no label")
+        lab = np.frombuffer(_zlib.decompress(self._mm[off:off + n]), np.uint8)
+        self._release(off, n)
+        return lab.reshape(self.size, self.size)
+
+    def close(self) -> None:
+        self._buf = None
+        self._mm.close()
+        self._file.close()
+
+    def __getstate__(self) -> dict:
+        # Pickle the path, not the map: each worker maps the file itself.
+        return {"path": self.path, "size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["size"])
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size
+
+
+def summarise(info: StoreInfo) -> dict:
+    """What `kitsprep info` shows; reads the index only."""
+    idx = info.index
+    labelled = np.array([info.cases[info.case_ids[c]].labelled for c in idx["case"]], bool) \
+        if len(idx) else np.zeros(0, bool)
+    lab = idx[labelled]
+    pixels = max(1, len(lab) * info.size * info.size)
+    fg = (lab["kidney"] + lab["tumour"]) > 0
+    return {
+        "path": str(info.path),
+        "format_version": info.format_version,
+        "kitsprep_version": info.kitsprep_version,
+        "cases": len(info.cases),
+        "labelled_cases": len(info.labelled_cases),
+        "unlabelled_cases": len(info.cases) - len(info.labelled_cases),
+        "slices": int(len(idx)),
+        "size": info.size,
+        "num_classes": info.num_classes,
+        "bytes": file_size(info.path),
+        "window": json.loads(info.window.to_json()),
+        "fg_slice_share": float(fg.mean()) if len(lab) else 0.0,
+        "kidney_pixel_share": float(lab["kidney"].sum() / pixels),
+        "tumour_pixel_share": float(lab["tumour"].sum() / pixels),
+        "bad_cases": info.bad_cases,
+        "build": info.build,
+        "per_case": {cid: {"slices": m.slices, "labelled": m.labelled,
+                           "source_shape": list(m.source_shape),
+                           "spacing": list(m.spacing)} for cid, m in info.cases.items()},
+    }

@@ -1,0 +1,133 @@
+"""`kitsprep verify`: prove a store is whole and, with the source, that its labels are the
+source masks through the recorded transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from kitsprep.cases import find_cases, read_volume
+from kitsprep.kernels import labels_resample
+from kitsprep.store import SliceMap, StoreInfo, crc32, open_store
+
+try:
+    from isal.isal_zlib import error as _InflateError
+except ImportError:
+    from zlib import error as _InflateError
+
+
+@dataclass
+class VerifyReport:
+    cases: int = 0
+    slices: int = 0
+    problems: list[str] = field(default_factory=list)
+    checked_src: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_store(path: Path, src: Path | None = None,
+                 on_case: Callable[[str], None] | None = None) -> VerifyReport:
+    """Every case present with its slice count, index rows consistent with the arrays
+    (offsets, counts), memory-map reads equal to h5py reads, and with `src` every label
+    equal to the source mask resampled as recorded."""
+    info = open_store(path)
+    report = VerifyReport(checked_src=src is not None)
+    sources = {c.case_id: c for c in find_cases(src)} if src is not None else {}
+    smap = SliceMap(path, info.size)
+    try:
+        with h5py.File(path, "r") as f:
+            for cid, meta in info.cases.items():
+                try:
+                    _verify_case(f, info, smap, cid, report)
+                    if src is not None:
+                        _verify_source(info, cid, sources, report)
+                except (OSError, _InflateError) as exc:  # a damaged chunk fails its filter
+                    report.problems.append(f"{cid}: cannot read its data ({exc})")
+                report.cases += 1
+                report.slices += meta.slices
+                if on_case:
+                    on_case(cid)
+    finally:
+        smap.close()
+    if len(info.index) != sum(m.slices for m in info.cases.values()):
+        report.problems.append(f"index has {len(info.index)} rows but the cases hold "
+                               f"{sum(m.slices for m in info.cases.values())} slices")
+    return report
+
+
+def _verify_case(f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str,
+                 report: VerifyReport) -> None:
+    meta = info.cases[cid]
+    g = f["cases"].get(cid)
+    if g is None:
+        report.problems.append(f"{cid}: listed but its group is missing")
+        return
+    img = g["image"]
+    if img.shape != (meta.slices, info.size, info.size):
+        report.problems.append(f"{cid}: image shape {img.shape}, expected "
+                               f"{(meta.slices, info.size, info.size)}")
+        return
+    rows = info.rows(cid)
+    if not np.array_equal(rows["slice"], np.arange(meta.slices)):
+        report.problems.append(f"{cid}: index rows are not slices 0..{meta.slices - 1}")
+        return
+    for i, row in enumerate(rows):
+        if img.id.get_chunk_info(i).byte_offset != row["image_offset"]:
+            report.problems.append(f"{cid} slice {i}: index image offset is stale")
+            return
+        mapped = smap.image(row)
+        if not np.array_equal(mapped.view(np.uint16), img[i].view(np.uint16)):
+            report.problems.append(f"{cid} slice {i}: memory-map read differs from HDF5")
+            return
+        if crc32(mapped) != row["image_crc"]:
+            report.problems.append(f"{cid} slice {i}: image bytes fail their checksum (the "
+                                   "file changed after the build)")
+            return
+        if not np.isfinite(img[i]).all():
+            report.problems.append(f"{cid} slice {i}: image holds NaN/Inf")
+            return
+    if not meta.labelled:
+        if "label" in g:
+            report.problems.append(f"{cid}: flagged unlabelled but has labels")
+        return
+    lab = g["label"][...]
+    counts = np.stack([(lab == 1).sum((1, 2)), (lab == 2).sum((1, 2)), (lab >= 3).sum((1, 2))], 1)
+    if not np.array_equal(counts, np.stack([rows["kidney"], rows["tumour"], rows["other"]], 1)):
+        report.problems.append(f"{cid}: index label counts differ from the label array")
+    for i, row in enumerate(rows):
+        if not np.array_equal(smap.label(row), lab[i]):
+            report.problems.append(f"{cid} slice {i}: mapped label chunk differs from HDF5")
+            return
+
+
+def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyReport) -> None:
+    meta = info.cases[cid]
+    ref = sources.get(cid)
+    if ref is None:
+        report.problems.append(f"{cid}: not found in the source folder")
+        return
+    vol = read_volume(ref.imaging, cid)
+    if vol.fingerprint != meta.fingerprint.get("imaging"):
+        report.problems.append(f"{cid}: source imaging changed since the build "
+                               f"({vol.fingerprint} vs {meta.fingerprint.get('imaging')})")
+    if not meta.labelled:
+        return
+    if ref.segmentation is None:
+        report.problems.append(f"{cid}: store has labels but the source has no segmentation")
+        return
+    seg = read_volume(ref.segmentation, cid)
+    labels = seg.data.transpose(meta.axes)
+    counts = np.zeros((labels.shape[0], 3), np.int64)
+    expected, _ = labels_resample(labels, meta.in_plane, counts)
+    with h5py.File(info.path, "r") as f:
+        stored = f["cases"][cid]["label"][...]
+    if not np.array_equal(expected, stored):
+        n = int((expected != stored).sum())
+        report.problems.append(f"{cid}: {n} label voxels differ from the source mask")

@@ -1,0 +1,198 @@
+"""`kitstrain`: thin click commands (fit, score, predict, plot, bench-loader)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from kitsprep.cli import KitsGroup
+from kitsprep.errors import KitsError
+from kitstrain import __version__
+
+
+def parse_duration(text: str | None) -> float | None:
+    """`90s`, `10m`, `2h`, `1h30m` or plain seconds -> seconds."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
+    if not parts or "".join(a + b for a, b in parts) != t:
+        raise KitsError(f"cannot read duration {text!r}; expected e.g. 90s, 10m, 2h or 1h30m")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(float(v) * unit[u] for v, u in parts)
+
+
+def parse_batch(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise KitsError(f"--batch-size must be a positive integer or 'auto', found {text!r}")
+
+
+@click.group(cls=KitsGroup)
+@click.version_option(__version__, prog_name="kitstrain")
+def main() -> None:
+    """Train, score and apply a 2D U-Net on a kitsprep slice store."""
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: runs/<timestamp>].")
+@click.option("--preset", type=click.Choice(["seed", "default"]), default="default",
+              show_default=True, help="seed: the origin report's setup; default: ours.")
+@click.option("--epochs", type=click.IntRange(1), default=None)
+@click.option("--batch-size", default=None, help="N, or 'auto' (largest that fits on the GPU).")
+@click.option("--lr", type=float, default=None)
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader workers.")
+@click.option("--context", type=click.IntRange(0, 8), default=None,
+              help="2.5D: K neighbouring slices each side as channels.")
+@click.option("--train-cases", default=None, help="e.g. 0-159 or @file [default: seeded 80%].")
+@click.option("--val-cases", default=None, help="e.g. 160-209 or @file [default: the rest].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out (or the newest run).")
+@click.option("--max-steps", type=click.IntRange(1), default=None)
+@click.option("--time-limit", default=None, help="Stop cleanly after e.g. 90s, 10m, 2h.")
+@click.option("--val-every", type=click.IntRange(1), default=None,
+              help="Also validate every N steps.")
+@click.option("--seed", type=int, default=None)
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--no-amp", is_flag=True, help="Full fp32 on CUDA too.")
+@click.option("--samples-per-epoch", type=click.IntRange(1), default=None)
+def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, workers, context,
+        train_cases, val_cases, device, resume, max_steps, time_limit, val_every, seed,
+        compile_, no_amp, samples_per_epoch) -> None:
+    """Train a U-Net on STORE (a file written by `kitsprep build`)."""
+    from kitstrain.fit import FitConfig
+    from kitstrain.fit import fit as run_fit
+    from kitstrain.presets import resolve
+
+    overrides = {"epochs": epochs, "batch_size": parse_batch(batch_size), "lr": lr,
+                 "workers": workers, "context": context, "max_steps": max_steps,
+                 "time_limit": parse_duration(time_limit), "val_every": val_every,
+                 "seed": seed, "compile": compile_, "amp": False if no_amp else None,
+                 "samples_per_epoch": samples_per_epoch}
+    tc = resolve(preset, overrides)
+    explicit = frozenset(k for k, v in overrides.items() if v is not None)
+    if preset != "default":
+        explicit |= {"preset"}
+    cfg = FitConfig(store=store, train=tc, out=out, train_cases=train_cases,
+                    val_cases=val_cases, device=device, resume=resume, explicit=explicit)
+    result = run_fit(cfg, echo=lambda s: click.echo(s, err=True))
+    v = result.last_val or {}
+    click.echo(f"done ({result.stop_reason}) after {result.steps} steps: validation kidney "
+               f"Dice {v.get('kidney_dice', float('nan')):.3f}, tumour Dice "
+               f"{v.get('tumour_dice', float('nan')):.3f}; loader stall "
+               f"{100 * result.stall:.1f}%; run in {result.run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Store to score on [default: the one the run trained on].")
+@click.option("--cases", default=None, help="Cases [default: the run's validation cases].")
+@click.option("--src", type=click.Path(path_type=Path), default=None,
+              help="Score against the source masks in their own geometry (official).")
+@click.option("--tta", is_flag=True, help="Average logits over flips.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--overlays", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG per case into this folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
+              show_default=True)
+def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_size,
+          checkpoint) -> None:
+    """KiTS19-official kidney and tumour Dice per case, and a mean row."""
+    from kitstrain.run import newest_run
+    from kitstrain.score import ScoreConfig, format_table, score_run
+
+    run_dir = run_dir or newest_run()
+    cfg = ScoreConfig(run_dir=run_dir, data=data, cases=cases, src=src, tta=tta,
+                      json=json_path, overlays=overlays, device=device,
+                      batch_size=batch_size, which=checkpoint)
+    report = score_run(cfg)
+    for w in getattr(report, "warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    click.echo(format_table(report))
+    if report.csv_path:
+        click.echo(f"scores in {report.csv_path}" + (f" and {json_path}" if json_path else ""))
+    if overlays:
+        click.echo(f"overlays in {overlays}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--src", type=click.Path(path_type=Path), required=True,
+              help="KiTS19-layout folder of cases to predict (labelled or not).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for prediction_XXXXX.nii.gz.")
+@click.option("--cases", default=None)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="The run's store, if it has moved (its parameters are used).")
+@click.option("--overlays", type=click.Path(path_type=Path), default=None)
+@click.option("--tta", is_flag=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
+              show_default=True)
+def predict(run_dir, src, out, cases, data, overlays, tta, device, batch_size,
+            checkpoint) -> None:
+    """Predictions in the source geometry, KiTS19 submission form."""
+    from kitstrain.predict import PredictConfig, predict_run
+    from kitstrain.score import format_table
+
+    cfg = PredictConfig(run_dir=run_dir, src=src, out=out, cases=cases, overlays=overlays,
+                        device=device, batch_size=batch_size, tta=tta, which=checkpoint,
+                        data=data)
+    report = predict_run(cfg)
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if report.scores:
+        click.echo(format_table(report.score_report()))
+    click.echo(f"wrote {len(report.paths)} predictions to {out}"
+               + (f", overlays in {overlays}" if overlays else ""))
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+def plot(run_dir: Path | None) -> None:
+    """Loss and validation Dice curves of a run, as a PNG."""
+    from kitstrain.plots import plot_curves
+    from kitstrain.run import newest_run, read_config
+
+    run_dir = run_dir or newest_run()
+    read_config(run_dir)
+    click.echo(f"wrote {plot_curves(run_dir)}")
+
+
+@main.command("bench-loader")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--seconds", type=click.FloatRange(0.5), default=10.0, show_default=True)
+@click.option("--augment", is_flag=True, help="Augmentation on (off by default).")
+@click.option("--context", type=click.IntRange(0, 8), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_loader(store, batch_size, workers, seconds, augment, context, as_json) -> None:
+    """Loader throughput against an in-RAM ceiling, and per-worker peak memory."""
+    from kitstrain.bench import bench_loader as run_bench
+    from kitstrain.bench import format_bench
+
+    result = run_bench(store, batch_size=batch_size, workers=workers, seconds=seconds,
+                       augment=augment, context=context)
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

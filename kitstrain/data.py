@@ -1,0 +1,437 @@
+"""Training data: patient-level splits, the memory-mapped slice dataset, samplers, loaders.
+
+The hot path never touches h5py: each DataLoader worker maps the store read-only
+(`kitsprep.store.SliceMap`, opened lazily in the worker) and copies single slices out at the
+byte offsets recorded in the index, releasing the pages after each read. No whole-case or
+whole-file read happens anywhere, so a worker's memory is the same for a 100 MB store and a
+store larger than RAM. Samplers read only the index.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+
+from kitsprep.cases import parse_case_spec
+from kitsprep.errors import KitsError
+from kitsprep.store import SliceMap, StoreInfo
+from kitstrain.augment import AugmentConfig, augment_slice
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class Split:
+    """Patient-level train/validation case lists and how they were chosen."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    mode: str  # "explicit" (from --train-cases/--val-cases) or "seeded" (default split)
+    seed: int
+
+    def to_json(self) -> dict:
+        return {"train": list(self.train), "val": list(self.val), "mode": self.mode,
+                "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Split:
+        return cls(train=tuple(d["train"]), val=tuple(d["val"]), mode=str(d["mode"]),
+                   seed=int(d["seed"]))
+
+
+def _shown(ids: Sequence[str]) -> str:
+    return ", ".join(ids[:5]) + (f" ... ({len(ids)} cases)" if len(ids) > 5 else "")
+
+
+def check_split(split: Split, info: StoreInfo) -> None:
+    """Fail loudly unless both sides are non-empty, disjoint, present and labelled: a case in
+    both would leak into its own validation score; an unlabelled one has nothing to learn."""
+    both = sorted(set(split.train) & set(split.val))
+    if both:
+        raise KitsError(f"{len(both)} case(s) are in both the training and the validation "
+                        f"split: {_shown(both)}; a patient must be in only one, fix "
+                        "--train-cases/--val-cases")
+    for side, ids in (("training", split.train), ("validation", split.val)):
+        if not ids:
+            raise KitsError(f"the {side} split is empty; expected at least one labelled "
+                            "case, fix --train-cases/--val-cases")
+        absent = [c for c in ids if c not in info.cases]
+        if absent:
+            raise KitsError(f"{side} case(s) {_shown(absent)} are not in {info.path}; "
+                            "expected cases of this store, fix the case list or the store")
+        unlabelled = [c for c in ids if not info.cases[c].labelled]
+        if unlabelled:
+            raise KitsError(f"{side} case(s) {_shown(unlabelled)} have no segmentation "
+                            "(unlabelled test cases); leave them out of "
+                            "--train-cases/--val-cases")
+
+
+def make_split(info: StoreInfo, train_spec: str | None, val_spec: str | None, seed: int = 0,
+               val_fraction: float = 0.2) -> Split:
+    """Explicit case lists when given (one side alone: the other is the rest of the labelled
+    cases), else a seeded ~80/20 shuffle of the labelled cases. Unlabelled cases never
+    enter either side."""
+    labelled = sorted(info.labelled_cases)
+    if train_spec is None and val_spec is None:
+        if len(labelled) < 2:
+            raise KitsError(f"{info.path} holds {len(labelled)} labelled case(s); a "
+                            "train/validation split needs at least 2, build the store from "
+                            "more cases")
+        if not 0.0 < val_fraction < 1.0:
+            raise KitsError(f"validation fraction must be in (0, 1), found {val_fraction}")
+        n_val = min(max(1, round(len(labelled) * val_fraction)), len(labelled) - 1)
+        order = np.random.default_rng(seed).permutation(len(labelled))
+        val = sorted(labelled[i] for i in order[:n_val])
+        train = sorted(labelled[i] for i in order[n_val:])
+        split = Split(tuple(train), tuple(val), "seeded", int(seed))
+    else:
+        train = parse_case_spec(train_spec, info.case_ids) if train_spec is not None else None
+        val = parse_case_spec(val_spec, info.case_ids) if val_spec is not None else None
+        named = set(train or []) | set(val or [])
+        unlabelled = sorted(c for c in named if not info.cases[c].labelled)
+        if unlabelled:
+            raise KitsError(f"case(s) {_shown(unlabelled)} have no segmentation (unlabelled "
+                            "test cases) and cannot be trained or validated on; leave them "
+                            "out of --train-cases/--val-cases")
+        if train is None:
+            train = [c for c in labelled if c not in set(val)]
+        if val is None:
+            val = [c for c in labelled if c not in set(train)]
+        split = Split(tuple(train), tuple(val), "explicit", int(seed))
+    check_split(split, info)
+    return split
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class SliceDataset(Dataset):
+    """Slices of some cases: item i -> (image float16 (1+2K, H, W), label uint8 (H, W)),
+    plus the slice's global index row when `return_row` (validation, to regroup per case).
+
+    Float16 keeps the host->GPU copy at half the bytes; the training step casts on device.
+    The store is mapped lazily in whichever process reads first (each DataLoader worker,
+    after fork or spawn); the dataset pickles as the path plus a few small arrays.
+    """
+
+    def __init__(self, store_path: Path | str, info: StoreInfo, cases: Sequence[str],
+                 context: int = 0, augment: AugmentConfig | None = None, seed: int = 0,
+                 return_row: bool = False):
+        if context < 0:
+            raise KitsError(f"--context must be >= 0, found {context}")
+        unknown = [c for c in cases if c not in info.cases]
+        if unknown:
+            raise KitsError(f"case(s) {_shown(unknown)} are not in {info.path}; expected "
+                            "cases of this store")
+        unlabelled = [c for c in cases if not info.cases[c].labelled]
+        if unlabelled:
+            raise KitsError(f"case(s) {_shown(unlabelled)} are unlabelled; they cannot be "
+                            "loaded for training or validation")
+        self.store_path = Path(store_path)
+        self.size = info.size
+        self.context = int(context)
+        self.case_ids = tuple(cases)
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.seed = int(seed)
+        self.return_row = return_row
+        metas = [info.cases[c] for c in cases]
+        counts = np.array([m.slices for m in metas], np.int64)
+        # Global index rows of every item, in case order then slice order
+        self.row_ids = np.concatenate(
+            [np.arange(m.row_start, m.row_start + m.slices, dtype=np.int64) for m in metas]
+            or [np.zeros(0, np.int64)])
+        self.rows = info.index[self.row_ids]  # a copy: what samplers read
+        # Neighbours as positions into self.rows: the K slices either side, clamped at the
+        # case's ends (a case's rows are contiguous here, so position = own - slice + k)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        last = np.repeat(counts, counts) - 1
+        k = np.arange(-self.context, self.context + 1, dtype=np.int64)
+        sl = self.rows["slice"].astype(np.int64)[:, None]
+        self._neighbours = first[:, None] + np.clip(sl + k, 0, last[:, None])
+        self._map: SliceMap | None = None
+        self._rng: np.random.Generator | None = None
+        self._pid: int | None = None
+
+    @property
+    def channels(self) -> int:
+        return 1 + 2 * self.context
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict:
+        # The map and RNG are per process: a worker opens and seeds its own
+        return {**self.__dict__, "_map": None, "_rng": None, "_pid": None}
+
+    def _open(self) -> None:
+        """(Re)open the map and RNG in this process: first use, or first use after a fork."""
+        self._map = SliceMap(self.store_path, self.size)
+        self._seed_rng()
+
+    def _seed_rng(self) -> None:
+        worker = get_worker_info()
+        # per-worker stream: torch gives each worker base_seed + id, base_seed drawn from
+        # the loader's seeded generator; in the main process the dataset seed alone fixes it
+        self._rng = np.random.default_rng([self.seed] if worker is None
+                                          else [self.seed, worker.seed])
+        self._pid = os.getpid()
+
+    def _read_into(self, i: int, img: np.ndarray, lab: np.ndarray) -> None:
+        """Item i's context slices and centre label, from the map straight into `img`
+        (C, H, W) float16 and `lab` (H, W) uint8."""
+        rows = self.rows
+        for c, pos in enumerate(self._neighbours[i]):
+            self._map.image(rows[pos], out=img[c])
+        lab[...] = self._map.label(rows[i])
+
+    def _fill(self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor
+              ) -> None:
+        if self._pid != os.getpid():
+            self._open()
+        img_np, lab_np = images.numpy(), labels.numpy()
+        for j, i in enumerate(indices):
+            self._read_into(int(i), img_np[j], lab_np[j])
+            if self.augment is not None:
+                img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], self._rng,
+                                                     self.augment)
+
+    def __getitem__(self, i: int):
+        images, labels = self._batch_tensors(1, shared=False)
+        self._fill([i], images, labels)
+        if self.return_row:
+            return images[0], labels[0], int(self.row_ids[i])
+        return images[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple]:
+        """A whole batch read straight into one tensor per field, in shared memory inside a
+        worker, so neither a per-slice allocation nor collate's stacking copy happens and
+        the batch crosses to the main process without another copy. Items are views of
+        those tensors: `collate_slices` hands the tensors on as they are, and any other
+        collate still works (it stacks the views)."""
+        images, labels = self._batch_tensors(len(indices), shared=get_worker_info() is not None)
+        self._fill(indices, images, labels)
+        if self.return_row:
+            return [(images[j], labels[j], int(self.row_ids[i])) for j, i in enumerate(indices)]
+        return [(images[j], labels[j]) for j in range(len(indices))]
+
+    def _batch_tensors(self, n: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.size
+        return (_empty((n, self.channels, s, s), torch.float16, shared),
+                _empty((n, s, s), torch.uint8, shared))
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, allocated in shared memory when it will cross processes
+    (as default_collate does: moving it there later would copy it)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(shape)
+
+
+def _views_of_one_batch(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor that `parts` are consecutive leading-index views of, else None."""
+    first = parts[0]
+    numel = first.numel()
+    storage = first.untyped_storage()
+    if storage.nbytes() != len(parts) * numel * first.element_size():
+        return None
+    ptr = storage.data_ptr()
+    for j, t in enumerate(parts):
+        if (t.untyped_storage().data_ptr() != ptr or t.storage_offset() != j * numel
+                or not t.is_contiguous()):
+            return None
+    return first.new_empty(0).set_(storage, 0, (len(parts), *first.shape))
+
+
+def collate_slices(batch: list[tuple]) -> tuple:
+    """Collate for SliceDataset: batches that `__getitems__` already laid out in one tensor
+    per field pass through without a copy; anything else goes to torch's default_collate."""
+    fields = list(zip(*batch, strict=True))
+    out = []
+    for parts in fields:
+        whole = (_views_of_one_batch(parts) if isinstance(parts[0], torch.Tensor) else None)
+        out.append(whole if whole is not None else default_collate(list(parts)))
+    return tuple(out)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy's and Python's global RNGs per worker from torch's per-worker seed, so
+    any stray use of them differs between workers and repeats for a seed."""
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class ForegroundSampler(Sampler[int]):
+    """Positions into `rows` (a dataset's index rows): a set share of draws from slices with
+    kidney or tumour (tumour slices weighted up), the rest uniform over all slices.
+
+    The uniform part walks seeded epoch permutations (each slice once before any repeats).
+    Foreground draws are spread evenly through the stream, so any run of B consecutive
+    draws (a batch) holds round(fg_fraction * B) of them, +-1. With DDP every rank builds
+    the same global stream for (seed, epoch) and takes every world_size-th draw: disjoint
+    positions, equal lengths, each rank still fg_fraction foreground per batch.
+    """
+
+    def __init__(self, rows: np.ndarray, num_samples: int, fg_fraction: float = 0.33,
+                 tumour_weight: float = 2.0, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not 0.0 <= fg_fraction <= 1.0:
+            raise KitsError(f"foreground fraction must be in [0, 1], found {fg_fraction}")
+        if tumour_weight <= 0:
+            raise KitsError(f"tumour weight must be > 0, found {tumour_weight}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise KitsError(f"rank {rank} is outside world size {world_size}")
+        if len(rows) == 0:
+            raise KitsError("no slices to sample from; the case list is empty")
+        self.n = len(rows)
+        self.num_samples = int(num_samples)
+        self.fg_fraction = float(fg_fraction)
+        self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        kidney = rows["kidney"] > 0
+        tumour = rows["tumour"] > 0
+        self.fg_positions = np.flatnonzero(kidney | tumour)
+        w = np.where(tumour[self.fg_positions], float(tumour_weight), 1.0)
+        self.fg_p = w / w.sum() if len(w) else w
+        self.per_rank = math.ceil(self.num_samples / self.world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def global_stream(self, epoch: int) -> np.ndarray:
+        """All ranks' draws of one epoch, shape (per_rank, world_size): column r is rank r's."""
+        rng = np.random.default_rng([self.seed, epoch])
+        k = np.arange(self.per_rank)
+        f = self.fg_fraction if len(self.fg_positions) else 0.0  # no foreground: uniform
+        # rank-local draw k is foreground when floor((k + 1) f + phase) steps up: an even
+        # spread, so every batch gets its share regardless of batch size
+        phase = rng.random()
+        fg = np.floor((k + 1) * f + phase) > np.floor(k * f + phase)
+        fg = np.repeat(fg[:, None], self.world_size, axis=1)
+        out = np.empty(fg.shape, np.int64)
+        n_fg = int(fg.sum())
+        if n_fg:
+            out[fg] = rng.choice(self.fg_positions, size=n_fg, p=self.fg_p)
+        n_uni = out.size - n_fg
+        perms = [rng.permutation(self.n) for _ in range(math.ceil(n_uni / self.n))]
+        out[~fg] = np.concatenate(perms)[:n_uni] if perms else []
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        stream = self.global_stream(self.epoch)[:, self.rank]
+        # a loader iterated again without set_epoch still gets a fresh order
+        self.epoch += 1
+        return iter(stream.tolist())
+
+
+# --------------------------------------------------------------------------- loaders
+
+# Why these settings:
+# - persistent_workers: workers (and their maps, numba kernels, RNG streams) live across
+#   epochs; restarting them costs seconds per epoch under spawn and reseeds the streams.
+# - prefetch_factor=4 per worker: with 2 workers, 8 batches in flight cover the jitter of a
+#   step (validation, logging, a slow augmented batch) without holding much memory
+#   (512x512 batch of 16: 8 MB image + 4 MB label).
+# - pin_memory only when the batches go to CUDA: pinned host memory is what makes
+#   `.to(device, non_blocking=True)` asynchronous; on CPU it only costs a copy.
+# - drop_last for training: equal batch sizes (batch-norm statistics) and an equal number
+#   of steps on every DDP rank, which all-reduce would otherwise deadlock on.
+# - a seeded generator: torch derives each worker's seed from it, so augmentation streams
+#   repeat for a seed.
+
+
+def _loader_kwargs(workers: int, prefetch_factor: int | None, persistent_workers: bool,
+                   multiprocessing_context) -> dict:
+    if workers <= 0:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "prefetch_factor": prefetch_factor,
+            "persistent_workers": persistent_workers, "worker_init_fn": worker_init_fn,
+            "multiprocessing_context": multiprocessing_context}
+
+
+def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[str], *,
+                      batch_size: int, workers: int, context: int,
+                      augment: AugmentConfig | None, fg_fraction: float, tumour_weight: float,
+                      seed: int, rank: int = 0, world_size: int = 1,
+                      samples_per_epoch: int | None = None, pin_memory: bool,
+                      prefetch_factor: int = 4, persistent_workers: bool = True,
+                      multiprocessing_context=None) -> DataLoader:
+    """Training batches (image float16 (B, 1+2K, H, W), label uint8 (B, H, W)) drawn by a
+    ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks."""
+    ds = SliceDataset(store_path, info, cases, context=context, augment=augment, seed=seed)
+    return train_loader_for(ds, batch_size=batch_size, workers=workers,
+                            fg_fraction=fg_fraction, tumour_weight=tumour_weight, seed=seed,
+                            rank=rank, world_size=world_size,
+                            samples_per_epoch=samples_per_epoch, pin_memory=pin_memory,
+                            prefetch_factor=prefetch_factor,
+                            persistent_workers=persistent_workers,
+                            multiprocessing_context=multiprocessing_context)
+
+
+def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_fraction: float,
+                     tumour_weight: float, seed: int, rank: int = 0, world_size: int = 1,
+                     samples_per_epoch: int | None = None, pin_memory: bool,
+                     prefetch_factor: int = 4, persistent_workers: bool = True,
+                     multiprocessing_context=None) -> DataLoader:
+    """The training DataLoader around any dataset with `rows`: one place for the settings,
+    so the loader benchmark's in-RAM ceiling runs exactly what training runs."""
+    sampler = ForegroundSampler(ds.rows, samples_per_epoch or len(ds), fg_fraction=fg_fraction,
+                                tumour_weight=tumour_weight, seed=seed, rank=rank,
+                                world_size=world_size)
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler,
+                      drop_last=len(sampler) >= batch_size, pin_memory=pin_memory,
+                      generator=generator, collate_fn=collate_slices,
+                      **_loader_kwargs(workers, prefetch_factor, persistent_workers,
+                                       multiprocessing_context))
+
+
+def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: int
+                ) -> list[str]:
+    """This rank's cases: whole cases (so per-case 3D Dice needs no gathering of slices),
+    balanced by slice count (largest first onto the lightest rank), deterministic."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise KitsError(f"rank {rank} is outside world size {world_size}")
+    load = [0] * world_size
+    mine = []
+    for c in sorted(cases, key=lambda c: (-info.cases[c].slices, c)):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        load[r] += info.cases[c].slices
+        if r == rank:
+            mine.append(c)
+    return sorted(mine)
+
+
+def make_val_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[str], *,
+                    batch_size: int, workers: int, context: int, pin_memory: bool,
+                    rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
+                    persistent_workers: bool = True, multiprocessing_context=None
+                    ) -> DataLoader:
+    """Every slice of this rank's cases, case by case in slice order, never augmented.
+    Yields (image, label, row): `row` is the global index row of each slice, so
+    `info.index[row]["case"]` (a position in `info.case_ids`) and `["slice"]` place it.
+    Workers persist so repeated validations do not restart them."""
+    mine = shard_cases(info, cases, rank, world_size)
+    ds = SliceDataset(store_path, info, mine, context=context, augment=None, return_row=True)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False,
+                      pin_memory=pin_memory, collate_fn=collate_slices,
+                      **_loader_kwargs(workers if len(ds) else 0, prefetch_factor,
+                                       persistent_workers, multiprocessing_context))

@@ -1,0 +1,359 @@
+"""Batched inference, shared by `fit` (validation), `score` and `predict`.
+
+One path from slices to labels, so that a validation Dice logged during training, the table
+of `kitstrain score` and the masks of `kitstrain predict` cannot disagree about context
+stacking, mixed precision, flip averaging or the way back to the source geometry.
+
+Two geometries:
+- store geometry: the (slices, size, size) squares that `kitsprep build` wrote. Used by
+  validation and by plain `score`; labels are the store's (resized, nearest neighbour).
+  Scores count the resized image only (`store_box`), never the padding around it, which
+  would otherwise inflate the accuracy of a non-square case and punish stray predictions
+  on pixels that do not exist.
+- source geometry: the NIfTI voxel grid. `predict_volume` preprocesses raw voxels with the
+  very kernels `kitsprep build` uses (window, resample, pad), runs the model, then inverts
+  the recorded in-plane fit (crop the padding, bilinear resize of the logits) and the axis
+  permutation. Used by `predict` and by `score --src` (the official setting).
+
+Float logits never exist for more than one batch of slices; whole cases are kept only as
+uint8 labels.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kitsprep.cases import Volume
+from kitsprep.errors import KitsError
+from kitsprep.geometry import axial_axes, fit_in_plane
+from kitsprep.kernels import count_nonfinite, window_resample
+from kitsprep.store import SliceMap, StoreInfo
+from kitsprep.window import Window
+from kitstrain.metrics import CaseScore, DiceCounts, score_from_counts
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "Progress",
+    "SliceProgress",
+    "count_store_cases",
+    "predict_slices",
+    "predict_store_case",
+    "predict_volume",
+    "read_store_images",
+    "read_store_labels",
+    "require_scorable",
+    "resolve_device",
+    "score_store_cases",
+    "stack_context",
+    "store_box",
+]
+
+DEFAULT_BATCH_SIZE = 16
+
+# Called with the number of slices just finished; lets a caller drive a bar.
+SliceProgress = Callable[[int], None]
+# Mixed precision on CUDA: True (float16 autocast), False, or the autocast dtype itself
+# (e.g. torch.bfloat16, to validate in the precision training uses). Ignored on CPU.
+Amp = bool | torch.dtype
+
+# The flips averaged by test-time augmentation: the four mirror images of a slice
+# (none, left-right, up-down, both), as dims of an (N, C, H, W) tensor.
+_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when there is a GPU; an explicit `cuda` without one is a user error
+    (silently falling back to CPU would turn minutes into hours)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise KitsError(f"--device {name} asked for a GPU, but torch sees none (torch "
+                            f"{torch.__version__}); use --device cpu, or install a CUDA build "
+                            "of torch")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KitsError(f"--device {name}: there are only {torch.cuda.device_count()} "
+                            "GPU(s); use --device cuda or a lower index")
+        return dev
+    raise KitsError(f"unknown --device {name!r}; expected auto, cpu or cuda")
+
+
+# --------------------------------------------------------------------------- core
+
+
+def stack_context(volume_slices: np.ndarray, context: int, start: int = 0,
+                  stop: int | None = None) -> np.ndarray:
+    """2.5D input for slices [start, stop): (n, 1 + 2K, H, W), channels ordered
+    slice-K .. slice .. slice+K, indices clamped at the volume's ends (the first slice
+    stands in for the ones above it). The training dataset must stack the same way."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0, found {context}")
+    n_slices = volume_slices.shape[0]
+    stop = n_slices if stop is None else stop
+    centre = np.arange(start, stop)
+    idx = np.clip(centre[:, None] + np.arange(-context, context + 1)[None, :], 0, n_slices - 1)
+    return volume_slices[idx]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Validation runs in the middle of training: put the caller's mode back afterwards.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _forward(model: nn.Module, x: Tensor, *, amp: Amp, tta: bool) -> Tensor:
+    """float32 logits of one batch; with `tta`, the mean over the four flips."""
+    use_amp = amp is not False and amp is not None and x.device.type == "cuda"
+    dtype = amp if isinstance(amp, torch.dtype) else torch.float16
+    with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=use_amp):
+        if not tta:
+            return model(x).float()
+        total = None
+        for dims in _TTA_FLIPS:
+            xi = torch.flip(x, dims) if dims else x
+            yi = model(xi).float()
+            yi = torch.flip(yi, dims) if dims else yi
+            total = yi if total is None else total + yi
+        return total / len(_TTA_FLIPS)
+
+
+def _logit_batches(model: nn.Module, batch_of: Callable[[int, int], np.ndarray | Tensor],
+                   n: int, device: torch.device, *, amp: Amp, tta: bool, batch_size: int,
+                   progress: SliceProgress | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """(start, stop, float32 logits on `device`) per batch; `batch_of(s0, s1)` supplies the
+    (B, C, H, W) input. The caller must already be inside `_eval_mode`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    non_blocking = device.type == "cuda"
+    for s0 in range(0, n, batch_size):
+        s1 = min(s0 + batch_size, n)
+        batch = batch_of(s0, s1)
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(np.ascontiguousarray(batch))
+        x = batch.to(device, non_blocking=non_blocking).float()
+        yield s0, s1, _forward(model, x, amp=amp, tta=tta)
+        if progress is not None:
+            progress(s1 - s0)
+
+
+def predict_slices(model: nn.Module, images: np.ndarray | Tensor, device: torch.device, *,
+                   amp: Amp = True, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+                   progress: SliceProgress | None = None) -> Tensor:
+    """float32 logits (N, classes, H, W) on the CPU for (N, C, H, W) inputs, in batches.
+    The model must already be on `device`; `amp` applies on CUDA only (float16 autocast)."""
+    outs = []
+    with _eval_mode(model):
+        for _, _, logits in _logit_batches(model, lambda a, b: images[a:b], len(images),
+                                           device, amp=amp, tta=tta, batch_size=batch_size,
+                                           progress=progress):
+            outs.append(logits.cpu())
+    if not outs:
+        raise ValueError("predict_slices: found no slices; pass at least one")
+    return torch.cat(outs)
+
+
+def _argmax_u8(logits: Tensor) -> np.ndarray:
+    return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- store geometry
+
+
+def read_store_images(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.ndarray:
+    """A case's stored float16 slices (slices, size, size), through the memory map."""
+    rows = info.rows(case_id)
+    out = np.empty((len(rows), info.size, info.size), np.float16)
+    for i, row in enumerate(rows):
+        slice_map.image(row, out=out[i])
+    return out
+
+
+def store_box(info: StoreInfo, case_id: str) -> tuple[slice, slice]:
+    """Rows and columns of a stored slice that hold the (resized) image, not padding."""
+    p = info.cases[case_id].in_plane
+    return slice(p.pad_top, p.pad_top + p.new_h), slice(p.pad_left, p.pad_left + p.new_w)
+
+
+def require_scorable(info: StoreInfo, case_id: str) -> None:
+    """KitsError unless the store holds `case_id` with labels."""
+    if case_id not in info.cases:
+        raise KitsError(f"{case_id} is not in the store {info.path}; pick cases it holds "
+                        "(`kitsprep info` lists them)")
+    if not info.cases[case_id].labelled:
+        raise KitsError(f"{case_id} is unlabelled in {info.path} (no segmentation), so it "
+                        "cannot be scored; leave it out of --cases, or segment it with "
+                        "`kitstrain predict`")
+
+
+def read_store_labels(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.ndarray:
+    """A labelled case's stored labels (slices, size, size) uint8."""
+    require_scorable(info, case_id)
+    rows = info.rows(case_id)
+    out = np.empty((len(rows), info.size, info.size), np.uint8)
+    for i, row in enumerate(rows):
+        out[i] = slice_map.label(row)
+    return out
+
+
+def predict_store_case(model: nn.Module, info: StoreInfo, slice_map: SliceMap | None,
+                       case_id: str, context: int, device: torch.device, *, amp: Amp = True,
+                       tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+                       progress: SliceProgress | None = None) -> np.ndarray:
+    """Predicted labels (slices, size, size) uint8 of one stored case, in store geometry.
+    `slice_map` may be None to open (and close) one here."""
+    if case_id not in info.cases:
+        raise KitsError(f"{case_id} is not in the store {info.path}; pick cases it holds "
+                        "(`kitsprep info` lists them)")
+    own = slice_map is None
+    sm = SliceMap(info.path, info.size) if own else slice_map
+    try:
+        images = read_store_images(sm, info, case_id)
+    finally:
+        if own:
+            sm.close()
+    out = np.empty(images.shape, np.uint8)
+    with _eval_mode(model):
+        for s0, s1, logits in _logit_batches(
+                model, lambda a, b: stack_context(images, context, a, b), len(images), device,
+                amp=amp, tta=tta, batch_size=batch_size, progress=progress):
+            out[s0:s1] = _argmax_u8(logits)
+    return out
+
+
+def count_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], context: int,
+                      device: torch.device, *, amp: Amp = True, tta: bool = False,
+                      batch_size: int = DEFAULT_BATCH_SIZE, slice_map: SliceMap | None = None,
+                      progress: SliceProgress | None = None) -> dict[str, DiceCounts]:
+    """Per-case voxel counts in store geometry (inside `store_box`): what DDP ranks sum
+    (DiceCounts.as_array) before `metrics.score_from_counts` turns them into 3D per-case
+    scores."""
+    for cid in cases:
+        require_scorable(info, cid)  # fail before any inference, not after hours of it
+    own = slice_map is None
+    sm = SliceMap(info.path, info.size) if own else slice_map
+    counts: dict[str, DiceCounts] = {}
+    try:
+        for cid in cases:
+            pred = predict_store_case(model, info, sm, cid, context, device, amp=amp, tta=tta,
+                                      batch_size=batch_size, progress=progress)
+            rows, cols = store_box(info, cid)
+            c = DiceCounts()
+            for i, row in enumerate(info.rows(cid)):
+                c.add(pred[i, rows, cols], sm.label(row)[rows, cols])
+            counts[cid] = c
+    finally:
+        if own:
+            sm.close()
+    return counts
+
+
+def score_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], context: int,
+                      device: torch.device, *, amp: Amp = True, tta: bool = False,
+                      batch_size: int = DEFAULT_BATCH_SIZE, slice_map: SliceMap | None = None,
+                      progress: SliceProgress | None = None) -> list[CaseScore]:
+    """KiTS19 per-case 3D scores in store geometry (validation, plain `score`)."""
+    counts = count_store_cases(model, info, cases, context, device, amp=amp, tta=tta,
+                               batch_size=batch_size, slice_map=slice_map, progress=progress)
+    return [score_from_counts(cid, c) for cid, c in counts.items()]
+
+
+# --------------------------------------------------------------------------- source geometry
+
+
+def predict_volume(model: nn.Module, volume: Volume, window: Window, size: int, context: int,
+                   device: torch.device, *, amp: Amp = True, tta: bool = False,
+                   batch_size: int = DEFAULT_BATCH_SIZE, case_id: str = "",
+                   progress: SliceProgress | None = None) -> np.ndarray:
+    """Labels uint8 with the shape of `volume.data` (a `kitsprep.cases.Volume`), in its
+    voxel order. Preprocessing is `kitsprep build`'s, with the store's window and size."""
+    data, hdr = volume.data, volume.header
+    if data.ndim != 3:
+        raise KitsError(f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}")
+    bad = count_nonfinite(data)
+    if bad:
+        raise KitsError(f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
+                        "is damaged, re-download it or leave it out with --cases")
+    axes = axial_axes(hdr.affine)
+    image = data.transpose(axes)
+    n_slices, src_h, src_w = image.shape
+    plane = fit_in_plane(src_h, src_w, size)
+    # The whole case windowed at store size costs what the raw volume does; slices are
+    # needed more than once anyway (2.5D context).
+    squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
+    out = np.empty((n_slices, src_h, src_w), np.uint8)
+    top, left = plane.pad_top, plane.pad_left
+    with _eval_mode(model):
+        for s0, s1, logits in _logit_batches(
+                model, lambda a, b: stack_context(squares, context, a, b), n_slices, device,
+                amp=amp, tta=tta, batch_size=batch_size, progress=progress):
+            if not plane.is_identity:
+                box = logits[:, :, top:top + plane.new_h, left:left + plane.new_w]
+                if (plane.new_h, plane.new_w) != (src_h, src_w):
+                    # Half-pixel centres (align_corners=False), the kernel's convention.
+                    box = F.interpolate(box, size=(src_h, src_w), mode="bilinear",
+                                        align_corners=False)
+                logits = box
+            out[s0:s1] = _argmax_u8(logits)
+    return out.transpose(np.argsort(axes))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """SPEC §2 progress on stderr: a bar with rate and ETA when it is a terminal, a plain
+    line per case otherwise. `enabled=False` silences it (tests, library use)."""
+
+    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None,
+                 enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.bar = isatty() if bar is None else bar
+        self.enabled = enabled
+        self._tqdm = None
+
+    def start(self, total_slices: int, desc: str) -> None:
+        if self.enabled and self.bar:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total_slices, desc=desc, unit="slice", file=self.stream,
+                              dynamic_ncols=True)
+
+    def advance(self, slices: int) -> None:
+        if self._tqdm is not None:
+            self._tqdm.update(slices)
+
+    def case_done(self, case_id: str, detail: str = "") -> None:
+        if not self.enabled:
+            return
+        line = f"{case_id}  {detail}".rstrip()
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str(line, refresh=False)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None

@@ -1,0 +1,174 @@
+"""The 2D U-Net of Ronneberger et al. (2015), with padded convolutions.
+
+Padding every 3x3 convolution keeps encoder and decoder feature maps the same size, so
+skip connections concatenate without cropping and the output has the input's size. The
+only constraint this leaves is that H and W divide by 2**depth, which ``forward`` checks
+with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NORMS", "UNet", "UNetConfig", "build_model", "count_parameters"]
+
+NORMS = ("none", "batch", "instance", "group")
+
+# Groups for GroupNorm: at most 8, as asked, but always a divisor of the channel count so
+# that widths that are not powers of two (e.g. 12, 24) still build.
+_MAX_GROUPS = 8
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNet`; frozen so it can be saved with a run and compared."""
+
+    in_channels: int = 1  # 1 + 2K for 2.5D context K
+    num_classes: int = 3
+    width: int = 32  # features of the first level; doubles per level down
+    depth: int = 4  # number of down-sampling steps
+    norm: str = "batch"  # "none" | "batch" | "instance" | "group"
+
+    def __post_init__(self) -> None:
+        _check_int("in_channels", self.in_channels, 1, "1 + 2K for 2.5D context K, e.g. 1 or 5")
+        _check_int("num_classes", self.num_classes, 2, "3 for KiTS19 (background, kidney, tumour)")
+        _check_int("width", self.width, 1, "a positive feature count such as 32")
+        _check_int("depth", self.depth, 1, "a number of down-sampling steps such as 4")
+        if self.norm not in NORMS:
+            raise ValueError(
+                f"UNetConfig.norm: expected one of {', '.join(NORMS)}; found {self.norm!r}. "
+                f"Fix: pass norm='batch' (the default) or another of those names."
+            )
+
+    @property
+    def divisor(self) -> int:
+        """H and W must be multiples of this for the pooling and up-sampling to line up."""
+        return 2**self.depth
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
+    # bool is an int subclass; True as a width is always a mistake.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"UNetConfig.{name}: expected an integer >= {minimum}; found {value!r}. "
+            f"Fix: use {hint}."
+        )
+
+
+def _group_count(channels: int) -> int:
+    return max(g for g in range(1, min(_MAX_GROUPS, channels) + 1) if channels % g == 0)
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "instance":
+        # affine so that instance norm can learn the same per-channel scale as the others.
+        return nn.InstanceNorm2d(channels, affine=True)
+    if norm == "group":
+        return nn.GroupNorm(_group_count(channels), channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by the normalisation and a ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        layers: list[nn.Module] = []
+        for c_in in (in_channels, out_channels):
+            # A bias right before a normalisation is cancelled by its mean subtraction.
+            layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1, bias=norm == "none"))
+            layers.append(_norm_layer(norm, out_channels))
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class UNet(nn.Module):
+    """U-Net mapping ``(N, in_channels, H, W)`` images to ``(N, num_classes, H, W)`` logits."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, UNetConfig):
+            raise TypeError(f"UNet expects a UNetConfig; found {type(cfg).__name__}")
+        self.cfg = cfg
+        widths = [cfg.width * 2**level for level in range(cfg.depth + 1)]
+
+        self.encoders = nn.ModuleList()
+        c_in = cfg.in_channels
+        for w in widths[:-1]:
+            self.encoders.append(ConvBlock(c_in, w, cfg.norm))
+            c_in = w
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = ConvBlock(widths[-2], widths[-1], cfg.norm)
+
+        # Decoder from the deepest level up: halve the features, concatenate the skip
+        # (same width), then a block brings 2w back to w.
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.ups.append(nn.ConvTranspose2d(2 * w, w, kernel_size=2, stride=2))
+            self.decoders.append(ConvBlock(2 * w, w, cfg.norm))
+        self.head = nn.Conv2d(widths[0], cfg.num_classes, kernel_size=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He et al. initialisation suits the ReLU after every convolution.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm)):
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ValueError that names the fix if ``x`` cannot go through this network."""
+        cfg = self.cfg
+        if x.dim() != 4:
+            raise ValueError(
+                f"UNet input: expected a 4-D tensor (N, C, H, W); found shape {tuple(x.shape)}. "
+                f"Fix: add the batch dimension, e.g. x.unsqueeze(0)."
+            )
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"UNet input: expected {cfg.in_channels} channel(s); found {x.shape[1]}. "
+                f"Fix: build the model with in_channels={x.shape[1]} or feed 1 + 2K "
+                f"context slices to match the model."
+            )
+        d = cfg.divisor
+        for name, size in (("H", x.shape[2]), ("W", x.shape[3])):
+            if size % d:
+                lower, upper = (size // d) * d, (size // d + 1) * d
+                options = f"pad to {upper}" + (f" or crop/resize to {lower}" if lower else "")
+                raise ValueError(
+                    f"UNet input: expected {name} divisible by 2**depth = {d} (depth "
+                    f"{cfg.depth}); found {name} = {size}. Fix: {options} (nearest valid "
+                    f"sizes), or use a smaller depth."
+                )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        skips: list[Tensor] = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def build_model(cfg: UNetConfig) -> UNet:
+    """Build a freshly initialised U-Net for ``cfg``."""
+    return UNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters, for logs and run summaries."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

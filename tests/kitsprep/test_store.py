@@ -1,0 +1,152 @@
+"""The store format's reader: what it refuses (so later stages never train on a half-built or
+foreign file) and what `summarise` reports."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from kitsprep.errors import KitsError
+from kitsprep.store import FORMAT_VERSION, INDEX_DTYPE, SliceMap, file_size, open_store, summarise
+from kitsprep.window import WINDOW_PRESETS
+from tests.kitsprep.conftest import build, write_case, write_cohort
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Three labelled cases and one unlabelled, size 32."""
+    root = tmp_path_factory.mktemp("store")
+    src = write_cohort(root / "src", n=4, unlabelled=(2,))
+    build(src, root / "s.h5", size=32)
+    return root / "s.h5"
+
+
+def _copy(store, tmp_path, **attrs):
+    path = tmp_path / "copy.h5"
+    shutil.copy(store, path)
+    with h5py.File(path, "r+") as f:
+        for k, v in attrs.items():
+            if v is None:
+                del f.attrs[k]
+            else:
+                f.attrs[k] = v
+    return path
+
+
+def test_open_store_reads_back(store):
+    info = open_store(store)
+    assert info.case_ids == [f"case_{i:05d}" for i in range(4)]
+    assert info.index.dtype == INDEX_DTYPE and len(info.index) == 4 + 5 + 6 + 7
+    assert info.window == WINDOW_PRESETS["mlperf"] and info.size == 32
+    assert info.build["size"] == 32 and info.kitsprep_version
+    np.testing.assert_array_equal(info.rows("case_00001")["slice"], np.arange(5))
+    assert (info.rows("case_00001")["case"] == 1).all()
+
+
+def test_open_store_missing(tmp_path):
+    with pytest.raises(KitsError, match="does not exist.*kitsprep build"):
+        open_store(tmp_path / "nope.h5")
+
+
+def test_open_store_folder(tmp_path):
+    with pytest.raises(KitsError, match=str(tmp_path)):
+        open_store(tmp_path)
+
+
+def test_open_store_not_hdf5(tmp_path):
+    path = tmp_path / "x.h5"
+    path.write_text("hello, not HDF5\n" * 100)
+    with pytest.raises(KitsError, match="not an HDF5 file"):
+        open_store(path)
+
+
+def test_open_store_hdf5_without_format(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(KitsError, match="not a kits slice store"):
+        open_store(path)
+
+
+def test_open_store_foreign_format(store, tmp_path):
+    with pytest.raises(KitsError, match="not a kits slice store.*'nnunet'"):
+        open_store(_copy(store, tmp_path, format="nnunet"))
+
+
+def test_open_store_wrong_version(store, tmp_path):
+    newer = FORMAT_VERSION + 1
+    with pytest.raises(KitsError, match=f"format version {newer}.*reads version {FORMAT_VERSION}"):
+        open_store(_copy(store, tmp_path, format_version=newer))
+
+
+def test_open_store_incomplete(store, tmp_path):
+    with pytest.raises(KitsError, match="unfinished build.*--resume"):
+        open_store(_copy(store, tmp_path, complete=False))
+
+
+def test_summarise(store):
+    info = open_store(store)
+    s = summarise(info)
+    idx = info.index
+    lab_rows = np.isin(idx["case"], [0, 1, 3])
+    n_lab = int(lab_rows.sum())
+    fg = (idx["kidney"] + idx["tumour"] > 0)[lab_rows]
+    assert s["cases"] == 4 and s["labelled_cases"] == 3 and s["unlabelled_cases"] == 1
+    assert s["slices"] == 22 and s["size"] == 32 and s["num_classes"] == 3
+    assert s["bytes"] == file_size(store) == store.stat().st_size
+    assert s["window"]["name"] == "mlperf" and s["window"]["lo"] == -79.0
+    assert s["fg_slice_share"] == pytest.approx(fg.mean())
+    assert 0 < s["fg_slice_share"] < 1  # fixtures have an empty first slice per case
+    assert s["kidney_pixel_share"] == pytest.approx(idx["kidney"].sum() / (n_lab * 32 * 32))
+    assert s["tumour_pixel_share"] == pytest.approx(idx["tumour"].sum() / (n_lab * 32 * 32))
+    assert s["bad_cases"] == {} and s["format_version"] == FORMAT_VERSION
+    assert s["per_case"]["case_00002"] == {"slices": 6, "labelled": False,
+                                           "source_shape": [6, 24, 24],
+                                           "spacing": pytest.approx([3.0, 0.8, 0.8])}
+    assert s["per_case"]["case_00001"]["labelled"] is True
+
+
+def test_summarise_unlabelled_only(tmp_path):
+    write_case(tmp_path / "src", 0, np.zeros((2, 16, 16), np.float32))
+    build(tmp_path / "src", tmp_path / "u.h5", size=16)
+    s = summarise(open_store(tmp_path / "u.h5"))
+    assert s["labelled_cases"] == 0 and s["fg_slice_share"] == 0.0
+    assert s["kidney_pixel_share"] == 0.0
+
+
+def test_slicemap_reads_equal_h5py_and_pickle_by_path(store):
+    info = open_store(store)
+    smap = SliceMap(store, info.size)
+    clone = pickle.loads(pickle.dumps(smap))  # what a DataLoader worker receives
+    out = np.empty((32, 32), np.float16)
+    try:
+        with h5py.File(store, "r") as f:
+            for r in info.index:
+                cid = info.case_ids[r["case"]]
+                want = f["cases"][cid]["image"][r["slice"]]
+                for m in (smap, clone):
+                    np.testing.assert_array_equal(m.image(r).view(np.uint16),
+                                                  want.view(np.uint16))
+                assert smap.image(r, out=out) is out
+                if info.cases[cid].labelled:
+                    np.testing.assert_array_equal(clone.label(r),
+                                                  f["cases"][cid]["label"][r["slice"]])
+                else:
+                    with pytest.raises(KitsError, match="unlabelled"):
+                        smap.label(r)
+    finally:
+        smap.close()
+        clone.close()
+
+
+def test_fingerprint_tracks_content(store, tmp_path):
+    src = store.parent / "src"
+    build(src, tmp_path / "same.h5", size=32)
+    build(src, tmp_path / "other.h5", size=16)
+    fp = open_store(store).fingerprint
+    assert open_store(tmp_path / "same.h5").fingerprint == fp
+    assert open_store(tmp_path / "other.h5").fingerprint != fp

@@ -1,0 +1,208 @@
+"""The synthetic cohort: KiTS19 layout, geometry and storage variants, labels, determinism."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kitsprep.synth import SynthConfig, encode_case, make_case, paint_imaging, write_cohort
+
+SHARED_MASKS = Path(__file__).resolve().parents[2].parent / "shared" / "kits19-masks"
+CFG = SynthConfig(cases=10, size=64, seed=7)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
+    """One cohort on disk for the whole module (writing it takes a fraction of a second)."""
+    out = tmp_path_factory.mktemp("synth")
+    seen: list[str] = []
+    ids = write_cohort(CFG, out, on_case=seen.append)
+    return out, ids, seen
+
+
+def raw_header(path: Path) -> nib.Nifti1Header:
+    """The header exactly as stored (nibabel's loaded header moves the scaling elsewhere)."""
+    with gzip.open(path, "rb") as f:
+        return nib.Nifti1Header.from_fileobj(io.BytesIO(f.read(352)))
+
+
+def test_layout_and_progress(cohort: tuple[Path, list[str], list[str]]) -> None:
+    out, ids, seen = cohort
+    assert ids == [f"case_{i:05d}" for i in range(CFG.cases)]
+    assert seen == ids  # on_case once per case, in order
+    assert sorted(p.name for p in out.iterdir()) == ids
+    for cid in ids[:-1]:
+        assert sorted(p.name for p in (out / cid).iterdir()) == [
+            "imaging.nii.gz",
+            "segmentation.nii.gz",
+        ]
+    # The last case is unlabelled, like the KiTS19 test cases.
+    assert [p.name for p in (out / ids[-1]).iterdir()] == ["imaging.nii.gz"]
+    assert not list(out.rglob("*.partial"))
+
+
+def test_files_are_byte_identical_across_runs(
+    cohort: tuple[Path, list[str], list[str]], tmp_path: Path
+) -> None:
+    out, ids, _ = cohort
+    write_cohort(CFG, tmp_path)
+    for cid in ids:
+        for f in sorted((out / cid).iterdir()):
+            assert (tmp_path / cid / f.name).read_bytes() == f.read_bytes(), f"{cid}/{f.name}"
+
+
+def test_make_case_is_deterministic_and_seed_dependent() -> None:
+    a, b = make_case(2, CFG), make_case(2, CFG)
+    assert np.array_equal(a.imaging, b.imaging)
+    assert np.array_equal(a.segmentation, b.segmentation)
+    assert np.array_equal(a.affine, b.affine)
+    assert encode_case(a) == encode_case(b)
+    other = make_case(2, SynthConfig(cases=10, size=64, seed=8))
+    assert other.imaging.shape != a.imaging.shape or not np.array_equal(other.imaging, a.imaging)
+    assert not a.imaging.flags.writeable  # frozen case, frozen arrays
+
+
+def test_geometry_and_storage_variants(cohort: tuple[Path, list[str], list[str]]) -> None:
+    out, ids, _ = cohort
+    for index, cid in enumerate(ids):
+        case = make_case(index, CFG)
+        img = nib.load(out / cid / "imaging.nii.gz")
+        assert nib.aff2axcodes(img.affine) == ("I", "P", "L")
+        lin = img.affine[:3, :3]
+        # KiTS19 anti-diagonal: only (0,2), (1,1), (2,0) set, all negative.
+        assert np.count_nonzero(lin) == 3
+        px, thick = -lin[0, 2], -lin[2, 0]
+        assert lin[1, 1] == lin[0, 2] and 0.6 <= px <= 1.0 and 0.5 <= thick <= 5.0
+        assert np.array_equal(img.affine, case.affine)
+        assert case.spacing == (thick, px, px)
+
+        qform = index % 5 == 4
+        hdr = raw_header(out / cid / "imaging.nii.gz")
+        assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == ((0, 1) if qform else (2, 0))
+        if index % 2:  # int16 with intercept: a reader that ignores scl_inter is off by 1024
+            assert hdr.get_data_dtype() == np.int16
+            assert (float(hdr["scl_slope"]), float(hdr["scl_inter"])) == (1.0, -1024.0)
+            raw = np.asarray(img.dataobj.get_unscaled())
+            assert np.array_equal(raw.astype(np.float32) - 1024, case.imaging)
+        else:
+            assert hdr.get_data_dtype() == np.float32
+        hu = img.get_fdata(dtype=np.float32)
+        assert np.array_equal(hu, case.imaging)  # scale/intercept honoured -> exact HU
+
+        if case.segmentation is None:
+            continue
+        seg_path = out / cid / "segmentation.nii.gz"
+        shdr = raw_header(seg_path)
+        assert shdr.get_data_dtype() == (np.uint16 if qform else np.uint8)
+        assert (int(shdr["sform_code"]), int(shdr["qform_code"])) == ((0, 1) if qform else (2, 0))
+        seg = nib.load(seg_path)
+        assert np.array_equal(seg.affine, img.affine)
+        assert np.array_equal(np.asarray(seg.dataobj), case.segmentation)
+
+
+def test_shapes_slice_counts_and_the_non_square_case() -> None:
+    for index in range(CFG.cases):
+        case = make_case(index, CFG)
+        slices, rows, cols = case.imaging.shape
+        assert case.imaging.dtype == np.float32
+        assert CFG.size // 4 <= slices <= CFG.size // 2
+        assert rows == CFG.size
+        # Case 1 is wide like the real 512x796 KiTS19 case.
+        assert cols == (round(CFG.size * 796 / 512) if index == 1 else CFG.size)
+        if case.segmentation is not None:
+            assert case.segmentation.shape == case.imaging.shape
+
+
+def test_labels_kidney_and_tumour_in_every_labelled_case() -> None:
+    for index in range(CFG.cases - 1):
+        seg = make_case(index, CFG).segmentation
+        assert seg is not None and seg.dtype == np.uint8
+        assert set(np.unique(seg).tolist()) == {0, 1, 2}
+        share = (seg > 0).any(axis=(1, 2)).mean()
+        assert 0.15 <= share <= 0.6, f"case {index}: kidney in {share:.0%} of slices"
+        assert (seg > 0).mean() < 0.05  # foreground is rare, as in KiTS19 (~0.9 %)
+    assert make_case(CFG.cases - 1, CFG).segmentation is None
+
+
+def test_anatomy_needs_more_than_a_threshold() -> None:
+    """Air outside the body, a body inside, and kidney intensities shared by other tissue."""
+    case = make_case(0, SynthConfig(cases=10, size=96))
+    hu, seg = case.imaging, case.segmentation
+    assert seg is not None
+    assert np.median(hu[:, :4, :4]) < -950  # corners are air
+    assert hu.min() >= -1024 and hu.max() > 300  # bone present
+    kidney = hu[seg == 1]
+    lo, hi = np.percentile(kidney, [10, 90])
+    assert 40 < kidney.mean() < 220
+    in_range = (hu >= lo) & (hu <= hi)
+    # Most voxels in the kidney's own HU range are liver, spleen, muscle, vessels, bowel.
+    assert (seg[in_range] > 0).mean() < 0.3
+    assert np.array_equal(hu, np.rint(hu))  # integer HU, like real CT
+
+
+def test_small_cohorts_and_bad_configs() -> None:
+    for cases in (1, 2):
+        cfg = SynthConfig(cases=cases, size=32)
+        for index in range(cases):
+            case = make_case(index, cfg)
+            assert case.segmentation is not None  # no room for an unlabelled case
+            assert case.imaging.shape[1] == case.imaging.shape[2] == 32
+    with pytest.raises(ValueError):
+        make_case(0, SynthConfig(cases=0))
+    with pytest.raises(ValueError):
+        make_case(0, SynthConfig(size=8))
+    with pytest.raises(ValueError):
+        make_case(10, SynthConfig(cases=10))
+    assert make_case(0, SynthConfig(cases=1, size=16, seed=-3)).imaging.shape[1] == 16
+
+
+def test_write_cohort_removes_a_stale_mask(tmp_path: Path) -> None:
+    write_cohort(SynthConfig(cases=5, size=16), tmp_path)
+    write_cohort(SynthConfig(cases=3, size=16), tmp_path)
+    assert not (tmp_path / "case_00002" / "segmentation.nii.gz").exists()
+
+
+def hand_made_mask() -> np.ndarray:
+    """Two box 'kidneys' either side of the midline, a tumour on the left one."""
+    seg = np.zeros((12, 64, 64), np.uint8)
+    seg[3:10, 30:40, 14:24] = 1
+    seg[3:10, 30:40, 40:50] = 1
+    seg[5:8, 33:38, 46:53] = 2
+    return seg
+
+
+def test_paint_imaging_on_a_hand_made_mask() -> None:
+    seg = hand_made_mask()
+    hu = paint_imaging(seg, (3.0, 0.8, 0.8), np.random.default_rng(1))
+    assert hu.shape == seg.shape and hu.dtype == np.float32
+    assert np.isfinite(hu).all()
+    assert np.median(hu[:, :3, :3]) < -950
+    assert 40 < hu[seg == 1].mean() < 220 and -50 < hu[seg == 2].mean() < 220
+    again = paint_imaging(seg, (3.0, 0.8, 0.8), np.random.default_rng(1))
+    assert np.array_equal(hu, again)
+    empty = paint_imaging(
+        np.zeros((4, 32, 40), np.uint16), (5.0, 1.0, 1.0), np.random.default_rng(2)
+    )
+    assert empty.shape == (4, 32, 40) and np.isfinite(empty).all()
+    with pytest.raises(ValueError):
+        paint_imaging(seg[0], (3.0, 0.8, 0.8), np.random.default_rng(3))
+
+
+@pytest.mark.skipif(not SHARED_MASKS.is_dir(), reason="real KiTS19 masks not present")
+def test_paint_imaging_on_a_real_kits19_mask() -> None:
+    paths = sorted(SHARED_MASKS.glob("case_*/segmentation.nii.gz"))
+    if not paths:
+        pytest.skip("no masks in shared/kits19-masks")
+    smallest = min(paths, key=lambda p: nib.load(p).shape[0])  # header only: cheap
+    img = nib.load(smallest)
+    seg = np.asarray(img.dataobj)
+    spacing = tuple(float(s) for s in img.header.get_zooms())
+    hu = paint_imaging(seg, spacing, np.random.default_rng(0))
+    assert hu.shape == seg.shape and hu.dtype == np.float32
+    assert np.isfinite(hu).all()
+    assert 40 < hu[seg == 1].mean() < 220

@@ -1,0 +1,115 @@
+"""Losses: Dice extremes, gradients, float32 under autocast, the name registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kitstrain.losses import ce_dice_loss, cross_entropy_loss, make_loss, soft_dice_loss
+
+C = 3
+
+
+def make_target() -> torch.Tensor:
+    target = torch.zeros(2, 16, 16, dtype=torch.int64)
+    target[:, 4:10, 4:10] = 1
+    target[:, 6:8, 6:8] = 2
+    return target
+
+
+def confident_logits(labels: torch.Tensor, scale: float = 50.0) -> torch.Tensor:
+    return scale * F.one_hot(labels, C).permute(0, 3, 1, 2).float()
+
+
+def test_perfect_logits_give_zero_dice_loss() -> None:
+    target = make_target()
+    loss = soft_dice_loss(confident_logits(target), target, C)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+    assert ce_dice_loss(confident_logits(target), target, C).item() == pytest.approx(0, abs=1e-4)
+
+
+def test_wrong_logits_give_dice_loss_near_one() -> None:
+    target = make_target()
+    wrong = (target + 1) % C  # every voxel confidently the wrong class
+    loss = soft_dice_loss(confident_logits(wrong), target, C)
+    assert loss.item() == pytest.approx(1.0, abs=1e-4)
+    # Predicting background everywhere is also worth nothing to the Dice term.
+    lazy = soft_dice_loss(confident_logits(torch.zeros_like(target)), target, C)
+    assert lazy.item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_absent_class_predicted_absent_costs_nothing() -> None:
+    target = make_target()
+    target[target == 2] = 1  # no tumour in this batch
+    loss = soft_dice_loss(confident_logits(target), target, C)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ce", "ce+dice"])
+def test_gradients_flow(name: str) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, C, 16, 16, requires_grad=True)
+    loss = make_loss(name, C)(logits, make_target())
+    assert loss.dim() == 0 and loss.item() > 0
+    loss.backward()
+    assert logits.grad is not None
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_dice_gradient_is_nonzero() -> None:
+    logits = torch.zeros(2, C, 16, 16, requires_grad=True)
+    soft_dice_loss(logits, make_target(), C).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_float32_under_autocast_bfloat16() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(C, 1, 1, 1, requires_grad=True)
+    x = torch.randn(2, 1, 16, 16)
+    target = make_target()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.conv2d(x, w)
+        assert logits.dtype == torch.bfloat16
+        losses = {
+            "dice": soft_dice_loss(logits, target, C),
+            "ce": cross_entropy_loss(logits, target, C),
+            "ce+dice": ce_dice_loss(logits, target, C),
+        }
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32, name
+        ref = {"dice": soft_dice_loss, "ce": cross_entropy_loss, "ce+dice": ce_dice_loss}[name]
+        assert loss.item() == pytest.approx(ref(logits.float(), target, C).item(), rel=1e-5)
+    losses["ce+dice"].backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_ce_matches_torch() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, C, 8, 8)
+    target = torch.randint(0, C, (2, 8, 8))
+    assert torch.allclose(cross_entropy_loss(logits, target, C), F.cross_entropy(logits, target))
+
+
+def test_ce_dice_weight() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, C, 8, 8)
+    target = torch.randint(0, C, (2, 8, 8))
+    ce = cross_entropy_loss(logits, target, C)
+    dl = soft_dice_loss(logits, target, C)
+    assert torch.allclose(ce_dice_loss(logits, target, C, dice_weight=0.5), ce + 0.5 * dl)
+
+
+def test_make_loss_unknown_name_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"'ce', 'ce\+dice'.*found 'dice'"):
+        make_loss("dice", C)
+
+
+def test_shape_and_dtype_errors() -> None:
+    logits = torch.randn(2, C, 8, 8)
+    with pytest.raises(ValueError, match="num_classes=4"):
+        soft_dice_loss(logits, torch.zeros(2, 8, 8, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="not one-hot"):
+        cross_entropy_loss(logits, torch.zeros(2, 1, 8, 8, dtype=torch.int64), C)
+    with pytest.raises(ValueError, match="int64"):
+        ce_dice_loss(logits, torch.zeros(2, 8, 8, dtype=torch.uint8), C)

@@ -1,0 +1,109 @@
+"""`kitstrain predict`: submission files in the imaging's own geometry, labelled or not."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kitsprep.errors import KitsError
+from kitstrain import run as runlib
+from kitstrain.infer import Progress
+from kitstrain.model import UNet
+from kitstrain.predict import PredictConfig, predict_run, prediction_name
+from kitstrain.score import format_table
+from tests.kitstrain.test_infer import (
+    COHORT,
+    UNET,
+    constant_unet,
+    make_cohort,
+    make_run,
+    make_store,
+    official_dice,
+)
+
+QUIET = Progress(enabled=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("predict")
+    src = make_cohort(root)
+    store = make_store(src, root / "slices.h5")
+    return {"root": root, "src": src, "store": store,
+            "kidney": make_run(root / "runs" / "kidney", store, constant_unet(1),
+                               val=["case_00000"]),
+            "random": make_run(root / "runs" / "random", store, UNet(UNET).eval(),
+                               val=["case_00000"], context=0)}
+
+
+def test_prediction_name() -> None:
+    assert prediction_name("case_00210") == "prediction_00210.nii.gz"
+
+
+def test_predictions_have_the_imaging_geometry(setup, tmp_path: Path) -> None:
+    """Non-square, int16-with-intercept, unlabelled and slices-last cases: shape, affine,
+    sform/qform codes as the imaging's; uint8 without scaling; overlays for every case."""
+    out = tmp_path / "pred"
+    report = predict_run(PredictConfig(run_dir=setup["random"], src=setup["src"], out=out,
+                                       device="cpu", batch_size=3, overlays=tmp_path / "png"),
+                         QUIET)
+    assert sorted(p.name for p in report) == [prediction_name(c) for c in COHORT]
+    assert len(report) == len(COHORT)
+    for cid in COHORT:
+        img = nib.load(str(setup["src"] / cid / "imaging.nii.gz"))
+        pred = nib.load(str(out / prediction_name(cid)))
+        assert pred.shape == img.shape
+        np.testing.assert_allclose(pred.affine, img.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert int(pred.header["sform_code"]) == int(img.header["sform_code"]) == 2
+        assert int(pred.header["qform_code"]) == int(img.header["qform_code"]) == 1
+        data = np.asanyarray(pred.dataobj)
+        assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1, 2}
+        assert pred.header.get_slope_inter() in ((None, None), (1.0, 0.0))
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{c}.png" for c in COHORT]
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_labelled_cases_are_scored_with_the_official_formula(setup, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    report = predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"], out=out,
+                                       cases="0-3", device="cpu", tta=True), QUIET)
+    assert [s.case for s in report.scores] == ["case_00000", "case_00001", "case_00002"]
+    for s in report.scores:
+        truth = np.asanyarray(nib.load(str(setup["src"] / s.case /
+                                           "segmentation.nii.gz")).dataobj)
+        pred = np.asanyarray(nib.load(str(out / prediction_name(s.case))).dataobj)
+        assert (pred == 1).all()
+        kidney, tumour = official_dice(pred, truth)
+        assert s.kidney_dice == pytest.approx(kidney, abs=1e-12)
+        assert s.tumour_dice == pytest.approx(tumour, abs=1e-12)
+    table = format_table(report.score_report())
+    assert "case_00003" not in table and "mean" in table
+
+
+def test_predict_survives_a_moved_store_and_names_user_errors(setup, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(setup["kidney"], run)
+    config = runlib.read_config(run)
+    runlib.write_json(run / runlib.CONFIG, {**config, "store": str(tmp_path / "gone.h5")})
+    # The window and size recorded in the run are all that preprocessing needs.
+    report = predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p",
+                                       cases="3", device="cpu"), QUIET)
+    assert len(report) == 1 and "missing" in report.warnings[0]
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(KitsError, match="is a file"):
+        predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "file",
+                                  device="cpu"), QUIET)
+    with pytest.raises(KitsError, match="not there"):
+        predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p",
+                                  cases="42", device="cpu"), QUIET)
+    runlib.write_json(run / runlib.CONFIG, {k: v for k, v in config.items()
+                                            if k not in ("store", "store_attrs")})
+    with pytest.raises(KitsError, match="pass --data"):
+        predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p",
+                                  device="cpu"), QUIET)
