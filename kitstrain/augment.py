@@ -109,21 +109,23 @@ _KERNEL = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
 
 
 @numba.njit(**_KERNEL)
-def _span(row_y, step_y, row_x, step_x, h, w):  # pragma: no cover - compiled
-    """Output columns [xa, xb) of one row whose source point lies inside the image (with a
-    half-pixel border): solved once per row so the pixel loop has no bounds branches."""
+def _span(row_y, step_y, row_x, step_x, lo_y, hi_y, lo_x, hi_x, w):  # pragma: no cover
+    """Columns [xa, xb) of one output row whose source point (row + step * x on each axis)
+    lies within [lo, hi] on both axes: solved once per row so pixel loops need no bounds
+    branches."""
     lo, hi = 0.0, float(w - 1)
     for k in range(2):
         base = row_y if k == 0 else row_x
         step = step_y if k == 0 else step_x
-        top = float(h - 1 if k == 0 else w - 1) + 0.5
+        a = lo_y if k == 0 else lo_x
+        b = hi_y if k == 0 else hi_x
         if step > 1e-9:
-            lo = max(lo, (-0.5 - base) / step)
-            hi = min(hi, (top - base) / step)
+            lo = max(lo, (a - base) / step)
+            hi = min(hi, (b - base) / step)
         elif step < -1e-9:
-            lo = max(lo, (top - base) / step)
-            hi = min(hi, (-0.5 - base) / step)
-        elif base < -0.5 or base > top:
+            lo = max(lo, (b - base) / step)
+            hi = min(hi, (a - base) / step)
+        elif base < a or base > b:
             return 0, 0
     if hi < lo:
         return 0, 0
@@ -131,7 +133,41 @@ def _span(row_y, step_y, row_x, step_x, h, w):  # pragma: no cover - compiled
     return xa, max(xa, min(w, int(math.floor(hi)) + 1))
 
 
-def _coefficients(m):  # pragma: no cover - inlined into the kernels
+def _blend_row(s, flat_lab, o, ol, row_y, row_x, a01, a11, x_from, x_to, w, h, clamp,
+               with_label):  # pragma: no cover - inlined into _warp_plane
+    """Bilinear taps for output columns [x_from, x_to) of one row; `clamp` only where a
+    tap can fall outside (the half-pixel border), so the interior loop is ~20 % shorter.
+    Indices are unsigned: numba then emits no negative-index wraparound (another third)."""
+    uw = np.uint64(w)
+    one = np.uint64(1)
+    half = np.float32(0.5)
+    ymax, xmax = np.float32(h - 1), np.float32(w - 1)
+    y0max, x0max = np.int32(h - 2), np.int32(w - 2)
+    for x in range(x_from, x_to):
+        qy = row_y + a01 * np.float32(x)
+        qx = row_x + a11 * np.float32(x)
+        if clamp:
+            qy = min(max(qy, np.float32(0.0)), ymax)
+            qx = min(max(qx, np.float32(0.0)), xmax)
+            y0 = np.uint64(min(np.int32(qy), y0max))
+            x0 = np.uint64(min(np.int32(qx), x0max))
+        else:
+            y0 = np.uint64(np.int32(qy))
+            x0 = np.uint64(np.int32(qx))
+        fy = qy - np.float32(y0)
+        fx = qx - np.float32(x0)
+        i = y0 * uw + x0
+        top = s[i] + (s[i + one] - s[i]) * fx
+        bot = s[i + uw] + (s[i + uw + one] - s[i + uw]) * fx
+        o[np.uint64(x)] = top + (bot - top) * fy
+        if with_label:  # nearest: the closer bilinear tap on each axis
+            ol[np.uint64(x)] = flat_lab[i + uw * np.uint64(fy >= half) + np.uint64(fx >= half)]
+
+
+_blend_row = numba.njit(inline="always", **_KERNEL)(_blend_row)
+
+
+def _coefficients(m):  # pragma: no cover - inlined into the kernel
     return (np.float32(m[0, 0]), np.float32(m[0, 1]), np.float32(m[0, 2]),
             np.float32(m[1, 0]), np.float32(m[1, 1]), np.float32(m[1, 2]))
 
@@ -142,47 +178,32 @@ _coefficients = numba.njit(inline="always", **_KERNEL)(_coefficients)
 @numba.njit(**_KERNEL)
 def _warp_plane(src, lab, m, out, out_lab, with_label):  # pragma: no cover - compiled
     """One (H, W) plane, bilinear, the plane's minimum outside; with `with_label`, the label
-    too, nearest neighbour (the closer bilinear tap on each axis), 0 outside.
-
-    One pass for image and label shares the coordinate work (~20 % faster than two). Indices
-    are unsigned so numba emits no negative-index wraparound in the pixel loop (another
-    third); coordinates are clamped first, so they never leave the array.
-    Measured at 512x512 on one core: ~1.1 ms with the label."""
+    too, nearest neighbour, 0 outside. One pass for image and label shares the coordinate
+    work (~20 % faster than two). Measured at 512x512 on one core: ~1.0 ms with the label.
+    Needs H, W >= 2 (the wrapper checks)."""
     h, w = src.shape
-    n = h * w
+    s = src.reshape(h * w)
+    flat_lab = lab.reshape(h * w)
     a00, a01, a02, a10, a11, a12 = _coefficients(m)
-    ymax, xmax = np.float32(h - 1), np.float32(w - 1)
-    y0max, x0max = np.int32(h - 2), np.int32(w - 2)  # h, w >= 2: the wrapper checks
-    uw = np.uint64(w)
-    one = np.uint64(1)
-    zero, half = np.float32(0.0), np.float32(0.5)
-    s = src.reshape(n)
-    flat_lab = lab.reshape(n)
     fill = s.min()
+    edge = 1e-3  # interior margin: float32 rounding never pushes a tap past the last row
     for y in range(h):
         row_y = a00 * np.float32(y) + a02   # source of (y, 0); a step in x adds (a01, a11)
         row_x = a10 * np.float32(y) + a12
-        xa, xb = _span(row_y, a01, row_x, a11, h, w)
+        xa, xb = _span(row_y, a01, row_x, a11, -0.5, h - 0.5, -0.5, w - 0.5, w)
+        ia, ib = _span(row_y, a01, row_x, a11, edge, h - 1 - edge, edge, w - 1 - edge, w)
+        ia = min(max(ia, xa), xb)
+        ib = min(max(ib, ia), xb)
         o = out[y]
+        ol = out_lab[y]
         o[:xa] = fill
         o[xb:] = fill
         if with_label:
-            out_lab[y, :xa] = 0
-            out_lab[y, xb:] = 0
-        for x in range(xa, xb):
-            qy = min(max(row_y + a01 * np.float32(x), zero), ymax)
-            qx = min(max(row_x + a11 * np.float32(x), zero), xmax)
-            y0 = np.uint64(min(np.int32(qy), y0max))
-            x0 = np.uint64(min(np.int32(qx), x0max))
-            fy = qy - np.float32(y0)
-            fx = qx - np.float32(x0)
-            i = y0 * uw + x0
-            top = s[i] + (s[i + one] - s[i]) * fx
-            bot = s[i + uw] + (s[i + uw + one] - s[i + uw]) * fx
-            o[np.uint64(x)] = top + (bot - top) * fy
-            if with_label:
-                j = (y0 + np.uint64(fy >= half)) * uw + x0 + np.uint64(fx >= half)
-                out_lab[y, np.uint64(x)] = flat_lab[j]
+            ol[:xa] = 0
+            ol[xb:] = 0
+        _blend_row(s, flat_lab, o, ol, row_y, row_x, a01, a11, xa, ia, w, h, True, with_label)
+        _blend_row(s, flat_lab, o, ol, row_y, row_x, a01, a11, ia, ib, w, h, False, with_label)
+        _blend_row(s, flat_lab, o, ol, row_y, row_x, a01, a11, ib, xb, w, h, True, with_label)
 
 
 def warp(image: np.ndarray, label: np.ndarray, matrix: np.ndarray

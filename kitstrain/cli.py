@@ -69,9 +69,13 @@ def main() -> None:
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--no-amp", is_flag=True, help="Full fp32 on CUDA too.")
 @click.option("--samples-per-epoch", type=click.IntRange(1), default=None)
+@click.option("--width", type=click.IntRange(1), default=None,
+              help="U-Net features at the first level (doubling per level).")
+@click.option("--depth", type=click.IntRange(1, 8), default=None, help="Down-sampling steps.")
+@click.option("--norm", type=click.Choice(["none", "batch", "instance", "group"]), default=None)
 def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, workers, context,
         train_cases, val_cases, device, resume, max_steps, time_limit, val_every, seed,
-        compile_, no_amp, samples_per_epoch) -> None:
+        compile_, no_amp, samples_per_epoch, width, depth, norm) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
     from kitstrain.fit import FitConfig
     from kitstrain.fit import fit as run_fit
@@ -81,7 +85,8 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
                  "workers": workers, "context": context, "max_steps": max_steps,
                  "time_limit": parse_duration(time_limit), "val_every": val_every,
                  "seed": seed, "compile": compile_, "amp": False if no_amp else None,
-                 "samples_per_epoch": samples_per_epoch}
+                 "samples_per_epoch": samples_per_epoch, "width": width, "depth": depth,
+                 "norm": norm}
     tc = resolve(preset, overrides)
     explicit = frozenset(k for k, v in overrides.items() if v is not None)
     if preset != "default":

@@ -566,6 +566,8 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
                                   log, run_dir, optimizer, scaler, writer, t_run)
         last_ckpt = time.perf_counter()
     # ---- final validation and checkpoint
+    if win.steps:
+        flush_window(win, state, optimizer, log, bar, writer, stall_sum, echo if d.main else None)
     last_val = run_validation(model, info, split, tc, device, dtype, batch_size, d, state, log,
                               run_dir, optimizer, scaler, writer, t_run, final=True)
     if bar is not None:

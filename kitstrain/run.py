@@ -3,7 +3,8 @@
     runs/<name>/config.json     every resolved option, store path and fingerprint, versions
                 split.json      train/val case lists and how they were chosen
                 metrics.jsonl   one JSON object per logged event (train window, validation)
-                checkpoints/last.pt, best.pt   tensors + JSON strings only: torch.load(weights_only=True)
+                checkpoints/last.pt, best.pt   tensors and JSON strings only, so they
+                                               load with torch.load(weights_only=True)
                 lock            pid of the process training in this directory
 """
 
@@ -32,7 +33,8 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
 
 def newest_run(root: Path = RUNS_ROOT) -> Path:
     """The most recently modified run under `root` that has a config."""
-    runs = [p for p in Path(root).glob("*") if (p / CONFIG).is_file()] if Path(root).is_dir() else []
+    root = Path(root)
+    runs = [p for p in root.glob("*") if (p / CONFIG).is_file()] if root.is_dir() else []
     if not runs:
         raise KitsError(f"no training run under {root}/; train one with `kitstrain fit STORE`, "
                         "or name the run directory")

@@ -1,0 +1,243 @@
+"""kitstrain fit: a few CPU steps, the run directory, resume after kill -9, OOM back-off,
+limits, bad input, and a 2-process gloo run under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kitsprep.build import BuildConfig, build_store
+from kitsprep.synth import SynthConfig, write_cohort
+from kitsprep.window import WINDOW_PRESETS
+from kitstrain import run as runlib
+from kitstrain.cli import main, parse_duration
+from kitstrain.fit import State, lr_at, progress_of
+from kitstrain.presets import PRESETS, TrainConfig, resolve
+
+SIZE = 32
+# a tiny model so that CPU steps take milliseconds
+TINY = ["--workers", "0", "--batch-size", "4", "--samples-per-epoch", "16", "--width", "4",
+        "--depth", "2"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fit")
+    write_cohort(SynthConfig(cases=6, size=SIZE, seed=3), root / "src")
+    out = root / "s.h5"
+    build_store(BuildConfig(src=root / "src", out=out, window=WINDOW_PRESETS["mlperf"],
+                            size=SIZE, workers=1))
+    return out
+
+
+def fit_cli(*args: str) -> object:
+    result = CliRunner().invoke(main, ["fit", *map(str, args)])
+    return result
+
+
+def tiny_args(store: Path, out: Path, *extra: str) -> list[str]:
+    return [str(store), "--out", str(out), *TINY, *extra]
+
+
+def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "6", "--val-every", "3"))
+    assert r.exit_code == 0, r.output
+    assert "done (max_steps) after 6 steps" in r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["store_fingerprint"] and config["train"]["max_steps"] == 6
+    assert config["model"]["in_channels"] == 3  # default preset: context 1
+    assert config["env"]["torch"] == torch.__version__
+    split = json.loads((out / "split.json").read_text())
+    assert split["train"] and split["val"] and not set(split["train"]) & set(split["val"])
+    records = runlib.read_metrics(out)
+    kinds = [r["kind"] for r in records]
+    assert "train" in kinds and kinds.count("val") >= 2 and kinds[-1] == "end"
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(0.0 <= r["stall"] <= 1.0 and r["slices_per_s"] > 0 for r in train)
+    val = [r for r in records if r["kind"] == "val"][-1]
+    assert 0.0 <= val["kidney_dice"] <= 1.0 and set(val["per_case"]) == set(split["val"])
+    for which in ("last", "best"):
+        ckpt = torch.load(out / "checkpoints" / f"{which}.pt", weights_only=True)
+        assert json.loads(ckpt["state"])["step"] >= 3
+    assert not (out / "lock").exists()
+
+
+def test_seed_preset_is_the_origin_setup(store: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "seed"
+    r = fit_cli(str(store), "--out", str(out), "--preset", "seed", "--workers", "0",
+                "--max-steps", "3", "--width", "4", "--depth", "2")
+    assert r.exit_code == 0, r.output
+    t = json.loads((out / "config.json").read_text())["train"]
+    assert (t["optimizer"], t["lr"], t["batch_size"], t["epochs"], t["loss"], t["norm"],
+            t["fg_fraction"], t["augment"]) == ("adam", 0.002, 4, 1, "ce", "none", 0.0, False)
+
+
+def test_injected_oom_halves_the_micro_batch_and_carries_on(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kitstrain.fit as fitmod
+
+    monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "2")
+    monkeypatch.setattr(fitmod._inject_oom, "done", False, raising=False)
+    out = tmp_path / "oom"
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "5"))
+    assert r.exit_code == 0, r.output
+    records = runlib.read_metrics(out)
+    ooms = [x for x in records if x["kind"] == "oom"]
+    assert len(ooms) == 1 and ooms[0]["micro_batch"] == 2 and ooms[0]["accumulation"] == 2
+    assert records[-1]["step"] == 5  # the step was retried, not lost
+    assert [x for x in records if x["kind"] == "train"][-1]["micro_batch"] == 2
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(store: Path, tmp_path: Path) -> None:
+    """kill -9 mid-run, then --resume: same step count and the same weights as a run that
+    was never interrupted (same split, optimizer, schedule, sampler and RNG streams)."""
+    common = [str(store), *TINY, "--max-steps", "24", "--val-every", "6", "--context", "0"]
+    cmd = [sys.executable, "-m", "kitstrain", "fit"]
+    env = ENV
+    ref = tmp_path / "ref"
+    subprocess.run([*cmd, *common, "--out", str(ref)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    run_dir = tmp_path / "killed"
+    p = subprocess.Popen([*cmd, *common, "--out", str(run_dir)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        recs = runlib.read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        if any(r["kind"] == "val" and r["step"] >= 6 for r in recs):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    recs = runlib.read_metrics(run_dir)
+    assert recs[-1]["kind"] != "end", "the run finished before it could be killed"
+    r = subprocess.run([*cmd, *common, "--out", str(run_dir), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step" in r.stderr
+    end = runlib.read_metrics(run_dir)[-1]
+    assert end["kind"] == "end" and end["step"] == 24
+    a, b = _weights(ref), _weights(run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_time_limit_stops_cleanly(store: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "timed"
+    r = fit_cli(*tiny_args(store, out, "--time-limit", "2s", "--epochs", "1000"))
+    assert r.exit_code == 0, r.output
+    end = runlib.read_metrics(out)[-1]
+    assert end["reason"] == "time_limit"
+    assert [x for x in runlib.read_metrics(out) if x["kind"] == "val"][-1]["final"]
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda s, t: [str(t / "nope.h5")], "does not exist"),
+    (lambda s, t: [str(s), "--train-cases", "0-2", "--val-cases", "2-3"], "both"),
+    (lambda s, t: [str(s), "--train-cases", "0-3", "--val-cases", "99"], "not there"),
+    (lambda s, t: [str(s), "--train-cases", "0-5"], "unlabelled"),
+    (lambda s, t: [str(s), "--batch-size", "zero"], "--batch-size"),
+    (lambda s, t: [str(s), "--time-limit", "ten minutes"], "duration"),
+])
+def test_bad_input_is_one_line_and_exit_1(store: Path, tmp_path: Path, make_args,
+                                          expected: str) -> None:
+    r = fit_cli(*make_args(store, tmp_path), "--out", str(tmp_path / "r"), "--workers", "0")
+    assert r.exit_code == 1, r.output
+    assert expected in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_not_a_store_and_unknown_version(store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import h5py
+
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    r = fit_cli(str(junk), "--out", str(tmp_path / "r"))
+    assert r.exit_code == 1 and "not an HDF5 file" in r.output
+    newer = tmp_path / "newer.h5"
+    shutil.copy(store, newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 99
+    r = fit_cli(str(newer), "--out", str(tmp_path / "r"))
+    assert r.exit_code == 1 and "format version 99" in r.output
+
+
+def test_run_directory_in_use_is_refused(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "lock").write_text(str(os.getppid()))  # a live process that is not us
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "1"))
+    assert r.exit_code == 1 and "in use by process" in r.output
+
+
+def test_existing_run_needs_resume(store: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "once"
+    assert fit_cli(*tiny_args(store, out, "--max-steps", "1")).exit_code == 0
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "2"))
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "2", "--lr", "0.1", "--resume"))
+    assert r.exit_code == 1 and "lr" in r.output
+
+
+def test_durations_and_schedule() -> None:
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600
+    assert parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    tc = resolve("default", {})
+    assert lr_at(0.0, tc) < tc.lr * 0.05 and lr_at(tc.warmup, tc) == pytest.approx(tc.lr)
+    assert lr_at(1.0, tc) == pytest.approx(0.02 * tc.lr)
+    assert lr_at(0.5, resolve("seed", {})) == 0.002
+    # whichever limit comes first drives the schedule
+    timed = TrainConfig(time_limit=100.0)
+    assert progress_of(State(step=10, elapsed=50.0), 1000, timed) == 0.5
+    assert progress_of(State(step=900, elapsed=50.0), 1000, timed) == 0.9
+
+
+def test_presets_are_data_and_flags_override() -> None:
+    assert resolve("seed", {"lr": 0.01}).lr == 0.01
+    assert resolve("default", {}).fg_fraction == 0.33
+    assert set(PRESETS) == {"seed", "default"}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_process_gloo_run(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kitstrain", "fit",
+           str(store), "--out", str(out), *TINY, "--max-steps", "4", "--val-every", "2",
+           "--device", "cpu"]
+    r = subprocess.run(cmd, env={**ENV}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["env"]["world_size"] == 2
+    records = runlib.read_metrics(out)
+    assert records[-1]["kind"] == "end" and records[-1]["step"] == 4
+    vals = [x for x in records if x["kind"] == "val"]
+    split = json.loads((out / "split.json").read_text())
+    # validation gathered every case from both ranks
+    assert set(vals[-1]["per_case"]) == set(split["val"])
+    # rank 0 alone wrote: one record per step window, not two
+    assert len([x for x in records if x["kind"] == "end"]) == 1
