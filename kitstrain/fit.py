@@ -365,7 +365,7 @@ def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torc
     net.eval()
     mine = list(split.val)[d.rank::d.world]
     with torch.no_grad():
-        scores = score_store_cases(net, info, mine, tc.context, device, amp=dtype is not None,
+        scores = score_store_cases(net, info, mine, tc.context, device, amp=dtype or False,
                                    tta=False, batch_size=batch_size) if mine else []
     net.train()
     if d.world > 1:
@@ -537,7 +537,8 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
                 if (not warned_stall and d.main and state.step >= 5 * tc.log_every
                         and stall_sum[0] / max(stall_sum[1], 1e-9) > STALL_WARN):
                     warned_stall = True
-                    echo(f"warning: the GPU waited on the loader "
+                    echo(f"warning: the {'GPU' if device.type == 'cuda' else 'model'} waited "
+                         f"on the loader "
                          f"{100 * stall_sum[0] / stall_sum[1]:.0f}% of the time; raise "
                          f"--workers (now {tc.workers}), or put the store on faster disk")
             elif bar is not None:
@@ -559,6 +560,8 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         state.step_in_epoch = 0
         log({"kind": "epoch", "epoch": state.epoch, "step": state.step,
              "peak_memory_mb": peak_memory_mb(device)})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the next record is that epoch's
         if state.epoch >= tc.epochs:
             stop_reason = "epochs"
             break
