@@ -14,20 +14,39 @@ How it stays correct when killed at any instant:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import multiprocessing
 import os
 import shutil
+import sys
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from kitsprep import __version__
-from kitsprep.cases import CaseRef, check_pair, find_cases, read_header, read_volume, select_cases
+from kitsprep.cases import (
+    CaseRef,
+    Volume,
+    check_pair,
+    find_cases,
+    read_header,
+    read_volume,
+    select_cases,
+)
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
 from kitsprep.kernels import count_nonfinite, labels_resample, window_resample
@@ -43,7 +62,10 @@ from kitsprep.store import (
 )
 from kitsprep.window import Window
 
-SLAB = 32  # slices decoded per kernel call: bounds the output buffer to SLAB*size*size*2
+# Output buffer of one kernel call (float16 image; labels take half as much): at 512x512 up
+# to 128 slices a call. The kernels read each column's run of slices in one go, so longer
+# slabs are faster (kernels.py); this bounds the memory it costs.
+SLAB_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,16 @@ def partial_dir(out: Path) -> Path:
 # --------------------------------------------------------------------------- one case
 
 
+def _uncache(fd: int, offsets: np.ndarray, slice_bytes: int) -> None:
+    """posix_fadvise(DONTNEED) over these slices: drops them from the page cache once they
+    are on disk; on dirty ones it starts their writeback (without waiting for it)."""
+    if len(offsets) and hasattr(os, "posix_fadvise"):
+        start = int(offsets.min())
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, int(offsets.max()) + slice_bytes - start,
+                             os.POSIX_FADV_DONTNEED)
+
+
 def _write_runs(fd: int, buf: np.ndarray, offsets: np.ndarray) -> None:
     """pwrite consecutive slices as one call wherever their chunks are adjacent on disk."""
     n = buf.shape[0]
@@ -122,19 +154,91 @@ def _write_runs(fd: int, buf: np.ndarray, offsets: np.ndarray) -> None:
         start = end
 
 
-def process_case(job: CaseJob) -> CaseWritten:
-    """Decode, check, window and resample one case; write its image slices into the store
-    and its commit record. Runs in a worker process."""
-    ref, window = job.ref, job.window
-    vol = read_volume(ref.imaging, ref.case_id)
-    seg = None
+@dataclass(frozen=True)
+class Loaded:
+    """A case inflated and checked, ready for the kernels."""
+
+    imaging: Volume
+    segmentation: Volume | None
+
+
+def load_case(ref: CaseRef) -> Loaded:
+    """Read and inflate both files and check them."""
+    return _finish_load(ref, read_volume(ref.imaging, ref.case_id))
+
+
+def _finish_load(ref: CaseRef, vol: Volume | Future) -> Loaded:
+    """The segmentation and the checks, given the imaging (or a future of it, still being
+    inflated by another thread: then both inflate at once). The imaging's errors come
+    first, as if it had been read first."""
+    seg = seg_error = None
     if ref.segmentation is not None:
-        seg = read_volume(ref.segmentation, ref.case_id)
+        try:
+            seg = read_volume(ref.segmentation, ref.case_id)
+        except KitsError as exc:
+            seg_error = exc
+    if isinstance(vol, Future):
+        vol = vol.result()
+    if seg_error is not None:
+        raise seg_error
+    if seg is not None:
         check_pair(ref.case_id, vol.header, seg.header)
     bad = count_nonfinite(vol.data)
     if bad:
         raise KitsError(f"{ref.case_id}: imaging holds {bad} NaN/Inf voxels; the scan is "
                         "damaged, re-download it or skip it with --skip-bad")
+    return Loaded(vol, seg)
+
+
+# Imaging volumes inflated (or being inflated) by the thread that runs `_run_here`, ahead
+# of their case: `process_case` takes its case's from here when it is there (its signature
+# stays `process_case(job)`).
+_read_ahead: dict[CaseRef, Future] = {}
+
+
+def _loaded(ref: CaseRef) -> Loaded:
+    ahead = _read_ahead.pop(ref, None)
+    return load_case(ref) if ahead is None else _finish_load(ref, ahead)
+
+
+def _slab_len(n_slices: int, size: int) -> int:
+    """Slices per kernel call: as many as SLAB_BYTES of float16 hold, split evenly."""
+    most = max(1, SLAB_BYTES // (2 * size * size))
+    calls = -(-n_slices // most)
+    return max(1, -(-n_slices // max(1, calls)))
+
+
+_buffers = threading.local()  # one process_case at a time per thread
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array on a cache-line boundary (the kernels' row segments are then
+    whole lines), kept per thread and reused by the next case: no page faults per case."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = getattr(_buffers, name, None)
+    if raw is None or raw.nbytes < nbytes + 64:
+        raw = np.empty(nbytes + 64, np.uint8)
+        raw[::4096] = 0  # fault its pages in now
+        setattr(_buffers, name, raw)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def process_case(job: CaseJob) -> CaseWritten:
+    """Decode and check one case (or take it from `_read_ahead`), window and resample it,
+    write its image slices into the store and its commit record. Runs in a worker process,
+    or on the kernel thread of `_run_here`."""
+    ref, window = job.ref, job.window
+    # Output buffers first: on the kernel thread of `_run_here` their first touch then
+    # overlaps the inflating of this case's imaging.
+    n_slab = _slab_len(len(job.offsets), job.size)
+    slab = _buffer("image", (n_slab, job.size, job.size), np.float16)
+    lab_slab = None
+    if ref.segmentation is not None:
+        lab_slab = _buffer("labels", (n_slab, job.size, job.size), np.uint8)
+    loaded = _loaded(ref)
+    vol, seg = loaded.imaging, loaded.segmentation
     affine = vol.header.affine
     axes = axial_axes(affine)
     image = vol.data.transpose(axes)
@@ -145,22 +249,30 @@ def process_case(job: CaseJob) -> CaseWritten:
     chunks: list[bytes] | None = [] if seg is not None else None
     labels = seg.data.transpose(axes) if seg is not None else None
     top = 0
-    slab = np.full((SLAB, job.size, job.size), window.pad_value, np.float16)
-    lab_slab = np.zeros((SLAB, job.size, job.size), np.uint8)
+    if (plane.new_h, plane.new_w) != (job.size, job.size):  # else the kernels fill them
+        slab[...] = window.pad_value
+        if lab_slab is not None:
+            lab_slab[...] = 0
+    slice_bytes = job.size * job.size * 2
     fd = os.open(job.store, os.O_WRONLY)
     try:
-        for s0 in range(0, n_slices, SLAB):
-            s1 = min(s0 + SLAB, n_slices)
+        for s0 in range(0, n_slices, n_slab):
+            s1 = min(s0 + n_slab, n_slices)
             out = window_resample(image, vol.header.slope, vol.header.inter, window, plane,
                                   s0, s1, slab[: s1 - s0])
             _write_runs(fd, out, job.offsets[s0:s1])
+            _uncache(fd, job.offsets[s0:s1], slice_bytes)  # starts their writeback
             crc[s0:s1] = [crc32(out[i]) for i in range(s1 - s0)]
             if labels is not None:
                 lab, t = labels_resample(labels, plane, counts, s0, s1, lab_slab[: s1 - s0])
                 top = max(top, t)
                 chunks.extend(compress_label_slice(lab[i]) for i in range(s1 - s0))
-        if job.fsync:
-            os.fdatasync(fd)
+            if job.fsync:
+                os.fdatasync(fd)  # slab by slab: their writeback is mostly done by now
+            # Out of the page cache once on disk: nothing reads it during the build, and
+            # the next slab's writes reuse those pages instead of taking fresh memory (slow
+            # to get, notably in VMs; the store may also be far larger than RAM).
+            _uncache(fd, job.offsets[s0:s1], slice_bytes)
     finally:
         os.close(fd)
     if top > 255:
@@ -205,7 +317,7 @@ def _load_record(path: Path) -> CaseWritten:
         if bool(z["labelled"]):
             ends = np.cumsum(z["lengths"])
             blob = z["blob"].tobytes()
-            chunks = [blob[e - n:e] for e, n in zip(ends, z["lengths"])]
+            chunks = [blob[e - n:e] for e, n in zip(ends, z["lengths"], strict=True)]
         return CaseWritten(CaseMeta(**meta), z["counts"], chunks, int(z["top"]), z["crc"])
 
 
@@ -320,25 +432,78 @@ def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],
         bad[job.ref.case_id] = str(exc)
         notify(CaseEvent(job.ref.case_id, 0, 0.0, error=str(exc)))
 
-    if cfg.workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            t = time.perf_counter()
-            try:
-                w = process_case(job)
-            except KitsError as exc:
-                failed(job, exc)
-                continue
-            notify(CaseEvent(job.ref.case_id, w.meta.slices, time.perf_counter() - t))
+    if not jobs:
         return
-    # spawn, not fork: the parent may hold threads (progress bar, h5py) that fork would copy
-    # mid-lock. Jobs go in no faster than workers take them, so memory stays a few volumes.
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=ctx) as pool:
-        pending = {}
-        queue = list(jobs)
+    if cfg.workers <= 1 or len(jobs) <= 1:
+        with _reuse_freed_memory():
+            _run_here(jobs, failed, notify)
+        return
+    _run_pool(jobs, cfg, failed, notify)
+
+
+def _run_here(jobs: list[CaseJob], failed: Callable[[CaseJob, KitsError], None],
+              notify: Callable[[CaseEvent], None]) -> None:
+    """One process, two threads: this one inflates the imaging of case i+1 (isal releases
+    the GIL) while a kernel thread inflates the small segmentation of case i and runs its
+    kernels (nogil) and writes, so the build costs about its decompression, not the sum.
+    Inflating the big volumes here, not on a helper thread, keeps them on the main malloc
+    arena, where `_reuse_freed_memory` applies. Two imaging volumes in flight at most."""
+    imaging: list[Future | None] = [Future() for _ in jobs]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kitsprep-kernels") as kernels:
+        try:
+            _read_ahead[jobs[0].ref] = imaging[0]
+            for i, job in enumerate(jobs):
+                t = time.perf_counter()
+                running = kernels.submit(process_case, job)
+                if i == 0:  # the kernel thread inflates the segmentation meanwhile
+                    _inflate_imaging(job.ref, imaging[0])
+                if i + 1 < len(jobs):
+                    _read_ahead[jobs[i + 1].ref] = imaging[i + 1]
+                    _inflate_imaging(jobs[i + 1].ref, imaging[i + 1])
+                try:
+                    w = running.result()
+                except KitsError as exc:
+                    failed(job, exc)
+                    continue
+                finally:
+                    _read_ahead.pop(job.ref, None)
+                    imaging[i] = None  # the volume goes with its case
+                notify(CaseEvent(job.ref.case_id, w.meta.slices, time.perf_counter() - t))
+        finally:
+            _read_ahead.clear()
+            for ahead in imaging:  # never leave the kernel thread waiting on one
+                if ahead is not None and not ahead.done():
+                    ahead.set_exception(KitsError("the build stopped"))
+
+
+def _inflate_imaging(ref: CaseRef, into: Future) -> None:
+    """read_volume of the imaging into `into`: a bad file's KitsError goes there too, for
+    process_case to raise; anything else is set there (so the kernel thread never waits
+    forever) and raised here."""
+    try:
+        into.set_result(read_volume(ref.imaging, ref.case_id))
+    except KitsError as exc:
+        into.set_exception(exc)
+    except BaseException as exc:
+        into.set_exception(exc)
+        raise
+
+
+def _run_pool(jobs: list[CaseJob], cfg: BuildConfig,
+              failed: Callable[[CaseJob, KitsError], None],
+              notify: Callable[[CaseEvent], None]) -> None:
+    """Worker processes, one case each at a time. Jobs go in no faster than workers take
+    them (two queued a worker), so memory stays a few volumes a worker. Biggest cases first
+    (by compressed size, which is what decoding costs), so no worker is left with a big one
+    at the end while the others idle."""
+    n_workers = min(cfg.workers, len(jobs))
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(),
+                             initializer=_worker_init) as pool:
+        pending: dict[Future, tuple[CaseJob, float]] = {}
+        queue = sorted(jobs, key=_job_cost, reverse=True)
         try:
             while queue or pending:
-                while queue and len(pending) < cfg.workers * 2:
+                while queue and len(pending) < n_workers * 2:
                     job = queue.pop(0)
                     pending[pool.submit(process_case, job)] = (job, time.perf_counter())
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -349,11 +514,103 @@ def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],
                     except KitsError as exc:
                         failed(job, exc)
                         continue
+                    except BrokenProcessPool:
+                        cases = ", ".join(sorted({job.ref.case_id} | {
+                            j.ref.case_id for j, _ in pending.values()}))
+                        raise KitsError(
+                            f"a worker process died (killed, most likely out of memory) while "
+                            f"building {cases}; finished cases are kept in "
+                            f"{partial_dir(cfg.out)}: rerun with fewer --workers (e.g. "
+                            f"--workers {max(1, n_workers // 2)}) and --resume") from None
                     notify(CaseEvent(job.ref.case_id, w.meta.slices, time.perf_counter() - t))
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
+
+
+def _job_cost(job: CaseJob) -> int:
+    try:
+        return sum(p.stat().st_size for p in (job.ref.imaging, job.ref.segmentation)
+                   if p is not None)
+    except OSError:
+        return 0  # process_case will name the problem
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """'fork' when this process runs no other thread: workers start in milliseconds with
+    everything imported (spawn re-imports numba, h5py and nibabel and reloads the kernels in
+    each worker, about a second). Forking while another thread may hold a lock is unsafe,
+    so otherwise 'forkserver' (its server imports this module once), else 'spawn'."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods:
+        _stop_tqdm_monitor()
+        if threading.active_count() == 1:
+            return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _stop_tqdm_monitor() -> None:
+    """A tqdm bar (the CLI's) starts a monitor thread, which would rule out fork; it only
+    tunes redraw intervals, so stop it and start no other."""
+    tqdm_mod = sys.modules.get("tqdm")
+    cls = getattr(tqdm_mod, "tqdm", None)
+    if cls is None:
+        return
+    with contextlib.suppress(Exception):
+        cls.monitor_interval = 0
+        monitor = getattr(cls, "monitor", None)
+        if monitor is not None:
+            monitor.exit()
+            cls.monitor = None
+
+
+def _worker_init() -> None:
+    _tune_malloc(True)
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _tune_malloc(reuse: bool) -> bool:
+    """glibc serves each inflated volume (hundreds of MB) with a fresh mmap and unmaps it
+    when freed, so every case page-faults its volumes in again, which costs about a third as
+    much as inflating them. `reuse`: keep big blocks on the heap (no mmap, no trimming) so
+    the next case reuses memory that is already mapped; the heap then holds the build's
+    peak, a few volumes. It pays where big blocks come from the main arena: the main
+    thread's, as in `_run_here` and in worker processes. False: the free heap goes back to
+    the system, and the thresholds to where glibc's own adaptive ones top out (32 MiB
+    mmap, 64 MiB trim; once set, glibc stops adapting them). No-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    if reuse:
+        return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                    and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    with contextlib.suppress(AttributeError):
+        libc.malloc_trim(0)
+    return True
+
+
+@contextlib.contextmanager
+def _reuse_freed_memory() -> Iterator[None]:
+    tuned = _tune_malloc(True)
+    try:
+        yield
+    finally:
+        if tuned:
+            _tune_malloc(False)
 
 
 def _fsync_path(path: Path) -> None:
