@@ -183,7 +183,8 @@ def read_header(path: Path, case_id: str = "") -> NiftiHeader:
         img = nib.load(str(path))
     except Exception as exc:
         raise KitsError(f"{case_id or path.parent.name}: cannot read {path.name} ({exc}); "
-                        "the file is not a valid NIfTI file, re-download it") from None
+                        "the file is truncated, corrupt or not NIfTI; re-download it, or skip "
+                        "it with --skip-bad") from None
     header = _header_of(img.header)
     if len(header.shape) != 3:
         raise KitsError(f"{case_id}: {path.name} has shape {header.shape}; expected a 3D volume")
