@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job end to end on the synthetic cohort: synth -> build -> info -> fit -> score.
+# The main job end to end on the synthetic cohort: synth -> build -> verify -> fit ->
+# predict (the unlabelled case, in its source geometry) -> score (table + overlays, last).
 # A few minutes on a laptop CPU. Override with e.g. CASES=24 SIZE=128 TIME=10m.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +12,6 @@ kitsprep build --src data/synthetic/demo --out data/demo.h5 --size "$SIZE"
 kitsprep info data/demo.h5
 kitsprep verify data/demo.h5 --src data/synthetic/demo
 kitstrain fit data/demo.h5 --out runs/demo --time-limit "$TIME"
+kitstrain predict runs/demo --src data/synthetic/demo --out runs/demo/predictions \
+    --cases "$(ls data/synthetic/demo | tail -n 1)"
 kitstrain score runs/demo --overlays runs/demo/overlays
-kitstrain predict runs/demo --src data/synthetic/demo --out runs/demo/predictions --cases "$(ls data/synthetic/demo | tail -n 1)"
