@@ -105,10 +105,13 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
 
     def on_start(n_cases: int, n_slices: int) -> None:
         state["bar"] = _progress(n_slices, "slice", "build")
+        state["cases"], state["done"] = n_cases, 0
 
     def on_case(ev) -> None:
         bar = state.get("bar")
+        state["done"] = state.get("done", 0) + 1
         if bar is not None:
+            bar.set_postfix_str(f"{state['done']}/{state['cases']} cases", refresh=False)
             bar.update(ev.slices)
             if ev.error:
                 bar.write(f"skipped {ev.case_id}: {ev.error}")
