@@ -11,6 +11,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -326,7 +327,7 @@ def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, de
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
-        ctx = model.no_sync() if not sync else _null()
+        ctx = model.no_sync() if not sync else nullcontext()
         with ctx:
             with torch.autocast(device.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
@@ -344,14 +345,6 @@ def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, de
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # --------------------------------------------------------------------------- validation
