@@ -584,8 +584,9 @@ def _tune_malloc(reuse: bool) -> bool:
     the next case reuses memory that is already mapped; the heap then holds the build's
     peak, a few volumes. It pays where big blocks come from the main arena: the main
     thread's, as in `_run_here` and in worker processes. False: the free heap goes back to
-    the system, and the thresholds to where glibc's own adaptive ones top out (32 MiB
-    mmap, 64 MiB trim; once set, glibc stops adapting them). No-op off glibc."""
+    the system and both thresholds to glibc's start values (128 KiB), so a process that
+    goes on after a build (a notebook, a test run) keeps a lean heap; glibc no longer
+    adapts them once set. No-op off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -596,8 +597,8 @@ def _tune_malloc(reuse: bool) -> bool:
     if reuse:
         return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)
                     and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 10)
     with contextlib.suppress(AttributeError):
         libc.malloc_trim(0)
     return True
