@@ -3,6 +3,7 @@ checkpoint. One process per GPU under torchrun (DDP); a plain process otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -437,6 +438,10 @@ def fit(cfg: FitConfig, show_progress: bool = True,
         if d.main:
             release_lock(run_dir)
         if d.world > 1 and dist.is_initialized():
+            # every rank leaves together: tearing down gloo while a peer still holds its
+            # connection aborts that peer (std::terminate at exit)
+            with contextlib.suppress(Exception):
+                dist.barrier()
             dist.destroy_process_group()
 
 
