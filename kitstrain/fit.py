@@ -453,7 +453,11 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     dtype = amp_dtype(device, tc.amp)
     model, mcfg = build_training_model(info, tc, device)
     loss_fn = make_loss(tc.loss, info.num_classes)
-    batch_size, batch_info = choose_batch_size(tc, model, loss_fn, info, device, dtype, d)
+    if cfg.resume:  # the recorded batch, not a new search: the run's steps must not change
+        recorded = run.read_config(run_dir)
+        batch_size, batch_info = int(recorded["batch_size"]), recorded["batch"]
+    else:
+        batch_size, batch_info = choose_batch_size(tc, model, loss_fn, info, device, dtype, d)
     optimizer = make_optimizer(model, tc)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     state = State(micro_batch=batch_size)
