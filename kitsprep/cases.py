@@ -232,10 +232,6 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
     return Volume(arr.reshape(header.shape, order="F"), header, fingerprint)
 
 
-def same_geometry(a: NiftiHeader, b: NiftiHeader) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3, rtol=1e-4)
-
-
 def check_pair(case_id: str, img: NiftiHeader, seg: NiftiHeader) -> None:
     """Imaging and segmentation must describe the same voxels."""
     if img.shape != seg.shape:

@@ -102,6 +102,12 @@ def test_context_stacks_neighbours_clamped_at_the_ends(loader_store, info):
         for c, k in enumerate(range(-2, 3)):
             src = vol[min(max(i + k, 0), n - 1)]
             assert np.array_equal(img[c].numpy().view(np.uint16), src.view(np.uint16))
+    # training and inference stack context in two places: they must agree exactly
+    from kitstrain.infer import stack_context
+
+    stacked = stack_context(vol, 2)
+    for i in range(n):
+        assert np.array_equal(ds[i][0].numpy().view(np.uint16), stacked[i].view(np.uint16))
 
 
 def test_unlabelled_and_unknown_cases_are_refused(loader_store, info):
