@@ -35,6 +35,7 @@ class InRamDataset(SliceDataset):
         self._background = np.zeros(len(rows), bool)
         self.row_ids = np.arange(len(rows), dtype=np.int64)
         self.size = images.shape[-1]
+        self.patch = self.size
         self.context = (images.shape[1] - 1) // 2
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed = seed

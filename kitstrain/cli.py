@@ -12,6 +12,7 @@ import click
 from kitsprep.cli import KitsGroup
 from kitsprep.errors import KitsError
 from kitstrain import __version__
+from kitstrain.patches import PATCH_CHOICES
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -36,6 +37,14 @@ def parse_batch(text: str | None) -> int | str | None:
     if text.isdigit() and int(text) > 0:
         return int(text)
     raise KitsError(f"--batch-size must be a positive integer or 'auto', found {text!r}")
+
+
+def parse_patch(text: str | None) -> int | str | None:
+    if text is None or text in ("auto", "full"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise KitsError(f"--patch must be {PATCH_CHOICES}; found {text!r}")
 
 
 @click.group(cls=KitsGroup)
@@ -73,9 +82,26 @@ def main() -> None:
               help="U-Net features at the first level (doubling per level).")
 @click.option("--depth", type=click.IntRange(1, 8), default=None, help="Down-sampling steps.")
 @click.option("--norm", type=click.Choice(["none", "batch", "instance", "group"]), default=None)
+@click.option("--patch", default=None,
+              help="Training patch: 'auto' (half the slice side), 'full' or a side in pixels.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
+@click.option("--weight-decay", type=click.FloatRange(0), default=None)
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "poly"]), default=None)
+@click.option("--warmup", type=click.FloatRange(0, 1), default=None,
+              help="Share of the run spent warming the learning rate up.")
+@click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None)
+@click.option("--fg-fraction", type=click.FloatRange(0, 1), default=None,
+              help="Share of each batch drawn from kidney/tumour slices.")
+@click.option("--tumour-weight", type=click.FloatRange(0), default=None,
+              help="Weight of tumour slices within the foreground share.")
+@click.option("--augment/--no-augment", default=None, help="Spatial and intensity augmentation.")
+@click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--log-every", type=click.IntRange(1), default=None, help="Steps per log line.")
 def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, workers, context,
         train_cases, val_cases, device, resume, max_steps, time_limit, val_every, seed,
-        compile_, no_amp, samples_per_epoch, width, depth, norm) -> None:
+        compile_, no_amp, samples_per_epoch, width, depth, norm, patch, optimizer,
+        weight_decay, schedule, warmup, loss, fg_fraction, tumour_weight, augment, grad_clip,
+        log_every) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
     from kitstrain.fit import FitConfig
     from kitstrain.fit import fit as run_fit
@@ -86,7 +112,10 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
                  "time_limit": parse_duration(time_limit), "val_every": val_every,
                  "seed": seed, "compile": compile_, "amp": False if no_amp else None,
                  "samples_per_epoch": samples_per_epoch, "width": width, "depth": depth,
-                 "norm": norm}
+                 "norm": norm, "patch": parse_patch(patch), "optimizer": optimizer,
+                 "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup,
+                 "loss": loss, "fg_fraction": fg_fraction, "tumour_weight": tumour_weight,
+                 "augment": augment, "grad_clip": grad_clip, "log_every": log_every}
     tc = resolve(preset, overrides)
     explicit = frozenset(k for k, v in overrides.items() if v is not None)
     if preset != "default":

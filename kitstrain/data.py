@@ -25,6 +25,7 @@ from kitsprep.cases import parse_case_spec
 from kitsprep.errors import KitsError
 from kitsprep.store import SliceMap, StoreInfo
 from kitstrain.augment import AugmentConfig, augment_slice
+from kitstrain.patches import patch_origin
 
 # --------------------------------------------------------------------------- splits
 
@@ -135,7 +136,7 @@ class SliceDataset(Dataset):
 
     def __init__(self, store_path: Path | str, info: StoreInfo, cases: Sequence[str],
                  context: int = 0, augment: AugmentConfig | None = None, seed: int = 0,
-                 return_row: bool = False):
+                 return_row: bool = False, patch: int | None = None):
         if context < 0:
             raise KitsError(f"--context must be >= 0, found {context}")
         unknown = [c for c in cases if c not in info.cases]
@@ -146,8 +147,12 @@ class SliceDataset(Dataset):
         if unlabelled:
             raise KitsError(f"case(s) {_shown(unlabelled)} are unlabelled; they cannot be "
                             "loaded for training or validation")
+        if patch is not None and not 1 <= patch <= info.size:
+            raise KitsError(f"patch {patch} does not fit the store's {info.size}x{info.size} "
+                            "slices; use at most that size")
         self.store_path = Path(store_path)
         self.size = info.size
+        self.patch = info.size if patch is None else int(patch)
         self.context = int(context)
         self.case_ids = tuple(cases)
         self.augment = augment if augment is not None and augment.enabled else None
@@ -216,12 +221,25 @@ class SliceDataset(Dataset):
         if self._pid != os.getpid():
             self._open()
         img_np, lab_np = images.numpy(), labels.numpy()
+        cropping = self.patch < self.size
+        if cropping:
+            whole_img = np.empty((self.channels, self.size, self.size), np.float16)
+            whole_lab = np.empty((self.size, self.size), np.uint8)
         for j, item in enumerate(indices):
             i = item.index if isinstance(item, Draw) else int(item)
-            self._read_into(i, img_np[j], lab_np[j])
-            if self.augment is not None:
+            rng = None
+            if cropping or self.augment is not None:
                 rng = (np.random.default_rng([self.seed, item.epoch, item.draw])
                        if isinstance(item, Draw) else self._rng)
+            if cropping:
+                self._read_into(i, whole_img, whole_lab)
+                y, x = patch_origin(whole_lab, self.patch, rng)
+                box = (slice(y, y + self.patch), slice(x, x + self.patch))
+                img_np[j] = whole_img[(slice(None), *box)]
+                lab_np[j] = whole_lab[box]
+            else:
+                self._read_into(i, img_np[j], lab_np[j])
+            if self.augment is not None:
                 img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], rng, self.augment)
 
     def __getitem__(self, i: int):
@@ -244,7 +262,7 @@ class SliceDataset(Dataset):
         return [(images[j], labels[j]) for j in range(len(indices))]
 
     def _batch_tensors(self, n: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.size
+        s = self.patch
         return (_empty((n, self.channels, s, s), torch.float16, shared),
                 _empty((n, s, s), torch.uint8, shared))
 
@@ -403,16 +421,17 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
                       samples_per_epoch: int | None = None, pin_memory: bool,
                       prefetch_factor: int = 4, persistent_workers: bool = True,
                       multiprocessing_context=None, epoch: int = 0,
-                      start_batch: int = 0) -> DataLoader:
-    """Training batches (image float16 (B, 1+2K, H, W), label uint8 (B, H, W)) drawn by a
-    ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks.
+                      start_batch: int = 0, patch: int | None = None) -> DataLoader:
+    """Training batches (image float16 (B, 1+2K, P, P), label uint8 (B, P, P)) drawn by a
+    ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks. P is
+    `patch` (see `kitstrain.patches.patch_origin`), the whole slice when None.
 
     `epoch` fixes the sampler's order and the augmentation streams, so one loader per epoch
     and one loader for a whole run (`loader.sampler.set_epoch`) both vary per epoch;
     `start_batch` resumes mid-epoch on the same slices (the augmentation after a resume
     is freshly seeded, not continued)."""
     ds = SliceDataset(store_path, info, cases, context=context, augment=augment,
-                      seed=_stream_seed(seed, rank, epoch))
+                      seed=_stream_seed(seed, rank, epoch), patch=patch)
     return train_loader_for(ds, batch_size=batch_size, workers=workers,
                             fg_fraction=fg_fraction, tumour_weight=tumour_weight, seed=seed,
                             rank=rank, world_size=world_size,

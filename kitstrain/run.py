@@ -108,5 +108,5 @@ def load_model(run_dir: Path, which: str = "best", device: str | torch.device = 
     ckpt = load_checkpoint(path, map_location=device)
     model = build_model(model_config(run_dir))
     model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    model.to(device).to(memory_format=torch.channels_last).eval()  # as trained: NHWC
     return model, ckpt

@@ -57,7 +57,7 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     assert "done (max_steps) after 6 steps" in r.output
     config = json.loads((out / "config.json").read_text())
     assert config["store_fingerprint"] and config["train"]["max_steps"] == 6
-    assert config["model"]["in_channels"] == 3  # default preset: context 1
+    assert config["model"]["in_channels"] == 5  # default preset: context 2
     assert config["env"]["torch"] == torch.__version__
     split = json.loads((out / "split.json").read_text())
     assert split["train"] and split["val"] and not set(split["train"]) & set(split["val"])
@@ -74,6 +74,49 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     assert not (out / "lock").exists()
 
 
+def test_patches_train_and_an_epoch_covers_the_training_pixels(store: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "patched"
+    r = fit_cli(str(store), "--out", str(out), "--workers", "0", "--batch-size", "4",
+                "--width", "4", "--depth", "2", "--patch", "auto", "--max-steps", "3")
+    assert r.exit_code == 0, r.output
+    assert "of 16x16 patches" in r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["patch_size"] == 16 and config["train"]["patch"] == "auto"
+    split = json.loads((out / "split.json").read_text())
+    from kitsprep.store import open_store
+
+    info = open_store(store)
+    train_slices = sum(info.cases[c].slices for c in split["train"])
+    # (32 / 16)**2 = 4 patches per training slice, in batches of 4
+    assert config["steps_per_epoch"] == train_slices
+    val = [x for x in runlib.read_metrics(out) if x["kind"] == "val"][-1]
+    assert set(val["per_case"]) == set(split["val"])  # validated on whole slices
+
+
+def test_every_preset_field_has_a_flag_that_overrides_it(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "flags"
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "1", "--optimizer", "sgd",
+                           "--weight-decay", "0.001", "--schedule", "poly", "--warmup", "0.1",
+                           "--loss", "ce", "--fg-fraction", "0.5", "--tumour-weight", "3",
+                           "--no-augment", "--grad-clip", "5", "--log-every", "7",
+                           "--norm", "group", "--patch", "full"))
+    assert r.exit_code == 0, r.output
+    t = json.loads((out / "config.json").read_text())["train"]
+    assert (t["optimizer"], t["weight_decay"], t["schedule"], t["warmup"], t["loss"],
+            t["fg_fraction"], t["tumour_weight"], t["augment"], t["grad_clip"],
+            t["log_every"], t["norm"], t["patch"]) == (
+        "sgd", 0.001, "poly", 0.1, "ce", 0.5, 3.0, False, 5.0, 7, "group", "full")
+    from dataclasses import fields
+
+    from kitstrain.cli import fit as fit_command
+
+    flags = {p.name for p in fit_command.params}
+    internal = {"preset", "amp", "compile", "batch_size"}  # --no-amp, --compile, --batch-size
+    missing = {f.name for f in fields(TrainConfig)} - flags - internal
+    assert not missing, f"TrainConfig fields without a fit flag: {missing}"
+
+
 def test_seed_preset_is_the_origin_setup(store: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "seed"
@@ -82,7 +125,8 @@ def test_seed_preset_is_the_origin_setup(store: Path, tmp_path: Path,
     assert r.exit_code == 0, r.output
     t = json.loads((out / "config.json").read_text())["train"]
     assert (t["optimizer"], t["lr"], t["batch_size"], t["epochs"], t["loss"], t["norm"],
-            t["fg_fraction"], t["augment"]) == ("adam", 0.002, 4, 1, "ce", "none", 0.0, False)
+            t["fg_fraction"], t["augment"], t["patch"]) == (
+        "adam", 0.002, 4, 1, "ce", "none", 0.0, False, "full")
 
 
 def test_injected_oom_halves_the_micro_batch_and_carries_on(
@@ -157,6 +201,9 @@ def test_time_limit_stops_cleanly(store: Path, tmp_path: Path,
     (lambda s, t: [str(s), "--train-cases", "0-5"], "unlabelled"),
     (lambda s, t: [str(s), "--batch-size", "zero"], "--batch-size"),
     (lambda s, t: [str(s), "--time-limit", "ten minutes"], "duration"),
+    (lambda s, t: [str(s), "--patch", "half"], "--patch"),
+    (lambda s, t: [str(s), "--patch", "24"], "multiple of 16"),
+    (lambda s, t: [str(s), "--patch", "64"], "larger than"),
 ])
 def test_bad_input_is_one_line_and_exit_1(store: Path, tmp_path: Path, make_args,
                                           expected: str) -> None:
@@ -217,7 +264,9 @@ def test_durations_and_schedule() -> None:
 
 def test_presets_are_data_and_flags_override() -> None:
     assert resolve("seed", {"lr": 0.01}).lr == 0.01
-    assert resolve("default", {}).fg_fraction == 0.33
+    assert resolve("default", {}).patch == "auto" and resolve("seed", {}).patch == "full"
+    assert resolve("default", {}).norm == "batch"
+    assert resolve("default", {"patch": 64}).patch == 64
     assert set(PRESETS) == {"seed", "default"}
 
 

@@ -1,0 +1,65 @@
+"""Training patches: how big a square patch is, and where it is cut from a slice.
+
+Training on patches instead of whole slices is nnU-Net's recipe: a patch of half the slice
+side costs a quarter of the compute, so the same time budget sees four times the samples,
+and a patch cut around a foreground pixel puts more kidney and tumour into every batch.
+The U-Net is fully convolutional, so validation and inference still run on whole slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kitsprep.errors import KitsError
+
+__all__ = ["PATCH_CHOICES", "patch_origin", "resolve_patch"]
+
+PATCH_CHOICES = "'auto' (half the slice side), 'full' (whole slices) or a side in pixels"
+
+
+def resolve_patch(patch: int | str | None, size: int, divisor: int) -> int:
+    """The patch side in pixels for slices of `size`; `divisor` is the U-Net's 2**depth.
+
+    'auto' is half the slice side, rounded down to a multiple of `divisor` and never under
+    two of them, so the deepest level still sees a 2x2 map; 'full' (or None) is the slice."""
+    if patch is None or patch == "full":
+        return size
+    if patch == "auto":
+        return min(size, max(2 * divisor, (size // 2) // divisor * divisor))
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise KitsError(f"--patch must be {PATCH_CHOICES}; found {patch!r}")
+    if patch > size:
+        raise KitsError(f"--patch {patch} is larger than the store's {size}x{size} slices; "
+                        f"use at most {size}, or 'full'")
+    if patch % divisor:
+        lower = patch // divisor * divisor
+        raise KitsError(f"--patch {patch} is not a multiple of {divisor} (2**depth), which the "
+                        f"U-Net needs; use {lower or divisor} or {lower + divisor}")
+    return patch
+
+
+def patch_origin(label: np.ndarray, patch: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left (row, col) of a `patch` x `patch` window on an (H, W) label.
+
+    A slice with foreground gets a window that contains one of its foreground pixels: a
+    class drawn uniformly among the foreground classes present (so a small tumour is as
+    likely a target as a large kidney), then one of that class's pixels, placed anywhere
+    in the window (not always at its centre, or the model would learn where organs sit).
+    A slice without foreground gets a uniformly placed window."""
+    h, w = label.shape
+    if patch > h or patch > w:
+        raise ValueError(f"patch {patch} does not fit a {h}x{w} slice")
+    # bincount, not unique: one pass, no sort (0.2 ms vs 3 ms on a 512x512 slice)
+    present = np.flatnonzero(np.bincount(label.ravel())[1:]) + 1
+    if present.size == 0:
+        return int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+    cls = present[rng.integers(0, present.size)]
+    rows, cols = np.nonzero(label == cls)
+    k = int(rng.integers(0, rows.size))
+    return _around(int(rows[k]), h, patch, rng), _around(int(cols[k]), w, patch, rng)
+
+
+def _around(p: int, n: int, patch: int, rng: np.random.Generator) -> int:
+    """A window start in [0, n - patch] such that the window covers position p."""
+    lo, hi = max(0, p - patch + 1), min(p, n - patch)
+    return int(rng.integers(lo, hi + 1))
