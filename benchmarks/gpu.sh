@@ -37,7 +37,8 @@ sps = sum(r["slices_per_s"] * r["wall_s"] for r in train) / wall
 stall = sum(r["data_wait_s"] for r in train) / wall
 vals = [r for r in recs if r["kind"] == "val"]
 print(f"\nGPU: {cfg['env'].get('gpu')}  dtype autocast: bf16 if supported, else fp16")
-print(f"batch chosen (auto): {cfg['batch_size']}  search: {cfg['batch'].get('tried')}")
+print(f"batch chosen (auto): {cfg['batch_size']} patches of {cfg['patch_size']}x"
+      f"{cfg['patch_size']}  search: {cfg['batch'].get('tried')}")
 print(f"steps: {end['step']}  throughput: {sps:.0f} slices/s (after 20 warm-up steps)")
 print(f"loader stall: {100 * stall:.1f}% (target < 5%)   whole run: {100 * end['stall']:.1f}%")
 print(f"peak GPU memory: {end['peak_memory_mb']:.0f} MiB")
