@@ -470,6 +470,9 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     else:
         batch_size, batch_info = choose_batch_size(tc, model, loss_fn, patch, info, device,
                                                    dtype, d)
+    # whole slices hold (size/patch)**2 times a patch's pixels: validate with as many
+    # pixels per batch as a training batch, so validation fits wherever training does
+    val_batch = max(1, batch_size * patch * patch // (info.size * info.size))
     optimizer = make_optimizer(model, tc)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     state = State(micro_batch=batch_size)
@@ -498,6 +501,7 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
                             "num_classes": info.num_classes},
             "train": asdict(tc), "model": asdict(mcfg), "context": tc.context,
             "batch": batch_info, "batch_size": batch_size, "patch_size": patch,
+            "val_batch_size": val_batch,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "device": str(device), "env": environment(device, d)})
         run.write_json(run_dir / run.SPLIT, split.to_json())
@@ -562,7 +566,7 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
             stop_reason = should_stop(state, tc, total_steps, d, device)
             if tc.val_every and state.step % tc.val_every == 0 and not stop_reason:
                 tv = time.perf_counter()
-                last_val = run_validation(model, info, split, tc, device, dtype, batch_size, d,
+                last_val = run_validation(model, info, split, tc, device, dtype, val_batch, d,
                                           state, log, run_dir, optimizer, scaler, writer, t_run)
                 win.t0 += time.perf_counter() - tv  # training throughput excludes validation
                 last_ckpt = time.perf_counter()
@@ -584,14 +588,14 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
             stop_reason = "epochs"
             break
         tv = time.perf_counter()
-        last_val = run_validation(model, info, split, tc, device, dtype, batch_size, d, state,
+        last_val = run_validation(model, info, split, tc, device, dtype, val_batch, d, state,
                                   log, run_dir, optimizer, scaler, writer, t_run)
         win.t0 += time.perf_counter() - tv
         last_ckpt = time.perf_counter()
     # ---- final validation and checkpoint
     if win.steps:
         flush_window(win, state, optimizer, log, bar, writer, stall_sum, echo if d.main else None)
-    last_val = run_validation(model, info, split, tc, device, dtype, batch_size, d, state, log,
+    last_val = run_validation(model, info, split, tc, device, dtype, val_batch, d, state, log,
                               run_dir, optimizer, scaler, writer, t_run, final=True)
     if bar is not None:
         bar.close()

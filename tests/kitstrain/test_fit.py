@@ -83,6 +83,7 @@ def test_patches_train_and_an_epoch_covers_the_training_pixels(store: Path,
     assert "of 16x16 patches" in r.output
     config = json.loads((out / "config.json").read_text())
     assert config["patch_size"] == 16 and config["train"]["patch"] == "auto"
+    assert config["val_batch_size"] == 1  # 4 patches of 16x16 hold one 32x32 slice's pixels
     split = json.loads((out / "split.json").read_text())
     from kitsprep.store import open_store
 
