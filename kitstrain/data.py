@@ -25,7 +25,7 @@ from kitsprep.cases import parse_case_spec
 from kitsprep.errors import KitsError
 from kitsprep.store import SliceMap, StoreInfo
 from kitstrain.augment import AugmentConfig, augment_slice
-from kitstrain.patches import patch_origin
+from kitstrain.patches import patch_origin, uniform_origin
 
 # --------------------------------------------------------------------------- splits
 
@@ -233,7 +233,9 @@ class SliceDataset(Dataset):
                        if isinstance(item, Draw) else self._rng)
             if cropping:
                 self._read_into(i, whole_img, whole_lab)
-                y, x = patch_origin(whole_lab, self.patch, rng)
+                # the index already says which slices are empty: no label scan for those
+                y, x = (uniform_origin(whole_lab.shape, self.patch, rng) if self._background[i]
+                        else patch_origin(whole_lab, self.patch, rng))
                 box = (slice(y, y + self.patch), slice(x, x + self.patch))
                 img_np[j] = whole_img[(slice(None), *box)]
                 lab_np[j] = whole_lab[box]

@@ -12,9 +12,18 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 
-__all__ = ["PATCH_CHOICES", "patch_origin", "resolve_patch"]
+__all__ = ["PATCH_CHOICES", "check_patch", "patch_origin", "resolve_patch", "uniform_origin"]
 
 PATCH_CHOICES = "'auto' (half the slice side), 'full' (whole slices) or a side in pixels"
+
+
+def check_patch(patch: object) -> None:
+    """Refuse a patch setting that no store could take: not 'auto', 'full', None or a
+    positive pixel count."""
+    if patch in (None, "auto", "full"):
+        return
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise KitsError(f"--patch must be {PATCH_CHOICES}; found {patch!r}")
 
 
 def resolve_patch(patch: int | str | None, size: int, divisor: int) -> int:
@@ -22,12 +31,11 @@ def resolve_patch(patch: int | str | None, size: int, divisor: int) -> int:
 
     'auto' is half the slice side, rounded down to a multiple of `divisor` and never under
     two of them, so the deepest level still sees a 2x2 map; 'full' (or None) is the slice."""
+    check_patch(patch)
     if patch is None or patch == "full":
         return size
     if patch == "auto":
         return min(size, max(2 * divisor, (size // 2) // divisor * divisor))
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-        raise KitsError(f"--patch must be {PATCH_CHOICES}; found {patch!r}")
     if patch > size:
         raise KitsError(f"--patch {patch} is larger than the store's {size}x{size} slices; "
                         f"use at most {size}, or 'full'")
@@ -52,11 +60,19 @@ def patch_origin(label: np.ndarray, patch: int, rng: np.random.Generator) -> tup
     # bincount, not unique: one pass, no sort (0.2 ms vs 3 ms on a 512x512 slice)
     present = np.flatnonzero(np.bincount(label.ravel())[1:]) + 1
     if present.size == 0:
-        return int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+        return uniform_origin((h, w), patch, rng)
     cls = present[rng.integers(0, present.size)]
     rows, cols = np.nonzero(label == cls)
     k = int(rng.integers(0, rows.size))
     return _around(int(rows[k]), h, patch, rng), _around(int(cols[k]), w, patch, rng)
+
+
+def uniform_origin(shape: tuple[int, int], patch: int, rng: np.random.Generator
+                   ) -> tuple[int, int]:
+    """Top-left of a window placed uniformly on a slice of `shape`: `patch_origin` for a
+    slice known to hold no foreground, without looking at its label."""
+    h, w = shape
+    return int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
 
 
 def _around(p: int, n: int, patch: int, rng: np.random.Generator) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from kitsprep.errors import KitsError
-from kitstrain.patches import PATCH_CHOICES
+from kitstrain.patches import check_patch
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,6 @@ def _check(cfg: TrainConfig) -> None:
         raise KitsError(f"--lr must be positive, found {cfg.lr}")
     if cfg.epochs < 1:
         raise KitsError(f"--epochs must be at least 1, found {cfg.epochs}")
-    if not (cfg.patch in (None, "auto", "full") or (isinstance(cfg.patch, int)
-                                                     and not isinstance(cfg.patch, bool)
-                                                     and cfg.patch > 0)):
-        raise KitsError(f"--patch must be {PATCH_CHOICES}; found {cfg.patch!r}")
+    check_patch(cfg.patch)
     if cfg.context < 0:
         raise KitsError(f"--context must be >= 0, found {cfg.context}")

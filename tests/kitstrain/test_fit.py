@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from kitsprep.build import BuildConfig, build_store
+from kitsprep.store import open_store
 from kitsprep.synth import SynthConfig, write_cohort
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain import run as runlib
@@ -85,8 +86,6 @@ def test_patches_train_and_an_epoch_covers_the_training_pixels(store: Path,
     assert config["patch_size"] == 16 and config["train"]["patch"] == "auto"
     assert config["val_batch_size"] == 1  # 4 patches of 16x16 hold one 32x32 slice's pixels
     split = json.loads((out / "split.json").read_text())
-    from kitsprep.store import open_store
-
     info = open_store(store)
     train_slices = sum(info.cases[c].slices for c in split["train"])
     # (32 / 16)**2 = 4 patches per training slice, in batches of 4

@@ -9,7 +9,7 @@ from kitsprep.errors import KitsError
 from kitsprep.store import open_store
 from kitstrain.augment import AugmentConfig
 from kitstrain.data import Draw, SliceDataset
-from kitstrain.patches import patch_origin, resolve_patch
+from kitstrain.patches import patch_origin, resolve_patch, uniform_origin
 
 
 def test_resolve_patch_sizes() -> None:
@@ -48,6 +48,14 @@ def test_background_slices_get_uniform_windows_inside_the_slice() -> None:
     # uniform: every start row is about equally likely
     counts = np.bincount(origins[:, 0], minlength=49)
     assert counts.min() > 0.5 * counts.mean()
+
+
+def test_uniform_origin_is_patch_origin_for_an_empty_label() -> None:
+    # the dataset skips the label scan for slices its index marks empty: same windows
+    empty = np.zeros((64, 48), np.uint8)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert ([patch_origin(empty, 16, a) for _ in range(50)]
+            == [uniform_origin(empty.shape, 16, b) for _ in range(50)])
 
 
 def test_foreground_windows_hold_foreground_and_each_class_about_half_the_time() -> None:
