@@ -76,11 +76,15 @@ def main() -> None:
               help="Also validate every N steps.")
 @click.option("--seed", type=int, default=None)
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option("--no-amp", is_flag=True, help="Full fp32 on CUDA too.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="auto: bf16 (else fp16) on CUDA, fp32 on CPU. bf16 on CPU is ~2x faster "
+                   "where the CPU has AMX/AVX512-BF16.")
 @click.option("--samples-per-epoch", type=click.IntRange(1), default=None)
 @click.option("--width", type=click.IntRange(1), default=None,
               help="U-Net features at the first level (doubling per level).")
 @click.option("--depth", type=click.IntRange(1, 8), default=None, help="Down-sampling steps.")
+@click.option("--deep-supervision", type=click.IntRange(0, 7), default=None,
+              help="Also supervise N coarser decoder levels (1/2, 1/4, ...) in training.")
 @click.option("--norm", type=click.Choice(["none", "batch", "instance", "group"]), default=None)
 @click.option("--patch", default=None,
               help="Training patch: 'auto' (half the slice side), 'full' or a side in pixels.")
@@ -94,14 +98,17 @@ def main() -> None:
               help="Share of each batch drawn from kidney/tumour slices.")
 @click.option("--tumour-weight", type=click.FloatRange(0), default=None,
               help="Weight of tumour slices within the foreground share.")
+@click.option("--regions/--classes", default=None,
+              help="Train one sigmoid per scored region (kidney+tumour, tumour) instead of a "
+                   "softmax over classes.")
 @click.option("--augment/--no-augment", default=None, help="Spatial and intensity augmentation.")
 @click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=None)
 @click.option("--log-every", type=click.IntRange(1), default=None, help="Steps per log line.")
 def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, workers, context,
         train_cases, val_cases, device, resume, max_steps, time_limit, val_every, seed,
-        compile_, no_amp, samples_per_epoch, width, depth, norm, patch, optimizer,
-        weight_decay, schedule, warmup, loss, fg_fraction, tumour_weight, augment, grad_clip,
-        log_every) -> None:
+        compile_, precision, samples_per_epoch, width, depth, deep_supervision, norm, patch,
+        optimizer, weight_decay, schedule, warmup, loss, fg_fraction, tumour_weight, regions,
+        augment, grad_clip, log_every) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
     from kitstrain.fit import FitConfig
     from kitstrain.fit import fit as run_fit
@@ -110,12 +117,14 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
     overrides = {"epochs": epochs, "batch_size": parse_batch(batch_size), "lr": lr,
                  "workers": workers, "context": context, "max_steps": max_steps,
                  "time_limit": parse_duration(time_limit), "val_every": val_every,
-                 "seed": seed, "compile": compile_, "amp": False if no_amp else None,
+                 "seed": seed, "compile": compile_, "precision": precision,
                  "samples_per_epoch": samples_per_epoch, "width": width, "depth": depth,
+                 "deep_supervision": deep_supervision,
                  "norm": norm, "patch": parse_patch(patch), "optimizer": optimizer,
                  "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup,
                  "loss": loss, "fg_fraction": fg_fraction, "tumour_weight": tumour_weight,
-                 "augment": augment, "grad_clip": grad_clip, "log_every": log_every}
+                 "regions": regions, "augment": augment, "grad_clip": grad_clip,
+                 "log_every": log_every}
     tc = resolve(preset, overrides)
     explicit = frozenset(k for k, v in overrides.items() if v is not None)
     if preset != "default":

@@ -236,13 +236,20 @@ class SliceDataset(Dataset):
                 # the index already says which slices are empty: no label scan for those
                 y, x = (uniform_origin(whole_lab.shape, self.patch, rng) if self._background[i]
                         else patch_origin(whole_lab, self.patch, rng))
-                box = (slice(y, y + self.patch), slice(x, x + self.patch))
-                img_np[j] = whole_img[(slice(None), *box)]
-                lab_np[j] = whole_lab[box]
+                if self.augment is not None:
+                    # warped about the window's centre, sampled from the whole slice
+                    img_np[j], lab_np[j] = augment_slice(
+                        whole_img, whole_lab, rng, self.augment,
+                        window=(y, x, self.patch, self.patch))
+                else:
+                    box = (slice(y, y + self.patch), slice(x, x + self.patch))
+                    img_np[j] = whole_img[(slice(None), *box)]
+                    lab_np[j] = whole_lab[box]
             else:
                 self._read_into(i, img_np[j], lab_np[j])
-            if self.augment is not None:
-                img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], rng, self.augment)
+                if self.augment is not None:
+                    img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], rng,
+                                                         self.augment)
 
     def __getitem__(self, i: int):
         images, labels = self._batch_tensors(1, shared=False)

@@ -165,8 +165,12 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path) -> TrainConfig:
     """A resumed run keeps its recorded options; only limits and loader knobs may change."""
     if not cfg.resume:
         return cfg.train
-    # runs recorded before patches existed trained on whole slices
-    saved = TrainConfig(**{"patch": "full", **run.read_config(run_dir)["train"]})
+    recorded = run.read_config(run_dir)["train"]
+    # runs recorded before patches existed trained on whole slices; before --precision,
+    # a boolean `amp` meant autocast on CUDA only
+    if "amp" in recorded:
+        recorded["precision"] = "auto" if recorded.pop("amp") else "fp32"
+    saved = TrainConfig(**{"patch": "full", **recorded})
     changed = {k for k in cfg.explicit - RESUMABLE_OVERRIDES
                if getattr(cfg.train, k) != getattr(saved, k)}
     if changed:
@@ -199,7 +203,8 @@ def seed_everything(seed: int) -> None:
 
 def build_training_model(info: StoreInfo, tc: TrainConfig, device: torch.device):
     mcfg = UNetConfig(in_channels=1 + 2 * tc.context, num_classes=info.num_classes,
-                      width=tc.width, depth=tc.depth, norm=tc.norm)
+                      width=tc.width, depth=tc.depth, norm=tc.norm,
+                      deep_supervision=tc.deep_supervision, regions=tc.regions)
     if info.size % mcfg.divisor:
         raise KitsError(f"store slices are {info.size}x{info.size}, which a depth-{tc.depth} "
                         f"U-Net cannot halve {tc.depth} times; rebuild with --size "
@@ -460,10 +465,10 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     check_store(cfg, info, run_dir)
     split = resolve_split(cfg, info, tc, run_dir)
     seed_everything(tc.seed + d.rank)
-    dtype = amp_dtype(device, tc.amp)
+    dtype = amp_dtype(device, tc.precision)
     model, mcfg = build_training_model(info, tc, device)
     patch = resolve_patch(tc.patch, info.size, mcfg.divisor)
-    loss_fn = make_loss(tc.loss, info.num_classes)
+    loss_fn = make_loss(tc.loss, info.num_classes, regions=tc.regions)
     if cfg.resume:  # the recorded batch, not a new search: the run's steps must not change
         recorded = run.read_config(run_dir)
         batch_size, batch_info = int(recorded["batch_size"]), recorded["batch"]

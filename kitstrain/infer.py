@@ -44,6 +44,7 @@ __all__ = [
     "Progress",
     "SliceProgress",
     "count_store_cases",
+    "logits_to_labels",
     "predict_slices",
     "predict_store_case",
     "predict_volume",
@@ -124,7 +125,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _forward(model: nn.Module, x: Tensor, *, amp: Amp, tta: bool) -> Tensor:
     """float32 logits of one batch; with `tta`, the mean over the four flips."""
-    use_amp = amp is not False and amp is not None and x.device.type == "cuda"
+    # True means fp16 autocast on CUDA only; an explicit dtype (a run's training precision,
+    # e.g. bf16 on CPU) applies on any device
+    use_amp = isinstance(amp, torch.dtype) or (amp is True and x.device.type == "cuda")
     dtype = amp if isinstance(amp, torch.dtype) else torch.float16
     with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=use_amp):
         if not tta:
@@ -161,7 +164,8 @@ def predict_slices(model: nn.Module, images: np.ndarray | Tensor, device: torch.
                    amp: Amp = True, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                    progress: SliceProgress | None = None) -> Tensor:
     """float32 logits (N, classes, H, W) on the CPU for (N, C, H, W) inputs, in batches.
-    The model must already be on `device`; `amp` applies on CUDA only (float16 autocast)."""
+    The model must already be on `device`; `amp=True` is float16 autocast on CUDA only, a
+    dtype (a run's training precision) autocasts on any device."""
     outs = []
     with _eval_mode(model):
         for _, _, logits in _logit_batches(model, lambda a, b: images[a:b], len(images),
@@ -173,8 +177,22 @@ def predict_slices(model: nn.Module, images: np.ndarray | Tensor, device: torch.
     return torch.cat(outs)
 
 
-def _argmax_u8(logits: Tensor) -> np.ndarray:
-    return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+def logits_to_labels(logits: Tensor, regions: bool = False) -> Tensor:
+    """uint8 labels (N, H, W) from logits (N, C, H, W): the argmax over classes or, for
+    region logits, the deepest nested region whose sigmoid passes 0.5 (logit > 0), later
+    regions overriding earlier ones as in nnU-Net (tumour wins over kidney)."""
+    if not regions:
+        return logits.argmax(dim=1).to(torch.uint8)
+    labels = torch.zeros((logits.shape[0], *logits.shape[2:]), dtype=torch.uint8,
+                         device=logits.device)
+    for k in range(logits.shape[1]):
+        labels[logits[:, k] > 0] = k + 1
+    return labels
+
+
+def _labels_u8(model: nn.Module, logits: Tensor) -> np.ndarray:
+    regions = bool(getattr(getattr(model, "cfg", None), "regions", False))
+    return logits_to_labels(logits, regions).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- store geometry
@@ -237,7 +255,7 @@ def predict_store_case(model: nn.Module, info: StoreInfo, slice_map: SliceMap | 
         for s0, s1, logits in _logit_batches(
                 model, lambda a, b: stack_context(images, context, a, b), len(images), device,
                 amp=amp, tta=tta, batch_size=batch_size, progress=progress):
-            out[s0:s1] = _argmax_u8(logits)
+            out[s0:s1] = _labels_u8(model, logits)
     return out
 
 
@@ -314,7 +332,7 @@ def predict_volume(model: nn.Module, volume: Volume, window: Window, size: int, 
                     box = F.interpolate(box, size=(src_h, src_w), mode="bilinear",
                                         align_corners=False)
                 logits = box
-            out[s0:s1] = _argmax_u8(logits)
+            out[s0:s1] = _labels_u8(model, logits)
     return out.transpose(np.argsort(axes))
 
 

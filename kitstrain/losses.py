@@ -1,4 +1,5 @@
-"""Segmentation losses: cross-entropy, soft Dice, and their sum.
+"""Segmentation losses: cross-entropy, soft Dice, and their sum, over classes (softmax) or
+over nested regions (sigmoid, nnU-Net's region-based training).
 
 Cross-entropy alone lets a model sit at ~99 % accuracy by predicting background (the
 kidney is about 1 % of a KiTS19 volume); the soft Dice term is computed over foreground
@@ -17,15 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "ce_dice_loss", "cross_entropy_loss", "make_loss", "soft_dice_loss"]
+__all__ = ["LOSSES", "REGION_LOSSES", "bce_dice_region_loss", "bce_region_loss",
+           "ce_dice_loss", "cross_entropy_loss", "deep_supervision_loss",
+           "deep_supervision_weights", "make_loss", "region_targets", "soft_dice_loss",
+           "soft_dice_region_loss"]
 
 
-def _check(logits: Tensor, target: Tensor, num_classes: int) -> None:
+def _check(logits: Tensor, target: Tensor, num_classes: int, regions: bool = False) -> None:
     # Shape and dtype checks only: checking label values would force a device sync per step.
-    if logits.dim() != 4 or logits.shape[1] != num_classes:
+    channels = num_classes - 1 if regions else num_classes
+    if logits.dim() != 4 or logits.shape[1] != channels:
+        what = f"{channels} region logits" if regions else f"{channels} class logits"
         raise ValueError(
-            f"loss: expected logits of shape (N, {num_classes}, H, W); found "
-            f"{tuple(logits.shape)}. Fix: build the model with num_classes={num_classes}."
+            f"loss: expected {what}, shape (N, {channels}, H, W); found "
+            f"{tuple(logits.shape)}. Fix: build the model with num_classes={num_classes}"
+            f"{', regions=True' if regions else ''}."
         )
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
@@ -62,11 +69,16 @@ def soft_dice_loss(
     with _no_autocast(logits.device):
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
         onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-        dims = (0, 2, 3)
-        inter = (probs * onehot).sum(dims)
-        denom = probs.sum(dims) + onehot.sum(dims)
-        dice = (2.0 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
-        return 1.0 - dice.mean()
+        return _batch_dice_loss(probs, onehot, smooth)
+
+
+def _batch_dice_loss(probs: Tensor, truth: Tensor, smooth: float) -> Tensor:
+    """1 - mean over channels of the soft Dice summed over batch and pixels."""
+    dims = (0, 2, 3)
+    inter = (probs * truth).sum(dims)
+    denom = probs.sum(dims) + truth.sum(dims)
+    dice = (2.0 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
+    return 1.0 - dice.mean()
 
 
 def cross_entropy_loss(logits: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -84,17 +96,89 @@ def ce_dice_loss(
     return ce + dice_weight * soft_dice_loss(logits, target, num_classes)
 
 
+def region_targets(target: Tensor, num_classes: int) -> Tensor:
+    """float (N, classes - 1, H, W): channel k is label > k. For KiTS19 that is kidney+tumour
+    (label > 0) and tumour (label > 1), exactly the regions its Dice is scored on."""
+    return torch.stack([target > k for k in range(num_classes - 1)], dim=1).float()
+
+
+def bce_region_loss(logits: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Mean binary cross-entropy of each region's sigmoid logit, in float32."""
+    _check(logits, target, num_classes, regions=True)
+    with _no_autocast(logits.device):
+        return F.binary_cross_entropy_with_logits(logits.float(),
+                                                  region_targets(target, num_classes))
+
+
+def soft_dice_region_loss(logits: Tensor, target: Tensor, num_classes: int,
+                          smooth: float = 1e-5) -> Tensor:
+    """1 - mean batch soft Dice of the sigmoid regions (as `soft_dice_loss` for classes)."""
+    _check(logits, target, num_classes, regions=True)
+    with _no_autocast(logits.device):
+        probs = torch.sigmoid(logits.float())
+        return _batch_dice_loss(probs, region_targets(target, num_classes), smooth)
+
+
+def bce_dice_region_loss(logits: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Binary cross-entropy plus soft Dice over regions (nnU-Net's DC_and_BCE_loss)."""
+    return (bce_region_loss(logits, target, num_classes)
+            + soft_dice_region_loss(logits, target, num_classes))
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "ce": cross_entropy_loss,
     "ce+dice": ce_dice_loss,
 }
+# the same names under region-based training: cross-entropy becomes binary per region
+REGION_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "ce": bce_region_loss,
+    "ce+dice": bce_dice_region_loss,
+}
 
 
-def make_loss(name: str, num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
-    """The loss called ``name`` as ``loss(logits, target)``, with ``num_classes`` bound."""
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights for outputs at 1, 1/2, 1/4, ... of the size: halving per level,
+    normalised to sum to 1, so the full-resolution output keeps the largest share."""
+    raw = [0.5**i for i in range(n)]
+    return [w / sum(raw) for w in raw]
+
+
+def downsample_labels(target: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour labels at `size`: the centre pixel of each block, so that no class
+    is invented at a boundary (averaging labels would)."""
+    fy, fx = target.shape[-2] // size[0], target.shape[-1] // size[1]
+    if fy * size[0] != target.shape[-2] or fx * size[1] != target.shape[-1]:
+        raise ValueError(f"deep supervision: expected an output size that divides the label "
+                         f"size {tuple(target.shape[-2:])}; found {size}")
+    return target[..., fy // 2::fy, fx // 2::fx]
+
+
+def deep_supervision_loss(outputs: list[Tensor], target: Tensor,
+                          loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Weighted sum of `loss` over a U-Net's outputs at decreasing resolutions, each against
+    the labels downsampled to its size (nnU-Net's deep supervision)."""
+    total = None
+    for w, out in zip(deep_supervision_weights(len(outputs)), outputs, strict=True):
+        term = w * loss(out, downsample_labels(target, tuple(out.shape[-2:])))
+        total = term if total is None else total + term
+    return total
+
+
+def make_loss(name: str, num_classes: int, regions: bool = False
+              ) -> Callable[[Tensor | list[Tensor], Tensor], Tensor]:
+    """The loss called ``name`` as ``loss(logits, target)``, with ``num_classes`` bound, over
+    classes or (``regions``) over nested regions. A list of logits (a deep-supervised U-Net
+    in training) gets the weighted sum."""
     if name not in LOSSES:
         raise ValueError(
             f"unknown loss: expected one of {', '.join(repr(k) for k in LOSSES)}; found "
             f"{name!r}. Fix: choose one of those names."
         )
-    return partial(LOSSES[name], num_classes=num_classes)
+    base = partial((REGION_LOSSES if regions else LOSSES)[name], num_classes=num_classes)
+
+    def loss(logits: Tensor | list[Tensor], target: Tensor) -> Tensor:
+        if isinstance(logits, (list, tuple)):
+            return deep_supervision_loss(list(logits), target, base)
+        return base(logits, target)
+
+    return loss

@@ -6,12 +6,33 @@ from collections.abc import Callable
 
 import torch
 
+from kitsprep.errors import KitsError
 
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None = fp32."""
-    if not enabled or device.type != "cuda":
+
+def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision`; None means plain fp32.
+
+    "auto" is bf16 on GPUs that support it (no loss scaling needed), fp16 with a gradient
+    scaler on older GPUs, and fp32 on CPU. "bf16" on CPU is opt-in: on CPUs with AMX or
+    AVX512-BF16 it trains ~2x faster (benchmarks/quality.sh), elsewhere it is emulated and
+    slower than fp32."""
+    if precision == "fp32":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise KitsError("--precision fp16 needs a CUDA device (CPU autocast is bf16 only), "
+                            f"found device {device}; use --precision bf16 or fp32 on CPU")
+        return torch.float16
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise KitsError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) "
+                            "has no bfloat16 support; use --precision fp16 or auto")
+        return torch.bfloat16
+    raise KitsError(f"precision must be auto, fp32, bf16 or fp16, found {precision!r}")
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -31,6 +31,12 @@ class UNetConfig:
     width: int = 32  # features of the first level; doubles per level down
     depth: int = 4  # number of down-sampling steps
     norm: str = "batch"  # "none" | "batch" | "instance" | "group"
+    # extra 1x1 heads on the decoder's next N coarser levels (1/2, 1/4, ...), used in
+    # training only; see losses.deep_supervision_weights
+    deep_supervision: int = 0
+    # one sigmoid logit per nested region (label > 0, label > 1, ...) instead of one softmax
+    # logit per class: KiTS19 scores those regions; see losses.region_targets
+    regions: bool = False
 
     def __post_init__(self) -> None:
         _check_int("in_channels", self.in_channels, 1, "1 + 2K for 2.5D context K, e.g. 1 or 5")
@@ -42,6 +48,18 @@ class UNetConfig:
                 f"UNetConfig.norm: expected one of {', '.join(NORMS)}; found {self.norm!r}. "
                 f"Fix: pass norm='batch' (the default) or another of those names."
             )
+        _check_int("deep_supervision", self.deep_supervision, 0,
+                   f"0 (off) up to depth - 1 = {self.depth - 1} coarser heads")
+        if self.deep_supervision >= self.depth:
+            raise ValueError(
+                f"UNetConfig.deep_supervision: expected at most depth - 1 = {self.depth - 1} "
+                f"coarser heads; found {self.deep_supervision}. Fix: lower it or deepen the net."
+            )
+
+    @property
+    def out_channels(self) -> int:
+        """Logits per pixel: one per class, or one per region (classes - 1)."""
+        return self.num_classes - 1 if self.regions else self.num_classes
 
     @property
     def divisor(self) -> int:
@@ -87,7 +105,13 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net mapping ``(N, in_channels, H, W)`` images to ``(N, num_classes, H, W)`` logits."""
+    """U-Net mapping ``(N, in_channels, H, W)`` images to ``(N, out_channels, H, W)`` logits
+    (``out_channels`` is ``num_classes``, or ``num_classes - 1`` with ``regions``).
+
+    With ``deep_supervision = D`` a model in training mode returns a list instead: the
+    full-resolution logits, then logits at 1/2 .. 1/2**D of the size from the decoder's
+    coarser levels (nnU-Net's deep supervision). In eval mode it always returns the tensor.
+    """
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -111,7 +135,11 @@ class UNet(nn.Module):
         for w in reversed(widths[:-1]):
             self.ups.append(nn.ConvTranspose2d(2 * w, w, kernel_size=2, stride=2))
             self.decoders.append(ConvBlock(2 * w, w, cfg.norm))
-        self.head = nn.Conv2d(widths[0], cfg.num_classes, kernel_size=1)
+        self.head = nn.Conv2d(widths[0], cfg.out_channels, kernel_size=1)
+        # aux[i] reads the decoder output at 1/2**(i+1) of the input size
+        self.aux_heads = nn.ModuleList(
+            nn.Conv2d(widths[i + 1], cfg.out_channels, kernel_size=1)
+            for i in range(cfg.deep_supervision))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -151,7 +179,7 @@ class UNet(nn.Module):
                     f"sizes), or use a smaller depth."
                 )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         self.check_input(x)
         skips: list[Tensor] = []
         for enc in self.encoders:
@@ -159,8 +187,16 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
+        supervise = self.training and len(self.aux_heads) > 0
+        coarse: list[Tensor] = []
+        for level, (up, dec, skip) in enumerate(
+                zip(self.ups, self.decoders, reversed(skips), strict=True)):
             x = dec(torch.cat([up(x), skip], dim=1))
+            scale = self.cfg.depth - 1 - level  # this output is 1/2**scale of the input
+            if supervise and 1 <= scale <= len(self.aux_heads):
+                coarse.append(self.aux_heads[scale - 1](x))
+        if supervise:
+            return [self.head(x), *reversed(coarse)]
         return self.head(x)
 
 

@@ -21,10 +21,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"            # constant | cosine | poly
     warmup: float = 0.03                # share of the run spent warming the lr up linearly
-    loss: str = "ce+dice"               # ce | ce+dice
+    loss: str = "ce+dice"               # ce | ce+dice (binary per region with `regions`)
+    regions: bool = False               # sigmoid per nested region (label>0, label>1)
     norm: str = "batch"                 # none | batch | instance | group
     width: int = 32
     depth: int = 4
+    deep_supervision: int = 0           # extra heads at 1/2, 1/4, ... (training only)
     context: int = 2                    # 2.5D: K neighbours each side as channels
     patch: int | str | None = "auto"    # training patch side: pixels, "auto" (half), None/"full"
     fg_fraction: float = 0.5            # share of each batch from kidney/tumour slices
@@ -35,7 +37,7 @@ class TrainConfig:
     log_every: int = 20
     workers: int = 2
     seed: int = 0
-    amp: bool = True                    # mixed precision on CUDA (bf16, else fp16+scaler)
+    precision: str = "auto"             # auto | fp32 | bf16 | fp16 (see memory.amp_dtype)
     compile: bool = False
     grad_clip: float | None = 12.0
     max_steps: int | None = None
@@ -53,7 +55,9 @@ PRESETS: dict[str, dict] = {
     # norm would see other statistics at inference), CE + soft Dice, half-side patches
     # around foreground pixels, half of each batch from kidney/tumour slices with tumour
     # slices weighted 4x (tumours are rare and small), warm-up then cosine decay,
-    # augmentation, 2.5D context of 2 slices each side (small tumours show across slices).
+    # augmentation with nnU-Net's 2D ranges (rotation +-180 deg, zoom 0.7-1.4: see
+    # augment.AugmentConfig), 2.5D context of 2 slices each side (small tumours show
+    # across slices).
     "default": dict(epochs=50, batch_size=16, lr=3e-3, optimizer="adamw", weight_decay=1e-4,
                     schedule="cosine", warmup=0.03, loss="ce+dice", norm="batch",
                     context=2, patch="auto", fg_fraction=0.5, tumour_weight=4.0,
@@ -61,6 +65,7 @@ PRESETS: dict[str, dict] = {
 }
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve(preset: str, overrides: dict) -> TrainConfig:
@@ -92,5 +97,11 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.epochs < 1:
         raise KitsError(f"--epochs must be at least 1, found {cfg.epochs}")
     check_patch(cfg.patch)
+    if cfg.precision not in PRECISIONS:
+        raise KitsError(f"--precision must be one of {', '.join(PRECISIONS)}, found "
+                        f"{cfg.precision!r}")
+    if not 0 <= cfg.deep_supervision < cfg.depth:
+        raise KitsError(f"--deep-supervision must be within 0..depth-1 = {cfg.depth - 1}, "
+                        f"found {cfg.deep_supervision}")
     if cfg.context < 0:
         raise KitsError(f"--context must be >= 0, found {cfg.context}")

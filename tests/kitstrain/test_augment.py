@@ -155,3 +155,51 @@ def test_config_is_checked():
         AugmentConfig(p_flip=1.5)
     with pytest.raises(KitsError, match="scale_range"):
         AugmentConfig(scale_range=(1.2, 0.8))
+
+
+def test_window_is_warped_about_its_centre_from_the_whole_slice():
+    img, lab = sample(c=2, h=48, w=40)
+    f32 = img.astype(np.float32)
+    top, left, n = 9, 7, 17
+    crop, crop_lab = f32[:, top:top + n, left:left + n], lab[top:top + n, left:left + n]
+    turn = Draw(False, False, math.pi / 2, 1.0, 1.0, 0.0, 0.0)
+    m = warp_matrix((n, n), turn)
+    m[:, 2] += (top, left)
+    out, out_lab = warp(f32, lab, m, out_shape=(n, n))
+    # a quarter turn of a square window about its centre stays inside it: rot90 of the crop
+    assert out.shape == (2, n, n) and out_lab.shape == (n, n)
+    assert np.allclose(out, np.rot90(crop, 1, axes=(1, 2)), atol=1e-5)
+    assert np.array_equal(out_lab, np.rot90(crop_lab, 1))
+
+
+def test_rotated_window_shows_the_slice_around_it_not_fill():
+    img = np.zeros((1, 64, 64), np.float16)
+    img[0, 8:56, 8:56] = 1.0  # tissue well beyond the window's rotated corners
+    lab = np.zeros((64, 64), np.uint8)
+    lab[8:56, 8:56] = 1
+    cfg = AugmentConfig(p_flip=0.0, p_rotate=1.0, max_rotate_deg=45.0, p_scale=0.0,
+                        p_intensity=0.0, p_noise=0.0)
+    for seed in range(5):
+        out, out_lab = augment_slice(img, lab, np.random.default_rng(seed), cfg,
+                                     window=(16, 16, 32, 32))
+        assert out.shape == (1, 32, 32) and out.dtype == np.float16
+        assert (out == 1.0).all() and (out_lab == 1).all()  # no blank corners
+    # the same rotation of the cut-out window alone has to fill its corners
+    alone, alone_lab = augment_slice(img[:, 16:48, 16:48], lab[16:48, 16:48],
+                                     np.random.default_rng(0), cfg)
+    if draw(np.random.default_rng(0), cfg).angle != 0.0:
+        assert (alone_lab == 0).any()
+
+
+def test_window_without_a_warp_is_the_crop_flipped():
+    img, lab = sample(c=2, h=40, w=40)
+    flips = AugmentConfig(p_flip=1.0, p_rotate=0.0, p_scale=0.0, p_intensity=0.0, p_noise=0.0)
+    out, out_lab = augment_slice(img, lab, np.random.default_rng(0), flips,
+                                 window=(3, 5, 16, 16))
+    assert np.array_equal(out, img[:, 3:19, 5:21][:, ::-1, ::-1])
+    assert np.array_equal(out_lab, lab[3:19, 5:21][::-1, ::-1])
+    off, off_lab = augment_slice(img, lab, np.random.default_rng(0), AugmentConfig.off(),
+                                 window=(3, 5, 16, 16))
+    assert np.array_equal(off, img[:, 3:19, 5:21]) and np.array_equal(off_lab, lab[3:19, 5:21])
+    with pytest.raises(ValueError, match="does not fit"):
+        augment_slice(img, lab, np.random.default_rng(0), flips, window=(30, 30, 16, 16))

@@ -112,7 +112,7 @@ def test_every_preset_field_has_a_flag_that_overrides_it(store: Path, tmp_path: 
     from kitstrain.cli import fit as fit_command
 
     flags = {p.name for p in fit_command.params}
-    internal = {"preset", "amp", "compile", "batch_size"}  # --no-amp, --compile, --batch-size
+    internal = {"preset", "compile", "batch_size"}  # --preset, --compile, --batch-size
     missing = {f.name for f in fields(TrainConfig)} - flags - internal
     assert not missing, f"TrainConfig fields without a fit flag: {missing}"
 
@@ -204,6 +204,8 @@ def test_time_limit_stops_cleanly(store: Path, tmp_path: Path,
     (lambda s, t: [str(s), "--patch", "half"], "--patch"),
     (lambda s, t: [str(s), "--patch", "24"], "multiple of 16"),
     (lambda s, t: [str(s), "--patch", "64"], "larger than"),
+    (lambda s, t: [str(s), "--device", "cpu", "--precision", "fp16"], "needs a CUDA device"),
+    (lambda s, t: [str(s), "--depth", "2", "--deep-supervision", "2"], "within 0..depth-1"),
 ])
 def test_bad_input_is_one_line_and_exit_1(store: Path, tmp_path: Path, make_args,
                                           expected: str) -> None:
@@ -228,6 +230,41 @@ def test_not_a_store_and_unknown_version(store: Path, tmp_path: Path) -> None:
         f.attrs["format_version"] = 99
     r = fit_cli(str(newer), "--out", str(tmp_path / "r"))
     assert r.exit_code == 1 and "format version 99" in r.output
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(store: Path, tmp_path: Path,
+                                                             regions: bool) -> None:
+    out = tmp_path / "bf16"
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--device", "cpu",
+                           "--precision", "bf16", "--deep-supervision", "1",
+                           "--regions" if regions else "--classes"))
+    assert r.exit_code == 0, r.output
+    assert "bfloat16" in r.output.splitlines()[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["precision"] == "bf16" and config["model"]["deep_supervision"] == 1
+    assert config["train"]["regions"] is regions and config["model"]["regions"] is regions
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert any(k.startswith("aux_heads.0.") for k in ckpt["model"])
+    # two region logits (kidney+tumour, tumour) or three class logits
+    assert ckpt["model"]["head.weight"].shape[0] == (2 if regions else 3)
+    train = [x for x in runlib.read_metrics(out) if x["kind"] == "train"]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in train)
+    # inference uses the full-resolution head only
+    scored = CliRunner().invoke(main, ["score", str(out), "--json", str(out / "score.json")])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((out / "score.json").read_text())["cases"]
+
+
+def test_runs_recorded_with_the_old_amp_flag_resume(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "legacy"
+    assert fit_cli(*tiny_args(store, out, "--max-steps", "2")).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["amp"] = config["train"].pop("precision") == "auto"
+    (out / "config.json").write_text(json.dumps(config))
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--resume"))
+    assert r.exit_code == 0, r.output
+    assert "done (max_steps) after 3 steps" in r.output
 
 
 def test_run_directory_in_use_is_refused(store: Path, tmp_path: Path) -> None:

@@ -320,3 +320,19 @@ def test_predict_volume_resamples_back_to_the_source_grid(cohort, cid: str) -> N
     assert np.mean(pred == ref) > 0.98
     kidney, _ = official_dice(pred, ref)
     assert kidney > 0.9
+
+
+def test_region_logits_decode_to_the_deepest_region() -> None:
+    from kitstrain.infer import logits_to_labels
+
+    logits = torch.full((1, 2, 2, 3), -5.0)
+    logits[0, 0, 0, 1:] = 5.0      # kidney+tumour region at (0,1), (0,2)
+    logits[0, 1, 0, 2] = 5.0       # tumour at (0,2)
+    logits[0, 1, 1, 0] = 5.0       # tumour outside the kidney region still reads tumour
+    labels = logits_to_labels(logits, regions=True)
+    assert labels.dtype == torch.uint8
+    assert labels[0].tolist() == [[0, 1, 2], [2, 0, 0]]
+    classes = torch.zeros(1, 3, 1, 2)
+    classes[0, 2, 0, 0] = 1.0
+    classes[0, 1, 0, 1] = 1.0
+    assert logits_to_labels(classes).tolist() == [[[2, 1]]]

@@ -113,3 +113,62 @@ def test_shape_and_dtype_errors() -> None:
         cross_entropy_loss(logits, torch.zeros(2, 1, 8, 8, dtype=torch.int64), C)
     with pytest.raises(ValueError, match="int64"):
         ce_dice_loss(logits, torch.zeros(2, 8, 8, dtype=torch.uint8), C)
+
+
+def test_deep_supervision_weights_halve_and_sum_to_one() -> None:
+    from kitstrain.losses import deep_supervision_weights
+
+    w = deep_supervision_weights(3)
+    assert w == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_downsampled_labels_are_block_centres() -> None:
+    from kitstrain.losses import downsample_labels
+
+    target = torch.arange(64).reshape(1, 8, 8)
+    half = downsample_labels(target, (4, 4))
+    assert half.shape == (1, 4, 4)
+    assert half[0, 0, 0] == target[0, 1, 1] and half[0, 3, 3] == target[0, 7, 7]
+    with pytest.raises(ValueError, match="divides the label size"):
+        downsample_labels(target, (3, 3))
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_over_scales() -> None:
+    from kitstrain.losses import downsample_labels
+
+    torch.manual_seed(0)
+    target = make_target()
+    outputs = [torch.randn(2, C, 16, 16), torch.randn(2, C, 8, 8), torch.randn(2, C, 4, 4)]
+    loss = make_loss("ce+dice", C)
+    expected = sum(w * ce_dice_loss(o, downsample_labels(target, o.shape[-2:]), C)
+                   for w, o in zip([4 / 7, 2 / 7, 1 / 7], outputs, strict=True))
+    torch.testing.assert_close(loss(outputs, target), expected)
+    # one tensor is the plain loss, as before
+    torch.testing.assert_close(loss(outputs[0], target), ce_dice_loss(outputs[0], target, C))
+
+
+def test_region_targets_are_the_scored_regions() -> None:
+    from kitstrain.losses import region_targets
+
+    target = make_target()
+    r = region_targets(target, C)
+    assert r.shape == (2, 2, 16, 16) and r.dtype == torch.float32
+    assert torch.equal(r[:, 0].bool(), target > 0)  # kidney + tumour
+    assert torch.equal(r[:, 1].bool(), target > 1)  # tumour
+
+
+def test_region_losses_extremes_and_names() -> None:
+    from kitstrain.losses import bce_dice_region_loss, region_targets, soft_dice_region_loss
+
+    target = make_target()
+    perfect = 50.0 * (2 * region_targets(target, C) - 1)  # +50 inside a region, -50 outside
+    assert soft_dice_region_loss(perfect, target, C).item() < 1e-4
+    assert bce_dice_region_loss(perfect, target, C).item() < 1e-4
+    assert soft_dice_region_loss(-perfect, target, C).item() > 0.99
+    loss = make_loss("ce+dice", C, regions=True)
+    torch.testing.assert_close(loss(perfect, target), bce_dice_region_loss(perfect, target, C))
+    bce = make_loss("ce", C, regions=True)(torch.zeros(2, 2, 16, 16), target)
+    torch.testing.assert_close(bce, torch.tensor(0.6931), atol=1e-4, rtol=0)  # log 2
+    with pytest.raises(ValueError, match=r"expected 2 region logits.*regions=True"):
+        loss(torch.zeros(2, 3, 16, 16), target)

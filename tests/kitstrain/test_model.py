@@ -116,3 +116,30 @@ def test_overfits_a_tiny_batch() -> None:
     with torch.no_grad():
         acc = (model(image).argmax(1) == target).float().mean().item()
     assert acc > 0.95
+
+
+def test_deep_supervision_heads_in_training_only() -> None:
+    model = build_model(UNetConfig(in_channels=5, width=4, depth=3, deep_supervision=2))
+    x = torch.randn(2, 5, 32, 32)
+    outs = model(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
+    sum(o.sum() for o in outs).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3, 32, 32)
+
+
+def test_deep_supervision_needs_coarser_levels() -> None:
+    with pytest.raises(ValueError, match=r"at most depth - 1 = 1 coarser heads; found 2"):
+        UNetConfig(depth=2, deep_supervision=2)
+    with pytest.raises(ValueError, match=r"deep_supervision: expected an integer >= 0"):
+        UNetConfig(deep_supervision=-1)
+
+
+def test_regions_give_one_logit_per_nested_region() -> None:
+    cfg = UNetConfig(num_classes=3, width=4, depth=2, regions=True)
+    assert cfg.out_channels == 2 and UNetConfig(num_classes=3).out_channels == 3
+    assert build_model(cfg)(torch.randn(1, 1, 16, 16)).shape == (1, 2, 16, 16)
