@@ -618,8 +618,11 @@ def flush_window(win: Window, state: State, optimizer, log, bar, writer, stall_s
     loss = float(win.loss) / max(1, win.steps)  # the one host sync per log window
     wall = time.perf_counter() - win.t0
     stall = win.wait / wall if wall > 0 else 0.0
-    stall_sum[0] += win.wait
-    stall_sum[1] += wall
+    if state.step > 1:
+        # the first step's window is start-up (worker processes, store maps, JIT-compiled
+        # kernels loading), not steady-state stall: it would set off a false warning
+        stall_sum[0] += win.wait
+        stall_sum[1] += wall
     rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss,
            "lr": optimizer.param_groups[0]["lr"], "slices_per_s": win.slices / wall,
            "stall": stall, "data_wait_s": win.wait, "wall_s": wall,

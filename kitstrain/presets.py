@@ -49,7 +49,8 @@ PRESETS: dict[str, dict] = {
     # cross-entropy, no normalisation layers, uniform sampling of whole slices, nothing else.
     "seed": dict(epochs=1, batch_size=4, lr=2e-3, optimizer="adam", weight_decay=0.0,
                  schedule="constant", warmup=0.0, loss="ce", norm="none", context=0,
-                 fg_fraction=0.0, augment=False, grad_clip=None, patch="full"),
+                 fg_fraction=0.0, augment=False, grad_clip=None, patch="full",
+                 regions=False),
     # What we recommend (measured on the CPU quality benchmark, benchmarks/quality.sh):
     # batch norm (its running statistics carry over from patches to whole slices; instance
     # norm would see other statistics at inference), CE + soft Dice, half-side patches
@@ -57,11 +58,13 @@ PRESETS: dict[str, dict] = {
     # slices weighted 4x (tumours are rare and small), warm-up then cosine decay,
     # augmentation with nnU-Net's 2D ranges (rotation +-180 deg, zoom 0.7-1.4: see
     # augment.AugmentConfig), 2.5D context of 2 slices each side (small tumours show
-    # across slices).
+    # across slices), and region-based outputs as nnU-Net trains KiTS: one sigmoid each for
+    # kidney+tumour and tumour, the regions KiTS scores, so a tumour voxel is not a rival
+    # of the kidney class (see README, Benchmarks, for the measured runs).
     "default": dict(epochs=50, batch_size=16, lr=3e-3, optimizer="adamw", weight_decay=1e-4,
                     schedule="cosine", warmup=0.03, loss="ce+dice", norm="batch",
                     context=2, patch="auto", fg_fraction=0.5, tumour_weight=4.0,
-                    augment=True, grad_clip=12.0),
+                    augment=True, grad_clip=12.0, regions=True),
 }
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}

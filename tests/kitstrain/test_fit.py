@@ -304,6 +304,8 @@ def test_presets_are_data_and_flags_override() -> None:
     assert resolve("default", {}).patch == "auto" and resolve("seed", {}).patch == "full"
     assert resolve("default", {}).norm == "batch"
     assert resolve("default", {"patch": 64}).patch == 64
+    assert resolve("default", {}).regions and not resolve("seed", {}).regions
+    assert not resolve("default", {"regions": False}).regions  # --classes
     assert set(PRESETS) == {"seed", "default"}
 
 
@@ -327,3 +329,18 @@ def test_two_process_gloo_run(store: Path, tmp_path: Path) -> None:
     assert set(vals[-1]["per_case"]) == set(split["val"])
     # rank 0 alone wrote: one record per step window, not two
     assert len([x for x in records if x["kind"] == "end"]) == 1
+
+
+def test_start_up_window_does_not_count_as_loader_stall() -> None:
+    import torch.nn as nn
+
+    from kitstrain.fit import Window, flush_window
+
+    opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
+    sums = [0.0, 0.0]
+    start = Window(wait=5.0, slices=4, loss=1.0, steps=1, t0=time.perf_counter() - 6.0)
+    flush_window(start, State(step=1), opt, lambda r: None, None, None, sums, None)
+    assert sums == [0.0, 0.0]  # workers starting and kernels compiling: not steady state
+    steady = Window(wait=1.0, slices=80, loss=2.0, steps=20, t0=time.perf_counter() - 4.0)
+    flush_window(steady, State(step=21), opt, lambda r: None, None, None, sums, None)
+    assert sums[0] == 1.0 and 3.9 < sums[1] < 5.0
