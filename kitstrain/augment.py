@@ -249,11 +249,12 @@ def augment_slice(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     `window = (top, left, height, width)` returns only that window of the augmented slice,
     flipped, rotated and zoomed about the window's centre. Its pixels are sampled from the
     whole slice, so a rotated or zoomed-out patch shows the anatomy around it, not blank
-    corners (nnU-Net crops larger for the same reason); the cost is the window's, not the
-    slice's. Returns arrays of the input dtypes (the inputs themselves when disabled and
-    without a window); the inputs are never modified. Labels are only moved, never
-    interpolated, so their values stay a subset of the input's (plus 0 where the warp
-    brings in background from beyond the slice)."""
+    corners (nnU-Net crops larger for the same reason). Interpolation costs the window's
+    pixels; the slice is only cast to float32 once and scanned for its minimum. Returns
+    arrays of the input dtypes (the inputs themselves when disabled and without a window);
+    the inputs are never modified. Labels are only moved, never interpolated, so their
+    values stay a subset of the input's (plus 0 where the warp brings in background from
+    beyond the slice)."""
     if window is not None:
         top, left, wh, ww = window
         if top < 0 or left < 0 or top + wh > label.shape[0] or left + ww > label.shape[1]:
