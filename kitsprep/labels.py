@@ -1,0 +1,199 @@
+"""The KiTS editions as data: label values, scored regions, write-back order, tolerances.
+
+This is the only module that names a label value. Every stage reads a `LabelSet` from here
+(``EDITIONS``) or from the store's ``labels`` attribute (``LabelSet.from_json``).
+
+A region is a set of labels scored as one binary mask (KiTS19: kidney = {1, 2}, tumour = {2};
+KiTS21/23's "hierarchical evaluation classes": kidney_and_mass = {1, 2, 3}, mass = {2, 3},
+tumor = {2}). A region-based model predicts one binary mask per region; labels come back by
+writing each region's ``writes`` label in region order, a later region overwriting an earlier
+one (KiTS21/23: kidney, then cyst, then tumour; nnU-Net's ``regions_class_order``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from kitsprep.errors import KitsError
+
+__all__ = [
+    "EDITIONS",
+    "LabelSet",
+    "Region",
+    "decode_regions",
+    "edition",
+    "region_masks",
+]
+
+
+@dataclass(frozen=True)
+class Region:
+    """A scored region: the labels it unites, the label it writes back, its surface-Dice
+    tolerance in mm (None where the edition scores Dice only)."""
+
+    name: str
+    labels: tuple[int, ...]
+    writes: int
+    tolerance_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """One KiTS edition's labels and regions. ``labels`` maps each foreground label's name to
+    its value (background is 0 and unnamed); ``regions`` are in write-back order."""
+
+    edition: str
+    labels: tuple[tuple[str, int], ...]
+    regions: tuple[Region, ...]
+    prediction_name: str  # file name pattern of the edition's evaluator, e.g. "case_{:05d}.nii.gz"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Foreground label names, in value order."""
+        return tuple(n for n, _ in self.labels)
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        """Foreground label values, ascending."""
+        return tuple(v for _, v in self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a softmax over labels, background included (max label + 1)."""
+        return max(self.values) + 1
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.regions)
+
+    def value(self, name: str) -> int:
+        """The value of a label by name; a one-line error lists the edition's names."""
+        for n, v in self.labels:
+            if n == name:
+                return v
+        raise KitsError(
+            f"{self.edition} has no label named {name!r}; its labels are {', '.join(self.names)}"
+        )
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KitsError(
+            f"{self.edition} has no region named {name!r}; its regions are "
+            f"{', '.join(self.region_names)}"
+        )
+
+    def unknown_values(self, present: np.ndarray | list[int]) -> list[int]:
+        """Values among ``present`` that are neither background nor a label of the edition."""
+        allowed = {0, *self.values}
+        return sorted(int(v) for v in np.unique(np.asarray(present)) if int(v) not in allowed)
+
+    def prediction_file(self, case_id: str) -> str:
+        """The file name the edition's official evaluator expects for ``case_XXXXX``."""
+        return self.prediction_name.format(int(case_id.rsplit("_", 1)[-1]))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "edition": self.edition,
+                "labels": [list(x) for x in self.labels],
+                "regions": [
+                    {
+                        "name": r.name,
+                        "labels": list(r.labels),
+                        "writes": r.writes,
+                        "tolerance_mm": r.tolerance_mm,
+                    }
+                    for r in self.regions
+                ],
+                "prediction_name": self.prediction_name,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> LabelSet:
+        d = json.loads(text)
+        return cls(
+            edition=str(d["edition"]),
+            labels=tuple((str(n), int(v)) for n, v in d["labels"]),
+            regions=tuple(
+                Region(
+                    str(r["name"]),
+                    tuple(int(v) for v in r["labels"]),
+                    int(r["writes"]),
+                    None if r["tolerance_mm"] is None else float(r["tolerance_mm"]),
+                )
+                for r in d["regions"]
+            ),
+            prediction_name=str(d["prediction_name"]),
+        )
+
+
+_KITS19 = LabelSet(
+    edition="kits19",
+    labels=(("kidney", 1), ("tumour", 2)),
+    regions=(Region("kidney", (1, 2), writes=1), Region("tumour", (2,), writes=2)),
+    prediction_name="prediction_{:05d}.nii.gz",
+)
+
+
+def _kits2x(name: str) -> LabelSet:
+    # Tolerances and region order from the official evaluator (neheller/kits23,
+    # kits23/configuration/labels.py: HEC_NAME_LIST, KITS_HEC_LABEL_MAPPING, HEC_SD_TOLERANCES_MM)
+    return LabelSet(
+        edition=name,
+        labels=(("kidney", 1), ("tumour", 2), ("cyst", 3)),
+        regions=(
+            Region("kidney_and_mass", (1, 2, 3), writes=1, tolerance_mm=1.0330772532390826),
+            Region("mass", (2, 3), writes=3, tolerance_mm=1.1328796488598762),
+            Region("tumor", (2,), writes=2, tolerance_mm=1.1498198361434828),
+        ),
+        prediction_name="case_{:05d}.nii.gz",
+    )
+
+
+EDITIONS: dict[str, LabelSet] = {
+    "kits19": _KITS19,
+    "kits21": _kits2x("kits21"),
+    "kits23": _kits2x("kits23"),
+}
+
+
+def edition(name: str) -> LabelSet:
+    """The label set of a KiTS edition by name."""
+    try:
+        return EDITIONS[name]
+    except KeyError:
+        raise KitsError(
+            f"unknown KiTS edition {name!r}; choose one of {', '.join(EDITIONS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- pure arrays
+
+
+def region_masks(labels: np.ndarray, ls: LabelSet) -> np.ndarray:
+    """bool ``(regions, *labels.shape)``: region k is ``labels ∈ ls.regions[k].labels``."""
+    labels = np.asarray(labels)
+    lut = np.zeros((len(ls.regions), max(ls.num_classes, int(labels.max(initial=0)) + 1)), bool)
+    for k, r in enumerate(ls.regions):
+        lut[k, list(r.labels)] = True
+    return lut[:, labels]
+
+
+def decode_regions(masks: np.ndarray, ls: LabelSet) -> np.ndarray:
+    """uint8 labels from bool ``(regions, ...)`` masks, written in region order (a later region
+    overwrites an earlier one): the inverse of `region_masks` on any labelling of the edition."""
+    masks = np.asarray(masks, bool)
+    if masks.shape[0] != len(ls.regions):
+        raise ValueError(
+            f"expected {len(ls.regions)} region masks for {ls.edition}, found {masks.shape[0]}"
+        )
+    out = np.zeros(masks.shape[1:], np.uint8)
+    for k, r in enumerate(ls.regions):
+        out[masks[k]] = r.writes
+    return out
