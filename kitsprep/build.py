@@ -50,6 +50,7 @@ from kitsprep.cases import (
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
 from kitsprep.kernels import count_nonfinite, labels_resample, window_resample
+from kitsprep.labels import EDITIONS, LabelSet
 from kitsprep.store import (
     CaseMeta,
     CasePlan,
@@ -80,10 +81,19 @@ class BuildConfig:
     overwrite: bool = False
     skip_bad: bool = False
     fsync: bool = True
+    edition: str = "auto"  # a key of labels.EDITIONS, or "auto" (decided from the masks)
 
     def identity(self) -> dict:
         """The options that decide the store's contents: a resume must match them."""
-        return {"size": self.size, "window": json.loads(self.window.to_json())}
+        return {"size": self.size, "window": json.loads(self.window.to_json()),
+                "edition": self.edition}
+
+    @property
+    def allowed_labels(self) -> LabelSet:
+        """The labels a mask may hold: the edition's, or under auto the widest edition's."""
+        if self.edition != "auto":
+            return EDITIONS[self.edition]
+        return max(EDITIONS.values(), key=lambda ls: ls.num_classes)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ class CaseJob:
     window: Window
     record: Path
     fsync: bool
+    labels: LabelSet  # values outside it stop the case
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,8 @@ class BuildReport:
     seconds: float
     resumed_cases: int = 0
     bad_cases: dict[str, str] = field(default_factory=dict)
+    edition: str = ""
+    edition_reason: str = ""
 
     @property
     def slices_per_s(self) -> float:
@@ -275,9 +288,8 @@ def process_case(job: CaseJob) -> CaseWritten:
             _uncache(fd, job.offsets[s0:s1], slice_bytes)
     finally:
         os.close(fd)
-    if top > 255:
-        raise KitsError(f"{ref.case_id}: segmentation holds label {top}; labels must be "
-                        "0..255 (KiTS uses 0 background, 1 kidney, 2 tumour, 3 cyst)")
+    if labels is not None:
+        _check_label_values(ref.case_id, counts, top, job.labels)
     fingerprint = {"imaging": vol.fingerprint, "imaging_dtype": str(vol.header.dtype),
                    "slope": vol.header.slope, "inter": vol.header.inter}
     if seg is not None:
@@ -290,6 +302,39 @@ def process_case(job: CaseJob) -> CaseWritten:
     written = CaseWritten(meta, counts, chunks, top, crc)
     _save_record(job.record, written)
     return written
+
+
+def present_values(counts: np.ndarray, top: int) -> list[int]:
+    """Foreground label values a case holds, from its per-slice counts of values 1..3 and
+    its largest label (negative ones count as 256 - v, so they are never mistaken for 0..3)."""
+    found = {v + 1 for v in np.flatnonzero(np.asarray(counts).sum(0))}
+    if top > counts.shape[1]:
+        found.add(int(top))
+    return sorted(found)
+
+
+def _check_label_values(case_id: str, counts: np.ndarray, top: int, ls: LabelSet) -> None:
+    unknown = ls.unknown_values(present_values(counts, top))
+    if unknown:
+        shown = ", ".join(str(v) if v <= 255 else f"{256 - v} (negative)" for v in unknown)
+        names = ", ".join(f"{v} {n}" for n, v in ls.labels)
+        raise KitsError(
+            f"{case_id}: segmentation holds label value(s) {shown}, outside the labels of "
+            f"{ls.edition} (0 background, {names}); fix the mask, choose another --edition, "
+            "or pass --skip-bad to leave the case out")
+
+
+def decide_labels(requested: str, written: list[CaseWritten]) -> tuple[LabelSet, str]:
+    """The store's label set, and why: the requested edition, or under ``auto`` KiTS23 when
+    any mask holds a label only KiTS21/23 have (a cyst), else KiTS19."""
+    if requested != "auto":
+        return EDITIONS[requested], "--edition"
+    kits19 = EDITIONS["kits19"]
+    for w in written:
+        if w.label_chunks is not None and kits19.unknown_values(present_values(w.counts,
+                                                                               w.max_label)):
+            return EDITIONS["kits23"], f"{w.meta.case_id} holds a cyst label"
+    return kits19, "no mask holds a label beyond kidney and tumour"
 
 
 def _save_record(path: Path, w: CaseWritten) -> None:
@@ -408,19 +453,21 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
             notify(CaseEvent(p.case_id, p.slices, 0.0, resumed=True))
     by_id = {r.case_id: r for r in refs}
     jobs = [CaseJob(by_id[p.case_id], store, offsets[p.case_id], cfg.size, cfg.window,
-                    record[p.case_id], cfg.fsync) for p in todo]
+                    record[p.case_id], cfg.fsync, cfg.allowed_labels) for p in todo]
     _run_jobs(jobs, cfg, bad, notify)
     written = [_load_record(record[p.case_id]) for p in plans if record[p.case_id].is_file()]
     if not written:
         raise KitsError(f"every case in {cfg.src} was bad: " + "; ".join(bad.values()))
-    finalize(store, written, bad)
+    labels, why = decide_labels(cfg.edition, written)
+    finalize(store, written, bad, labels)
     _fsync_path(store)
     os.replace(store, cfg.out)
     _fsync_path(cfg.out.parent)
     shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out=cfg.out, cases=len(written), slices=sum(w.meta.slices for w in written),
                        bytes=cfg.out.stat().st_size, seconds=time.perf_counter() - t0,
-                       resumed_cases=len(plans) - len(todo), bad_cases=bad)
+                       resumed_cases=len(plans) - len(todo), bad_cases=bad,
+                       edition=labels.edition, edition_reason=why)
 
 
 def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],

@@ -11,6 +11,7 @@ import click
 
 from kitsprep import __version__
 from kitsprep.errors import KitsError
+from kitsprep.labels import EDITIONS
 
 
 def _fail(exc: Exception) -> None:
@@ -90,9 +91,13 @@ def synth(out: Path, cases: int, size: int, seed: int) -> None:
               help="Record bad cases in the store's attributes and go on.")
 @click.option("--no-fsync", is_flag=True,
               help="Skip per-case fsync (faster; a power cut may then lose finished cases).")
+@click.option("--edition", type=click.Choice(["auto", *EDITIONS]), default="auto",
+              show_default=True,
+              help="KiTS edition whose labels the masks hold; auto: kits23 when a mask holds "
+                   "a cyst (label 3), else kits19.")
 def build(src: Path, out: Path, size: int, window_name: str | None,
           window_range: tuple[float, float] | None, workers: int | None, case_spec: str | None,
-          resume: bool, overwrite: bool, skip_bad: bool, no_fsync: bool) -> None:
+          resume: bool, overwrite: bool, skip_bad: bool, no_fsync: bool, edition: str) -> None:
     """Build one chunked HDF5 slice store from every NIfTI case in --src."""
     from kitsprep.build import BuildConfig, build_store
     from kitsprep.window import resolve_window
@@ -100,7 +105,8 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
     window = resolve_window(window_name, tuple(window_range) if window_range else None)
     cfg = BuildConfig(src=src, out=out, window=window, size=size,
                       workers=workers or os.cpu_count() or 1, cases=case_spec, resume=resume,
-                      overwrite=overwrite, skip_bad=skip_bad, fsync=not no_fsync)
+                      overwrite=overwrite, skip_bad=skip_bad, fsync=not no_fsync,
+                      edition=edition)
     state: dict = {}
 
     def on_start(n_cases: int, n_slices: int) -> None:
@@ -134,6 +140,7 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
                + (f", {report.resumed_cases} cases from the interrupted run"
                   if report.resumed_cases else "")
                + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else ""))
+    click.echo(f"edition {report.edition} ({report.edition_reason})")
 
 
 @main.command()
@@ -152,14 +159,15 @@ def info(store: Path, as_json: bool) -> None:
                f"kitsprep {summary['kitsprep_version']})")
     click.echo(f"cases        {summary['cases']} ({summary['labelled_cases']} labelled, "
                f"{summary['unlabelled_cases']} unlabelled)")
-    click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}, "
-               f"{summary['num_classes']} classes")
+    click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}")
+    click.echo(f"labels       {summary['edition']}: 0 background, "
+               + ", ".join(f"{v} {n}" for n, v in summary["labels"].items()))
     click.echo(f"on disk      {summary['bytes'] / 2**20:.1f} MiB")
     click.echo(f"window       {w['name']}: clip {w['lo']:g}..{w['hi']:g} HU, "
                f"(v - {w['offset']:g}) / {w['divisor']:g}")
+    shares = ", ".join(f"{n} {100 * v:.2f}%" for n, v in summary["pixel_share"].items())
     click.echo(f"foreground   {100 * summary['fg_slice_share']:.1f}% of labelled slices hold "
-               f"kidney or tumour; kidney {100 * summary['kidney_pixel_share']:.2f}%, tumour "
-               f"{100 * summary['tumour_pixel_share']:.2f}% of labelled pixels")
+               f"a foreground label; {shares} of labelled pixels")
     if summary["bad_cases"]:
         click.echo(f"bad cases    {len(summary['bad_cases'])} skipped at build:")
         for cid, why in summary["bad_cases"].items():

@@ -397,7 +397,7 @@ def _labels_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, new_h,
                             b[t] = np.uint8(v)  # truncation: v & 0xFF
                             k1[t] += np.uint8(v == one)
                             k2[t] += np.uint8(v == two)
-                            k3[t] += np.uint8(v >= three)
+                            k3[t] += np.uint8(v == three)
                             hi = max(hi, v)
                             lo = min(lo, v)
                     else:
@@ -406,7 +406,7 @@ def _labels_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, new_h,
                             b[t] = np.uint8(v)  # truncation: v & 0xFF
                             k1[t] += np.uint8(v == one)
                             k2[t] += np.uint8(v == two)
-                            k3[t] += np.uint8(v >= three)
+                            k3[t] += np.uint8(v == three)
                             hi = max(hi, v)
                             lo = min(lo, v)
                     # the largest label, a negative one v counting as 256 - v (> 255)
@@ -498,7 +498,7 @@ def labels_resample(seg: np.ndarray, plane: InPlane, counts: np.ndarray, s_begin
                     s_end: int | None = None, out: np.ndarray | None = None
                     ) -> tuple[np.ndarray, int]:
     """Nearest-neighbour labels into a uint8 (n, size, size) square (background padding),
-    adding per-slice pixel counts of labels 1, 2 and >=3 into `counts` (slices, 3). Returns
+    adding per-slice pixel counts of label values 1, 2 and 3 into `counts` (slices, 3). Returns
     the labels and the largest label seen, so callers can refuse labels that uint8 can't hold."""
     s_end = seg.shape[0] if s_end is None else s_end
     n = s_end - s_begin

@@ -1,17 +1,19 @@
 """The slice store's format, in one place: both packages read and write it through here.
 
-Layout (format `kits-slices`, version 1):
+Layout (format `kits-slices`, version 2):
 
     /                 attrs: format, format_version, kitsprep_version, window (JSON),
-                             size, num_classes, image_dtype, build (JSON), cases (JSON list),
-                             bad_cases (JSON), complete
+                             size, edition, labels (the edition's LabelSet, JSON), num_classes,
+                             image_dtype, build (JSON), cases (JSON list), bad_cases (JSON),
+                             complete
     /cases/<case_id>/image   (slices, size, size) float16, one uncompressed slice per chunk,
                              allocated at creation so chunk offsets never move
     /cases/<case_id>/label   (slices, size, size) uint8, one deflated slice per chunk
                              (absent for unlabelled cases)
         attrs: labelled, slices, row_start, source_shape, spacing, affine, axcodes, axes,
                in_plane (JSON), fingerprint (JSON), source dtypes
-    /index            one row per slice (INDEX_DTYPE): what samplers and `info` read.
+    /index            one row per slice (`index_dtype`): what samplers and `info` read;
+                      `counts[v]` is the slice's pixel count of label value v.
 
 Image chunks are raw float16 at recorded byte offsets, so the training loader reads them
 through a read-only memory map without h5py. Label chunks are zlib streams (HDF5's deflate
@@ -32,6 +34,7 @@ import numpy as np
 from kitsprep import __version__
 from kitsprep.errors import KitsError
 from kitsprep.geometry import InPlane
+from kitsprep.labels import LabelSet
 from kitsprep.window import Window
 
 try:
@@ -40,20 +43,20 @@ except ImportError:
     import zlib as _zlib
 
 FORMAT = "kits-slices"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the store carries its label set; per-label counts in the index
 LABEL_LEVEL = 1  # deflate level for label chunks: mostly zeros, level 1 is already tiny
 
-INDEX_DTYPE = np.dtype([
-    ("case", "<i4"),          # position in the root `cases` list
-    ("slice", "<i4"),         # slice number within the case (axial, as stored)
-    ("kidney", "<i4"),        # pixels with label 1
-    ("tumour", "<i4"),        # pixels with label 2
-    ("other", "<i4"),         # pixels with label >= 3 (cysts in later KiTS editions)
-    ("image_offset", "<i8"),  # byte offset of the slice's float16 chunk in the file
-    ("label_offset", "<i8"),  # byte offset of the deflated label chunk; -1 if unlabelled
-    ("label_nbytes", "<i4"),  # its length in bytes; 0 if unlabelled
-    ("image_crc", "<u4"),     # CRC-32 of the slice's float16 bytes: verify sees bit rot
-])
+def index_dtype(num_classes: int) -> np.dtype:
+    """One row per slice; ``counts`` has one entry per label value 0..num_classes-1."""
+    return np.dtype([
+        ("case", "<i4"),          # position in the root `cases` list
+        ("slice", "<i4"),         # slice number within the case (axial, as stored)
+        ("counts", "<i4", (num_classes,)),  # pixels per label value (0 = background)
+        ("image_offset", "<i8"),  # byte offset of the slice's float16 chunk in the file
+        ("label_offset", "<i8"),  # byte offset of the deflated label chunk; -1 if unlabelled
+        ("label_nbytes", "<i4"),  # its length in bytes; 0 if unlabelled
+        ("image_crc", "<u4"),     # CRC-32 of the slice's float16 bytes: verify sees bit rot
+    ])
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,25 @@ class StoreInfo:
     kitsprep_version: str
     window: Window
     size: int
-    num_classes: int
+    labels: LabelSet
     build: dict
     bad_cases: dict
     cases: dict[str, CaseMeta]
     index: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.num_classes
+
+    def label_pixels(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per-row pixel counts of the label called ``name`` (all rows by default)."""
+        rows = self.index if rows is None else rows
+        return rows["counts"][:, self.labels.value(name)]
+
+    def foreground_pixels(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per-row pixel counts of every foreground label together."""
+        rows = self.index if rows is None else rows
+        return rows["counts"][:, 1:].sum(1)
 
     @property
     def case_ids(self) -> list[str]:
@@ -208,7 +225,7 @@ class CaseWritten:
     """What a finished case hands the finaliser: metadata, per-slice counts, label chunks."""
 
     meta: CaseMeta
-    counts: np.ndarray              # (slices, 3) int64: labels 1, 2, >=3
+    counts: np.ndarray              # (slices, 3) int64: pixels of label values 1, 2, 3
     label_chunks: list[bytes] | None
     max_label: int
     image_crc: np.ndarray           # (slices,) uint32: crc32 of each stored image slice
@@ -219,10 +236,11 @@ def crc32(buf: np.ndarray) -> int:
     return _zlib.crc32(np.ascontiguousarray(buf).view(np.uint8))
 
 
-def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str]) -> None:
+def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str],
+             labels: LabelSet) -> None:
     """Write labels, per-case attributes and the index, then mark the file complete."""
     rows = []
-    num_classes = 3
+    dtype = index_dtype(labels.num_classes)
     with h5py.File(path, "r+") as f:
         order = json.loads(f.attrs["cases"])
         by_id = {w.meta.case_id: w for w in written}
@@ -238,10 +256,13 @@ def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str]) 
             for k, v in meta.attrs().items():
                 g.attrs[k] = v
             img = g["image"]
-            r = np.zeros(meta.slices, INDEX_DTYPE)
+            r = np.zeros(meta.slices, dtype)
             r["case"] = pos
             r["slice"] = np.arange(meta.slices)
-            r["kidney"], r["tumour"], r["other"] = w.counts[:, 0], w.counts[:, 1], w.counts[:, 2]
+            if meta.labelled:  # the build refused values outside `labels`
+                fg = w.counts[:, : labels.num_classes - 1]
+                r["counts"][:, 1:] = fg
+                r["counts"][:, 0] = img.shape[1] * img.shape[2] - fg.sum(1)
             r["image_offset"] = [img.id.get_chunk_info(i).byte_offset for i in range(meta.slices)]
             r["label_offset"] = -1
             r["image_crc"] = w.image_crc
@@ -254,15 +275,16 @@ def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str]) 
                     info = lab.id.get_chunk_info(i)
                     r["label_offset"][i] = info.byte_offset
                     r["label_nbytes"][i] = info.size
-                num_classes = max(num_classes, w.max_label + 1)
             rows.append(r)
             row += meta.slices
-        index = np.concatenate(rows) if rows else np.zeros(0, INDEX_DTYPE)
+        index = np.concatenate(rows) if rows else np.zeros(0, dtype)
         if "index" in f:  # left by a run killed after this point: finalize again, same result
             del f["index"]
         f.create_dataset("index", data=index)
         f.attrs["cases"] = json.dumps(order)
-        f.attrs["num_classes"] = num_classes
+        f.attrs["edition"] = labels.edition
+        f.attrs["labels"] = labels.to_json()
+        f.attrs["num_classes"] = labels.num_classes
         f.attrs["bad_cases"] = json.dumps(bad_cases, sort_keys=True)
         f.attrs["complete"] = True
 
@@ -291,8 +313,9 @@ def open_store(path: Path | str) -> StoreInfo:
         version = int(a["format_version"])
         if version != FORMAT_VERSION:
             raise KitsError(f"{path} has store format version {version}; this kits reads "
-                            f"version {FORMAT_VERSION}. Rebuild it with this kitsprep, or "
-                            "install the kits release that wrote it")
+                            f"version {FORMAT_VERSION} (which carries the KiTS edition's label "
+                            "set). Rebuild it: `kitsprep build --src DIR --out "
+                            f"{path.name} --overwrite`")
         if not bool(a.get("complete", False)):
             raise KitsError(f"{path} is an unfinished build; finish it with "
                             "`kitsprep build ... --resume`")
@@ -304,7 +327,7 @@ def open_store(path: Path | str) -> StoreInfo:
             kitsprep_version=str(a["kitsprep_version"]),
             window=Window.from_json(a["window"]),
             size=int(a["size"]),
-            num_classes=int(a["num_classes"]),
+            labels=LabelSet.from_json(a["labels"]),
             build=json.loads(a["build"]),
             bad_cases=json.loads(a.get("bad_cases", "{}")),
             cases=cases,
@@ -376,7 +399,7 @@ def summarise(info: StoreInfo) -> dict:
         if len(idx) else np.zeros(0, bool)
     lab = idx[labelled]
     pixels = max(1, len(lab) * info.size * info.size)
-    fg = (lab["kidney"] + lab["tumour"]) > 0
+    fg = info.foreground_pixels(lab) > 0
     return {
         "path": str(info.path),
         "format_version": info.format_version,
@@ -387,11 +410,13 @@ def summarise(info: StoreInfo) -> dict:
         "slices": int(len(idx)),
         "size": info.size,
         "num_classes": info.num_classes,
+        "edition": info.labels.edition,
+        "labels": dict(info.labels.labels),
         "bytes": file_size(info.path),
         "window": json.loads(info.window.to_json()),
         "fg_slice_share": float(fg.mean()) if len(lab) else 0.0,
-        "kidney_pixel_share": float(lab["kidney"].sum() / pixels),
-        "tumour_pixel_share": float(lab["tumour"].sum() / pixels),
+        "pixel_share": {name: float(info.label_pixels(name, lab).sum() / pixels)
+                        for name in info.labels.names},
         "bad_cases": info.bad_cases,
         "build": info.build,
         "per_case": {cid: {"slices": m.slices, "labelled": m.labelled,

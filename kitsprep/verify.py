@@ -98,8 +98,8 @@ def _verify_case(f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str,
             report.problems.append(f"{cid}: flagged unlabelled but has labels")
         return
     lab = g["label"][...]
-    counts = np.stack([(lab == 1).sum((1, 2)), (lab == 2).sum((1, 2)), (lab >= 3).sum((1, 2))], 1)
-    if not np.array_equal(counts, np.stack([rows["kidney"], rows["tumour"], rows["other"]], 1)):
+    counts = np.stack([(lab == v).sum((1, 2)) for v in range(info.num_classes)], 1)
+    if not np.array_equal(counts, rows["counts"]):
         report.problems.append(f"{cid}: index label counts differ from the label array")
     for i, row in enumerate(rows):
         if not np.array_equal(smap.label(row), lab[i]):

@@ -166,8 +166,7 @@ class SliceDataset(Dataset):
             or [np.zeros(0, np.int64)])
         self.rows = info.index[self.row_ids]  # a copy: what samplers read
         # slices whose index counts say "all background": no label chunk to inflate
-        self._background = ((self.rows["kidney"] == 0) & (self.rows["tumour"] == 0)
-                            & (self.rows["other"] == 0))
+        self._background = self.rows["counts"][:, 1:].sum(1) == 0
         # Neighbours as positions into self.rows: the K slices either side, clamped at the
         # case's ends (a case's rows are contiguous here, so position = own - slice + k)
         first = np.repeat(np.cumsum(counts) - counts, counts)
@@ -350,9 +349,9 @@ class ForegroundSampler(Sampler[int]):
         self.fg_fraction = float(fg_fraction)
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        kidney = rows["kidney"] > 0
-        tumour = rows["tumour"] > 0
-        self.fg_positions = np.flatnonzero(kidney | tumour)
+        fg = rows["counts"][:, 1:].sum(1) > 0
+        tumour = rows["counts"][:, 2] > 0  # TODO(labels): per-label weights from the label set
+        self.fg_positions = np.flatnonzero(fg)
         w = np.where(tumour[self.fg_positions], float(tumour_weight), 1.0)
         self.fg_p = w / w.sum() if len(w) else w
         self.per_rank = math.ceil(self.num_samples / self.world_size)

@@ -18,6 +18,7 @@ import kitsprep.build as build_mod
 from kitsprep.build import partial_dir
 from kitsprep.errors import KitsError
 from kitsprep.geometry import fit_in_plane
+from kitsprep.labels import EDITIONS
 from kitsprep.store import FORMAT, FORMAT_VERSION, SliceMap, open_store
 from kitsprep.verify import verify_store
 from kitsprep.window import WINDOW_PRESETS
@@ -75,17 +76,15 @@ def assert_store_matches_source(out: Path, src: Path, size: int, window) -> None
                     assert "label" not in g
                     assert (rows["label_offset"] == -1).all()
                     assert (rows["label_nbytes"] == 0).all()
-                    assert (rows[["kidney", "tumour", "other"]].tolist()
-                            == [(0, 0, 0)] * meta.slices)
+                    assert (rows["counts"] == 0).all()
                     continue
                 assert meta.labelled
                 stored = g["label"][...]
                 np.testing.assert_array_equal(stored, lab)
-                np.testing.assert_array_equal(rows["kidney"], (stored == 1).sum((1, 2)))
-                np.testing.assert_array_equal(rows["tumour"], (stored == 2).sum((1, 2)))
-                np.testing.assert_array_equal(rows["other"], (stored >= 3).sum((1, 2)))
-                np.testing.assert_array_equal(
-                    np.stack([rows["kidney"], rows["tumour"], rows["other"]], 1), counts)
+                for v in range(info.num_classes):
+                    np.testing.assert_array_equal(rows["counts"][:, v],
+                                                  (stored == v).sum((1, 2)))
+                np.testing.assert_array_equal(rows["counts"][:, 1:], counts[:, :info.num_classes - 1])
                 assert (rows["label_offset"] > 0).all() and (rows["label_nbytes"] > 0).all()
                 for i, r in enumerate(rows):
                     np.testing.assert_array_equal(smap.label(r), stored[i])
@@ -139,16 +138,46 @@ def test_build_contents_and_attributes(tmp_path):
     assert verify_store(out, src).ok
 
 
-def test_label_3_raises_num_classes(tmp_path):
+def test_a_cyst_label_makes_a_kits23_store_under_auto(tmp_path):
     src = tmp_path / "src"
     seg = np.zeros((2, 16, 16), np.uint8)
     seg[1, :4, :5] = 3
     seg[1, 8:, 8:] = 1
     write_case(src, 0, np.zeros((2, 16, 16), np.float32), seg)
-    build(src, tmp_path / "o.h5", size=16)
+    report = build(src, tmp_path / "o.h5", size=16)
+    assert report.edition == "kits23" and "case_00000" in report.edition_reason
     info = open_store(tmp_path / "o.h5")
-    assert info.num_classes == 4
-    assert info.index["other"].tolist() == [0, 20] and info.index["kidney"].tolist() == [0, 64]
+    assert info.num_classes == 4 and info.labels == EDITIONS["kits23"]
+    assert info.label_pixels("cyst").tolist() == [0, 20]
+    assert info.label_pixels("kidney").tolist() == [0, 64]
+    assert info.index["counts"][:, 0].tolist() == [256, 256 - 84]
+
+
+def test_kidney_and_tumour_only_is_kits19_under_auto(tmp_path):
+    src = tmp_path / "src"
+    seg = np.zeros((2, 16, 16), np.uint8)
+    seg[1, 8:, 8:] = 1
+    seg[1, 9:11, 9:11] = 2
+    write_case(src, 0, np.zeros((2, 16, 16), np.float32), seg)
+    report = build(src, tmp_path / "o.h5", size=16)
+    info = open_store(tmp_path / "o.h5")
+    assert report.edition == "kits19" and info.labels == EDITIONS["kits19"]
+    assert info.index["counts"].shape == (2, 3) and info.label_pixels("tumour").tolist() == [0, 4]
+
+
+@pytest.mark.parametrize(("edition", "value"), [("kits19", 3), ("kits23", 5), ("auto", 5)])
+def test_a_label_outside_the_edition_is_refused_naming_the_case(tmp_path, edition, value):
+    src = tmp_path / "src"
+    seg = np.zeros((2, 16, 16), np.uint8)
+    seg[1, :2, :2] = value
+    seg[0, 8:, 8:] = 1
+    write_case(src, 0, np.zeros((2, 16, 16), np.float32), seg)
+    write_case(src, 1, np.zeros((2, 16, 16), np.float32), (seg == 1).astype(np.uint8))
+    with pytest.raises(KitsError, match=rf"case_00000: segmentation holds label value\(s\) {value}"):
+        build(src, tmp_path / "o.h5", size=16, edition=edition)
+    report = build(src, tmp_path / "o.h5", size=16, edition=edition, skip_bad=True,
+                   overwrite=True)
+    assert list(report.bad_cases) == ["case_00000"] and report.cases == 1
 
 
 def test_ras_stored_volume_is_sliced_along_its_axial_axis(tmp_path):

@@ -185,7 +185,7 @@ def _damaged_copy(out, tmp_path, field: str, row: int, mutate) -> object:
 
 def _labelled_fg_row(out) -> int:
     info = open_store(out)
-    return int(np.flatnonzero(info.index["kidney"] > 0)[0])
+    return int(np.flatnonzero(info.label_pixels("kidney") > 0)[0])
 
 
 def test_verify_detects_nonfinite_image_chunk(tmp_path, built):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kitsprep.errors import KitsError
-from kitsprep.store import FORMAT_VERSION, INDEX_DTYPE, SliceMap, file_size, open_store, summarise
+from kitsprep.store import FORMAT_VERSION, SliceMap, index_dtype, file_size, open_store, summarise
 from kitsprep.window import WINDOW_PRESETS
 from tests.kitsprep.conftest import build, write_case, write_cohort
 
@@ -40,7 +40,7 @@ def _copy(store, tmp_path, **attrs):
 def test_open_store_reads_back(store):
     info = open_store(store)
     assert info.case_ids == [f"case_{i:05d}" for i in range(4)]
-    assert info.index.dtype == INDEX_DTYPE and len(info.index) == 4 + 5 + 6 + 7
+    assert info.index.dtype == index_dtype(3) and len(info.index) == 4 + 5 + 6 + 7
     assert info.window == WINDOW_PRESETS["mlperf"] and info.size == 32
     assert info.build["size"] == 32 and info.kitsprep_version
     np.testing.assert_array_equal(info.rows("case_00001")["slice"], np.arange(5))
@@ -94,15 +94,17 @@ def test_summarise(store):
     idx = info.index
     lab_rows = np.isin(idx["case"], [0, 1, 3])
     n_lab = int(lab_rows.sum())
-    fg = (idx["kidney"] + idx["tumour"] > 0)[lab_rows]
+    fg = (idx["counts"][:, 1:].sum(1) > 0)[lab_rows]
     assert s["cases"] == 4 and s["labelled_cases"] == 3 and s["unlabelled_cases"] == 1
     assert s["slices"] == 22 and s["size"] == 32 and s["num_classes"] == 3
     assert s["bytes"] == file_size(store) == store.stat().st_size
     assert s["window"]["name"] == "mlperf" and s["window"]["lo"] == -79.0
     assert s["fg_slice_share"] == pytest.approx(fg.mean())
     assert 0 < s["fg_slice_share"] < 1  # fixtures have an empty first slice per case
-    assert s["kidney_pixel_share"] == pytest.approx(idx["kidney"].sum() / (n_lab * 32 * 32))
-    assert s["tumour_pixel_share"] == pytest.approx(idx["tumour"].sum() / (n_lab * 32 * 32))
+    for name, v in (("kidney", 1), ("tumour", 2)):
+        share = idx["counts"][:, v].sum() / (n_lab * 32 * 32)
+        assert s["pixel_share"][name] == pytest.approx(share)
+    assert s["edition"] == "kits19" and s["labels"] == {"kidney": 1, "tumour": 2}
     assert s["bad_cases"] == {} and s["format_version"] == FORMAT_VERSION
     assert s["per_case"]["case_00002"] == {"slices": 6, "labelled": False,
                                            "source_shape": [6, 24, 24],
@@ -115,7 +117,7 @@ def test_summarise_unlabelled_only(tmp_path):
     build(tmp_path / "src", tmp_path / "u.h5", size=16)
     s = summarise(open_store(tmp_path / "u.h5"))
     assert s["labelled_cases"] == 0 and s["fg_slice_share"] == 0.0
-    assert s["kidney_pixel_share"] == 0.0
+    assert s["pixel_share"]["kidney"] == 0.0
 
 
 def test_slicemap_reads_equal_h5py_and_pickle_by_path(store):

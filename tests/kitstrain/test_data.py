@@ -13,7 +13,7 @@ import torch
 
 from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
-from kitsprep.store import INDEX_DTYPE, SliceMap, open_store
+from kitsprep.store import index_dtype, SliceMap, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.augment import AugmentConfig
 from kitstrain.data import (
@@ -206,12 +206,12 @@ def idx(sampler) -> list[int]:
 
 
 def fake_rows(n: int = 1000, fg: float = 0.1, tumour: float = 0.03, seed: int = 0):
-    rows = np.zeros(n, INDEX_DTYPE)
+    rows = np.zeros(n, index_dtype(3))
     rng = np.random.default_rng(seed)
     pick = rng.permutation(n)
     n_fg, n_t = int(n * fg), int(n * tumour)
-    rows["kidney"][pick[:n_fg]] = 50
-    rows["tumour"][pick[:n_t]] = 10
+    rows["counts"][pick[:n_fg], 1] = 50
+    rows["counts"][pick[:n_t], 2] = 10
     return rows
 
 
@@ -227,7 +227,7 @@ def test_uniform_sampler_is_an_epoch_permutation():
 
 def test_foreground_share_holds_in_every_batch():
     rows = fake_rows(1000, fg=0.1, tumour=0.03)
-    fg = (rows["kidney"] > 0) | (rows["tumour"] > 0)
+    fg = rows["counts"][:, 1:].sum(1) > 0
     s = ForegroundSampler(rows, 3200, fg_fraction=0.33, tumour_weight=3.0, seed=2)
     draws = np.array(idx(s))
     per_batch = fg[draws].reshape(-1, 16).sum(axis=1)
@@ -236,7 +236,7 @@ def test_foreground_share_holds_in_every_batch():
     assert abs(fg[draws].mean() - expected) < 0.03
     # tumour slices drawn about tumour_weight times as often as kidney-only ones
     counts = np.bincount(draws, minlength=len(rows))
-    tumour = rows["tumour"] > 0
+    tumour = rows["counts"][:, 2] > 0
     kidney_only = fg & ~tumour
     forced_t = counts[tumour].mean() - counts[~fg].mean()
     forced_k = counts[kidney_only].mean() - counts[~fg].mean()
@@ -250,7 +250,7 @@ def test_rank_shards_are_disjoint_and_equal():
     assert [len(x) for x in shards] == [40, 40, 40]
     assert sorted(sum(shards, [])) == list(range(120))  # each slice on exactly one rank
     rows = fake_rows(1000)
-    fg = (rows["kidney"] > 0) | (rows["tumour"] > 0)
+    fg = rows["counts"][:, 1:].sum(1) > 0
     samplers = [ForegroundSampler(rows, 999, fg_fraction=0.4, seed=5, rank=r, world_size=2)
                 for r in range(2)]
     stream = samplers[0].global_stream(0)
@@ -365,4 +365,4 @@ def test_real_mask_reads_back_equal_through_the_map(tmp_path):
     for i in range(len(ds)):
         _, lab = ds[i]
         assert np.array_equal(lab.numpy(), expect[i])
-    assert int((expect == 2).sum()) == int(info.rows(case_id)["tumour"].sum())
+    assert int((expect == 2).sum()) == int(info.label_pixels("tumour", info.rows(case_id)).sum())
