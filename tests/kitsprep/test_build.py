@@ -84,7 +84,8 @@ def assert_store_matches_source(out: Path, src: Path, size: int, window) -> None
                 for v in range(info.num_classes):
                     np.testing.assert_array_equal(rows["counts"][:, v],
                                                   (stored == v).sum((1, 2)))
-                np.testing.assert_array_equal(rows["counts"][:, 1:], counts[:, :info.num_classes - 1])
+                np.testing.assert_array_equal(rows["counts"][:, 1:],
+                                              counts[:, :info.num_classes - 1])
                 assert (rows["label_offset"] > 0).all() and (rows["label_nbytes"] > 0).all()
                 for i, r in enumerate(rows):
                     np.testing.assert_array_equal(smap.label(r), stored[i])
@@ -173,7 +174,8 @@ def test_a_label_outside_the_edition_is_refused_naming_the_case(tmp_path, editio
     seg[0, 8:, 8:] = 1
     write_case(src, 0, np.zeros((2, 16, 16), np.float32), seg)
     write_case(src, 1, np.zeros((2, 16, 16), np.float32), (seg == 1).astype(np.uint8))
-    with pytest.raises(KitsError, match=rf"case_00000: segmentation holds label value\(s\) {value}"):
+    refused = rf"case_00000: segmentation holds label value\(s\) {value}"
+    with pytest.raises(KitsError, match=refused):
         build(src, tmp_path / "o.h5", size=16, edition=edition)
     report = build(src, tmp_path / "o.h5", size=16, edition=edition, skip_bad=True,
                    overwrite=True)

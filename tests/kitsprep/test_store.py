@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kitsprep.errors import KitsError
-from kitsprep.store import FORMAT_VERSION, SliceMap, index_dtype, file_size, open_store, summarise
+from kitsprep.store import FORMAT_VERSION, SliceMap, file_size, index_dtype, open_store, summarise
 from kitsprep.window import WINDOW_PRESETS
 from tests.kitsprep.conftest import build, write_case, write_cohort
 

@@ -13,7 +13,7 @@ import torch
 
 from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
-from kitsprep.store import index_dtype, SliceMap, open_store
+from kitsprep.store import SliceMap, index_dtype, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.augment import AugmentConfig
 from kitstrain.data import (
