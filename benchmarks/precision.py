@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kitsprep.labels import EDITIONS
 from kitstrain.losses import make_loss
 from kitstrain.memory import amp_dtype
 from kitstrain.model import UNet, UNetConfig
@@ -40,7 +41,7 @@ def step_rate(device: torch.device, precision: str, width: int, size: int, batch
     cfg = UNetConfig(in_channels=1 + 2 * context, num_classes=3, width=width, depth=4)
     model = UNet(cfg).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = make_loss("ce+dice", 3)
+    loss_fn = make_loss("ce+dice", EDITIONS["kits19"])
     dtype = amp_dtype(device, precision)
     x = torch.randn(batch, cfg.in_channels, size, size, device=device).contiguous(
         memory_format=torch.channels_last)

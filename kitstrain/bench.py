@@ -152,7 +152,7 @@ def bench_loader(store_path: Path | str, batch_size: int = 16, workers: int = 2,
     ds = SliceDataset(store_path, info, cases, context=context, augment=aug, seed=seed)
     # enough draws per epoch that an epoch boundary does not fall inside a short run
     settings = dict(batch_size=batch_size, workers=workers, fg_fraction=0.0,
-                    tumour_weight=1.0, seed=seed, samples_per_epoch=max(len(ds), 50_000),
+                    label_weights=None, seed=seed, samples_per_epoch=max(len(ds), 50_000),
                     pin_memory=cuda, prefetch_factor=prefetch_factor,
                     persistent_workers=True, multiprocessing_context=multiprocessing_context)
     warmup = max(4, 2 * workers * prefetch_factor)

@@ -47,6 +47,28 @@ def parse_patch(text: str | None) -> int | str | None:
     raise KitsError(f"--patch must be {PATCH_CHOICES}; found {text!r}")
 
 
+def parse_label_weights(text: str | None) -> dict[str, float] | None:
+    """`tumour=4,cyst=2` -> {"tumour": 4.0, "cyst": 2.0}; `none` -> {} (every foreground
+    slice weighs 1). Names are checked against the store's edition when fit opens it."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return {}
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name or name in out or not weight > 0 or weight == float("inf"):
+            raise KitsError(f"--label-weights expects distinct label=weight pairs with "
+                            f"positive weights, e.g. tumour=4,cyst=2 (or 'none'); found "
+                            f"{text!r}")
+        out[name] = weight
+    return out
+
+
 @click.group(cls=KitsGroup)
 @click.version_option(__version__, prog_name="kitstrain")
 def main() -> None:
@@ -95,19 +117,21 @@ def main() -> None:
               help="Share of the run spent warming the learning rate up.")
 @click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None)
 @click.option("--fg-fraction", type=click.FloatRange(0, 1), default=None,
-              help="Share of each batch drawn from kidney/tumour slices.")
-@click.option("--tumour-weight", type=click.FloatRange(0), default=None,
-              help="Weight of tumour slices within the foreground share.")
+              help="Share of each batch drawn from slices with foreground.")
+@click.option("--label-weights", default=None,
+              help="Weight of a foreground slice within that share, by the labels it holds, "
+                   "e.g. tumour=4,cyst=2 (the largest applies; other labels weigh 1), or "
+                   "'none'.")
 @click.option("--regions/--classes", default=None,
-              help="Train one sigmoid per scored region (kidney+tumour, tumour) instead of a "
-                   "softmax over classes.")
+              help="Train one sigmoid per region the store's edition scores (KiTS19: "
+                   "kidney+tumour, tumour) instead of a softmax over its labels.")
 @click.option("--augment/--no-augment", default=None, help="Spatial and intensity augmentation.")
 @click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=None)
 @click.option("--log-every", type=click.IntRange(1), default=None, help="Steps per log line.")
 def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, workers, context,
         train_cases, val_cases, device, resume, max_steps, time_limit, val_every, seed,
         compile_, precision, samples_per_epoch, width, depth, deep_supervision, norm, patch,
-        optimizer, weight_decay, schedule, warmup, loss, fg_fraction, tumour_weight, regions,
+        optimizer, weight_decay, schedule, warmup, loss, fg_fraction, label_weights, regions,
         augment, grad_clip, log_every) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
     from kitstrain.fit import FitConfig
@@ -122,7 +146,8 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
                  "deep_supervision": deep_supervision,
                  "norm": norm, "patch": parse_patch(patch), "optimizer": optimizer,
                  "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup,
-                 "loss": loss, "fg_fraction": fg_fraction, "tumour_weight": tumour_weight,
+                 "loss": loss, "fg_fraction": fg_fraction,
+                 "label_weights": parse_label_weights(label_weights),
                  "regions": regions, "augment": augment, "grad_clip": grad_clip,
                  "log_every": log_every}
     tc = resolve(preset, overrides)

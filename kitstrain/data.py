@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from kitsprep.cases import parse_case_spec
 from kitsprep.errors import KitsError
+from kitsprep.labels import LabelSet
 from kitsprep.store import SliceMap, StoreInfo
 from kitstrain.augment import AugmentConfig, augment_slice
 from kitstrain.patches import patch_origin, uniform_origin
@@ -322,9 +323,38 @@ def worker_init_fn(worker_id: int) -> None:
 # --------------------------------------------------------------------------- samplers
 
 
+def label_weights_by_value(labels: LabelSet, weights: Mapping[str, float], *,
+                           strict: bool) -> dict[int, float]:
+    """Sampler weights keyed by label value from weights keyed by label name. A name the
+    edition lacks is a user error when the user gave it (``strict``), and is dropped when it
+    came from a preset (the default preset weighs cysts, which KiTS19 has not)."""
+    unknown = sorted(set(weights) - set(labels.names))
+    if unknown and strict:
+        raise KitsError(f"--label-weights names {', '.join(unknown)}, which the store's "
+                        f"{labels.edition} labels do not include; use its label names: "
+                        f"{', '.join(labels.names)}")
+    return {labels.value(n): float(w) for n, w in weights.items() if n in labels.names}
+
+
+def slice_weights(counts: np.ndarray, weights: Mapping[int, float]) -> np.ndarray:
+    """Per-row weight of (N, values) label pixel counts: the largest weight among the labels
+    a row holds, a label without a weight weighing 1; 0 for a row with no foreground."""
+    counts = np.asarray(counts)
+    bad = [v for v in weights if not 0 < v < counts.shape[1]]
+    if bad:
+        raise ValueError(f"label weights for values {bad}, but the index counts labels "
+                         f"1..{counts.shape[1] - 1}")
+    out = np.zeros(len(counts))
+    for v in range(1, counts.shape[1]):
+        held = counts[:, v] > 0
+        out[held] = np.maximum(out[held], float(weights.get(v, 1.0)))
+    return out
+
+
 class ForegroundSampler(Sampler[int]):
     """Positions into `rows` (a dataset's index rows): a set share of draws from slices with
-    kidney or tumour (tumour slices weighted up), the rest uniform over all slices.
+    any foreground label, weighted per label (`slice_weights`; `label_weights` keyed by
+    label value, see `label_weights_by_value`), the rest uniform over all slices.
 
     The uniform part walks seeded epoch permutations (each slice once before any repeats).
     Foreground draws are spread evenly through the stream, so any run of B consecutive
@@ -334,12 +364,13 @@ class ForegroundSampler(Sampler[int]):
     """
 
     def __init__(self, rows: np.ndarray, num_samples: int, fg_fraction: float = 0.33,
-                 tumour_weight: float = 2.0, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 label_weights: Mapping[int, float] | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if not 0.0 <= fg_fraction <= 1.0:
             raise KitsError(f"foreground fraction must be in [0, 1], found {fg_fraction}")
-        if tumour_weight <= 0:
-            raise KitsError(f"tumour weight must be > 0, found {tumour_weight}")
+        label_weights = dict(label_weights or {})
+        if any(not w > 0 for w in label_weights.values()):
+            raise KitsError(f"label weights must be > 0, found {label_weights}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise KitsError(f"rank {rank} is outside world size {world_size}")
         if len(rows) == 0:
@@ -349,10 +380,9 @@ class ForegroundSampler(Sampler[int]):
         self.fg_fraction = float(fg_fraction)
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        fg = rows["counts"][:, 1:].sum(1) > 0
-        tumour = rows["counts"][:, 2] > 0  # TODO(labels): per-label weights from the label set
-        self.fg_positions = np.flatnonzero(fg)
-        w = np.where(tumour[self.fg_positions], float(tumour_weight), 1.0)
+        weights = slice_weights(rows["counts"], label_weights)
+        self.fg_positions = np.flatnonzero(weights)
+        w = weights[self.fg_positions]
         self.fg_p = w / w.sum() if len(w) else w
         self.per_rank = math.ceil(self.num_samples / self.world_size)
         self.epoch = 0
@@ -424,8 +454,9 @@ def _loader_kwargs(workers: int, prefetch_factor: int | None, persistent_workers
 
 def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[str], *,
                       batch_size: int, workers: int, context: int,
-                      augment: AugmentConfig | None, fg_fraction: float, tumour_weight: float,
-                      seed: int, rank: int = 0, world_size: int = 1,
+                      augment: AugmentConfig | None, fg_fraction: float,
+                      label_weights: Mapping[int, float] | None, seed: int, rank: int = 0,
+                      world_size: int = 1,
                       samples_per_epoch: int | None = None, pin_memory: bool,
                       prefetch_factor: int = 4, persistent_workers: bool = True,
                       multiprocessing_context=None, epoch: int = 0,
@@ -441,7 +472,7 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
     ds = SliceDataset(store_path, info, cases, context=context, augment=augment,
                       seed=_stream_seed(seed, rank, epoch), patch=patch)
     return train_loader_for(ds, batch_size=batch_size, workers=workers,
-                            fg_fraction=fg_fraction, tumour_weight=tumour_weight, seed=seed,
+                            fg_fraction=fg_fraction, label_weights=label_weights, seed=seed,
                             rank=rank, world_size=world_size,
                             samples_per_epoch=samples_per_epoch, pin_memory=pin_memory,
                             prefetch_factor=prefetch_factor,
@@ -458,7 +489,8 @@ def _stream_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_fraction: float,
-                     tumour_weight: float, seed: int, rank: int = 0, world_size: int = 1,
+                     label_weights: Mapping[int, float] | None, seed: int, rank: int = 0,
+                     world_size: int = 1,
                      samples_per_epoch: int | None = None, pin_memory: bool,
                      prefetch_factor: int = 4, persistent_workers: bool = True,
                      multiprocessing_context=None, epoch: int = 0,
@@ -466,7 +498,7 @@ def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_frac
     """The training DataLoader around any dataset with `rows`: one place for the settings,
     so the loader benchmark's in-RAM ceiling runs exactly what training runs."""
     sampler = ForegroundSampler(ds.rows, samples_per_epoch or len(ds), fg_fraction=fg_fraction,
-                                tumour_weight=tumour_weight, seed=seed, rank=rank,
+                                label_weights=label_weights, seed=seed, rank=rank,
                                 world_size=world_size)
     sampler.set_epoch(epoch)
     sampler.skip_next(start_batch * batch_size)

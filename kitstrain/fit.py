@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from kitsprep.errors import KitsError
+from kitsprep.labels import LabelSet
 from kitsprep.store import StoreInfo, open_store
 from kitstrain import __version__, run
 from kitstrain.augment import AugmentConfig
-from kitstrain.data import Split, make_split, make_train_loader
+from kitstrain.data import Split, label_weights_by_value, make_split, make_train_loader
 from kitstrain.infer import resolve_device, score_store_cases
 from kitstrain.losses import make_loss
 from kitstrain.memory import amp_dtype, find_batch_size, free_memory, is_oom, peak_memory_mb
@@ -170,6 +171,11 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path) -> TrainConfig:
     # a boolean `amp` meant autocast on CUDA only
     if "amp" in recorded:
         recorded["precision"] = "auto" if recorded.pop("amp") else "fp32"
+    unknown = sorted(set(recorded) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise KitsError(f"{run_dir}/config.json records options this kitstrain does not know "
+                        f"({', '.join(unknown)}): an older run; start a new run without "
+                        "--resume")
     saved = TrainConfig(**{"patch": "full", **recorded})
     changed = {k for k in cfg.explicit - RESUMABLE_OVERRIDES
                if getattr(cfg.train, k) != getattr(saved, k)}
@@ -189,7 +195,15 @@ def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Pat
 def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path) -> None:
     if not cfg.resume:
         return
-    recorded = run.read_config(run_dir)["store_fingerprint"]
+    config = run.read_config(run_dir)
+    # before the fingerprint: a store rebuilt under another --edition has the same sources
+    trained = LabelSet.from_json(json.dumps(config["labels"])) if "labels" in config else None
+    if trained != info.labels:
+        was = trained.edition if trained else "unrecorded (older kitstrain)"
+        raise KitsError(f"--resume: {run_dir} trained on {was} labels, but {cfg.store} holds "
+                        f"{info.labels.edition} labels; resume with a {was} store (the run's "
+                        "own), or start a new run without --resume on this one")
+    recorded = config["store_fingerprint"]
     if recorded != info.fingerprint:
         raise KitsError(f"{cfg.store} is not the store {run_dir} trained on (fingerprint "
                         f"{info.fingerprint}, recorded {recorded}); resume with that store")
@@ -202,9 +216,11 @@ def seed_everything(seed: int) -> None:
 
 
 def build_training_model(info: StoreInfo, tc: TrainConfig, device: torch.device):
+    writes = tuple(r.writes for r in info.labels.regions) if tc.regions else ()
     mcfg = UNetConfig(in_channels=1 + 2 * tc.context, num_classes=info.num_classes,
                       width=tc.width, depth=tc.depth, norm=tc.norm,
-                      deep_supervision=tc.deep_supervision, regions=tc.regions)
+                      deep_supervision=tc.deep_supervision, regions=tc.regions,
+                      region_writes=writes)
     if info.size % mcfg.divisor:
         raise KitsError(f"store slices are {info.size}x{info.size}, which a depth-{tc.depth} "
                         f"U-Net cannot halve {tc.depth} times; rebuild with --size "
@@ -463,12 +479,14 @@ def fit(cfg: FitConfig, show_progress: bool = True,
 def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     tc = resolve_train_config(cfg, run_dir)
     check_store(cfg, info, run_dir)
+    label_weights = label_weights_by_value(info.labels, tc.label_weights,
+                                           strict="label_weights" in cfg.explicit)
     split = resolve_split(cfg, info, tc, run_dir)
     seed_everything(tc.seed + d.rank)
     dtype = amp_dtype(device, tc.precision)
     model, mcfg = build_training_model(info, tc, device)
     patch = resolve_patch(tc.patch, info.size, mcfg.divisor)
-    loss_fn = make_loss(tc.loss, info.num_classes, regions=tc.regions)
+    loss_fn = make_loss(tc.loss, info.labels, regions=tc.regions)
     if cfg.resume:  # the recorded batch, not a new search: the run's steps must not change
         recorded = run.read_config(run_dir)
         batch_size, batch_info = int(recorded["batch_size"]), recorded["batch"]
@@ -504,6 +522,9 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
             "store": str(Path(cfg.store).resolve()), "store_fingerprint": info.fingerprint,
             "store_attrs": {"window": json.loads(info.window.to_json()), "size": info.size,
                             "num_classes": info.num_classes},
+            "labels": json.loads(info.labels.to_json()),
+            "label_weights_applied": {n: label_weights[v] for n, v in info.labels.labels
+                                      if v in label_weights},
             "train": asdict(tc), "model": asdict(mcfg), "context": tc.context,
             "batch": batch_info, "batch_size": batch_size, "patch_size": patch,
             "val_batch_size": val_batch,
@@ -533,7 +554,7 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         loader = make_train_loader(
             cfg.store, info, split.train, batch_size=batch_size, workers=tc.workers,
             context=tc.context, augment=AugmentConfig(enabled=tc.augment),
-            fg_fraction=tc.fg_fraction, tumour_weight=tc.tumour_weight, seed=tc.seed,
+            fg_fraction=tc.fg_fraction, label_weights=label_weights, seed=tc.seed,
             rank=d.rank, world_size=d.world, samples_per_epoch=samples,
             pin_memory=device.type == "cuda", epoch=state.epoch,
             start_batch=state.step_in_epoch, patch=patch)

@@ -177,22 +177,27 @@ def predict_slices(model: nn.Module, images: np.ndarray | Tensor, device: torch.
     return torch.cat(outs)
 
 
-def logits_to_labels(logits: Tensor, regions: bool = False) -> Tensor:
-    """uint8 labels (N, H, W) from logits (N, C, H, W): the argmax over classes or, for
-    region logits, the deepest nested region whose sigmoid passes 0.5 (logit > 0), later
-    regions overriding earlier ones as in nnU-Net (tumour wins over kidney)."""
-    if not regions:
+def logits_to_labels(logits: Tensor, region_writes: Sequence[int] = ()) -> Tensor:
+    """uint8 labels (N, H, W) from logits (N, C, H, W): the argmax over classes or, given
+    the label each region writes back (region logits, `UNetConfig.region_writes`), each
+    region whose sigmoid passes 0.5 (logit > 0) written in order, a later region
+    overwriting an earlier one as in nnU-Net: the torch twin of `labels.decode_regions`."""
+    if not region_writes:
         return logits.argmax(dim=1).to(torch.uint8)
+    if logits.shape[1] != len(region_writes):
+        raise ValueError(f"logits_to_labels: expected {len(region_writes)} region logits, "
+                         f"found {logits.shape[1]}")
     labels = torch.zeros((logits.shape[0], *logits.shape[2:]), dtype=torch.uint8,
                          device=logits.device)
-    for k in range(logits.shape[1]):
-        labels[logits[:, k] > 0] = k + 1
+    for k, value in enumerate(region_writes):
+        labels[logits[:, k] > 0] = value
     return labels
 
 
 def _labels_u8(model: nn.Module, logits: Tensor) -> np.ndarray:
-    regions = bool(getattr(getattr(model, "cfg", None), "regions", False))
-    return logits_to_labels(logits, regions).cpu().numpy()
+    cfg = getattr(model, "cfg", None)
+    writes = cfg.region_writes if cfg is not None and cfg.regions else ()
+    return logits_to_labels(logits, writes).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- store geometry

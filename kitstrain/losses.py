@@ -1,5 +1,5 @@
 """Segmentation losses: cross-entropy, soft Dice, and their sum, over classes (softmax) or
-over nested regions (sigmoid, nnU-Net's region-based training).
+over the edition's scored regions (sigmoid, nnU-Net's region-based training).
 
 Cross-entropy alone lets a model sit at ~99 % accuracy by predicting background (the
 kidney is about 1 % of a KiTS19 volume); the soft Dice term is computed over foreground
@@ -18,21 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kitsprep.labels import LabelSet
+
 __all__ = ["LOSSES", "REGION_LOSSES", "bce_dice_region_loss", "bce_region_loss",
            "ce_dice_loss", "cross_entropy_loss", "deep_supervision_loss",
-           "deep_supervision_weights", "make_loss", "region_targets", "soft_dice_loss",
-           "soft_dice_region_loss"]
+           "deep_supervision_weights", "make_loss", "region_lut", "region_targets",
+           "soft_dice_loss", "soft_dice_region_loss"]
 
 
-def _check(logits: Tensor, target: Tensor, num_classes: int, regions: bool = False) -> None:
+def _check(logits: Tensor, target: Tensor, channels: int, regions: bool = False) -> None:
     # Shape and dtype checks only: checking label values would force a device sync per step.
-    channels = num_classes - 1 if regions else num_classes
     if logits.dim() != 4 or logits.shape[1] != channels:
         what = f"{channels} region logits" if regions else f"{channels} class logits"
+        fix = (f"one region logit per region of the label set (UNetConfig.region_writes of "
+               f"length {channels}, regions=True)" if regions else f"num_classes={channels}")
         raise ValueError(
             f"loss: expected {what}, shape (N, {channels}, H, W); found "
-            f"{tuple(logits.shape)}. Fix: build the model with num_classes={num_classes}"
-            f"{', regions=True' if regions else ''}."
+            f"{tuple(logits.shape)}. Fix: build the model with {fix}."
         )
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
@@ -96,33 +98,41 @@ def ce_dice_loss(
     return ce + dice_weight * soft_dice_loss(logits, target, num_classes)
 
 
-def region_targets(target: Tensor, num_classes: int) -> Tensor:
-    """float (N, classes - 1, H, W): channel k is label > k. For KiTS19 that is kidney+tumour
-    (label > 0) and tumour (label > 1), exactly the regions its Dice is scored on."""
-    return torch.stack([target > k for k in range(num_classes - 1)], dim=1).float()
+def region_lut(labels: LabelSet) -> Tensor:
+    """bool (values, regions): row v says which regions label value v belongs to. Indexing
+    it with a label tensor gives the region targets in one gather, on any device."""
+    lut = torch.zeros((labels.num_classes, len(labels.regions)), dtype=torch.bool)
+    for k, r in enumerate(labels.regions):
+        lut[list(r.labels), k] = True
+    return lut
 
 
-def bce_region_loss(logits: Tensor, target: Tensor, num_classes: int) -> Tensor:
+def region_targets(target: Tensor, lut: Tensor) -> Tensor:
+    """float (N, regions, H, W): channel k is 1 where the label belongs to region k (the
+    torch twin of `kitsprep.labels.region_masks`; ``lut`` from `region_lut`, best already
+    on the target's device)."""
+    return lut.to(target.device)[target].permute(0, 3, 1, 2).float()
+
+
+def bce_region_loss(logits: Tensor, target: Tensor, lut: Tensor) -> Tensor:
     """Mean binary cross-entropy of each region's sigmoid logit, in float32."""
-    _check(logits, target, num_classes, regions=True)
+    _check(logits, target, lut.shape[1], regions=True)
     with _no_autocast(logits.device):
-        return F.binary_cross_entropy_with_logits(logits.float(),
-                                                  region_targets(target, num_classes))
+        return F.binary_cross_entropy_with_logits(logits.float(), region_targets(target, lut))
 
 
-def soft_dice_region_loss(logits: Tensor, target: Tensor, num_classes: int,
+def soft_dice_region_loss(logits: Tensor, target: Tensor, lut: Tensor,
                           smooth: float = 1e-5) -> Tensor:
     """1 - mean batch soft Dice of the sigmoid regions (as `soft_dice_loss` for classes)."""
-    _check(logits, target, num_classes, regions=True)
+    _check(logits, target, lut.shape[1], regions=True)
     with _no_autocast(logits.device):
         probs = torch.sigmoid(logits.float())
-        return _batch_dice_loss(probs, region_targets(target, num_classes), smooth)
+        return _batch_dice_loss(probs, region_targets(target, lut), smooth)
 
 
-def bce_dice_region_loss(logits: Tensor, target: Tensor, num_classes: int) -> Tensor:
+def bce_dice_region_loss(logits: Tensor, target: Tensor, lut: Tensor) -> Tensor:
     """Binary cross-entropy plus soft Dice over regions (nnU-Net's DC_and_BCE_loss)."""
-    return (bce_region_loss(logits, target, num_classes)
-            + soft_dice_region_loss(logits, target, num_classes))
+    return bce_region_loss(logits, target, lut) + soft_dice_region_loss(logits, target, lut)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -164,17 +174,27 @@ def deep_supervision_loss(outputs: list[Tensor], target: Tensor,
     return total
 
 
-def make_loss(name: str, num_classes: int, regions: bool = False
+def make_loss(name: str, labels: LabelSet, regions: bool = False
               ) -> Callable[[Tensor | list[Tensor], Tensor], Tensor]:
-    """The loss called ``name`` as ``loss(logits, target)``, with ``num_classes`` bound, over
-    classes or (``regions``) over nested regions. A list of logits (a deep-supervised U-Net
-    in training) gets the weighted sum."""
+    """The loss called ``name`` as ``loss(logits, target)`` over the classes of ``labels``
+    or (``regions``) over its scored regions. A list of logits (a deep-supervised U-Net in
+    training) gets the weighted sum."""
     if name not in LOSSES:
         raise ValueError(
             f"unknown loss: expected one of {', '.join(repr(k) for k in LOSSES)}; found "
             f"{name!r}. Fix: choose one of those names."
         )
-    base = partial((REGION_LOSSES if regions else LOSSES)[name], num_classes=num_classes)
+    if regions:
+        region_loss, lut = REGION_LOSSES[name], region_lut(labels)
+        luts: dict[torch.device, Tensor] = {}
+
+        def base(logits: Tensor, target: Tensor) -> Tensor:
+            # the table moves to each device once: a host-to-device copy per step would sync
+            if target.device not in luts:
+                luts[target.device] = lut.to(target.device)
+            return region_loss(logits, target, luts[target.device])
+    else:
+        base = partial(LOSSES[name], num_classes=labels.num_classes)
 
     def loss(logits: Tensor | list[Tensor], target: Tensor) -> Tensor:
         if isinstance(logits, (list, tuple)):

@@ -27,20 +27,31 @@ class UNetConfig:
     """Architecture of a :class:`UNet`; frozen so it can be saved with a run and compared."""
 
     in_channels: int = 1  # 1 + 2K for 2.5D context K
-    num_classes: int = 3
+    num_classes: int = 3  # background plus the labels: the store's LabelSet.num_classes
     width: int = 32  # features of the first level; doubles per level down
     depth: int = 4  # number of down-sampling steps
     norm: str = "batch"  # "none" | "batch" | "instance" | "group"
     # extra 1x1 heads on the decoder's next N coarser levels (1/2, 1/4, ...), used in
     # training only; see losses.deep_supervision_weights
     deep_supervision: int = 0
-    # one sigmoid logit per nested region (label > 0, label > 1, ...) instead of one softmax
-    # logit per class: KiTS19 scores those regions; see losses.region_targets
+    # one sigmoid logit per scored region of the label set instead of one softmax logit per
+    # class (see losses.region_targets); region_writes is the label each region writes back,
+    # in write-back order (Region.writes), so a run decodes without its store
     regions: bool = False
+    region_writes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        # config.json gives lists back
+        object.__setattr__(self, "region_writes", tuple(self.region_writes))
         _check_int("in_channels", self.in_channels, 1, "1 + 2K for 2.5D context K, e.g. 1 or 5")
-        _check_int("num_classes", self.num_classes, 2, "3 for KiTS19 (background, kidney, tumour)")
+        _check_int("num_classes", self.num_classes, 2,
+                   "background plus the store's labels (StoreInfo.num_classes)")
+        if self.regions and not (self.region_writes and all(
+                isinstance(v, int) and 0 < v < self.num_classes for v in self.region_writes)):
+            raise ValueError(
+                f"UNetConfig.region_writes: expected the label each region writes back, each "
+                f"within 1..{self.num_classes - 1}, with regions=True; found "
+                f"{self.region_writes!r}. Fix: pass tuple(r.writes for r in labels.regions).")
         _check_int("width", self.width, 1, "a positive feature count such as 32")
         _check_int("depth", self.depth, 1, "a number of down-sampling steps such as 4")
         if self.norm not in NORMS:
@@ -58,8 +69,8 @@ class UNetConfig:
 
     @property
     def out_channels(self) -> int:
-        """Logits per pixel: one per class, or one per region (classes - 1)."""
-        return self.num_classes - 1 if self.regions else self.num_classes
+        """Logits per pixel: one per class, or one per region."""
+        return len(self.region_writes) if self.regions else self.num_classes
 
     @property
     def divisor(self) -> int:
@@ -106,7 +117,7 @@ class ConvBlock(nn.Sequential):
 
 class UNet(nn.Module):
     """U-Net mapping ``(N, in_channels, H, W)`` images to ``(N, out_channels, H, W)`` logits
-    (``out_channels`` is ``num_classes``, or ``num_classes - 1`` with ``regions``).
+    (``out_channels`` is ``num_classes``, or one per region with ``regions``).
 
     With ``deep_supervision = D`` a model in training mode returns a list instead: the
     full-resolution logits, then logits at 1/2 .. 1/2**D of the size from the decoder's

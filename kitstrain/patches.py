@@ -2,7 +2,7 @@
 
 Training on patches instead of whole slices is nnU-Net's recipe: a patch of half the slice
 side costs a quarter of the compute, so the same time budget sees four times the samples,
-and a patch cut around a foreground pixel puts more kidney and tumour into every batch.
+and a patch cut around a foreground pixel puts more labelled anatomy into every batch.
 The U-Net is fully convolutional, so validation and inference still run on whole slices.
 """
 

@@ -19,10 +19,12 @@ from torch import nn
 from kitsprep.build import BuildConfig, build_store
 from kitsprep.cases import read_volume
 from kitsprep.errors import KitsError
+from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceMap, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain import run as runlib
 from kitstrain.infer import (
+    _labels_u8,
     count_store_cases,
     predict_slices,
     predict_store_case,
@@ -322,17 +324,36 @@ def test_predict_volume_resamples_back_to_the_source_grid(cohort, cid: str) -> N
     assert kidney > 0.9
 
 
-def test_region_logits_decode_to_the_deepest_region() -> None:
+def test_region_logits_decode_in_write_back_order() -> None:
     from kitstrain.infer import logits_to_labels
 
     logits = torch.full((1, 2, 2, 3), -5.0)
     logits[0, 0, 0, 1:] = 5.0      # kidney+tumour region at (0,1), (0,2)
     logits[0, 1, 0, 2] = 5.0       # tumour at (0,2)
     logits[0, 1, 1, 0] = 5.0       # tumour outside the kidney region still reads tumour
-    labels = logits_to_labels(logits, regions=True)
+    labels = logits_to_labels(logits, tuple(r.writes for r in EDITIONS["kits19"].regions))
     assert labels.dtype == torch.uint8
     assert labels[0].tolist() == [[0, 1, 2], [2, 0, 0]]
     classes = torch.zeros(1, 3, 1, 2)
     classes[0, 2, 0, 0] = 1.0
     classes[0, 1, 0, 1] = 1.0
     assert logits_to_labels(classes).tolist() == [[[2, 1]]]
+    with pytest.raises(ValueError, match="expected 3 region logits"):
+        logits_to_labels(logits, (1, 3, 2))
+
+
+@pytest.mark.parametrize("edition", sorted(EDITIONS))
+def test_decoding_perfect_region_logits_gives_the_labels_back(edition: str) -> None:
+    from kitstrain.infer import logits_to_labels
+    from kitstrain.losses import region_lut, region_targets
+
+    ls = EDITIONS[edition]
+    labels = torch.from_numpy(
+        np.random.default_rng(1).integers(0, ls.num_classes, (2, 6, 7))).long()
+    perfect = 10.0 * (2 * region_targets(labels, region_lut(ls)) - 1)
+    writes = tuple(r.writes for r in ls.regions)
+    assert torch.equal(logits_to_labels(perfect, writes), labels.to(torch.uint8))
+    # a model carries what decoding needs: the same labels through its config
+    cfg = UNetConfig(num_classes=ls.num_classes, width=4, depth=2, regions=True,
+                     region_writes=writes)
+    assert torch.equal(torch.from_numpy(_labels_u8(UNet(cfg), perfect)), labels.to(torch.uint8))

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kitstrain.losses import ce_dice_loss, cross_entropy_loss, make_loss, soft_dice_loss
+from kitsprep.labels import EDITIONS, region_masks
+from kitstrain.losses import (
+    ce_dice_loss,
+    cross_entropy_loss,
+    make_loss,
+    region_lut,
+    region_targets,
+    soft_dice_loss,
+)
 
 C = 3
+KITS19 = EDITIONS["kits19"]
 
 
 def make_target() -> torch.Tensor:
@@ -50,7 +60,7 @@ def test_absent_class_predicted_absent_costs_nothing() -> None:
 def test_gradients_flow(name: str) -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, C, 16, 16, requires_grad=True)
-    loss = make_loss(name, C)(logits, make_target())
+    loss = make_loss(name, KITS19)(logits, make_target())
     assert loss.dim() == 0 and loss.item() > 0
     loss.backward()
     assert logits.grad is not None
@@ -102,7 +112,7 @@ def test_ce_dice_weight() -> None:
 
 def test_make_loss_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"'ce', 'ce\+dice'.*found 'dice'"):
-        make_loss("dice", C)
+        make_loss("dice", KITS19)
 
 
 def test_shape_and_dtype_errors() -> None:
@@ -140,7 +150,7 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_scales() -> None:
     torch.manual_seed(0)
     target = make_target()
     outputs = [torch.randn(2, C, 16, 16), torch.randn(2, C, 8, 8), torch.randn(2, C, 4, 4)]
-    loss = make_loss("ce+dice", C)
+    loss = make_loss("ce+dice", KITS19)
     expected = sum(w * ce_dice_loss(o, downsample_labels(target, o.shape[-2:]), C)
                    for w, o in zip([4 / 7, 2 / 7, 1 / 7], outputs, strict=True))
     torch.testing.assert_close(loss(outputs, target), expected)
@@ -149,26 +159,47 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_scales() -> None:
 
 
 def test_region_targets_are_the_scored_regions() -> None:
-    from kitstrain.losses import region_targets
-
     target = make_target()
-    r = region_targets(target, C)
+    r = region_targets(target, region_lut(KITS19))
     assert r.shape == (2, 2, 16, 16) and r.dtype == torch.float32
     assert torch.equal(r[:, 0].bool(), target > 0)  # kidney + tumour
     assert torch.equal(r[:, 1].bool(), target > 1)  # tumour
 
 
+@pytest.mark.parametrize("edition", sorted(EDITIONS))
+def test_region_targets_equal_the_label_sets_region_masks(edition: str) -> None:
+    ls = EDITIONS[edition]
+    target = torch.from_numpy(
+        np.random.default_rng(0).integers(0, ls.num_classes, (3, 8, 8))).long()
+    got = region_targets(target, region_lut(ls))
+    assert got.shape == (3, len(ls.regions), 8, 8)
+    want = np.moveaxis(region_masks(target.numpy(), ls), 0, 1)  # (N, regions, H, W)
+    assert np.array_equal(got.bool().numpy(), want)
+
+
 def test_region_losses_extremes_and_names() -> None:
-    from kitstrain.losses import bce_dice_region_loss, region_targets, soft_dice_region_loss
+    from kitstrain.losses import bce_dice_region_loss, soft_dice_region_loss
 
     target = make_target()
-    perfect = 50.0 * (2 * region_targets(target, C) - 1)  # +50 inside a region, -50 outside
-    assert soft_dice_region_loss(perfect, target, C).item() < 1e-4
-    assert bce_dice_region_loss(perfect, target, C).item() < 1e-4
-    assert soft_dice_region_loss(-perfect, target, C).item() > 0.99
-    loss = make_loss("ce+dice", C, regions=True)
-    torch.testing.assert_close(loss(perfect, target), bce_dice_region_loss(perfect, target, C))
-    bce = make_loss("ce", C, regions=True)(torch.zeros(2, 2, 16, 16), target)
+    lut = region_lut(KITS19)
+    perfect = 50.0 * (2 * region_targets(target, lut) - 1)  # +50 inside a region, -50 outside
+    assert soft_dice_region_loss(perfect, target, lut).item() < 1e-4
+    assert bce_dice_region_loss(perfect, target, lut).item() < 1e-4
+    assert soft_dice_region_loss(-perfect, target, lut).item() > 0.99
+    loss = make_loss("ce+dice", KITS19, regions=True)
+    torch.testing.assert_close(loss(perfect, target), bce_dice_region_loss(perfect, target, lut))
+    bce = make_loss("ce", KITS19, regions=True)(torch.zeros(2, 2, 16, 16), target)
     torch.testing.assert_close(bce, torch.tensor(0.6931), atol=1e-4, rtol=0)  # log 2
     with pytest.raises(ValueError, match=r"expected 2 region logits.*regions=True"):
         loss(torch.zeros(2, 3, 16, 16), target)
+
+
+def test_kits23_losses_have_three_regions_and_four_classes() -> None:
+    ls = EDITIONS["kits23"]
+    target = make_target()
+    target[:, 12:14, 12:14] = 3  # a cyst
+    perfect = 50.0 * (2 * region_targets(target, region_lut(ls)) - 1)
+    assert perfect.shape[1] == 3
+    assert make_loss("ce+dice", ls, regions=True)(perfect, target).item() < 1e-4
+    classes = 50.0 * F.one_hot(target, 4).permute(0, 3, 1, 2).float()
+    assert make_loss("ce+dice", ls)(classes, target).item() < 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from torch import nn
@@ -139,7 +141,14 @@ def test_deep_supervision_needs_coarser_levels() -> None:
         UNetConfig(deep_supervision=-1)
 
 
-def test_regions_give_one_logit_per_nested_region() -> None:
-    cfg = UNetConfig(num_classes=3, width=4, depth=2, regions=True)
+def test_regions_give_one_logit_per_region() -> None:
+    cfg = UNetConfig(num_classes=3, width=4, depth=2, regions=True, region_writes=(1, 2))
     assert cfg.out_channels == 2 and UNetConfig(num_classes=3).out_channels == 3
     assert build_model(cfg)(torch.randn(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+    # KiTS21/23: three regions over four classes; a config read back from JSON is equal
+    cfg = UNetConfig(num_classes=4, width=4, depth=2, regions=True, region_writes=[1, 3, 2])
+    assert cfg.out_channels == 3 and cfg.region_writes == (1, 3, 2)
+    assert UNetConfig(**asdict(cfg)) == cfg
+    for bad in ((), (1, 4)):
+        with pytest.raises(ValueError, match="region_writes"):
+            UNetConfig(num_classes=4, regions=True, region_writes=bad)
