@@ -13,6 +13,7 @@ import torch
 
 from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
+from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceMap, index_dtype, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.augment import AugmentConfig
@@ -22,10 +23,12 @@ from kitstrain.data import (
     Split,
     check_split,
     collate_slices,
+    label_weights_by_value,
     make_split,
     make_train_loader,
     make_val_loader,
     shard_cases,
+    slice_weights,
 )
 from tests.conftest import LOADER_CASES, blob_labels, write_kits_case
 
@@ -228,19 +231,46 @@ def test_uniform_sampler_is_an_epoch_permutation():
 def test_foreground_share_holds_in_every_batch():
     rows = fake_rows(1000, fg=0.1, tumour=0.03)
     fg = rows["counts"][:, 1:].sum(1) > 0
-    s = ForegroundSampler(rows, 3200, fg_fraction=0.33, tumour_weight=3.0, seed=2)
+    s = ForegroundSampler(rows, 3200, fg_fraction=0.33, label_weights={2: 3.0}, seed=2)
     draws = np.array(idx(s))
     per_batch = fg[draws].reshape(-1, 16).sum(axis=1)
     assert per_batch.min() >= 4  # round(0.33 * 16) = 5, minus the +-1 of an even spread
     expected = 0.33 + 0.67 * fg.mean()
     assert abs(fg[draws].mean() - expected) < 0.03
-    # tumour slices drawn about tumour_weight times as often as kidney-only ones
+    # tumour slices drawn about their weight (3) times as often as kidney-only ones
     counts = np.bincount(draws, minlength=len(rows))
     tumour = rows["counts"][:, 2] > 0
     kidney_only = fg & ~tumour
     forced_t = counts[tumour].mean() - counts[~fg].mean()
     forced_k = counts[kidney_only].mean() - counts[~fg].mean()
     assert 2.4 < forced_t / forced_k < 3.6
+
+
+def test_a_slice_weighs_the_most_of_the_labels_it_holds():
+    # kidney, tumour, cyst, nothing, kidney+tumour+cyst, cyst only, kidney+cyst
+    counts = np.zeros((7, 4), np.int32)
+    for row, values in enumerate([(1,), (2,), (3,), (), (1, 2, 3), (3,), (1, 3)]):
+        counts[row, list(values)] = 5
+    w = slice_weights(counts, {2: 4.0, 3: 2.0})
+    assert w.tolist() == [1.0, 4.0, 2.0, 0.0, 4.0, 2.0, 2.0]
+    # a weight under 1 applies only where no heavier label is held
+    assert slice_weights(counts, {1: 0.5}).tolist() == [0.5, 1, 1, 0, 1, 1, 1]
+    rows = np.zeros(7, index_dtype(4))
+    rows["counts"] = counts
+    s = ForegroundSampler(rows, 700, fg_fraction=1.0, label_weights={2: 4.0, 3: 2.0}, seed=0)
+    assert s.fg_positions.tolist() == [0, 1, 2, 4, 5, 6]  # the cyst-only slices count
+    assert np.allclose(s.fg_p, np.array([1, 4, 2, 4, 2, 2]) / 15)
+    drawn = np.bincount(idx(s), minlength=7)
+    assert drawn[3] == 0 and drawn[5] > 1.3 * drawn[0] and drawn[1] > 2.5 * drawn[0]
+
+
+def test_label_weights_by_name_against_the_edition():
+    kits19, kits23 = EDITIONS["kits19"], EDITIONS["kits23"]
+    preset = {"tumour": 4.0, "cyst": 2.0}
+    assert label_weights_by_value(kits23, preset, strict=True) == {2: 4.0, 3: 2.0}
+    assert label_weights_by_value(kits19, preset, strict=False) == {2: 4.0}  # from a preset
+    with pytest.raises(KitsError, match=r"cyst.*kits19.*kidney, tumour$"):
+        label_weights_by_value(kits19, preset, strict=True)  # given by the user
 
 
 def test_rank_shards_are_disjoint_and_equal():
@@ -291,7 +321,7 @@ def test_train_loader_is_repeatable_for_a_seed_with_workers(loader_store, info):
     def batches(seed: int, rank: int = 0, world: int = 1):
         loader = make_train_loader(
             loader_store, info, info.labelled_cases, batch_size=4, workers=2, context=1,
-            augment=AugmentConfig(), fg_fraction=0.5, tumour_weight=2.0, seed=seed,
+            augment=AugmentConfig(), fg_fraction=0.5, label_weights={2: 2.0}, seed=seed,
             rank=rank, world_size=world, samples_per_epoch=24, pin_memory=False,
             persistent_workers=False, multiprocessing_context="fork")
         return [(img.clone(), lab.clone()) for img, lab in loader]
@@ -312,7 +342,7 @@ def test_resume_mid_epoch_draws_the_rest_of_that_epoch(loader_store, info):
     def batches(epoch: int, start_batch: int = 0):
         loader = make_train_loader(
             loader_store, info, info.labelled_cases, batch_size=4, workers=0, context=0,
-            augment=None, fg_fraction=0.33, tumour_weight=2.0, seed=3, samples_per_epoch=20,
+            augment=None, fg_fraction=0.33, label_weights={2: 2.0}, seed=3, samples_per_epoch=20,
             pin_memory=False, epoch=epoch, start_batch=start_batch)
         return [img for img, _ in loader]
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,7 +23,9 @@ from kitsprep.window import WINDOW_PRESETS
 from kitstrain import run as runlib
 from kitstrain.cli import main, parse_duration
 from kitstrain.fit import State, lr_at, progress_of
+from kitstrain.infer import predict_store_case
 from kitstrain.presets import PRESETS, TrainConfig, resolve
+from tests.conftest import blob_labels, write_kits_case
 
 SIZE = 32
 # a tiny model so that CPU steps take milliseconds
@@ -58,6 +61,10 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     assert "done (max_steps) after 6 steps" in r.output
     config = json.loads((out / "config.json").read_text())
     assert config["store_fingerprint"] and config["train"]["max_steps"] == 6
+    # the store's label set is recorded; the preset's cyst weight does not apply to KiTS19
+    assert config["labels"]["edition"] == "kits19"
+    assert config["label_weights_applied"] == {"tumour": 4.0}
+    assert config["model"]["region_writes"] == [1, 2]
     assert config["model"]["in_channels"] == 5  # default preset: context 2
     assert config["env"]["torch"] == torch.__version__
     split = json.loads((out / "split.json").read_text())
@@ -98,15 +105,17 @@ def test_every_preset_field_has_a_flag_that_overrides_it(store: Path, tmp_path: 
     out = tmp_path / "flags"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "1", "--optimizer", "sgd",
                            "--weight-decay", "0.001", "--schedule", "poly", "--warmup", "0.1",
-                           "--loss", "ce", "--fg-fraction", "0.5", "--tumour-weight", "3",
+                           "--loss", "ce", "--fg-fraction", "0.5",
+                           "--label-weights", "tumour=3, kidney=0.5",
                            "--no-augment", "--grad-clip", "5", "--log-every", "7",
                            "--norm", "group", "--patch", "full"))
     assert r.exit_code == 0, r.output
     t = json.loads((out / "config.json").read_text())["train"]
     assert (t["optimizer"], t["weight_decay"], t["schedule"], t["warmup"], t["loss"],
-            t["fg_fraction"], t["tumour_weight"], t["augment"], t["grad_clip"],
+            t["fg_fraction"], t["label_weights"], t["augment"], t["grad_clip"],
             t["log_every"], t["norm"], t["patch"]) == (
-        "sgd", 0.001, "poly", 0.1, "ce", 0.5, 3.0, False, 5.0, 7, "group", "full")
+        "sgd", 0.001, "poly", 0.1, "ce", 0.5, {"tumour": 3.0, "kidney": 0.5}, False, 5.0, 7,
+        "group", "full")
     from dataclasses import fields
 
     from kitstrain.cli import fit as fit_command
@@ -206,6 +215,10 @@ def test_time_limit_stops_cleanly(store: Path, tmp_path: Path,
     (lambda s, t: [str(s), "--patch", "64"], "larger than"),
     (lambda s, t: [str(s), "--device", "cpu", "--precision", "fp16"], "needs a CUDA device"),
     (lambda s, t: [str(s), "--depth", "2", "--deep-supervision", "2"], "within 0..depth-1"),
+    (lambda s, t: [str(s), "--label-weights", "tumour4"], "label=weight pairs"),
+    (lambda s, t: [str(s), "--label-weights", "tumour=-1"], "positive weights"),
+    (lambda s, t: [str(s), "--label-weights", "tumour=2,tumour=3"], "distinct"),
+    (lambda s, t: [str(s), "--label-weights", "cyst=2"], "its label names: kidney, tumour"),
 ])
 def test_bad_input_is_one_line_and_exit_1(store: Path, tmp_path: Path, make_args,
                                           expected: str) -> None:
@@ -254,6 +267,54 @@ def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(store: Path, tmp_pa
     scored = CliRunner().invoke(main, ["score", str(out), "--json", str(out / "score.json")])
     assert scored.exit_code == 0, scored.output
     assert json.loads((out / "score.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def kits23_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four hand-painted KiTS23 cases: kidney boxes with tumour, and cysts (label 3), one
+    case's cysts alone on their slices."""
+    root = tmp_path_factory.mktemp("fit23")
+    rng = np.random.default_rng(7)
+    for i in range(4):
+        seg = blob_labels((6, SIZE, SIZE), i)
+        seg[2, 20:24, 20:24] = 3
+        if i == 0:
+            seg[0, 4:8, 4:8] = 3  # a cyst-only slice
+        write_kits_case(root / "src", f"case_{i:05d}",
+                        rng.uniform(-300, 500, seg.shape).astype(np.float32), seg)
+    out = root / "s23.h5"
+    build_store(BuildConfig(src=root / "src", out=out, window=WINDOW_PRESETS["mlperf"],
+                            size=SIZE, workers=1, fsync=False))
+    return out
+
+
+@pytest.mark.parametrize("regions, outputs", [(True, 3), (False, 4)])
+def test_a_kits23_store_trains_over_its_regions_or_classes(kits23_store: Path, tmp_path: Path,
+                                                          regions: bool, outputs: int) -> None:
+    assert open_store(kits23_store).labels.edition == "kits23"
+    out = tmp_path / "k23"
+    r = fit_cli(*tiny_args(kits23_store, out, "--max-steps", "2",
+                           "--regions" if regions else "--classes"))
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["labels"]["edition"] == "kits23" and config["model"]["num_classes"] == 4
+    assert config["model"]["region_writes"] == ([1, 3, 2] if regions else [])
+    assert config["label_weights_applied"] == {"tumour": 4.0, "cyst": 2.0}
+    assert _weights(out)["head.weight"].shape[0] == outputs
+    model, _ = runlib.load_model(out, "last")
+    labels = predict_store_case(model, open_store(kits23_store), None, "case_00000", 2,
+                                torch.device("cpu"), amp=False)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_resume_on_a_store_of_another_edition_is_refused(store: Path, kits23_store: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "k19"
+    assert fit_cli(*tiny_args(store, out, "--max-steps", "1")).exit_code == 0
+    r = fit_cli(*tiny_args(kits23_store, out, "--max-steps", "2", "--resume"))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert "trained on kits19 labels" in r.output and "holds kits23 labels" in r.output
 
 
 def test_runs_recorded_with_the_old_amp_flag_resume(store: Path, tmp_path: Path) -> None:
@@ -306,6 +367,10 @@ def test_presets_are_data_and_flags_override() -> None:
     assert resolve("default", {"patch": 64}).patch == 64
     assert resolve("default", {}).regions and not resolve("seed", {}).regions
     assert not resolve("default", {"regions": False}).regions  # --classes
+    assert resolve("default", {}).label_weights == {"tumour": 4.0, "cyst": 2.0}
+    assert resolve("seed", {}).label_weights == {}
+    resolve("default", {}).label_weights["kidney"] = 9.0  # a run's copy, not the preset's
+    assert "kidney" not in resolve("default", {}).label_weights
     assert set(PRESETS) == {"seed", "default"}
 
 
