@@ -65,7 +65,12 @@ def read_split(run_dir: Path) -> dict:
 
 
 def model_config(run_dir: Path) -> UNetConfig:
-    return UNetConfig(**read_config(run_dir)["model"])
+    try:
+        return UNetConfig(**read_config(run_dir)["model"])
+    except (TypeError, ValueError) as exc:  # a run recorded by another kitstrain version
+        raise KitsError(f"{run_dir}/config.json records a model this kitstrain cannot build "
+                        f"({str(exc).splitlines()[0]}); train the run again with this "
+                        "version") from None
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

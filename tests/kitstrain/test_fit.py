@@ -307,14 +307,27 @@ def test_a_kits23_store_trains_over_its_regions_or_classes(kits23_store: Path, t
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
 
 
-def test_resume_on_a_store_of_another_edition_is_refused(store: Path, kits23_store: Path,
-                                                         tmp_path: Path) -> None:
+def test_runs_of_another_edition_or_version_are_refused(store: Path, kits23_store: Path,
+                                                        tmp_path: Path) -> None:
     out = tmp_path / "k19"
     assert fit_cli(*tiny_args(store, out, "--max-steps", "1")).exit_code == 0
     r = fit_cli(*tiny_args(kits23_store, out, "--max-steps", "2", "--resume"))
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert "trained on kits19 labels" in r.output and "holds kits23 labels" in r.output
+    # a run recorded by 0.1.0 (its sampler option is gone) is refused in one line
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["tumour_weight"] = 4.0
+    (out / "config.json").write_text(json.dumps(config))
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "2", "--resume"))
+    assert r.exit_code == 1 and "tumour_weight" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    # a region model recorded without its write-back labels cannot be decoded
+    del config["model"]["region_writes"]
+    (out / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(main, ["score", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "region_writes" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_runs_recorded_with_the_old_amp_flag_resume(store: Path, tmp_path: Path) -> None:
