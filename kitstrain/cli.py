@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def parse_label_weights(text: str | None) -> dict[str, float] | None:
             weight = float(value)
         except ValueError:
             weight = float("nan")
-        if not sep or not name or name in out or not weight > 0 or weight == float("inf"):
+        if not sep or not name or name in out or not weight > 0 or not math.isfinite(weight):
             raise KitsError(f"--label-weights expects distinct label=weight pairs with "
                             f"positive weights, e.g. tumour=4,cyst=2 (or 'none'); found "
                             f"{text!r}")

@@ -197,12 +197,15 @@ def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path) -> None:
         return
     config = run.read_config(run_dir)
     # before the fingerprint: a store rebuilt under another --edition has the same sources
-    trained = LabelSet.from_json(json.dumps(config["labels"])) if "labels" in config else None
+    if "labels" not in config:
+        raise KitsError(f"--resume: {run_dir} records no label set (an older kitstrain); start "
+                        "a new run without --resume")
+    trained = LabelSet.from_json(json.dumps(config["labels"]))
     if trained != info.labels:
-        was = trained.edition if trained else "unrecorded (older kitstrain)"
-        raise KitsError(f"--resume: {run_dir} trained on {was} labels, but {cfg.store} holds "
-                        f"{info.labels.edition} labels; resume with a {was} store (the run's "
-                        "own), or start a new run without --resume on this one")
+        raise KitsError(f"--resume: {run_dir} trained on {trained.edition} labels, but "
+                        f"{cfg.store} holds {info.labels.edition} labels; resume with a "
+                        f"{trained.edition} store (the run's own), or start a new run without "
+                        "--resume on this one")
     recorded = config["store_fingerprint"]
     if recorded != info.fingerprint:
         raise KitsError(f"{cfg.store} is not the store {run_dir} trained on (fingerprint "
