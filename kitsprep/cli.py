@@ -93,8 +93,9 @@ def synth(out: Path, cases: int, size: int, seed: int) -> None:
               help="Skip per-case fsync (faster; a power cut may then lose finished cases).")
 @click.option("--edition", type=click.Choice(["auto", *EDITIONS]), default="auto",
               show_default=True,
-              help="KiTS edition whose labels the masks hold; auto: kits23 when a mask holds "
-                   "a cyst (label 3), else kits19.")
+              help="KiTS edition whose labels the masks hold; auto: what the folder declares "
+                   "(kits23.json, kits21.json, KiTS21's aggregated_MAJ_seg.nii.gz), else kits23 "
+                   "when a mask holds a cyst (label 3), else kits19.")
 def build(src: Path, out: Path, size: int, window_name: str | None,
           window_range: tuple[float, float] | None, workers: int | None, case_spec: str | None,
           resume: bool, overwrite: bool, skip_bad: bool, no_fsync: bool, edition: str) -> None:
@@ -157,10 +158,13 @@ def info(store: Path, as_json: bool) -> None:
     w = summary["window"]
     click.echo(f"store        {summary['path']}  (format v{summary['format_version']}, "
                f"kitsprep {summary['kitsprep_version']})")
+    why = "; ".join(f"{n}: {r}" if len(summary["unlabelled_reasons"]) > 1 else r
+                    for r, n in summary["unlabelled_reasons"].items())
     click.echo(f"cases        {summary['cases']} ({summary['labelled_cases']} labelled, "
-               f"{summary['unlabelled_cases']} unlabelled)")
+               f"{summary['unlabelled_cases']} unlabelled" + (f": {why})" if why else ")"))
     click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}")
-    click.echo(f"labels       {summary['edition']}: 0 background, "
+    reason = f" ({summary['edition_reason']})" if summary["edition_reason"] else ""
+    click.echo(f"labels       {summary['edition']}{reason}: 0 background, "
                + ", ".join(f"{v} {n}" for n, v in summary["labels"].items()))
     click.echo(f"on disk      {summary['bytes'] / 2**20:.1f} MiB")
     click.echo(f"window       {w['name']}: clip {w['lo']:g}..{w['hi']:g} HU, "
