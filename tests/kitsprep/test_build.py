@@ -192,6 +192,13 @@ def test_a_kits21_layout_builds_with_labels(tmp_path):
         "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz")
     assert info.cases["case_00000"].unlabelled_reason == ""
     assert verify_store(tmp_path / "o.h5", src).ok
+    seg[2, 0, 0] = 2  # a cyst voxel of the source turns tumour after the build
+    write_case(src, 0, image, seg)
+    (src / "case_00000" / "segmentation.nii.gz").replace(
+        src / "case_00000" / "aggregated_MAJ_seg.nii.gz")
+    problems = verify_store(tmp_path / "o.h5", src).problems
+    assert any("label 3 (cyst) differ from the source mask (9 vs 8 pixels)" in p
+               for p in problems), problems
 
 
 def test_kits23_json_makes_a_kits23_store_without_a_cyst(tmp_path):
