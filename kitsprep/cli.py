@@ -51,8 +51,11 @@ def main() -> None:
 @click.option("--size", default=128, show_default=True, type=click.IntRange(16, 1024),
               help="In-plane size of the square cases.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def synth(out: Path, cases: int, size: int, seed: int) -> None:
-    """Write a synthetic KiTS19-layout cohort (the embedded default data set)."""
+@click.option("--edition", type=click.Choice(["kits19", "kits23"]), default="kits19",
+              show_default=True,
+              help="kits23 adds renal cysts (label 3) and writes kits23.json beside the cases.")
+def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
+    """Write a synthetic KiTS-layout cohort (the embedded default data set)."""
     from kitsprep.synth import SynthConfig, write_cohort
 
     if out.exists() and any(out.glob("case_*")):
@@ -65,7 +68,8 @@ def synth(out: Path, cases: int, size: int, seed: int) -> None:
         else:
             click.echo(f"synth {cid}", err=True)
 
-    ids = write_cohort(SynthConfig(cases=cases, size=size, seed=seed), out, on_case=on_case)
+    ids = write_cohort(SynthConfig(cases=cases, size=size, seed=seed, edition=edition), out,
+                       on_case=on_case)
     if bar is not None:
         bar.close()
     click.echo(f"wrote {len(ids)} cases to {out}")

@@ -259,3 +259,8 @@ def test_synth_cohort_builds_and_verifies(tmp_path):
     assert run("verify", out, "--src", cohort).exit_code == 0
     assert open_store(out).cases["case_00000"].axcodes == "IPL"
     assert_user_error(run("synth", "--out", cohort, "--cases", "1"), str(cohort))
+    kits23 = tmp_path / "kits23"
+    result = run("synth", "--out", kits23, "--cases", "1", "--size", "16", "--edition", "kits23")
+    assert result.exit_code == 0 and (kits23 / "kits23.json").is_file(), result.output
+    result = run("synth", "--out", tmp_path / "x", "--edition", "kits21")
+    assert result.exit_code == 2 and "kits21" in result.output
