@@ -77,7 +77,7 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
 
 @main.command()
 @click.option("--src", type=click.Path(path_type=Path), required=True,
-              help="KiTS19 data folder holding case_XXXXX/ folders.")
+              help="KiTS data folder of case_XXXXX/ folders (KiTS19, KiTS21 or KiTS23 layout).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to write.")
 @click.option("--size", default=512, show_default=True, type=click.IntRange(16, 2048),
               help="In-plane size of every stored slice (aspect kept, padded with air).")
