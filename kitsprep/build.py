@@ -43,6 +43,7 @@ from kitsprep.cases import (
     Volume,
     check_pair,
     find_cases,
+    folder_edition,
     read_header,
     read_volume,
     select_cases,
@@ -81,7 +82,7 @@ class BuildConfig:
     overwrite: bool = False
     skip_bad: bool = False
     fsync: bool = True
-    edition: str = "auto"  # a key of labels.EDITIONS, or "auto" (decided from the masks)
+    edition: str = "auto"  # a key of labels.EDITIONS, or "auto" (from the folder or masks)
 
     def identity(self) -> dict:
         """The options that decide the store's contents: a resume must match them."""
@@ -298,7 +299,8 @@ def process_case(job: CaseJob) -> CaseWritten:
         case_id=ref.case_id, labelled=seg is not None, slices=n_slices, row_start=0,
         source_shape=tuple(int(v) for v in vol.header.shape),
         spacing=tuple(voxel_spacing(affine)[a] for a in axes), affine=affine,
-        axcodes=axcodes(affine), axes=axes, in_plane=plane, fingerprint=fingerprint)
+        axcodes=axcodes(affine), axes=axes, in_plane=plane, fingerprint=fingerprint,
+        unlabelled_reason=ref.unlabelled_reason)
     written = CaseWritten(meta, counts, chunks, top, crc)
     _save_record(job.record, written)
     return written
@@ -324,11 +326,15 @@ def _check_label_values(case_id: str, counts: np.ndarray, top: int, ls: LabelSet
             "or pass --skip-bad to leave the case out")
 
 
-def decide_labels(requested: str, written: list[CaseWritten]) -> tuple[LabelSet, str]:
-    """The store's label set, and why: the requested edition, or under ``auto`` KiTS23 when
-    any mask holds a label only KiTS21/23 have (a cyst), else KiTS19."""
+def decide_labels(requested: str, written: list[CaseWritten],
+                  folder: tuple[str, str] | None = None) -> tuple[LabelSet, str]:
+    """The store's label set, and why: the requested edition; under ``auto`` the edition the
+    source folder declares (`cases.folder_edition`), else KiTS23 when any mask holds a label
+    only KiTS21/23 have (a cyst), else KiTS19."""
     if requested != "auto":
         return EDITIONS[requested], "--edition"
+    if folder is not None:
+        return EDITIONS[folder[0]], folder[1]
     kits19 = EDITIONS["kits19"]
     for w in written:
         if w.label_chunks is not None and kits19.unknown_values(present_values(w.counts,
@@ -458,8 +464,8 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
     written = [_load_record(record[p.case_id]) for p in plans if record[p.case_id].is_file()]
     if not written:
         raise KitsError(f"every case in {cfg.src} was bad: " + "; ".join(bad.values()))
-    labels, why = decide_labels(cfg.edition, written)
-    finalize(store, written, bad, labels)
+    labels, why = decide_labels(cfg.edition, written, folder_edition(cfg.src, refs))
+    finalize(store, written, bad, labels, why)
     _fsync_path(store)
     os.replace(store, cfg.out)
     _fsync_path(cfg.out.parent)

@@ -1,4 +1,4 @@
-"""Find KiTS19 cases, parse case specs, and read NIfTI volumes fast.
+"""Find KiTS cases (KiTS19/23 and KiTS21 layouts), parse case specs, read NIfTI volumes fast.
 
 Decompression is the floor of a build's cost, so `.nii.gz` files are inflated in one call
 with ISA-L (`isal.igzip`, ~3x zlib; measured in benchmarks/prep.py) and the voxels are
@@ -31,15 +31,23 @@ except ImportError:  # isal is a dependency; plain gzip keeps a broken install w
 CASE_RE = re.compile(r"^case_(\d{5})$")
 IMAGING_NAMES = ("imaging.nii.gz", "imaging.nii")
 SEGMENTATION_NAMES = ("segmentation.nii.gz", "segmentation.nii")
+# KiTS21's mask: the majority vote of three annotations, read where no segmentation is there.
+KITS21_SEGMENTATION = "aggregated_MAJ_seg.nii.gz"
+NO_MASK_REASON = f"no {SEGMENTATION_NAMES[0]} or {KITS21_SEGMENTATION}"
+# Metadata files the official releases put beside the case folders, by edition. KiTS19 and
+# KiTS21 both call theirs kits.json, which therefore says nothing.
+EDITION_FILES = {"kits23.json": "kits23", "kits21.json": "kits21"}
 
 
 @dataclass(frozen=True)
 class CaseRef:
-    """One case directory: imaging, and segmentation when the case is labelled."""
+    """One case directory: imaging, and segmentation when the case is labelled (else why
+    not, for `kitsprep info` to say)."""
 
     case_id: str
     imaging: Path
     segmentation: Path | None
+    unlabelled_reason: str = ""
 
     @property
     def labelled(self) -> bool:
@@ -102,12 +110,24 @@ def find_cases(src: Path) -> list[CaseRef]:
     cases = []
     for folder in entries:
         imaging = _first_existing(folder, IMAGING_NAMES)
-        seg = _first_existing(folder, SEGMENTATION_NAMES)
+        seg = _first_existing(folder, (*SEGMENTATION_NAMES, KITS21_SEGMENTATION))
         if imaging is None:
             raise KitsError(f"{folder.name}: imaging.nii.gz is missing from {folder}; "
                             "re-download the case, or leave it out with --cases")
-        cases.append(CaseRef(folder.name, imaging, seg))
+        cases.append(CaseRef(folder.name, imaging, seg, "" if seg else NO_MASK_REASON))
     return cases
+
+
+def folder_edition(src: Path, cases: Iterable[CaseRef]) -> tuple[str, str] | None:
+    """The KiTS edition a source folder declares, and why: the release's metadata file
+    (``kits23.json``, ``kits21.json``) or KiTS21's mask name; None when it says nothing."""
+    for name, edition in EDITION_FILES.items():
+        if (Path(src) / name).is_file():
+            return edition, f"{name} in {src}"
+    for ref in cases:
+        if ref.segmentation is not None and ref.segmentation.name == KITS21_SEGMENTATION:
+            return "kits21", f"{ref.case_id} has KiTS21's {KITS21_SEGMENTATION}"
+    return None
 
 
 def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[str]:

@@ -51,8 +51,11 @@ def main() -> None:
 @click.option("--size", default=128, show_default=True, type=click.IntRange(16, 1024),
               help="In-plane size of the square cases.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def synth(out: Path, cases: int, size: int, seed: int) -> None:
-    """Write a synthetic KiTS19-layout cohort (the embedded default data set)."""
+@click.option("--edition", type=click.Choice(["kits19", "kits23"]), default="kits19",
+              show_default=True,
+              help="kits23 adds renal cysts (label 3) and writes kits23.json beside the cases.")
+def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
+    """Write a synthetic KiTS-layout cohort (the embedded default data set)."""
     from kitsprep.synth import SynthConfig, write_cohort
 
     if out.exists() and any(out.glob("case_*")):
@@ -65,7 +68,8 @@ def synth(out: Path, cases: int, size: int, seed: int) -> None:
         else:
             click.echo(f"synth {cid}", err=True)
 
-    ids = write_cohort(SynthConfig(cases=cases, size=size, seed=seed), out, on_case=on_case)
+    ids = write_cohort(SynthConfig(cases=cases, size=size, seed=seed, edition=edition), out,
+                       on_case=on_case)
     if bar is not None:
         bar.close()
     click.echo(f"wrote {len(ids)} cases to {out}")
@@ -73,7 +77,7 @@ def synth(out: Path, cases: int, size: int, seed: int) -> None:
 
 @main.command()
 @click.option("--src", type=click.Path(path_type=Path), required=True,
-              help="KiTS19 data folder holding case_XXXXX/ folders.")
+              help="KiTS data folder of case_XXXXX/ folders (KiTS19, KiTS21 or KiTS23 layout).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to write.")
 @click.option("--size", default=512, show_default=True, type=click.IntRange(16, 2048),
               help="In-plane size of every stored slice (aspect kept, padded with air).")
@@ -93,8 +97,9 @@ def synth(out: Path, cases: int, size: int, seed: int) -> None:
               help="Skip per-case fsync (faster; a power cut may then lose finished cases).")
 @click.option("--edition", type=click.Choice(["auto", *EDITIONS]), default="auto",
               show_default=True,
-              help="KiTS edition whose labels the masks hold; auto: kits23 when a mask holds "
-                   "a cyst (label 3), else kits19.")
+              help="KiTS edition whose labels the masks hold; auto: what the folder declares "
+                   "(kits23.json, kits21.json, KiTS21's aggregated_MAJ_seg.nii.gz), else kits23 "
+                   "when a mask holds a cyst (label 3), else kits19.")
 def build(src: Path, out: Path, size: int, window_name: str | None,
           window_range: tuple[float, float] | None, workers: int | None, case_spec: str | None,
           resume: bool, overwrite: bool, skip_bad: bool, no_fsync: bool, edition: str) -> None:
@@ -157,10 +162,13 @@ def info(store: Path, as_json: bool) -> None:
     w = summary["window"]
     click.echo(f"store        {summary['path']}  (format v{summary['format_version']}, "
                f"kitsprep {summary['kitsprep_version']})")
+    why = "; ".join(f"{n}: {r}" if len(summary["unlabelled_reasons"]) > 1 else r
+                    for r, n in summary["unlabelled_reasons"].items())
     click.echo(f"cases        {summary['cases']} ({summary['labelled_cases']} labelled, "
-               f"{summary['unlabelled_cases']} unlabelled)")
+               f"{summary['unlabelled_cases']} unlabelled" + (f": {why})" if why else ")"))
     click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}")
-    click.echo(f"labels       {summary['edition']}: 0 background, "
+    reason = f" ({summary['edition_reason']})" if summary["edition_reason"] else ""
+    click.echo(f"labels       {summary['edition']}{reason}: 0 background, "
                + ", ".join(f"{v} {n}" for n, v in summary["labels"].items()))
     click.echo(f"on disk      {summary['bytes'] / 2**20:.1f} MiB")
     click.echo(f"window       {w['name']}: clip {w['lo']:g}..{w['hi']:g} HU, "

@@ -3,14 +3,16 @@
 Layout (format `kits-slices`, version 2):
 
     /                 attrs: format, format_version, kitsprep_version, window (JSON),
-                             size, edition, labels (the edition's LabelSet, JSON), num_classes,
+                             size, edition, edition_reason, labels (the edition's LabelSet,
+                             JSON), num_classes,
                              image_dtype, build (JSON), cases (JSON list), bad_cases (JSON),
                              complete
     /cases/<case_id>/image   (slices, size, size) float16, one uncompressed slice per chunk,
                              allocated at creation so chunk offsets never move
     /cases/<case_id>/label   (slices, size, size) uint8, one deflated slice per chunk
                              (absent for unlabelled cases)
-        attrs: labelled, slices, row_start, source_shape, spacing, affine, axcodes, axes,
+        attrs: labelled, unlabelled_reason (why a case has no labels, e.g. no mask file),
+               slices, row_start, source_shape, spacing, affine, axcodes, axes,
                in_plane (JSON), fingerprint (JSON), source dtypes
     /index            one row per slice (`index_dtype`): what samplers and `info` read;
                       `counts[v]` is the slice's pixel count of label value v.
@@ -83,10 +85,12 @@ class CaseMeta:
     axes: tuple[int, int, int]
     in_plane: InPlane
     fingerprint: dict
+    unlabelled_reason: str = ""  # why an unlabelled case has no labels
 
     def attrs(self) -> dict:
         return {
             "labelled": self.labelled,
+            "unlabelled_reason": self.unlabelled_reason,
             "slices": self.slices,
             "row_start": self.row_start,
             "source_shape": np.asarray(self.source_shape, np.int64),
@@ -112,6 +116,7 @@ class CaseMeta:
             axes=tuple(int(v) for v in a["axes"]),
             in_plane=InPlane(**json.loads(a["in_plane"])),
             fingerprint=json.loads(a["fingerprint"]),
+            unlabelled_reason=str(a.get("unlabelled_reason", "")),
         )
 
 
@@ -129,6 +134,7 @@ class StoreInfo:
     bad_cases: dict
     cases: dict[str, CaseMeta]
     index: np.ndarray
+    edition_reason: str = ""  # why the build chose the edition (e.g. "kits23.json in SRC")
 
     @property
     def num_classes(self) -> int:
@@ -237,7 +243,7 @@ def crc32(buf: np.ndarray) -> int:
 
 
 def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str],
-             labels: LabelSet) -> None:
+             labels: LabelSet, edition_reason: str = "") -> None:
     """Write labels, per-case attributes and the index, then mark the file complete."""
     rows = []
     dtype = index_dtype(labels.num_classes)
@@ -283,6 +289,7 @@ def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str],
         f.create_dataset("index", data=index)
         f.attrs["cases"] = json.dumps(order)
         f.attrs["edition"] = labels.edition
+        f.attrs["edition_reason"] = edition_reason
         f.attrs["labels"] = labels.to_json()
         f.attrs["num_classes"] = labels.num_classes
         f.attrs["bad_cases"] = json.dumps(bad_cases, sort_keys=True)
@@ -332,6 +339,7 @@ def open_store(path: Path | str) -> StoreInfo:
             bad_cases=json.loads(a.get("bad_cases", "{}")),
             cases=cases,
             index=f["index"][...],
+            edition_reason=str(a.get("edition_reason", "")),
         )
 
 
@@ -400,6 +408,11 @@ def summarise(info: StoreInfo) -> dict:
     lab = idx[labelled]
     pixels = max(1, len(lab) * info.size * info.size)
     fg = info.foreground_pixels(lab) > 0
+    why_unlabelled: dict[str, int] = {}
+    for m in info.cases.values():
+        if not m.labelled:
+            why = m.unlabelled_reason or "reason not recorded"
+            why_unlabelled[why] = why_unlabelled.get(why, 0) + 1
     return {
         "path": str(info.path),
         "format_version": info.format_version,
@@ -407,10 +420,12 @@ def summarise(info: StoreInfo) -> dict:
         "cases": len(info.cases),
         "labelled_cases": len(info.labelled_cases),
         "unlabelled_cases": len(info.cases) - len(info.labelled_cases),
+        "unlabelled_reasons": why_unlabelled,
         "slices": int(len(idx)),
         "size": info.size,
         "num_classes": info.num_classes,
         "edition": info.labels.edition,
+        "edition_reason": info.edition_reason,
         "labels": dict(info.labels.labels),
         "bytes": file_size(info.path),
         "window": json.loads(info.window.to_json()),
@@ -420,6 +435,8 @@ def summarise(info: StoreInfo) -> dict:
         "bad_cases": info.bad_cases,
         "build": info.build,
         "per_case": {cid: {"slices": m.slices, "labelled": m.labelled,
+                           **({"unlabelled_reason": m.unlabelled_reason}
+                              if not m.labelled else {}),
                            "source_shape": list(m.source_shape),
                            "spacing": list(m.spacing)} for cid, m in info.cases.items()},
     }

@@ -13,6 +13,10 @@ have an enhanced cortex around a darker medulla, and tumours of varying size and
 grow out of a kidney's surface. Everything is drawn from ``np.random.default_rng([seed,
 index])``, so a configuration always gives identical arrays and byte-identical files.
 
+``edition="kits23"`` adds KiTS21/23's renal cysts (label 3: round, homogeneous, near-water
+density, on or in a kidney), drawn from a stream of their own (``[seed, index, 3]``) so the
+anatomy around them is the KiTS19 cohort's, and writes the release's ``kits23.json``.
+
 Conventions used throughout: axis 0 runs superior -> inferior, axis 1 anterior -> posterior,
 axis 2 patient right -> left. So the liver (patient right) sits at low column indices, the
 spine at high row indices. Pure functions (``make_case``, ``paint_imaging``,
@@ -23,6 +27,7 @@ spine at high row indices. Pure functions (``make_case``, ``paint_imaging``,
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -61,16 +66,21 @@ _RENDER_CHUNK = 4  # slices rendered at a time: small enough to stay in cache
 AIR, FAT, MUSCLE, CAVITY, LIVER, SPLEEN, WALL, FLUID, GAS = range(9)
 ARTERY, VEIN, BONE, CORTICAL, DISC, CSF = range(9, 15)
 CORTEX, MEDULLA, PELVIS, TUMOUR, NECROSIS = range(15, 20)
-_N_CLASSES = 20
+CYST = 20  # a renal cyst (KiTS21/23 label 3): water density, homogeneous
+_N_CLASSES = 21
+SYNTH_EDITIONS = ("kits19", "kits23")
+# What the labelled cases of a kits23 cohort hold, by case index: variety in any small cohort.
+_CYST_KINDS = ("cysts", "cyst_beside_tumour", "cysts_only", "no_cyst")
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate: number of cases, in-plane size and the seed."""
+    """What to generate: number of cases, in-plane size, the seed and the KiTS edition."""
 
     cases: int = 10
     size: int = 128  # in-plane size of a square case (rows = cols = size)
     seed: int = 0
+    edition: str = "kits19"  # one of SYNTH_EDITIONS; kits23 adds cysts (label 3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +93,7 @@ class SynthCase:
 
     case_id: str
     imaging: np.ndarray  # HU, float32, (slices, rows, cols)
-    segmentation: np.ndarray | None  # uint8 labels 0/1/2, None for an unlabelled case
+    segmentation: np.ndarray | None  # uint8 labels 0/1/2 (3: kits23 cyst), None: unlabelled
     affine: np.ndarray  # 4x4 float64, KiTS19 anti-diagonal
     imaging_dtype: str  # 'float32' | 'int16' (int16 with scl_slope 1, scl_inter -1024)
     mask_dtype: str  # 'uint8' | 'uint16'
@@ -135,7 +145,8 @@ def make_case(index: int, cfg: SynthConfig) -> SynthCase:
     if not 0 <= index < cfg.cases:
         raise ValueError(f"case index {index} outside 0..{cfg.cases - 1}")
     # SeedSequence wants non-negative words; a negative seed (the CLI allows any int) wraps.
-    rng = np.random.default_rng([cfg.seed % 2**64 if cfg.seed < 0 else cfg.seed, index])
+    seed = cfg.seed % 2**64 if cfg.seed < 0 else cfg.seed
+    rng = np.random.default_rng([seed, index])
     special = cfg.cases >= 3  # the odd cases only make sense in a cohort with room for them
     rows = cfg.size
     cols = round(cfg.size * _WIDE_RATIO) if special and index == 1 else cfg.size
@@ -148,7 +159,11 @@ def make_case(index: int, cfg: SynthConfig) -> SynthCase:
 
     # The anatomy is drawn on a nominal 512-pixel grid scale and a 300-420 mm coverage.
     layout = _draw_body(shape, ez=rng.uniform(300, 420) / slices, pe=px * 512 / rows, rng=rng)
-    seg, pelvis, layout = _draw_kidneys(layout, rng)
+    cysts = _CYST_KINDS[index % len(_CYST_KINDS)] if cfg.edition == "kits23" else "no_cyst"
+    seg, pelvis, layout = _draw_kidneys(layout, rng, tumours=cysts != "cysts_only")
+    if cysts != "no_cyst":
+        _grow_cysts(seg, layout, np.random.default_rng([seed, index, 3]),
+                    beside_tumour=cysts == "cyst_beside_tumour")
     hu = _paint(seg, layout, rng, pelvis)
 
     labelled = not (special and index == cfg.cases - 1)
@@ -174,7 +189,8 @@ def paint_imaging(
     Lets tests run the whole pipeline on real KiTS19 masks whose CT cannot be shipped: body,
     fat, organs, vessels and bone are placed around the mask's kidneys, and the mask's kidney
     (label 1) and tumour (label 2) voxels get kidney and tumour intensities; label 3 (a
-    KiTS21 cyst) is painted as fluid. ``spacing`` is (slice, row, col) in mm.
+    KiTS21/23 cyst) is painted as a cyst: 0-20 HU, homogeneous. ``spacing`` is (slice, row,
+    col) in mm.
     """
     seg = np.asarray(segmentation)
     if seg.ndim != 3 or min(seg.shape) < 1:
@@ -208,7 +224,9 @@ def encode_case(case: SynthCase) -> dict[str, bytes]:
 def write_cohort(
     cfg: SynthConfig, out: Path, on_case: Callable[[str], None] | None = None
 ) -> list[str]:
-    """Write ``out/case_XXXXX/imaging.nii.gz`` (+ ``segmentation.nii.gz`` when labelled).
+    """Write ``out/case_XXXXX/imaging.nii.gz`` (+ ``segmentation.nii.gz`` when labelled),
+    and for kits23 the release's ``out/kits23.json`` (one entry per case), which tells
+    ``kitsprep build`` the edition.
 
     Each file is written to a temporary name and renamed, so an interrupted run never leaves a
     truncated NIfTI behind. ``on_case(case_id)`` is called after each case (progress bars).
@@ -230,6 +248,9 @@ def write_cohort(
         ids.append(case.case_id)
         if on_case is not None:
             on_case(case.case_id)
+    if cfg.edition == "kits23":
+        entries = [{"case_id": cid, "synthetic": True} for cid in ids]
+        _atomic_write(out / "kits23.json", (json.dumps(entries, indent=1) + "\n").encode())
     return ids
 
 
@@ -241,6 +262,8 @@ def _check_config(cfg: SynthConfig) -> None:
         raise ValueError(f"cases must be at least 1, got {cfg.cases}")
     if cfg.size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {cfg.size}")
+    if cfg.edition not in SYNTH_EDITIONS:
+        raise ValueError(f"edition must be one of {', '.join(SYNTH_EDITIONS)}, got {cfg.edition!r}")
 
 
 def _gz(data: bytes) -> bytes:
@@ -428,9 +451,10 @@ def _draw_body(
 
 
 def _draw_kidneys(
-    layout: _Layout, rng: np.random.Generator
+    layout: _Layout, rng: np.random.Generator, tumours: bool = True
 ) -> tuple[np.ndarray, list[tuple[tuple[slice, slice, slice], np.ndarray]], _Layout]:
-    """Two bean-shaped kidneys beside the spine and one or two tumours growing from them.
+    """Two bean-shaped kidneys beside the spine and one or two tumours growing from them
+    (none without ``tumours``: a kits23 case with cysts only).
 
     Returns the label volume, the renal-pelvis regions (for painting) and the layout
     completed with the kidneys' slice range and centres.
@@ -467,7 +491,7 @@ def _draw_kidneys(
         kidneys.append((side, (zc, yc, xc), (rz, ry, rx), theta, drift))
 
     inside = _inner_body(layout)
-    n_tumours = 1 + int(rng.random() < 0.25)
+    n_tumours = 1 + int(rng.random() < 0.25) if tumours else 0
     for _ in range(n_tumours):
         side, centre, radii, theta, drift = kidneys[int(rng.integers(len(kidneys)))]
         _grow_tumour(seg, layout, inside, side, centre, radii, theta, drift, rng)
@@ -541,6 +565,41 @@ def _grow_tumour(
     if not painted:  # tiny tumour clipped away: keep the promise that every case has one
         z, y, x = np.clip(np.round(surface).astype(int), 0, np.array(seg.shape) - 1)
         seg[z, y, x] = 2
+
+
+def _grow_cysts(
+    seg: np.ndarray, layout: _Layout, rng: np.random.Generator, beside_tumour: bool
+) -> None:
+    """Label 3: one to three round cysts of 5-25 mm radius centred on a kidney voxel (on its
+    surface, bulging out, or inside it); with ``beside_tumour`` the first sits on the
+    tumour's surface. Cysts never overwrite tumour, as KiTS writes tumour over cyst."""
+    ez, pe = layout.ez, layout.pe
+    inside = _inner_body(layout)
+    kidney = seg == 1
+    tumour = seg == 2
+    painted = False
+    for k in range(int(rng.integers(1, 4))):
+        if k == 0 and beside_tumour and tumour.any():
+            where = tumour & ~_erode2d(tumour, 1)
+        elif rng.random() < 0.6:
+            where = kidney & ~_erode2d(kidney, 1)  # on the surface: an exophytic cyst
+        else:
+            where = kidney
+        spots = np.argwhere(where)
+        if len(spots) == 0:
+            continue
+        centre = tuple(float(v) for v in spots[int(rng.integers(len(spots)))])
+        r_mm = float(np.exp(rng.uniform(math.log(5), math.log(25))))
+        blob = _ellipsoid(seg.shape, centre, (max(r_mm / ez, 0.5), max(r_mm / pe, 1.0),
+                                              max(r_mm / pe, 1.0)))
+        if blob is None:
+            continue
+        m = blob.mask & inside[blob.box[1:]] & ~tumour[blob.box]
+        _fill(seg, blob.box, m, 3)
+        painted = painted or bool(m.any())
+    spots = np.argwhere(seg == 1)
+    if not painted and len(spots):  # clipped away at tiny sizes: a cyst case keeps a cyst
+        seg[tuple(spots[len(spots) // 2])] = 3
 
 
 def _layout_from_mask(
@@ -953,7 +1012,7 @@ def _paint_kidneys(
     sub[tum] = TUMOUR
     if mode == "hetero":
         sub[_erode2d(tum, k_necrosis)] = NECROSIS
-    sub[s >= 3] = FLUID  # KiTS21 cysts
+    sub[s >= 3] = CYST
     for pbox, pmask in pelvis:
         _fill(cls, pbox, pmask & (seg[pbox] == 1), PELVIS)
     return mode
@@ -987,6 +1046,12 @@ def _blur_inplane(hu: np.ndarray) -> np.ndarray:
     return hu
 
 
+def _cyst_look(rng: np.random.Generator) -> tuple[float, float]:
+    """Mean HU and texture amplitude of a renal cyst: near-water density (0-20 HU) and
+    homogeneous (a texture of a few HU, below the scan's noise), unlike a tumour."""
+    return float(rng.uniform(0, 20)), float(rng.uniform(1, 3))
+
+
 def _render(cls: np.ndarray, mode: str, layout: _Layout, rng: np.random.Generator) -> np.ndarray:
     """HU = per-case tissue mean + smooth texture + correlated noise, blurred, integer HU."""
     u = rng.uniform
@@ -1016,6 +1081,8 @@ def _render(cls: np.ndarray, mode: str, layout: _Layout, rng: np.random.Generato
     for k, (lo, hi, tex) in table.items():
         mean[k] = u(lo, hi)
         amp[k] = tex
+    if (cls == CYST).any():  # drawn only then: a KiTS19 case's stream stays as it was
+        mean[CYST], amp[CYST] = _cyst_look(rng)
     if rng.random() < 0.25:  # nephrographic phase: medulla catches up with the cortex
         mean[MEDULLA] = mean[CORTEX] - u(10, 30)
     lo, hi, tex_lo, tex_hi = {

@@ -131,3 +131,14 @@ def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyRepor
     if not np.array_equal(expected, stored):
         n = int((expected != stored).sum())
         report.problems.append(f"{cid}: {n} label voxels differ from the source mask")
+    # Per label of the store's edition: the index the samplers read equals the source.
+    index = info.rows(cid)["counts"][:, 1:]
+    for name, value in info.labels.labels:
+        src_n, idx_n = int(counts[:, value - 1].sum()), int(index[:, value - 1].sum())
+        if not np.array_equal(counts[:, value - 1], index[:, value - 1]):
+            report.problems.append(f"{cid}: index counts of label {value} ({name}) differ from "
+                                   f"the source mask ({idx_n} vs {src_n} pixels)")
+    outside = [v + 1 for v in np.flatnonzero(counts.sum(0)) if v + 1 not in info.labels.values]
+    if outside:
+        report.problems.append(f"{cid}: the source mask holds label(s) "
+                               f"{', '.join(map(str, outside))}, outside {info.labels.edition}")

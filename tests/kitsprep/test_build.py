@@ -166,6 +166,51 @@ def test_kidney_and_tumour_only_is_kits19_under_auto(tmp_path):
     assert info.index["counts"].shape == (2, 3) and info.label_pixels("tumour").tolist() == [0, 4]
 
 
+def test_a_kits21_layout_builds_with_labels(tmp_path):
+    """aggregated_MAJ_seg.nii.gz is the mask; a case without any mask stays unlabelled and
+    the store says why; the layout alone makes the store kits21, with no cyst in sight."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    image, seg = random_case(rng, 3, 16, 16)
+    seg[2, :3, :3] = 3
+    write_case(src, 0, image, seg)
+    (src / "case_00000" / "segmentation.nii.gz").rename(
+        src / "case_00000" / "aggregated_MAJ_seg.nii.gz")
+    write_case(src, 1, image, (seg == 1).astype(np.uint8))
+    (src / "case_00001" / "segmentation.nii.gz").rename(
+        src / "case_00001" / "aggregated_MAJ_seg.nii.gz")
+    write_case(src, 2, image)
+    report = build(src, tmp_path / "o.h5", size=16)
+    assert report.edition == "kits21" and "aggregated_MAJ_seg" in report.edition_reason
+    info = open_store(tmp_path / "o.h5")
+    assert info.labels == EDITIONS["kits21"] and info.edition_reason == report.edition_reason
+    assert info.labelled_cases == ["case_00000", "case_00001"]
+    assert info.label_pixels("cyst", info.rows("case_00000")).tolist() == [0, 0, 9]
+    np.testing.assert_array_equal(info.label_pixels("tumour", info.rows("case_00000")),
+                                  (seg == 2).sum((1, 2)))
+    assert info.cases["case_00002"].unlabelled_reason == (
+        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz")
+    assert info.cases["case_00000"].unlabelled_reason == ""
+    assert verify_store(tmp_path / "o.h5", src).ok
+    seg[2, 0, 0] = 2  # a cyst voxel of the source turns tumour after the build
+    write_case(src, 0, image, seg)
+    (src / "case_00000" / "segmentation.nii.gz").replace(
+        src / "case_00000" / "aggregated_MAJ_seg.nii.gz")
+    problems = verify_store(tmp_path / "o.h5", src).problems
+    assert any("label 3 (cyst) differ from the source mask (9 vs 8 pixels)" in p
+               for p in problems), problems
+
+
+def test_kits23_json_makes_a_kits23_store_without_a_cyst(tmp_path):
+    src = write_cohort(tmp_path / "src", n=2)
+    (src / "kits23.json").write_text("[]")
+    report = build(src, tmp_path / "o.h5", size=16)
+    assert report.edition == "kits23" and "kits23.json" in report.edition_reason
+    assert open_store(tmp_path / "o.h5").labels == EDITIONS["kits23"]
+    forced = build(src, tmp_path / "f.h5", size=16, edition="kits19")
+    assert forced.edition == "kits19" and forced.edition_reason == "--edition"
+
+
 @pytest.mark.parametrize(("edition", "value"), [("kits19", 3), ("kits23", 5), ("auto", 5)])
 def test_a_label_outside_the_edition_is_refused_naming_the_case(tmp_path, edition, value):
     src = tmp_path / "src"

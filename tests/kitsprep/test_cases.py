@@ -4,6 +4,7 @@ KiTS19's header quirks arrive."""
 from __future__ import annotations
 
 import gzip
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ from kitsprep.cases import (
     case_number,
     check_pair,
     find_cases,
+    folder_edition,
     parse_case_spec,
     read_header,
     read_volume,
@@ -99,6 +101,28 @@ def test_find_cases_sorted_with_labels(tmp_path):
     assert select_cases(refs, None) == refs
     with pytest.raises(KitsError, match="case_00003"):
         select_cases(refs, "3")
+
+
+def test_kits21_masks_are_read_and_a_case_without_a_mask_says_why(tmp_path):
+    both = _tiny(tmp_path, 0)  # both names: segmentation.nii.gz wins
+    shutil.copy(both / "segmentation.nii.gz", both / "aggregated_MAJ_seg.nii.gz")
+    _tiny(tmp_path, 1)
+    (tmp_path / "case_00001" / "segmentation.nii.gz").rename(
+        tmp_path / "case_00001" / "aggregated_MAJ_seg.nii.gz")
+    _tiny(tmp_path, 2, labelled=False)
+    refs = find_cases(tmp_path)
+    assert [r.segmentation.name if r.segmentation else None for r in refs] == [
+        "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", None]
+    assert [r.unlabelled_reason for r in refs] == [
+        "", "", "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz"]
+    edition, why = folder_edition(tmp_path, refs)
+    assert edition == "kits21" and "case_00001" in why and "aggregated_MAJ_seg" in why
+    assert folder_edition(tmp_path, [refs[0], refs[2]]) is None  # KiTS19 layout: no word
+    (tmp_path / "kits23.json").write_text("[]")  # the release's metadata file goes first
+    assert folder_edition(tmp_path, refs) == ("kits23", f"kits23.json in {tmp_path}")
+    (tmp_path / "kits23.json").unlink()
+    (tmp_path / "kits21.json").write_text("[]")
+    assert folder_edition(tmp_path, refs[:1])[0] == "kits21"
 
 
 def test_find_cases_missing_dir(tmp_path):

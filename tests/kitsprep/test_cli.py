@@ -75,13 +75,18 @@ def test_build_info_verify(built):
 
     info = run("info", out)
     assert info.exit_code == 0, info.output
-    assert "3 (2 labelled, 1 unlabelled)" in info.output and "mlperf" in info.output
+    assert ("3 (2 labelled, 1 unlabelled: no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz)"
+            in info.output and "mlperf" in info.output)
+    assert "kits19 (no mask holds a label beyond kidney and tumour): 0 background" in info.output
 
     js = run("info", out, "--json")
     assert js.exit_code == 0
     summary = json.loads(js.stdout)
     assert summary["cases"] == 3 and summary["slices"] == 4 + 5 + 6
     assert summary["size"] == 32 and summary["window"]["name"] == "mlperf"
+    assert summary["unlabelled_reasons"] == {
+        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz": 1}
+    assert summary["per_case"]["case_00002"]["unlabelled_reason"].startswith("no seg")
 
     ver = run("verify", out)
     assert ver.exit_code == 0 and ver.output.startswith("ok: 3 cases, 15 slices")
@@ -254,3 +259,8 @@ def test_synth_cohort_builds_and_verifies(tmp_path):
     assert run("verify", out, "--src", cohort).exit_code == 0
     assert open_store(out).cases["case_00000"].axcodes == "IPL"
     assert_user_error(run("synth", "--out", cohort, "--cases", "1"), str(cohort))
+    kits23 = tmp_path / "kits23"
+    result = run("synth", "--out", kits23, "--cases", "1", "--size", "16", "--edition", "kits23")
+    assert result.exit_code == 0 and (kits23 / "kits23.json").is_file(), result.output
+    result = run("synth", "--out", tmp_path / "x", "--edition", "kits21")
+    assert result.exit_code == 2 and "kits21" in result.output

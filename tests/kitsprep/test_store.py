@@ -106,9 +106,13 @@ def test_summarise(store):
         assert s["pixel_share"][name] == pytest.approx(share)
     assert s["edition"] == "kits19" and s["labels"] == {"kidney": 1, "tumour": 2}
     assert s["bad_cases"] == {} and s["format_version"] == FORMAT_VERSION
+    no_mask = "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz"
     assert s["per_case"]["case_00002"] == {"slices": 6, "labelled": False,
+                                           "unlabelled_reason": no_mask,
                                            "source_shape": [6, 24, 24],
                                            "spacing": pytest.approx([3.0, 0.8, 0.8])}
+    assert s["unlabelled_reasons"] == {no_mask: 1}
+    assert s["edition_reason"] == "no mask holds a label beyond kidney and tumour"
     assert s["per_case"]["case_00001"]["labelled"] is True
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kitsprep.synth import SynthConfig, encode_case, make_case, paint_imaging, write_cohort
+from tests.kitsprep.conftest import build
 
 SHARED_MASKS = Path(__file__).resolve().parents[2].parent / "shared" / "kits19-masks"
 CFG = SynthConfig(cases=10, size=64, seed=7)
@@ -206,3 +207,82 @@ def test_paint_imaging_on_a_real_kits19_mask() -> None:
     assert hu.shape == seg.shape and hu.dtype == np.float32
     assert np.isfinite(hu).all()
     assert 40 < hu[seg == 1].mean() < 220
+
+
+# --------------------------------------------------------------------------- kits23 cysts
+
+# sha256 over the files of SynthConfig(cases=4, size=32, seed=7), recorded before the kits23
+# cysts were added: adding them must leave every KiTS19 cohort byte for byte as it was. (The
+# imaging goes through a BLAS matmul: a CPU whose sgemm rounds differently may need it
+# recorded again, from the commit before the cysts.)
+KITS19_COHORT_SHA256 = "833f1586f574af30779a9cde9602050b10f345399a25d454b60851e9d2b66da7"
+
+
+def test_a_kits19_cohort_is_byte_identical_to_before_the_cysts() -> None:
+    import hashlib
+
+    cfg = SynthConfig(cases=4, size=32, seed=7)
+    assert cfg.edition == "kits19"
+    h = hashlib.sha256()
+    for i in range(cfg.cases):
+        files = encode_case(make_case(i, cfg))
+        for name in sorted(files):
+            h.update(name.encode())
+            h.update(files[name])
+    assert h.hexdigest() == KITS19_COHORT_SHA256
+
+
+def _touches(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` lies in ``b`` or next to it (6-neighbourhood)."""
+    grown = a.copy()
+    for axis in range(3):
+        for shift in (1, -1):
+            grown |= np.roll(a, shift, axis)
+    return bool((grown & b).any())
+
+
+def test_kits23_cases_have_cysts_on_kidneys_with_and_without_tumours() -> None:
+    cfg = SynthConfig(cases=5, size=64, seed=3, edition="kits23")
+    kinds = []
+    for i in range(4):
+        case = make_case(i, cfg)
+        seg = case.segmentation
+        kinds.append(tuple(sorted(int(v) for v in np.unique(seg) if v)))
+        # The anatomy is the KiTS19 case's: the cysts come from a stream of their own.
+        plain = make_case(i, SynthConfig(cases=5, size=64, seed=3))
+        assert case.imaging.shape == plain.imaging.shape
+        if 3 in kinds[-1]:
+            assert _touches(seg == 3, seg == 1), f"case {i}: a cyst off the kidney"
+        if i == 1:  # the cyst beside the tumour
+            assert _touches(seg == 3, seg == 2)
+    assert kinds == [(1, 2, 3), (1, 2, 3), (1, 3), (1, 2)]
+    again = make_case(2, cfg)
+    assert np.array_equal(again.segmentation, make_case(2, cfg).segmentation)
+    assert encode_case(again) == encode_case(make_case(2, cfg))
+    assert make_case(4, cfg).segmentation is None  # the unlabelled last case stays
+    with pytest.raises(ValueError, match="edition"):
+        make_case(0, SynthConfig(edition="kits21"))
+
+
+def test_cysts_are_water_dense_and_homogeneous() -> None:
+    """paint_imaging's label 3: 0-20 HU, a texture far below a tumour's."""
+    seg = hand_made_mask()
+    seg[3:10, 30:40, 14:24] = 1
+    seg[2:11, 28:42, 10:20] = 3  # a large cyst on the right kidney
+    means, inner = [], np.zeros_like(seg, bool)
+    inner[4:9, 31:39, 12:18] = True  # away from the blurred edge
+    for k in range(6):
+        hu = paint_imaging(seg, (3.0, 0.8, 0.8), np.random.default_rng(k))
+        means.append(hu[inner].mean())
+    assert all(-5 < m < 25 for m in means), means
+
+
+def test_write_cohort_kits23_writes_kits23_json_and_builds_as_kits23(tmp_path: Path) -> None:
+    import json
+
+    cfg = SynthConfig(cases=3, size=32, seed=1, edition="kits23")
+    ids = write_cohort(cfg, tmp_path / "src")
+    entries = json.loads((tmp_path / "src" / "kits23.json").read_text())
+    assert [e["case_id"] for e in entries] == ids
+    report = build(tmp_path / "src", tmp_path / "o.h5", size=32)
+    assert report.edition == "kits23" and "kits23.json" in report.edition_reason
