@@ -83,7 +83,7 @@ def real_cases(folder: Path, spec: str | None):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--masks", type=Path, default=DEFAULT_MASKS,
-                    help="folder of case_XXXXX/segmentation.nii.gz (default ../shared/kits23-masks)")
+                    help="case_XXXXX/segmentation.nii.gz folders [../shared/kits23-masks]")
     ap.add_argument("--cases", default=None, help="case spec, e.g. 0-4 or case_00020")
     ap.add_argument("--perturb", nargs="+", default=["shift", "erode", "dilate"],
                     choices=["shift", "erode", "dilate"])

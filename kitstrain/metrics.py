@@ -277,6 +277,10 @@ class DiceCounts:
         self.foreground_pred += int(np.count_nonzero(pred_labels))
         self.foreground_true += int(np.count_nonzero(true_labels))
 
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, DiceCounts) and other.labels == self.labels
+                and np.array_equal(self.as_array(), other.as_array()))
+
     def merge(self, other: DiceCounts) -> DiceCounts:
         """A new DiceCounts holding the sum of both; neither operand changes."""
         if other.labels != self.labels:

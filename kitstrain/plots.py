@@ -113,9 +113,13 @@ def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:
 
     ax_dice = fig.add_subplot(1, 2, 2, sharex=ax_loss if train else None)
     steps = [r["step"] for r in val]
-    for key, label, colour in (("kidney_dice", "kidney", KIDNEY_COLOUR),
-                               ("tumour_dice", "tumour", TUMOUR_COLOUR),
-                               ("mean_dice", "mean", "black")):
+    # one curve per region the run logged (KiTS19: kidney, tumour; KiTS21/23: three HECs)
+    regions = next((r["regions"] for r in reversed(val) if r.get("regions")),
+                   ["kidney", "tumour"])
+    colours = [KIDNEY_COLOUR, TUMOUR_COLOUR, "tab:green", "tab:purple", "tab:brown"]
+    curves = [(f"{name}_dice", name, colours[i % len(colours)])
+              for i, name in enumerate(regions)] + [("mean_dice", "mean", "black")]
+    for key, label, colour in curves:
         pts = [(s, r[key]) for s, r in zip(steps, val, strict=True) if r.get(key) is not None]
         if pts:
             xs, ys = zip(*pts, strict=True)
