@@ -155,8 +155,7 @@ class ScoreReport:
             "regions": [{"name": r.name, "labels": list(r.labels),
                          "tolerance_mm": surface_tolerance(ls, r)} for r in ls.regions],
             "definition": definition(ls),
-            "cases": [{**score_row(s, ls), "trained_on": s.case in self.trained}
-                      for s in self.scores],
+            "cases": [score_row(s, ls, s.case in self.trained) for s in self.scores],
             "mean": score_row(self.mean, ls),
             "warnings": self.warnings,
         }
@@ -167,18 +166,19 @@ def score_columns(ls: LabelSet) -> list[str]:
     surface Dice, the accuracies, the flags."""
     return ["case", *(f"{r.name}_dice" for r in ls.regions), "mean_dice",
             *(f"{r.name}_surface_dice" for r in ls.regions), "accuracy",
-            "background_accuracy", "background_only", "over_predicts"]
+            "background_accuracy", "background_only", "over_predicts", "trained_on"]
 
 
-def score_row(s: CaseScore, ls: LabelSet) -> dict:
+def score_row(s: CaseScore, ls: LabelSet, trained: bool = False) -> dict:
     """One case (or the mean) as flat keys, `score_columns` order; NaN-free: a surface Dice
-    that was not computed is None."""
+    that was not computed is None. ``trained``: the case is in the run's training split."""
     row: dict = {"case": s.case}
     row.update({f"{r.name}_dice": s.dice.get(r.name) for r in ls.regions})
     row["mean_dice"] = s.mean_dice
     row.update({f"{r.name}_surface_dice": s.surface_dice.get(r.name) for r in ls.regions})
     row.update(accuracy=s.accuracy, background_accuracy=s.background_accuracy,
-               background_only=s.background_only, over_predicts=s.over_predicts)
+               background_only=s.background_only, over_predicts=s.over_predicts,
+               trained_on=trained)
     return row
 
 
@@ -537,7 +537,7 @@ def write_csv(report: ScoreReport, path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(cols)
         for s in [*report.scores, report.mean]:
-            row = score_row(s, report.labels)
+            row = score_row(s, report.labels, s.case in report.trained)
             w.writerow([cell(row[c]) for c in cols])
     tmp.replace(path)
     return path
@@ -574,10 +574,11 @@ def format_table(report: ScoreReport) -> str:
     lines.append(f"{report.run_dir}  checkpoint {report.checkpoint.name}  "
                  f"geometry: {report.geometry}" + ("  tta: flips" if report.tta else ""))
     lines += textwrap.wrap(definition(ls), 96, subsequent_indent="  ")
-    lines.append(f"{BACKGROUND_FLAG}: the truth has foreground and the prediction under "
-                 f"{MIN_FOREGROUND_SHARE:.0%} of its volume; {OVERPREDICT_FLAG}: accuracy more "
-                 f"than {100 * OVERPREDICT_MARGIN:g} point(s) below predicting background "
-                 "everywhere")
+    lines += textwrap.wrap(
+        f"{BACKGROUND_FLAG}: the truth has foreground and the prediction under "
+        f"{MIN_FOREGROUND_SHARE:.0%} of its volume; {OVERPREDICT_FLAG}: accuracy more than "
+        f"{100 * OVERPREDICT_MARGIN:g} point below predicting background everywhere", 96,
+        subsequent_indent="  ")
     if report.resized:
         lines.append("scored on the store's resized labels; for the official numbers score "
                      "in source geometry with --src DIR")
