@@ -191,12 +191,13 @@ def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     if p.ndim != 3 or len(spacing) != 3:
         raise ValueError(f"surface_dice: expected 3D masks and 3 spacings; found shape "
                          f"{p.shape} and spacing {tuple(spacing)}")
-    p_any, t_any = bool(p.any()), bool(t.any())
-    if not (p_any or t_any):
+    box_p, box_t = _box(p), _box(t)
+    if box_p is None and box_t is None:
         return 1.0
-    if not (p_any and t_any):
+    if box_p is None or box_t is None:
         return 0.0
-    box = foreground_box(p | t)
+    box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
+                for a, b in zip(box_p, box_t, strict=True))
     p, t = p[box], t[box]
     sp = np.asarray(spacing, np.float64)
     kernel, table = _area_table(tuple(sp))
@@ -223,16 +224,34 @@ def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     return float((area_t[near_t].sum() + area_p[near_p].sum()) / total)
 
 
+def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of the True voxels, None when there are none. One pass over the whole
+    array (first axis), the others only over the slab that has any."""
+    m = np.asarray(mask, bool)
+    if m.ndim == 0 or m.size == 0:
+        return None
+    if m.flags.f_contiguous and not m.flags.c_contiguous:
+        # NIfTI volumes come in Fortran order: walk the transpose, which is C order
+        box = _box(m.T)
+        return None if box is None else box[::-1]
+    first = np.flatnonzero(m.reshape(m.shape[0], -1).any(axis=1))
+    if first.size == 0:
+        return None
+    box = [slice(int(first[0]), int(first[-1]) + 1)]
+    if m.ndim > 1:
+        plane = m[box[0]].any(axis=0)
+        for axis in range(plane.ndim):
+            others = tuple(a for a in range(plane.ndim) if a != axis)
+            nz = np.flatnonzero(plane.any(axis=others) if others else plane)
+            box.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(box)
+
+
 def foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
     """The bounding box of a mask's True voxels as slices (the whole array when empty):
     every region of KiTS is inside the box of ``labels != 0``, so metrics run on that box."""
-    m = np.asarray(mask)
-    box = []
-    for axis in range(m.ndim):
-        others = tuple(a for a in range(m.ndim) if a != axis)
-        nz = np.flatnonzero(m.any(axis=others))
-        box.append(slice(int(nz[0]), int(nz[-1]) + 1) if nz.size else slice(0, m.shape[axis]))
-    return tuple(box)
+    box = _box(mask)
+    return box if box is not None else tuple(slice(0, n) for n in np.shape(mask))
 
 
 # --------------------------------------------------------------------------- counts
