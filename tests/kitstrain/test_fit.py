@@ -69,6 +69,10 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     assert all(0.0 <= r["stall"] <= 1.0 and r["slices_per_s"] > 0 for r in train)
     val = [r for r in records if r["kind"] == "val"][-1]
     assert 0.0 <= val["kidney_dice"] <= 1.0 and set(val["per_case"]) == set(split["val"])
+    assert val["regions"] == ["kidney", "tumour"]  # every region of the store's label set
+    assert val["mean_dice"] == pytest.approx((val["kidney_dice"] + val["tumour_dice"]) / 2)
+    assert config["store_attrs"]["labels"]["edition"] == "kits19"
+    assert "validation Dice kidney" in r.output
     for which in ("last", "best"):
         ckpt = torch.load(out / "checkpoints" / f"{which}.pt", weights_only=True)
         assert json.loads(ckpt["state"])["step"] >= 3
