@@ -225,9 +225,9 @@ def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
 
 
 def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of the True voxels, None when there are none. One pass over the whole
+    """Bounding box of the nonzero voxels, None when there are none. One pass over the whole
     array (first axis), the others only over the slab that has any."""
-    m = np.asarray(mask, bool)
+    m = np.asarray(mask)
     if m.ndim == 0 or m.size == 0:
         return None
     if m.flags.f_contiguous and not m.flags.c_contiguous:
@@ -398,17 +398,23 @@ def score_case(case: str, pred_labels: np.ndarray, true_labels: np.ndarray, ls: 
     _check_shapes(pred_labels, true_labels)
     if true_labels.size == 0:
         raise ValueError(f"score_case: case {case!r} has no voxels. Fix: pass a volume.")
-    fg_p, fg_t = pred_labels != 0, true_labels != 0
-    n_fg_p, n_fg_t = int(np.count_nonzero(fg_p)), int(np.count_nonzero(fg_t))
-    correct = int(np.count_nonzero(pred_labels == true_labels))
-    box = foreground_box(fg_p | fg_t)
-    del fg_p, fg_t
+    # Everything is counted inside the union box of both foregrounds: outside it both are
+    # background, so they agree. Each volume is walked once in its own memory order (a
+    # NIfTI mask is Fortran order, a prediction often C order: mixing them is slow).
+    box_p, box_t = _box(pred_labels), _box(true_labels)
+    boxes = [b for b in (box_p, box_t) if b is not None]
+    box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
+                for a in range(true_labels.ndim)) if boxes else \
+        tuple(slice(0, 0) for _ in range(true_labels.ndim))
+    n_fg_p, n_fg_t = int(np.count_nonzero(pred_labels)), int(np.count_nonzero(true_labels))
     counts = DiceCounts(ls)
     counts.add(pred_labels[box], true_labels[box])
+    wrong = counts.total - counts.correct
     s = CaseScore(
         case=case,
-        dice=score_from_counts(case, counts).dice,
-        accuracy=correct / true_labels.size,
+        dice={r.name: _dice_from(int(counts.inter[k]), int(counts.pred[k]), int(counts.true[k]))
+              for k, r in enumerate(ls.regions)},
+        accuracy=(true_labels.size - wrong) / true_labels.size,
         background_accuracy=(true_labels.size - n_fg_t) / true_labels.size,
         foreground_pred=n_fg_p,
         foreground_true=n_fg_t,

@@ -341,3 +341,16 @@ def test_foreground_box() -> None:
     assert foreground_box(m) == (slice(0, 4), slice(0, 5), slice(0, 6))
     m[1, 2, 3] = m[2, 4, 3] = True
     assert foreground_box(m) == (slice(1, 3), slice(2, 5), slice(3, 4))
+
+
+def test_score_case_on_empty_volumes_and_fortran_order() -> None:
+    empty = np.zeros((3, 4, 5), np.uint8)
+    s = score_case("c", empty, empty.copy(), K23, ANISO)
+    assert s.dice == {"kidney_and_mass": 1.0, "mass": 1.0, "tumor": 1.0}
+    assert s.surface_dice == s.dice and s.accuracy == 1.0 and not s.flags
+    rng = np.random.default_rng(5)
+    truth = rng.choice(4, size=(6, 9, 11), p=[0.7, 0.1, 0.1, 0.1]).astype(np.uint8)
+    pred = np.roll(truth, 1, axis=1)
+    c_order = score_case("c", pred, truth, K23, ANISO)
+    assert score_case("c", pred, np.asfortranarray(truth), K23, ANISO) == c_order  # NIfTI
+    assert c_order.accuracy == pytest.approx(np.mean(pred == truth))
