@@ -159,10 +159,10 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
                     val_cases=val_cases, device=device, resume=resume, explicit=explicit)
     result = run_fit(cfg, echo=lambda s: click.echo(s, err=True))
     v = result.last_val or {}
-    click.echo(f"done ({result.stop_reason}) after {result.steps} steps: validation kidney "
-               f"Dice {v.get('kidney_dice', float('nan')):.3f}, tumour Dice "
-               f"{v.get('tumour_dice', float('nan')):.3f}; loader stall "
-               f"{100 * result.stall:.1f}%; run in {result.run_dir}")
+    dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
+    click.echo(f"done ({result.stop_reason}) after {result.steps} steps: validation Dice "
+               f"{dice or 'n/a'}; loader stall {100 * result.stall:.1f}%; run in "
+               f"{result.run_dir}")
 
 
 @main.command()
@@ -182,7 +182,8 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
               show_default=True)
 def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_size,
           checkpoint) -> None:
-    """KiTS19-official kidney and tumour Dice per case, and a mean row."""
+    """Official Dice and surface Dice of every region of the store's KiTS edition, per case
+    and mean, beside the all-background accuracy."""
     from kitstrain.run import newest_run
     from kitstrain.score import ScoreConfig, format_table, score_run
 
@@ -205,7 +206,10 @@ def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_siz
 @click.option("--src", type=click.Path(path_type=Path), required=True,
               help="KiTS19-layout folder of cases to predict (labelled or not).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for prediction_XXXXX.nii.gz.")
+              help="Folder for the predictions.")
+@click.option("--naming", type=click.Choice(["kits19", "kits21", "kits23"]), default=None,
+              help="File names for this edition's evaluator: kits19 prediction_XXXXX.nii.gz, "
+                   "kits21/kits23 case_XXXXX.nii.gz [default: the store's edition].")
 @click.option("--cases", default=None)
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="The run's store, if it has moved (its parameters are used).")
@@ -215,15 +219,15 @@ def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_siz
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
               show_default=True)
-def predict(run_dir, src, out, cases, data, overlays, tta, device, batch_size,
+def predict(run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size,
             checkpoint) -> None:
-    """Predictions in the source geometry, KiTS19 submission form."""
+    """Predictions in the source geometry, named for the edition's official evaluator."""
     from kitstrain.predict import PredictConfig, predict_run
     from kitstrain.score import format_table
 
     cfg = PredictConfig(run_dir=run_dir, src=src, out=out, cases=cases, overlays=overlays,
                         device=device, batch_size=batch_size, tta=tta, which=checkpoint,
-                        data=data)
+                        data=data, naming=naming)
     report = predict_run(cfg)
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)

@@ -197,10 +197,11 @@ def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path) -> None:
         return
     config = run.read_config(run_dir)
     # before the fingerprint: a store rebuilt under another --edition has the same sources
-    if "labels" not in config:
+    recorded_labels = config.get("store_attrs", {}).get("labels")
+    if recorded_labels is None:
         raise KitsError(f"--resume: {run_dir} records no label set (an older kitstrain); start "
                         "a new run without --resume")
-    trained = LabelSet.from_json(json.dumps(config["labels"]))
+    trained = LabelSet.from_json(json.dumps(recorded_labels))
     if trained != info.labels:
         raise KitsError(f"--resume: {run_dir} trained on {trained.edition} labels, but "
                         f"{cfg.store} holds {info.labels.edition} labels; resume with a "
@@ -387,8 +388,11 @@ def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, de
 
 def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torch.device,
              dtype, batch_size: int, d: Dist) -> dict:
-    """Per-case 3D Dice on the validation cases (KiTS19 definitions), cases sharded across
-    ranks and gathered, so every rank sees the same numbers."""
+    """Per-case 3D Dice of every region of the store's label set on the validation cases,
+    cases sharded across ranks and gathered, so every rank sees the same numbers. Keys:
+    ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
+    mean, what picks the best checkpoint), ``regions`` (the names, in order) and
+    ``per_case`` (each case's region Dice, in that order)."""
     net = unwrap(model)
     net.eval()
     mine = list(split.val)[d.rank::d.world]
@@ -404,11 +408,11 @@ def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torc
         scores = [CaseScore(**s) for part in gathered for s in part]
     scores.sort(key=lambda s: s.case)
     m = mean_score(scores)
-    return {"kidney_dice": m.kidney_dice, "tumour_dice": m.tumour_dice,
+    return {**{f"{name}_dice": v for name, v in m.dice.items()},
             "mean_dice": m.mean_dice, "accuracy": m.accuracy,
             "background_accuracy": m.background_accuracy, "background_only": m.background_only,
-            "per_case": {s.case: [round(s.kidney_dice, 4), round(s.tumour_dice, 4)]
-                         for s in scores}}
+            "over_predicts": m.over_predicts, "regions": list(m.dice),
+            "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores}}
 
 
 def unwrap(model):
@@ -524,8 +528,8 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         run.write_json(run_dir / run.CONFIG, {
             "store": str(Path(cfg.store).resolve()), "store_fingerprint": info.fingerprint,
             "store_attrs": {"window": json.loads(info.window.to_json()), "size": info.size,
-                            "num_classes": info.num_classes},
-            "labels": json.loads(info.labels.to_json()),
+                            "num_classes": info.num_classes,
+                            "labels": json.loads(info.labels.to_json())},
             "label_weights_applied": {n: label_weights[v] for n, v in info.labels.labels
                                       if v in label_weights},
             "train": asdict(tc), "model": asdict(mcfg), "context": tc.context,
@@ -698,7 +702,7 @@ def run_validation(model, info, split, tc, device, dtype, batch_size, d, state, 
         if improved:
             save(run_dir, "best", model, optimizer, scaler, state)
         if writer is not None:
-            for k in ("kidney_dice", "tumour_dice", "mean_dice"):
+            for k in [f"{r}_dice" for r in val["regions"]] + ["mean_dice"]:
                 writer.add_scalar(f"val/{k}", val[k], state.step)
         try:
             from kitstrain.plots import plot_curves

@@ -281,7 +281,7 @@ def count_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], c
             pred = predict_store_case(model, info, sm, cid, context, device, amp=amp, tta=tta,
                                       batch_size=batch_size, progress=progress)
             rows, cols = store_box(info, cid)
-            c = DiceCounts()
+            c = DiceCounts(info.labels)
             for i, row in enumerate(info.rows(cid)):
                 c.add(pred[i, rows, cols], sm.label(row)[rows, cols])
             counts[cid] = c
@@ -295,7 +295,8 @@ def score_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], c
                       device: torch.device, *, amp: Amp = True, tta: bool = False,
                       batch_size: int = DEFAULT_BATCH_SIZE, slice_map: SliceMap | None = None,
                       progress: SliceProgress | None = None) -> list[CaseScore]:
-    """KiTS19 per-case 3D scores in store geometry (validation, plain `score`)."""
+    """Per-case 3D Dice of every region of the store's label set, in store geometry
+    (validation)."""
     counts = count_store_cases(model, info, cases, context, device, amp=amp, tta=tta,
                                batch_size=batch_size, slice_map=slice_map, progress=progress)
     return [score_from_counts(cid, c) for cid, c in counts.items()]

@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from kitsprep.errors import KitsError
 from kitstrain import run as runlib
 
-__all__ = ["KIDNEY_COLOUR", "TUMOUR_COLOUR", "case_overlay", "overlay_slice", "plot_curves"]
+__all__ = ["KIDNEY_COLOUR", "TUMOUR_COLOUR", "case_overlay", "dice_curves", "overlay_slice",
+           "plot_curves"]
 
 KIDNEY_COLOUR = "red"
 TUMOUR_COLOUR = "blue"
@@ -89,6 +90,17 @@ def case_overlay(image2d: np.ndarray, truth2d: np.ndarray | None, pred2d: np.nda
     return _save(fig, Path(path))
 
 
+def dice_curves(val: list[dict]) -> list[tuple[str, str, str]]:
+    """(metrics key, legend label, colour) of each validation curve: one per region the run
+    logged (KiTS19: kidney, tumour; KiTS21/23: the three HECs; runs from before editions
+    logged no region list and were KiTS19), then the mean."""
+    regions = next((r["regions"] for r in reversed(val) if r.get("regions")),
+                   ["kidney", "tumour"])
+    colours = [KIDNEY_COLOUR, TUMOUR_COLOUR, "tab:green", "tab:purple", "tab:brown"]
+    return [(f"{name}_dice", name, colours[i % len(colours)])
+            for i, name in enumerate(regions)] + [("mean_dice", "mean", "black")]
+
+
 def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:
     """Training loss and validation Dice against the step, from the run's metrics log;
     writes <run>/curves.png (or `path`). `fit` may call it after every validation."""
@@ -113,9 +125,7 @@ def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:
 
     ax_dice = fig.add_subplot(1, 2, 2, sharex=ax_loss if train else None)
     steps = [r["step"] for r in val]
-    for key, label, colour in (("kidney_dice", "kidney", KIDNEY_COLOUR),
-                               ("tumour_dice", "tumour", TUMOUR_COLOUR),
-                               ("mean_dice", "mean", "black")):
+    for key, label, colour in dice_curves(val):
         pts = [(s, r[key]) for s, r in zip(steps, val, strict=True) if r.get(key) is not None]
         if pts:
             xs, ys = zip(*pts, strict=True)

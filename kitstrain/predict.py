@@ -1,11 +1,14 @@
-"""`kitstrain predict`: NIfTI cases in, KiTS19 submission masks out.
+"""`kitstrain predict`: NIfTI cases in, masks for the edition's official evaluator out.
 
 Each `case_XXXXX/imaging.nii.gz` under `--src` (labelled or not; the 90 KiTS19 test cases
 have no masks) is preprocessed with the window and slice size recorded in the store the
 model trained on, predicted through `infer.predict_volume`, mapped back through the
-recorded in-plane fit and orientation, and written as `prediction_XXXXX.nii.gz`: uint8,
-with the imaging's shape, affine and sform/qform codes, as the KiTS19 submission expects.
-Cases that do have a segmentation are also scored (official Dice, source geometry).
+recorded in-plane fit and orientation, and written uint8 with the imaging's shape, affine
+and sform/qform codes. The file name is the one the edition's evaluator expects
+(`LabelSet.prediction_file`: KiTS19 `prediction_XXXXX.nii.gz`, KiTS21/23 `case_XXXXX.nii.gz`
+in one folder): the store's edition by default, `--naming` to choose. Cases that do have a
+segmentation are also scored (official Dice and surface Dice, source geometry), and those in
+the run's training split are marked: their scores say nothing about new patients.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import nibabel as nib
 import numpy as np
 
 from kitsprep.cases import (
-    case_number,
     check_pair,
     find_cases,
     read_header,
@@ -27,17 +29,20 @@ from kitsprep.cases import (
     select_cases,
 )
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes
+from kitsprep.geometry import axial_axes, voxel_spacing
+from kitsprep.labels import EDITIONS, LabelSet, edition
 from kitstrain.infer import DEFAULT_BATCH_SIZE, Progress, predict_volume, resolve_device
 from kitstrain.metrics import CaseScore, mean_score, score_case
 from kitstrain.plots import case_overlay, overlay_slice
 from kitstrain.score import (
-    BACKGROUND_FLAG,
+    TRAINED_FLAG,
     ScoreReport,
+    case_line,
     display_slice,
     load_run,
     load_run_model,
     overlay_title,
+    training_cases,
 )
 
 __all__ = ["PredictConfig", "PredictReport", "prediction_name", "predict_run",
@@ -59,6 +64,7 @@ class PredictConfig:
     which: str = "best"
     data: Path | None = None        # the run's store, where it has moved
     amp: bool = True
+    naming: str | None = None       # an edition whose file names to use; None: the store's
 
 
 @dataclass
@@ -73,6 +79,8 @@ class PredictReport:
     scores: list[CaseScore] = field(default_factory=list)
     overlays: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    labels: LabelSet = EDITIONS["kits19"]
+    trained: list[str] = field(default_factory=list)  # predicted cases of the training split
 
     # Iterating the report iterates the written files, so callers that expect the list of
     # paths keep working.
@@ -95,12 +103,13 @@ class PredictReport:
             return None
         return ScoreReport(run_dir=self.run_dir, checkpoint=self.checkpoint, store=None,
                            src=None, geometry="source", tta=self.tta, scores=self.scores,
-                           mean=self.mean)
+                           mean=self.mean, labels=self.labels, trained=self.trained)
 
 
-def prediction_name(case_id: str) -> str:
-    """KiTS19 submission naming: case_00210 -> prediction_00210.nii.gz."""
-    return f"prediction_{case_number(case_id):05d}.nii.gz"
+def prediction_name(case_id: str, naming: LabelSet = EDITIONS["kits19"]) -> str:
+    """The evaluator's file name: KiTS19 case_00210 -> prediction_00210.nii.gz, KiTS21/23
+    case_00210 -> case_00210.nii.gz."""
+    return naming.prediction_file(case_id)
 
 
 def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
@@ -131,8 +140,10 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
+        raise KitsError(f"--out {out} is a file; expected a folder for the predictions")
     lr = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
+    naming = lr.labels if cfg.naming is None else edition(cfg.naming)
+    trained = set(training_cases(lr.run_dir))
     refs = select_cases(find_cases(Path(cfg.src)), cfg.cases)
     device = resolve_device(cfg.device)
     model = load_run_model(lr, cfg.which, device)
@@ -143,7 +154,7 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
         hdr = read_header(ref.imaging, ref.case_id)
         total += hdr.shape[axial_axes(hdr.affine)[0]]
     report = PredictReport(run_dir=lr.run_dir, checkpoint=lr.checkpoint, out=out, paths=[],
-                           tta=cfg.tta, warnings=list(lr.warnings))
+                           tta=cfg.tta, warnings=list(lr.warnings), labels=lr.labels)
     progress.start(total, "predict")
     try:
         for ref in refs:
@@ -156,10 +167,14 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
                                   amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size,
                                   case_id=ref.case_id, progress=progress.advance)
             report.paths.append(write_prediction(pred, ref.imaging,
-                                                 out / prediction_name(ref.case_id)))
-            s = score_case(ref.case_id, pred, seg.data) if seg is not None else None
-            if s is not None:
+                                                 out / prediction_name(ref.case_id, naming)))
+            s = None
+            if seg is not None:
+                s = score_case(ref.case_id, pred, seg.data, lr.labels,
+                               voxel_spacing(seg.header.affine))
                 report.scores.append(s)
+                if ref.case_id in trained:
+                    report.trained.append(ref.case_id)
             if cfg.overlays is not None:
                 axes = axial_axes(vol.header.affine)
                 truth = seg.data.transpose(axes) if seg is not None else None
@@ -171,10 +186,11 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
                     p[k], f"{title}  (slice {k})", Path(cfg.overlays) / f"{ref.case_id}.png",
                     vmin=lr.window.lo, vmax=lr.window.hi))
             if s is not None:
-                flag = f"  {BACKGROUND_FLAG}" if s.background_only else ""
-                detail = f"kidney {s.kidney_dice:.4f}  tumour {s.tumour_dice:.4f}{flag}"
+                detail = case_line(s)
             else:
                 detail = "written (no segmentation to score)"
+            if ref.case_id in trained:
+                detail += f"  {TRAINED_FLAG}"
             progress.case_done(ref.case_id, detail)
             del vol, seg, pred
     finally:

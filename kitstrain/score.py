@@ -1,18 +1,21 @@
-"""`kitstrain score`: KiTS19-official Dice per case, beside the accuracy that fools people.
+"""`kitstrain score`: the official Dice and surface Dice of every scored region of the
+store's KiTS edition per case, beside the accuracy that fools people.
 
-Every number is the official KiTS19 evaluation (`starter_code/evaluation.py`), computed per
-whole 3D case: kidney Dice on `label > 0`, tumour Dice on `label > 1`,
-Dice = 2|P ∩ G| / (|P| + |G|). One deliberate difference: where prediction and truth are
-both empty (a case without tumour, correctly left without one) the Dice is 1.0, where the
-official code divides 0 by 0; a NaN would poison every mean. Pixel accuracy is shown next
-to the accuracy of predicting background everywhere, and a row that does not beat that
-baseline by more than 0.2 points, or finds under 0.1 of the kidney, is flagged
-"background-only model".
+The regions, their tolerances and the definitions are `kitstrain.metrics`'s: per whole 3D case,
+Dice = 2|P ∩ G| / (|P| + |G|) per region (KiTS19: kidney = label > 0, tumour = label > 1, the
+starter code's; KiTS21/23: kidney_and_mass, mass, tumor), surface Dice at each region's
+tolerance with the voxel spacing, both empty scoring 1 and one empty 0 (the KiTS19 code would
+divide 0 by 0). For KiTS19 the headline stays kidney and tumour Dice and their mean; its surface
+Dice is an extra column at the KiTS21 tolerances. Pixel accuracy is shown next to the accuracy
+of predicting background everywhere, and rows are flagged "background-only model" (truth has
+foreground, the prediction almost none) or "over-predicts foreground" (accuracy far below that
+baseline).
 
 Two geometries. By default the run's store: fast, but its labels were resized
 (nearest neighbour) to the store's square. With `--src DIR` each case is predicted from
 its NIfTI imaging through `infer.predict_volume` and scored against its own mask at source
-resolution: the official setting whenever the store was resized.
+resolution, with the header's spacing: the official setting whenever the store was resized.
+In store geometry the spacing is the source's, scaled by the recorded in-plane resize.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import textwrap
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,8 @@ from kitsprep.cases import (
     read_volume,
 )
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes
+from kitsprep.geometry import axial_axes, voxel_spacing
+from kitsprep.labels import EDITIONS, LabelSet
 from kitsprep.store import SliceMap, StoreInfo, open_store
 from kitsprep.window import Window
 from kitstrain import run as runlib
@@ -51,12 +55,22 @@ from kitstrain.infer import (
     resolve_device,
     store_box,
 )
-from kitstrain.metrics import CaseScore, mean_score, score_case
+from kitstrain.metrics import (
+    BACKGROUND_FLAG,
+    MIN_FOREGROUND_SHARE,
+    OVERPREDICT_FLAG,
+    OVERPREDICT_MARGIN,
+    CaseScore,
+    mean_score,
+    score_case,
+    surface_tolerance,
+)
 from kitstrain.plots import case_overlay, overlay_slice
 
 __all__ = [
     "BACKGROUND_FLAG",
-    "DICE_NOTE",
+    "OVERPREDICT_FLAG",
+    "TRAINED_FLAG",
     "ScoreConfig",
     "ScoreReport",
     "display_slice",
@@ -65,13 +79,25 @@ __all__ = [
     "load_run_model",
     "overlay_title",
     "score_run",
+    "definition",
+    "score_columns",
+    "training_cases",
     "write_csv",
 ]
 
-BACKGROUND_FLAG = "background-only model"
-DICE_NOTE = ("Dice = 2|P∩G| / (|P|+|G|) per 3D case (KiTS19 official; kidney: label > 0, "
-             "tumour: label > 1); both sets empty scores 1.0")
 SCORE_CSV = "score.csv"
+TRAINED_FLAG = "in the training split"
+
+
+def definition(ls: LabelSet) -> str:
+    """What the numbers are, for the table's footnote and the JSON report."""
+    regions = "; ".join(f"{r.name}: labels {', '.join(map(str, r.labels))}" for r in ls.regions)
+    tols = ", ".join(f"{r.name} {surface_tolerance(ls, r):.3f} mm" for r in ls.regions)
+    own = all(r.tolerance_mm is not None for r in ls.regions)
+    return (f"{ls.edition}: Dice = 2|P∩G| / (|P|+|G|) per 3D case and region ({regions}); "
+            f"surface Dice at {tols}" + ("" if own else " (KiTS21's: KiTS19 has no official "
+                                         "surface Dice)") +
+            "; both empty scores 1, one empty 0; mean = mean of the regions' Dice")
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,8 @@ class ScoreReport:
     tta: bool
     scores: list[CaseScore]
     mean: CaseScore
+    labels: LabelSet = EDITIONS["kits19"]
+    trained: list[str] = field(default_factory=list)  # scored cases the run trained on
     csv_path: Path | None = None
     json_path: Path | None = None
     overlays: list[Path] = field(default_factory=list)
@@ -112,9 +140,10 @@ class ScoreReport:
 
     @property
     def flagged(self) -> list[str]:
-        return [s.case for s in self.scores if s.background_only]
+        return [s.case for s in self.scores if s.flags]
 
     def as_dict(self) -> dict:
+        ls = self.labels
         return {
             "run_dir": str(self.run_dir),
             "checkpoint": str(self.checkpoint),
@@ -122,15 +151,35 @@ class ScoreReport:
             "src": None if self.src is None else str(self.src),
             "geometry": self.geometry,
             "tta": self.tta,
-            "definition": DICE_NOTE,
-            "cases": [_score_dict(s) for s in self.scores],
-            "mean": _score_dict(self.mean),
+            "edition": ls.edition,
+            "regions": [{"name": r.name, "labels": list(r.labels),
+                         "tolerance_mm": surface_tolerance(ls, r)} for r in ls.regions],
+            "definition": definition(ls),
+            "cases": [score_row(s, ls, s.case in self.trained) for s in self.scores],
+            "mean": score_row(self.mean, ls),
             "warnings": self.warnings,
         }
 
 
-def _score_dict(s: CaseScore) -> dict:
-    return {**asdict(s), "background_only": s.background_only}
+def score_columns(ls: LabelSet) -> list[str]:
+    """The CSV's and JSON's keys, one set for every edition: region Dice, their mean, region
+    surface Dice, the accuracies, the flags."""
+    return ["case", *(f"{r.name}_dice" for r in ls.regions), "mean_dice",
+            *(f"{r.name}_surface_dice" for r in ls.regions), "accuracy",
+            "background_accuracy", "background_only", "over_predicts", "trained_on"]
+
+
+def score_row(s: CaseScore, ls: LabelSet, trained: bool = False) -> dict:
+    """One case (or the mean) as flat keys, `score_columns` order; NaN-free: a surface Dice
+    that was not computed is None. ``trained``: the case is in the run's training split."""
+    row: dict = {"case": s.case}
+    row.update({f"{r.name}_dice": s.dice.get(r.name) for r in ls.regions})
+    row["mean_dice"] = s.mean_dice
+    row.update({f"{r.name}_surface_dice": s.surface_dice.get(r.name) for r in ls.regions})
+    row.update(accuracy=s.accuracy, background_accuracy=s.background_accuracy,
+               background_only=s.background_only, over_predicts=s.over_predicts,
+               trained_on=trained)
+    return row
 
 
 # --------------------------------------------------------------------------- the run
@@ -148,6 +197,7 @@ class LoadedRun:
     size: int
     checkpoint: Path
     warnings: list[str]
+    labels: LabelSet = EDITIONS["kits19"]  # the store's; recorded in the run when it is gone
 
 
 def _checkpoint_used(run_dir: Path, which: str) -> Path:
@@ -179,6 +229,17 @@ def _recorded_window(config: dict) -> Window | None:
         except TypeError:
             return None
     return None
+
+
+def _recorded_labels(config: dict) -> LabelSet:
+    """The label set `fit` recorded from its store; runs from before editions were KiTS19."""
+    labels = _store_attrs(config).get("labels")
+    if isinstance(labels, dict):
+        try:
+            return LabelSet.from_json(json.dumps(labels))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return EDITIONS["kits19"]
 
 
 def _recorded_size(config: dict) -> int | None:
@@ -245,12 +306,14 @@ def load_run(run_dir: Path | None, data: Path | None, *, which: str = "best",
                 f"warning: {info.path} (fingerprint {info.fingerprint}) is not the store the "
                 f"run trained on (fingerprint {fingerprint}): same preprocessing, other "
                 "content; check that the scored cases were not used for training")
-        window, size = info.window, info.size
+        window, size, labels = info.window, info.size, info.labels
     else:
         window, size = want_window, want_size  # predict with the store gone
+        labels = _recorded_labels(config)
         warnings.append(f"warning: the run's store {recorded_path} is missing; using the "
                         "window and size recorded in the run's config")
-    return LoadedRun(run_dir, config, context, info, window, size, checkpoint, warnings)
+    return LoadedRun(run_dir, config, context, info, window, size, checkpoint, warnings,
+                     labels)
 
 
 def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module:
@@ -262,6 +325,11 @@ def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module
                         f"says context {lr.context} ({expected} channels); the run directory "
                         "is inconsistent, retrain or fix config.json")
     return model
+
+
+def training_cases(run_dir: Path) -> list[str]:
+    """The run's training split (empty when the run records none)."""
+    return list(runlib.read_split(run_dir).get("train") or [])
 
 
 def _default_cases(lr: LoadedRun) -> list[str]:
@@ -316,9 +384,17 @@ def _src_cases(lr: LoadedRun, src: Path, spec: str | None) -> list[CaseRef]:
 
 
 def overlay_title(s: CaseScore) -> str:
-    flag = f"  [{BACKGROUND_FLAG}]" if s.background_only else ""
-    return (f"{s.case}  kidney Dice {s.kidney_dice:.3f}  tumour Dice {s.tumour_dice:.3f}"
-            f"{flag}")
+    flag = "".join(f"  [{f}]" for f in s.flags)
+    dice = "  ".join(f"{name} {v:.3f}" for name, v in s.dice.items())
+    return f"{s.case}  Dice {dice}{flag}"
+
+
+def store_spacing(info: StoreInfo, case_id: str) -> tuple[float, float, float]:
+    """Voxel spacing (mm) of a stored case's slices inside `store_box`: the source spacing,
+    in-plane scaled by the recorded resize."""
+    m = info.cases[case_id]
+    p = m.in_plane
+    return (m.spacing[0], m.spacing[1] * p.src_h / p.new_h, m.spacing[2] * p.src_w / p.new_w)
 
 
 def display_slice(volume: Volume, axes: tuple[int, int, int], index: int, window: Window
@@ -345,7 +421,7 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
             rows, cols = store_box(info, cid)
             truth = read_store_labels(sm, info, cid)[:, rows, cols]
             pred = pred[:, rows, cols]
-            s = score_case(cid, pred, truth)
+            s = score_case(cid, pred, truth, info.labels, store_spacing(info, cid))
             scores.append(s)
             if cfg.overlays is not None:
                 k = overlay_slice(truth, pred)
@@ -355,7 +431,7 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
                     image, truth[k], pred[k], f"{overlay_title(s)}  (stored slice {k})",
                     Path(cfg.overlays) / f"{cid}.png", vmin=w.normalise(w.lo),
                     vmax=w.normalise(w.hi)))
-            progress.case_done(cid, _case_line(s))
+            progress.case_done(cid, case_line(s))
     finally:
         sm.close()
     return scores, pictures, resized
@@ -377,7 +453,8 @@ def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.
         pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device, amp=cfg.amp,
                               tta=cfg.tta, batch_size=cfg.batch_size, case_id=ref.case_id,
                               progress=progress.advance)
-        s = score_case(ref.case_id, pred, seg.data)
+        s = score_case(ref.case_id, pred, seg.data, lr.labels,
+                       voxel_spacing(seg.header.affine))
         scores.append(s)
         if cfg.overlays is not None:
             axes = axial_axes(vol.header.affine)
@@ -387,14 +464,17 @@ def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.
                 display_slice(vol, axes, k, lr.window), truth[k], p[k],
                 f"{overlay_title(s)}  (slice {k})", Path(cfg.overlays) / f"{ref.case_id}.png",
                 vmin=lr.window.lo, vmax=lr.window.hi))
-        progress.case_done(ref.case_id, _case_line(s))
+        progress.case_done(ref.case_id, case_line(s))
         del vol, seg, pred
     return scores, pictures
 
 
-def _case_line(s: CaseScore) -> str:
-    flag = f"  {BACKGROUND_FLAG}" if s.background_only else ""
-    return f"kidney {s.kidney_dice:.4f}  tumour {s.tumour_dice:.4f}{flag}"
+def case_line(s: CaseScore) -> str:
+    """The progress line of one scored case."""
+    flag = "".join(f"  {f}" for f in s.flags)
+    dice = "  ".join(f"{name} {v:.4f}" for name, v in s.dice.items())
+    sd = "  ".join(f"{v:.4f}" for v in s.surface_dice.values())
+    return f"Dice {dice}" + (f"  surface Dice {sd}" if sd else "") + flag
 
 
 def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
@@ -419,8 +499,10 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         run_dir=lr.run_dir, checkpoint=lr.checkpoint,
         store=lr.store.path if lr.store is not None else None,
         src=None if cfg.src is None else Path(cfg.src), geometry=geometry, tta=cfg.tta,
-        scores=scores, mean=mean_score(scores), csv_path=lr.run_dir / SCORE_CSV,
-        overlays=pictures, warnings=list(lr.warnings), resized=resized)
+        scores=scores, mean=mean_score(scores), labels=lr.labels,
+        csv_path=lr.run_dir / SCORE_CSV,
+        overlays=pictures, warnings=list(lr.warnings), resized=resized,
+        trained=[s.case for s in scores if s.case in set(training_cases(lr.run_dir))])
     write_csv(report, report.csv_path)
     if cfg.json is not None:
         report.json_path = Path(cfg.json)
@@ -442,48 +524,73 @@ def write_csv(report: ScoreReport, path: Path) -> Path:
     """One row per case plus the mean row, full precision, for spreadsheets and scripts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    cols = score_columns(report.labels)
+
+    def cell(v: object) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, bool):
+            return str(int(v))
+        return repr(v) if isinstance(v, float) else str(v)
+
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", "kidney_dice", "tumour_dice", "mean_dice", "accuracy",
-                    "background_accuracy", "background_only"])
+        w.writerow(cols)
         for s in [*report.scores, report.mean]:
-            w.writerow([s.case, repr(s.kidney_dice), repr(s.tumour_dice), repr(s.mean_dice),
-                        repr(s.accuracy), repr(s.background_accuracy), int(s.background_only)])
+            row = score_row(s, report.labels, s.case in report.trained)
+            w.writerow([cell(row[c]) for c in cols])
     tmp.replace(path)
     return path
 
 
 def format_table(report: ScoreReport) -> str:
-    """The human table: Dice per case, accuracy beside the all-background accuracy, the
-    background-only flag, then the mean row and what the numbers mean."""
-    head = ("case", "kidney", "tumour", "mean", "acc %", "bg-acc %", "")
-    rows = [[s.case, f"{s.kidney_dice:.4f}", f"{s.tumour_dice:.4f}", f"{s.mean_dice:.4f}",
-             f"{100 * s.accuracy:.3f}", f"{100 * s.background_accuracy:.3f}",
-             BACKGROUND_FLAG if s.background_only else ""] for s in report.scores]
-    m = report.mean
-    mean_row = [m.case, f"{m.kidney_dice:.4f}", f"{m.tumour_dice:.4f}", f"{m.mean_dice:.4f}",
-                f"{100 * m.accuracy:.3f}", f"{100 * m.background_accuracy:.3f}",
-                BACKGROUND_FLAG if m.background_only else ""]
-    widths = [max(len(str(r[i])) for r in [head, *rows, mean_row]) for i in range(len(head))]
+    """The human table: Dice of every region and their mean (the headline), surface Dice,
+    accuracy beside the all-background accuracy, the flags; then the mean row and what the
+    numbers mean."""
+    ls = report.labels
+    names = [r.name for r in ls.regions]
+    head = ["case", *(f"Dice {n}" for n in names), "mean",
+            *(f"surface {n}" for n in names), "acc %", "bg-acc %", ""]
 
-    def line(cells: list[str] | tuple[str, ...]) -> str:
-        out = [str(cells[0]).ljust(widths[0])]
-        out += [str(c).rjust(widths[i]) for i, c in enumerate(cells[1:6], start=1)]
-        out.append(str(cells[6]))
+    def cells(s: CaseScore) -> list[str]:
+        return [s.case, *(f"{s.dice[n]:.4f}" for n in names), f"{s.mean_dice:.4f}",
+                *(f"{s.surface_dice[n]:.4f}" if n in s.surface_dice else "-" for n in names),
+                f"{100 * s.accuracy:.3f}", f"{100 * s.background_accuracy:.3f}",
+                ", ".join(s.flags + ([TRAINED_FLAG] if s.case in report.trained else []))]
+
+    rows = [cells(s) for s in report.scores]
+    mean_row = cells(report.mean)
+    widths = [max(len(r[i]) for r in [head, *rows, mean_row]) for i in range(len(head))]
+    last = len(head) - 1
+
+    def line(c: list[str]) -> str:
+        out = [c[0].ljust(widths[0])]
+        out += [v.rjust(widths[i]) for i, v in enumerate(c[1:last], start=1)]
+        out.append(c[last])
         return "  ".join(out).rstrip()
 
-    rule = "-" * len(line([*head[:6], ""]))
+    rule = "-" * len(line([*head[:last], ""]))
     lines = [line(head), rule, *(line(r) for r in rows), rule, line(mean_row), ""]
     lines.append(f"{report.run_dir}  checkpoint {report.checkpoint.name}  "
                  f"geometry: {report.geometry}" + ("  tta: flips" if report.tta else ""))
-    lines += textwrap.wrap(DICE_NOTE, 96, subsequent_indent="  ")
-    lines.append(f"{BACKGROUND_FLAG}: accuracy within 0.2 points of predicting background "
-                 "everywhere, or kidney Dice < 0.1")
+    lines += textwrap.wrap(definition(ls), 96, subsequent_indent="  ")
+    lines += textwrap.wrap(
+        f"{BACKGROUND_FLAG}: the truth has foreground and the prediction under "
+        f"{MIN_FOREGROUND_SHARE:.0%} of its volume; {OVERPREDICT_FLAG}: accuracy more than "
+        f"{100 * OVERPREDICT_MARGIN:g} point below predicting background everywhere", 96,
+        subsequent_indent="  ")
     if report.resized:
         lines.append("scored on the store's resized labels; for the official numbers score "
                      "in source geometry with --src DIR")
-    flagged = report.flagged
-    if flagged:
-        lines.append(f"{len(flagged)} of {len(report.scores)} case(s) look like a model that "
+    blind = [s.case for s in report.scores if s.background_only]
+    over = [s.case for s in report.scores if s.over_predicts]
+    if blind:
+        lines.append(f"{len(blind)} of {len(report.scores)} case(s) look like a model that "
                      "predicts background everywhere: its accuracy means nothing")
+    if over:
+        lines.append(f"{len(over)} of {len(report.scores)} case(s) paint foreground where "
+                     "there is none: accuracy far below predicting nothing")
+    if report.trained:
+        lines.append(f"{len(report.trained)} of {len(report.scores)} case(s) were in the run's "
+                     "training split: their scores say nothing about new patients")
     return "\n".join(lines)

@@ -62,7 +62,7 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     config = json.loads((out / "config.json").read_text())
     assert config["store_fingerprint"] and config["train"]["max_steps"] == 6
     # the store's label set is recorded; the preset's cyst weight does not apply to KiTS19
-    assert config["labels"]["edition"] == "kits19"
+    assert config["store_attrs"]["labels"]["edition"] == "kits19"
     assert config["label_weights_applied"] == {"tumour": 4.0}
     assert config["model"]["region_writes"] == [1, 2]
     assert config["model"]["in_channels"] == 5  # default preset: context 2
@@ -76,6 +76,10 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     assert all(0.0 <= r["stall"] <= 1.0 and r["slices_per_s"] > 0 for r in train)
     val = [r for r in records if r["kind"] == "val"][-1]
     assert 0.0 <= val["kidney_dice"] <= 1.0 and set(val["per_case"]) == set(split["val"])
+    assert val["regions"] == ["kidney", "tumour"]  # every region of the store's label set
+    assert val["mean_dice"] == pytest.approx((val["kidney_dice"] + val["tumour_dice"]) / 2)
+    assert config["store_attrs"]["labels"]["edition"] == "kits19"
+    assert "validation Dice kidney" in r.output
     for which in ("last", "best"):
         ckpt = torch.load(out / "checkpoints" / f"{which}.pt", weights_only=True)
         assert json.loads(ckpt["state"])["step"] >= 3
@@ -297,7 +301,8 @@ def test_a_kits23_store_trains_over_its_regions_or_classes(kits23_store: Path, t
                            "--regions" if regions else "--classes"))
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
-    assert config["labels"]["edition"] == "kits23" and config["model"]["num_classes"] == 4
+    assert config["store_attrs"]["labels"]["edition"] == "kits23"
+    assert config["model"]["num_classes"] == 4
     assert config["model"]["region_writes"] == ([1, 3, 2] if regions else [])
     assert config["label_weights_applied"] == {"tumour": 4.0, "cyst": 2.0}
     assert _weights(out)["head.weight"].shape[0] == outputs

@@ -270,8 +270,8 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
             truth = read_store_labels(sm, info, s.case)[:, rows, cols]
             kidney, tumour = official_dice(pred, truth)
             assert 0.0 < kidney < 1.0 and 0.0 < tumour < 1.0  # a test with teeth
-            assert s.kidney_dice == pytest.approx(kidney, abs=1e-12)
-            assert s.tumour_dice == pytest.approx(tumour, abs=1e-12)
+            assert s.dice["kidney"] == pytest.approx(kidney, abs=1e-12)
+            assert s.dice["tumour"] == pytest.approx(tumour, abs=1e-12)
             assert s.accuracy == pytest.approx(np.mean(pred == truth))
             assert s.background_accuracy == pytest.approx(np.mean(truth == 0))
     finally:

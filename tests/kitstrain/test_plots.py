@@ -12,7 +12,7 @@ import pytest
 
 from kitsprep.errors import KitsError
 from kitstrain import run as runlib
-from kitstrain.plots import case_overlay, overlay_slice, plot_curves
+from kitstrain.plots import case_overlay, dice_curves, overlay_slice, plot_curves
 
 
 def test_overlay_slice_prefers_true_tumour_then_kidney_then_prediction() -> None:
@@ -60,3 +60,17 @@ def test_plot_curves_reads_the_metrics_log(tmp_path: Path) -> None:
     assert path == tmp_path / "curves.png"
     assert matplotlib.image.imread(path).shape[2] in (3, 4)
     assert plot_curves(tmp_path, tmp_path / "other.png").is_file()
+
+
+
+def test_plot_curves_draws_the_regions_the_run_logged(tmp_path: Path) -> None:
+    regions = ["kidney_and_mass", "mass", "tumor"]
+    val = [{"kind": "val", "step": s, "regions": regions, "mean_dice": 0.1 * s,
+            **{f"{n}_dice": 0.1 * s for n in regions}} for s in (1, 2)]
+    assert [k for k, _, _ in dice_curves(val)] == [
+        "kidney_and_mass_dice", "mass_dice", "tumor_dice", "mean_dice"]
+    old = [{"kind": "val", "step": 1, "kidney_dice": 0.5, "tumour_dice": 0.2, "mean_dice": 0.35}]
+    assert [k for k, _, _ in dice_curves(old)] == ["kidney_dice", "tumour_dice", "mean_dice"]
+    lines = [{"kind": "train", "step": 1, "loss": 1.0, "lr": 0.001}, *val]
+    (tmp_path / runlib.METRICS).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert plot_curves(tmp_path).is_file()

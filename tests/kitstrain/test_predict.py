@@ -1,4 +1,5 @@
-"""`kitstrain predict`: submission files in the imaging's own geometry, labelled or not."""
+"""`kitstrain predict`: submission files in the imaging's own geometry, labelled or not,
+named for the edition's evaluator; training cases marked."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 
 from kitsprep.errors import KitsError
+from kitsprep.labels import EDITIONS
 from kitstrain import run as runlib
 from kitstrain.infer import Progress
 from kitstrain.model import UNet
 from kitstrain.predict import PredictConfig, predict_run, prediction_name
-from kitstrain.score import format_table
+from kitstrain.score import TRAINED_FLAG, format_table
 from tests.kitstrain.test_infer import (
     COHORT,
     UNET,
@@ -35,13 +37,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = make_store(src, root / "slices.h5")
     return {"root": root, "src": src, "store": store,
             "kidney": make_run(root / "runs" / "kidney", store, constant_unet(1),
-                               val=["case_00000"]),
+                               val=["case_00000"], train=["case_00001", "case_00002"]),
             "random": make_run(root / "runs" / "random", store, UNet(UNET).eval(),
                                val=["case_00000"], context=0)}
 
 
 def test_prediction_name() -> None:
     assert prediction_name("case_00210") == "prediction_00210.nii.gz"
+    assert prediction_name("case_00210", EDITIONS["kits19"]) == "prediction_00210.nii.gz"
+    assert prediction_name("case_00210", EDITIONS["kits23"]) == "case_00210.nii.gz"
 
 
 def test_predictions_have_the_imaging_geometry(setup, tmp_path: Path) -> None:
@@ -79,10 +83,31 @@ def test_labelled_cases_are_scored_with_the_official_formula(setup, tmp_path: Pa
         pred = np.asanyarray(nib.load(str(out / prediction_name(s.case))).dataobj)
         assert (pred == 1).all()
         kidney, tumour = official_dice(pred, truth)
-        assert s.kidney_dice == pytest.approx(kidney, abs=1e-12)
-        assert s.tumour_dice == pytest.approx(tumour, abs=1e-12)
+        assert s.dice["kidney"] == pytest.approx(kidney, abs=1e-12)
+        assert s.dice["tumour"] == pytest.approx(tumour, abs=1e-12)
+        assert set(s.surface_dice) == {"kidney", "tumour"}
+    assert report.trained == ["case_00001", "case_00002"]
     table = format_table(report.score_report())
     assert "case_00003" not in table and "mean" in table
+    lines = {line.split()[0]: line for line in table.splitlines() if line.startswith("case_")}
+    assert TRAINED_FLAG not in lines["case_00000"]
+    assert lines["case_00001"].endswith(TRAINED_FLAG) and lines["case_00002"].endswith(
+        TRAINED_FLAG)
+    assert "2 of 3 case(s) were in the run's training split" in table
+
+
+def test_naming_follows_the_store_edition_or_the_option(setup, tmp_path: Path) -> None:
+    report = predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"],
+                                       out=tmp_path / "a", cases="3", device="cpu"), QUIET)
+    assert [p.name for p in report] == ["prediction_00003.nii.gz"]  # a KiTS19 store
+    report = predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"],
+                                       out=tmp_path / "b", cases="3", device="cpu",
+                                       naming="kits23"), QUIET)
+    assert [p.name for p in report] == ["case_00003.nii.gz"]
+    with pytest.raises(KitsError, match="unknown KiTS edition 'kits20'"):
+        predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"],
+                                  out=tmp_path / "c", cases="3", device="cpu",
+                                  naming="kits20"), QUIET)
 
 
 def test_predict_survives_a_moved_store_and_names_user_errors(setup, tmp_path: Path) -> None:

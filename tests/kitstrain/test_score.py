@@ -1,4 +1,4 @@
-"""`kitstrain score` as a library call: official numbers, the flag, outputs, user errors."""
+"""`kitstrain score` as a library call: official numbers, the flags, outputs, user errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ from kitsprep.store import SliceMap, open_store
 from kitstrain import run as runlib
 from kitstrain.infer import Progress, read_store_labels, store_box
 from kitstrain.metrics import CaseScore, mean_score
-from kitstrain.score import BACKGROUND_FLAG, ScoreConfig, ScoreReport, format_table, score_run
+from kitstrain.score import (
+    BACKGROUND_FLAG,
+    OVERPREDICT_FLAG,
+    TRAINED_FLAG,
+    ScoreConfig,
+    ScoreReport,
+    format_table,
+    score_run,
+    store_spacing,
+)
 from tests.kitstrain.test_infer import (
     constant_unet,
     make_cohort,
@@ -24,6 +33,7 @@ from tests.kitstrain.test_infer import (
     make_store,
     official_dice,
 )
+from tests.kitstrain.test_metrics import KIDNEY_TOL, official_surface_dice
 
 VAL = ["case_00000", "case_00001", "case_00002", "case_00004"]
 QUIET = Progress(enabled=False)
@@ -62,9 +72,14 @@ def test_store_scores_equal_the_official_formula(setup, tmp_path: Path) -> None:
     for s in report.scores:
         truth = store_truth(setup["store"], s.case)
         kidney, tumour = official_dice(np.ones_like(truth), truth)
-        assert s.kidney_dice == pytest.approx(kidney, abs=1e-12)
-        assert s.tumour_dice == pytest.approx(tumour, abs=1e-12) and tumour == 0.0
+        assert s.dice["kidney"] == pytest.approx(kidney, abs=1e-12)
+        assert s.dice["tumour"] == pytest.approx(tumour, abs=1e-12) and tumour == 0.0
         assert s.mean_dice == pytest.approx((kidney + tumour) / 2)
+        # a prediction that fills the volume: its surface is the volume's edge
+        spacing = store_spacing(open_store(setup["store"]), s.case)
+        assert s.surface_dice["kidney"] == pytest.approx(official_surface_dice(
+            np.ones(truth.shape, bool), truth > 0, spacing, KIDNEY_TOL), abs=1e-4)
+        assert s.surface_dice["tumour"] == 0.0
         assert s.accuracy == pytest.approx(np.mean(truth == 1))
         assert s.background_accuracy == pytest.approx(np.mean(truth == 0))
     assert report.mean == mean_score(report.scores)
@@ -73,11 +88,18 @@ def test_store_scores_equal_the_official_formula(setup, tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(report.csv_path)))
     assert report.csv_path == setup["kidney"] / "score.csv"
     assert [r["case"] for r in rows] == [*VAL, "mean"]
-    assert float(rows[0]["kidney_dice"]) == report.scores[0].kidney_dice
+    assert float(rows[0]["kidney_dice"]) == report.scores[0].dice["kidney"]
+    assert float(rows[0]["tumour_surface_dice"]) == report.scores[0].surface_dice["tumour"]
+    assert list(rows[0])[:6] == ["case", "kidney_dice", "tumour_dice", "mean_dice",
+                                 "kidney_surface_dice", "tumour_surface_dice"]
     data = json.loads((tmp_path / "s.json").read_text())
     assert [c["case"] for c in data["cases"]] == VAL
-    assert data["mean"]["kidney_dice"] == pytest.approx(report.mean.kidney_dice)
-    assert "both sets empty scores 1.0" in data["definition"]
+    assert data["mean"]["kidney_dice"] == pytest.approx(report.mean.dice["kidney"])
+    assert data["edition"] == "kits19"
+    assert [r["name"] for r in data["regions"]] == ["kidney", "tumour"]
+    assert data["regions"][0]["tolerance_mm"] == KIDNEY_TOL
+    assert "both empty scores 1" in data["definition"]
+    assert not any(c["trained_on"] for c in data["cases"])
 
 
 def test_source_scores_equal_the_official_formula_at_source_resolution(setup,
@@ -89,8 +111,9 @@ def test_source_scores_equal_the_official_formula_at_source_resolution(setup,
     for s in report.scores:
         truth = read_volume(setup["src"] / s.case / "segmentation.nii.gz").data
         kidney, tumour = official_dice(np.ones_like(truth), truth)
-        assert s.kidney_dice == pytest.approx(kidney, abs=1e-12)
-        assert s.tumour_dice == pytest.approx(tumour, abs=1e-12)
+        assert s.dice["kidney"] == pytest.approx(kidney, abs=1e-12)
+        assert s.dice["tumour"] == pytest.approx(tumour, abs=1e-12)
+        assert set(s.surface_dice) == {"kidney", "tumour"}
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{c}.png" for c in VAL]
 
 
@@ -98,7 +121,8 @@ def test_a_background_model_is_flagged(setup, tmp_path: Path) -> None:
     cfg = ScoreConfig(run_dir=setup["background"], device="cpu", overlays=tmp_path / "png",
                       tta=True)
     report = score_run(cfg, QUIET)
-    assert all(s.kidney_dice == 0.0 and s.background_only for s in report.scores)
+    assert all(s.dice["kidney"] == 0.0 and s.background_only for s in report.scores)
+    assert not any(s.over_predicts for s in report.scores)
     assert all(s.accuracy == s.background_accuracy for s in report.scores)
     table = format_table(report)
     rows = [line for line in table.splitlines() if line.startswith("case_")]
@@ -108,19 +132,36 @@ def test_a_background_model_is_flagged(setup, tmp_path: Path) -> None:
 
 
 def test_table_flags_only_the_rows_that_need_it(tmp_path: Path) -> None:
-    good = CaseScore("case_00050", 0.95, 0.70, 0.825, 0.9990, 0.9852)
-    near = CaseScore("case_00051", 0.60, 0.00, 0.300, 0.9890, 0.9882)  # within 0.2 points
-    blind = CaseScore("case_00052", 0.05, 0.00, 0.025, 0.9500, 0.9000)  # kidney Dice < 0.1
-    scores = [good, near, blind]
+    def case(cid: str, kidney: float, acc: float, bg: float, fg_pred: int, fg_true: int,
+             ) -> CaseScore:
+        return CaseScore(cid, {"kidney": kidney, "tumour": 0.5}, acc, bg, fg_pred, fg_true,
+                         {"kidney": 0.9, "tumour": 0.4})
+
+    good = case("case_00050", 0.95, 0.9990, 0.9852, 1000, 1000)
+    # the newcomer's case: accuracy within 0.2 points of the baseline, a weak model not a
+    # blind one
+    weak = case("case_00051", 0.66, 0.9890, 0.9882, 700, 1000)
+    blind = case("case_00052", 0.05, 0.9000, 0.9000, 40, 1000)  # almost no foreground
+    over = case("case_00053", 0.30, 0.4200, 0.9960, 58000, 400)  # foreground everywhere
+    scores = [good, weak, blind, over]
     report = ScoreReport(run_dir=tmp_path, checkpoint=tmp_path / "best.pt", store=None,
                          src=None, geometry="source", tta=False, scores=scores,
-                         mean=mean_score(scores))
-    lines = {line.split()[0]: line for line in format_table(report).splitlines() if line}
-    assert not lines["case_00050"].endswith(BACKGROUND_FLAG)
-    assert lines["case_00051"].endswith(BACKGROUND_FLAG)
+                         mean=mean_score(scores), trained=["case_00050"])
+    table = format_table(report)
+    lines = {line.split()[0]: line for line in table.splitlines() if line}
+    assert lines["case_00050"].endswith(TRAINED_FLAG)
+    assert not any(f in lines["case_00050"] or f in lines["case_00051"]
+                   for f in (BACKGROUND_FLAG, OVERPREDICT_FLAG))
     assert lines["case_00052"].endswith(BACKGROUND_FLAG)
+    assert lines["case_00053"].endswith(OVERPREDICT_FLAG)
+    assert BACKGROUND_FLAG not in lines["case_00053"]
     assert "99.900" in lines["case_00050"] and "98.520" in lines["case_00050"]
-    assert lines["mean"].split()[1] == f"{np.mean([0.95, 0.60, 0.05]):.4f}"
+    cells = lines["mean"].split()
+    assert cells[1] == f"{np.mean([0.95, 0.66, 0.05, 0.30]):.4f}"  # kidney Dice, headline
+    mean_dice = np.mean([(k + 0.5) / 2 for k in (0.95, 0.66, 0.05, 0.30)])
+    assert cells[3] == f"{mean_dice:.4f}"  # mean Dice
+    assert cells[4:6] == ["0.9000", "0.4000"]  # surface Dice
+    assert "1 of 4 case(s) were in the run's training split" in table
 
 
 def test_default_run_is_the_newest(setup) -> None:
