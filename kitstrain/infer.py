@@ -244,7 +244,7 @@ def predict_store_case(model: nn.Module, info: StoreInfo, slice_map: SliceMap | 
         raise KitsError(f"{case_id} is not in the store {info.path}; pick cases it holds "
                         "(`kitsprep info` lists them)")
     own = slice_map is None
-    sm = SliceMap(info.path, info.size) if own else slice_map
+    sm = SliceMap(info.path, info.size, info.case_ids) if own else slice_map
     try:
         images = read_store_images(sm, info, case_id)
     finally:
@@ -269,7 +269,7 @@ def count_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], c
     for cid in cases:
         require_scorable(info, cid)  # fail before any inference, not after hours of it
     own = slice_map is None
-    sm = SliceMap(info.path, info.size) if own else slice_map
+    sm = SliceMap(info.path, info.size, info.case_ids) if own else slice_map
     counts: dict[str, DiceCounts] = {}
     try:
         for cid in cases:

@@ -336,7 +336,7 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
     progress.start(sum(info.cases[c].slices for c in cases), "score")
     scores, pictures = [], []
     resized = any(not info.cases[c].in_plane.is_identity for c in cases)
-    sm = SliceMap(info.path, info.size)
+    sm = SliceMap(info.path, info.size, info.case_ids)
     try:
         for cid in cases:
             pred = predict_store_case(model, info, sm, cid, lr.context, device, amp=cfg.amp,
