@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from kitsprep.errors import KitsError
 from kitsprep.store import open_store
-from kitstrain.augment import AugmentConfig, augment_slice
-from kitstrain.data import SliceDataset, train_loader_for
+from kitstrain.augment import AugmentConfig, compile_kernels
+from kitstrain.data import SliceDataset, close_loader, train_loader_for
 
 
 class InRamDataset(SliceDataset):
@@ -78,14 +78,6 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _close(loader: DataLoader) -> None:
-    """Stop persistent workers now rather than at garbage collection."""
-    it = getattr(loader, "_iterator", None)
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-    loader._iterator = None
-
-
 def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device | None
          ) -> dict:
     """Slices/s after `warmup` batches (worker start, kernel load, full prefetch queues);
@@ -124,7 +116,7 @@ def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device |
         rss = [_mb(_proc_kb(pid, "VmHWM")) for pid in pids]
         pss = [_mb(_proc_kb(pid, "Pss", "smaps_rollup")) for pid in pids]
     finally:
-        _close(loader)
+        close_loader(loader)
     return {"slices": slices, "batches": batches, "seconds": elapsed,
             "slices_per_s": slices / elapsed, "worker_peak_rss_mb": rss, "worker_pss_mb": pss,
             "main_cpu": busy[0], "worker_cpu": busy[1:]}
@@ -157,9 +149,7 @@ def bench_loader(store_path: Path | str, batch_size: int = 16, workers: int = 2,
                     persistent_workers=True, multiprocessing_context=multiprocessing_context)
     warmup = max(4, 2 * workers * prefetch_factor)
     if aug is not None and multiprocessing_context in (None, "fork"):
-        # compile (or load) the numba kernels once here, before forking, not per worker
-        augment_slice(np.zeros((1, 4, 4), np.float16), np.zeros((4, 4), np.uint8),
-                      np.random.default_rng(0), AugmentConfig(p_rotate=1.0, p_scale=1.0))
+        compile_kernels()  # once here, before forking, not per worker
 
     # The store first: workers fork from a parent that holds no in-RAM copy yet.
     mapped = _run(train_loader_for(ds, **settings), seconds, warmup, device)

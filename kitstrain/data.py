@@ -436,12 +436,12 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
     ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks. P is
     `patch` (see `kitstrain.patches.patch_origin`), the whole slice when None.
 
-    `epoch` fixes the sampler's order and the augmentation streams, so one loader per epoch
-    and one loader for a whole run (`loader.sampler.set_epoch`) both vary per epoch;
-    `start_batch` resumes mid-epoch on the same slices (the augmentation after a resume
-    is freshly seeded, not continued)."""
+    `epoch` fixes the sampler's order and the augmentation streams (each draw is seeded by
+    (seed, rank, epoch, draw)), so one loader for a whole run (`loader.sampler.set_epoch`
+    at each epoch's end, what `fit` does) varies per epoch; `start_batch` resumes
+    mid-epoch on the same slices with the same augmentations."""
     ds = SliceDataset(store_path, info, cases, context=context, augment=augment,
-                      seed=_stream_seed(seed, rank, epoch), patch=patch)
+                      seed=_stream_seed(seed, rank), patch=patch)
     return train_loader_for(ds, batch_size=batch_size, workers=workers,
                             fg_fraction=fg_fraction, tumour_weight=tumour_weight, seed=seed,
                             rank=rank, world_size=world_size,
@@ -452,11 +452,37 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
                             start_batch=start_batch)
 
 
-def _stream_seed(seed: int, rank: int, epoch: int) -> int:
-    """Augmentation seed per (seed, rank, epoch): ranks differ, and a loader rebuilt each
-    epoch does not replay the previous epoch's augmentations."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0]
-               >> 1)
+def _stream_seed(seed: int, rank: int) -> int:
+    """Augmentation seed per (seed, rank): ranks differ; the epoch and the draw come with
+    each sampled item (`Draw`), so the seed need not change when the epoch does."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def batches_per_epoch(samples_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: what a training loader yields per rank (drop_last
+    on each rank's ceil(samples / world) draws, one short batch when fewer than a batch).
+    Schedules count these, so a cosine ends where the data does."""
+    per_rank = math.ceil(samples_per_epoch / world_size)
+    return per_rank // batch_size if per_rank >= batch_size else 1
+
+
+# In-flight batches (workers x prefetch) a rank may hold in shared memory: prefetch shrinks
+# for large batches rather than filling /dev/shm (16 workers x 4 of 700 MB is 44 GB).
+PREFETCH_BYTES = 2 * 2**30
+
+
+def prefetch_for(batch_bytes: int, workers: int, budget: int = PREFETCH_BYTES) -> int:
+    """Batches each worker prepares ahead: 4 where they are small (covers a slow step's
+    jitter), down to 1 where workers x 4 batches would pass `budget`."""
+    return max(1, min(4, budget // max(1, workers * batch_bytes)))
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop persistent workers now rather than at garbage collection."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
 
 
 def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_fraction: float,
@@ -473,9 +499,11 @@ def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_frac
     sampler.set_epoch(epoch)
     sampler.skip_next(start_batch * batch_size)
     # workers' seeds derive from this generator (base_seed + worker id)
-    generator = torch.Generator().manual_seed(_stream_seed(seed, rank, epoch))
+    generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
+    # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
+    # serves later epochs too (batches_per_epoch counts the same way)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                      drop_last=len(sampler) >= batch_size, pin_memory=pin_memory,
+                      drop_last=sampler.per_rank >= batch_size, pin_memory=pin_memory,
                       generator=generator, collate_fn=collate_slices,
                       **_loader_kwargs(workers, prefetch_factor, persistent_workers,
                                        multiprocessing_context))

@@ -134,7 +134,7 @@ def test_injected_oom_halves_the_micro_batch_and_carries_on(
     import kitstrain.fit as fitmod
 
     monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "2")
-    monkeypatch.setattr(fitmod._inject_oom, "done", False, raising=False)
+    monkeypatch.setattr(fitmod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
     out = tmp_path / "oom"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "5"))
     assert r.exit_code == 0, r.output
