@@ -509,6 +509,18 @@ def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_frac
                                        multiprocessing_context))
 
 
+def next_batch(it: Iterator) -> tuple | None:
+    """The loader's next batch, None at the epoch's end. A KitsError raised in a worker
+    (a damaged slice) arrives wrapped in the worker's traceback: unwrap it to its one line."""
+    try:
+        return next(it, None)
+    except KitsError as exc:
+        text = str(exc).strip()
+        marker = "KitsError: "
+        raise KitsError(text[text.rindex(marker) + len(marker):] if marker in text
+                        else text) from None
+
+
 def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: int
                 ) -> list[str]:
     """This rank's cases: whole cases (so per-case 3D Dice needs no gathering of slices),

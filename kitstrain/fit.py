@@ -31,6 +31,7 @@ from kitstrain.data import (
     close_loader,
     make_split,
     make_train_loader,
+    next_batch,
     prefetch_for,
     shard_cases,
 )
@@ -831,7 +832,7 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
         it = iter(loader)
         while True:
             t0 = time.perf_counter()
-            batch = next(it, None)
+            batch = next_batch(it)
             if batch is None:
                 break
             t1 = time.perf_counter()

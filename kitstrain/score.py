@@ -43,6 +43,7 @@ from kitsprep.window import Window
 from kitstrain import run as runlib
 from kitstrain.infer import (
     DEFAULT_BATCH_SIZE,
+    Amp,
     Progress,
     predict_store_case,
     predict_volume,
@@ -51,6 +52,7 @@ from kitstrain.infer import (
     resolve_device,
     store_box,
 )
+from kitstrain.memory import amp_dtype
 from kitstrain.metrics import CaseScore, mean_score, score_case
 from kitstrain.plots import case_overlay, overlay_slice
 
@@ -88,7 +90,7 @@ class ScoreConfig:
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     which: str = "best"
-    amp: bool = True
+    amp: bool = True                # autocast in the run's training precision
     runs_root: Path = runlib.RUNS_ROOT
 
 
@@ -264,6 +266,21 @@ def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module
     return model
 
 
+def inference_amp(lr: LoadedRun, device: torch.device) -> Amp:
+    """Autocast in the precision the run trained and validated in (bf16 where the GPU has
+    it), so `score` and `predict` give the numbers `fit` logged: fp16 would differ, and
+    can overflow at 65,504. fp32 where that precision is unavailable on `device`."""
+    train = lr.config.get("train", {})
+    precision = train.get("precision")
+    if precision is None:  # runs recorded before --precision: a boolean `amp`
+        precision = "auto" if train.get("amp", True) else "fp32"
+    try:
+        dtype = amp_dtype(device, precision)
+    except KitsError:  # e.g. a GPU run's fp16, scored on a CPU
+        dtype = None
+    return dtype if dtype is not None else False
+
+
 def _default_cases(lr: LoadedRun) -> list[str]:
     split = runlib.read_split(lr.run_dir)
     val = list(split.get("val") or [])
@@ -336,10 +353,11 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
     progress.start(sum(info.cases[c].slices for c in cases), "score")
     scores, pictures = [], []
     resized = any(not info.cases[c].in_plane.is_identity for c in cases)
+    amp = inference_amp(lr, device) if cfg.amp else False
     sm = SliceMap(info.path, info.size, info.case_ids)
     try:
         for cid in cases:
-            pred = predict_store_case(model, info, sm, cid, lr.context, device, amp=cfg.amp,
+            pred = predict_store_case(model, info, sm, cid, lr.context, device, amp=amp,
                                       tta=cfg.tta, batch_size=cfg.batch_size,
                                       progress=progress.advance)
             rows, cols = store_box(info, cid)
@@ -370,11 +388,12 @@ def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.
         total += hdr.shape[axial_axes(hdr.affine)[0]]
     progress.start(total, "score --src")
     scores, pictures = [], []
+    amp = inference_amp(lr, device) if cfg.amp else False
     for ref in refs:
         vol = read_volume(ref.imaging, ref.case_id)
         seg = read_volume(ref.segmentation, ref.case_id)
         check_pair(ref.case_id, vol.header, seg.header)
-        pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device, amp=cfg.amp,
+        pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device, amp=amp,
                               tta=cfg.tta, batch_size=cfg.batch_size, case_id=ref.case_id,
                               progress=progress.advance)
         s = score_case(ref.case_id, pred, seg.data)
