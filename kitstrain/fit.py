@@ -4,6 +4,7 @@ checkpoint. One process per GPU under torchrun (DDP); a plain process otherwise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -710,9 +711,12 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     if d.world > 1:
         # buffers (batch-norm statistics) are broadcast before each validation, not at each
         # forward: no collective inside a step but the gradient all-reduce
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # (torch 2.13 renamed the option; both keep the one broadcast at construction)
+        sync = ("forward_sync_buffers" if "forward_sync_buffers"
+                in inspect.signature(ddp).parameters else "broadcast_buffers")
+        model = ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    **{sync: False})
     if tc.compile:
         # after the DDP wrap: DDPOptimizer splits the graph at bucket boundaries, so the
         # gradient all-reduce overlaps the backward pass
