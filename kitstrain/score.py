@@ -54,6 +54,7 @@ from kitstrain.infer import (
 )
 from kitstrain.memory import amp_dtype
 from kitstrain.metrics import CaseScore, mean_score, score_case
+from kitstrain.model import pad_input_channels
 from kitstrain.plots import case_overlay, overlay_slice
 
 __all__ = [
@@ -257,6 +258,8 @@ def load_run(run_dir: Path | None, data: Path | None, *, which: str = "best",
 
 def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module:
     model, _ = runlib.load_model(lr.run_dir, which, device)
+    if device.type == "cuda":
+        pad_input_channels(model)  # as fit trains on CUDA: tensor-core kernels for 5 channels
     expected = 1 + 2 * lr.context
     got = getattr(getattr(model, "cfg", None), "in_channels", expected)
     if got != expected:
