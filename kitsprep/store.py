@@ -317,6 +317,9 @@ def open_store(path: Path | str) -> StoreInfo:
         )
 
 
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
+
+
 class SliceMap:
     """A store's slices by index row, read without h5py and without mapping anything: one
     positioned read (`os.preadv`) per run of adjacent chunks, straight into the caller's
@@ -362,7 +365,7 @@ class SliceMap:
         i = 0
         while i < n:
             j = i + 1
-            while j < n and offsets[j] == offsets[j - 1] + sb:
+            while j < n and j - i < _IOV_MAX and offsets[j] == offsets[j - 1] + sb:
                 j += 1
             got = os.preadv(self._fd, [flat[k * sb:(k + 1) * sb] for k in range(i, j)],
                             offsets[i])

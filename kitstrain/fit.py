@@ -692,8 +692,9 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     recorded = run.read_config(run_dir) if cfg.resume else None
     if recorded is not None:  # the recorded batch, not a new search: the steps must not change
         batch_size, batch_info = int(recorded["batch_size"]), recorded["batch"]
-        lr_info = recorded.get("lr_scaling") or effective_lr(tc, batch_size, d.world,
-                                                              frozenset({"lr"}))
+        # runs recorded before lr scaling trained at their lr as given
+        lr_info = recorded.get("lr_scaling") or {"lr": tc.lr, "base_lr": tc.lr,
+                                                  "rule": "none (recorded before scaling)"}
     else:
         batch_size, batch_info = choose_batch_size(tc, model, loss_fn, patch, info, device,
                                                    dtype, d)
@@ -752,7 +753,7 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
              f"{train_slices} train slices, batch {batch_size} x {d.world} rank(s) of "
              f"{patch}x{patch} {unit}, {steps_per_epoch} steps/epoch, lr {run_tc.lr:.3g}"
              + (f" ({lr_info['rule']} scaling from {tc.lr:.3g} at batch "
-                f"{lr_info['reference_batch']})" if lr_info["rule"] in ("sqrt", "linear")
+                f"{lr_info.get('reference_batch')})" if lr_info["rule"] in ("sqrt", "linear")
                 else "")
              + f", device {device}"
              + (f", {dtype}".replace("torch.", "") if dtype else ", fp32")

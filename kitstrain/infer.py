@@ -199,12 +199,10 @@ def _labels_u8(model: nn.Module, logits: Tensor) -> np.ndarray:
 
 
 def read_store_images(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.ndarray:
-    """A case's stored float16 slices (slices, size, size), through the memory map."""
+    """A case's stored float16 slices (slices, size, size), CRC-checked."""
     rows = info.rows(case_id)
-    out = np.empty((len(rows), info.size, info.size), np.float16)
-    for i, row in enumerate(rows):
-        slice_map.image(row, out=out[i])
-    return out
+    # a case's chunks lie back to back: a few large reads instead of one per slice
+    return slice_map.images(rows, np.empty((len(rows), info.size, info.size), np.float16))
 
 
 def store_box(info: StoreInfo, case_id: str) -> tuple[slice, slice]:
