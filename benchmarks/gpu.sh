@@ -7,14 +7,14 @@
 #   4. where more than one GPU is visible: the same on 2 GPUs under torchrun for $TIME2,
 #      then an injected OOM on rank 1 only, which must stop both ranks within seconds
 #   bash benchmarks/gpu.sh                 # uses .venv/bin/python if present, else python3
-#   CASES=12 TIME=3m TIME2=90s WORKERS=8 bash benchmarks/gpu.sh
+#   CASES=12 TIME=150s TIME2=60s WORKERS=8 bash benchmarks/gpu.sh   # the defaults
 # Targets: loader stall under 5 % after start-up; store/in-RAM ratio >= 1.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1
-CASES=${CASES:-12} TIME=${TIME:-3m} TIME2=${TIME2:-90s}
+CASES=${CASES:-12} TIME=${TIME:-150s} TIME2=${TIME2:-60s}
 WORKERS=${WORKERS:-$(( $(nproc) > 8 ? 8 : $(nproc) ))}
 WORK=${WORK:-/tmp/kits-gpu}
 T_START=$(date +%s)
