@@ -491,3 +491,16 @@ def test_a_damaged_label_chunk_stops_fit_with_one_line(store: Path, tmp_path: Pa
     err = r.output.strip().splitlines()[-1]
     assert "label chunk does not inflate" in err and "kitsprep verify" in err, r.output
     assert "Traceback" not in r.output
+
+
+def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(store: Path,
+                                                                   tmp_path: Path) -> None:
+    """What the DDP OOM message promises: `--resume` picks up the recorded micro-batch."""
+    out = tmp_path / "oom-resume"
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "2"))
+    assert r.exit_code == 0, r.output
+    runlib.write_json(out / "oom.json", {"step": 2, "rank": 1, "micro_batch": 2})
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--log-every", "1", "--resume"))
+    assert r.exit_code == 0, r.output
+    train = [x for x in runlib.read_metrics(out) if x["kind"] == "train"]
+    assert train[-1]["step"] == 3 and train[-1]["micro_batch"] == 2
