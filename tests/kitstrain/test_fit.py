@@ -504,3 +504,18 @@ def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(store: Path,
     assert r.exit_code == 0, r.output
     train = [x for x in runlib.read_metrics(out) if x["kind"] == "train"]
     assert train[-1]["step"] == 3 and train[-1]["micro_batch"] == 2
+
+
+def test_unwrap_peels_compile_and_ddp_style_wrappers_in_either_order() -> None:
+    from kitstrain.fit import unwrap
+
+    net = torch.nn.Linear(2, 2)
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like from outside: `.module`
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    assert unwrap(torch.compile(Wrapper(net))) is net  # compile after the DDP wrap
+    assert unwrap(Wrapper(torch.compile(net))) is net
+    assert unwrap(net) is net
