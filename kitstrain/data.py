@@ -1,4 +1,4 @@
-"""Training data: patient-level splits, the memory-mapped slice dataset, samplers, loaders.
+"""Training data: patient-level splits, the store-backed slice dataset, samplers, loaders.
 
 The hot path never touches h5py: each DataLoader worker opens the store
 (`kitsprep.store.SliceMap`, lazily in the worker) and reads single slices at the byte
@@ -404,9 +404,10 @@ class ForegroundSampler(Sampler[int]):
 # Why these settings:
 # - persistent_workers: workers (and their maps, numba kernels, RNG streams) live across
 #   epochs; restarting them costs seconds per epoch under spawn and reseeds the streams.
-# - prefetch_factor=4 per worker: with 2 workers, 8 batches in flight cover the jitter of a
-#   step (validation, logging, a slow augmented batch) without holding much memory
-#   (512x512 batch of 16: 8 MB image + 4 MB label).
+# - prefetch_factor up to 4 per worker: with 2 workers, 8 batches in flight cover the
+#   jitter of a step (validation, logging, a slow augmented batch) without holding much
+#   memory (512x512 batch of 16: 8 MB image + 4 MB label); `fit` lowers it for large
+#   batches (`prefetch_for`) so that shared memory stays bounded.
 # - pin_memory only when the batches go to CUDA: pinned host memory is what makes
 #   `.to(device, non_blocking=True)` asynchronous; on CPU it only costs a copy.
 # - drop_last for training: equal batch sizes (batch-norm statistics) and an equal number
