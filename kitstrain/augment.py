@@ -292,3 +292,15 @@ def augment_slice(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             t.add_(torch.randn(t.shape, generator=g), alpha=d.noise)
     return _cast(img, image.dtype), lab
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's cache) the warp kernels in this process. Call it before
+    DataLoader workers fork: they inherit the compiled code instead of each compiling its
+    own copy at the same moment, on the cores the first batches need."""
+    cfg = AugmentConfig(p_rotate=1.0, p_scale=1.0)
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, np.float32):
+        image, label = np.zeros((1, 8, 8), dtype), np.zeros((8, 8), np.uint8)
+        augment_slice(image, label, rng, cfg)
+        augment_slice(image, label, rng, cfg, window=(0, 0, 4, 4))

@@ -1,10 +1,11 @@
-"""Training data: patient-level splits, the memory-mapped slice dataset, samplers, loaders.
+"""Training data: patient-level splits, the store-backed slice dataset, samplers, loaders.
 
-The hot path never touches h5py: each DataLoader worker maps the store read-only
-(`kitsprep.store.SliceMap`, opened lazily in the worker) and copies single slices out at the
-byte offsets recorded in the index, releasing the pages after each read. No whole-case or
-whole-file read happens anywhere, so a worker's memory is the same for a 100 MB store and a
-store larger than RAM. Samplers read only the index.
+The hot path never touches h5py: each DataLoader worker opens the store
+(`kitsprep.store.SliceMap`, lazily in the worker) and reads single slices at the byte
+offsets recorded in the index with positioned reads straight into the batch tensor,
+checking each one's CRC-32. Nothing is mapped and no whole-case or whole-file read happens
+anywhere, so a worker's memory is the same for a 100 MB store and a store larger than RAM.
+Samplers read only the index.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class SliceDataset(Dataset):
             raise KitsError(f"patch {patch} does not fit the store's {info.size}x{info.size} "
                             "slices; use at most that size")
         self.store_path = Path(store_path)
+        self.store_case_ids = tuple(info.case_ids)  # names a damaged slice's case
         self.size = info.size
         self.patch = info.size if patch is None else int(patch)
         self.context = int(context)
@@ -192,7 +194,7 @@ class SliceDataset(Dataset):
 
     def _open(self) -> None:
         """(Re)open the map and RNG in this process: first use, or first use after a fork."""
-        self._map = SliceMap(self.store_path, self.size)
+        self._map = SliceMap(self.store_path, self.size, self.store_case_ids)
         self._seed_rng()
 
     def _seed_rng(self) -> None:
@@ -204,11 +206,10 @@ class SliceDataset(Dataset):
         self._pid = os.getpid()
 
     def _read_into(self, i: int, img: np.ndarray, lab: np.ndarray) -> None:
-        """Item i's context slices and centre label, from the map straight into `img`
-        (C, H, W) float16 and `lab` (H, W) uint8."""
+        """Item i's context slices and centre label, read straight into `img` (C, H, W)
+        float16 (adjacent chunks in one system call) and `lab` (H, W) uint8."""
         rows = self.rows
-        for c, pos in enumerate(self._neighbours[i]):
-            self._map.image(rows[pos], out=img[c])
+        self._map.images(rows[self._neighbours[i]], img)
         if self._background[i]:
             # the index counts come from these very labels: zero-fill instead of inflating
             # 256 KB (10 us instead of ~100 us, and most CT slices hold no kidney)
@@ -432,9 +433,10 @@ class ForegroundSampler(Sampler[int]):
 # Why these settings:
 # - persistent_workers: workers (and their maps, numba kernels, RNG streams) live across
 #   epochs; restarting them costs seconds per epoch under spawn and reseeds the streams.
-# - prefetch_factor=4 per worker: with 2 workers, 8 batches in flight cover the jitter of a
-#   step (validation, logging, a slow augmented batch) without holding much memory
-#   (512x512 batch of 16: 8 MB image + 4 MB label).
+# - prefetch_factor up to 4 per worker: with 2 workers, 8 batches in flight cover the
+#   jitter of a step (validation, logging, a slow augmented batch) without holding much
+#   memory (512x512 batch of 16: 8 MB image + 4 MB label); `fit` lowers it for large
+#   batches (`prefetch_for`) so that shared memory stays bounded.
 # - pin_memory only when the batches go to CUDA: pinned host memory is what makes
 #   `.to(device, non_blocking=True)` asynchronous; on CPU it only costs a copy.
 # - drop_last for training: equal batch sizes (batch-norm statistics) and an equal number
@@ -465,12 +467,12 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
     ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks. P is
     `patch` (see `kitstrain.patches.patch_origin`), the whole slice when None.
 
-    `epoch` fixes the sampler's order and the augmentation streams, so one loader per epoch
-    and one loader for a whole run (`loader.sampler.set_epoch`) both vary per epoch;
-    `start_batch` resumes mid-epoch on the same slices (the augmentation after a resume
-    is freshly seeded, not continued)."""
+    `epoch` fixes the sampler's order and the augmentation streams (each draw is seeded by
+    (seed, rank, epoch, draw)), so one loader for a whole run (`loader.sampler.set_epoch`
+    at each epoch's end, what `fit` does) varies per epoch; `start_batch` resumes
+    mid-epoch on the same slices with the same augmentations."""
     ds = SliceDataset(store_path, info, cases, context=context, augment=augment,
-                      seed=_stream_seed(seed, rank, epoch), patch=patch)
+                      seed=_stream_seed(seed, rank), patch=patch)
     return train_loader_for(ds, batch_size=batch_size, workers=workers,
                             fg_fraction=fg_fraction, label_weights=label_weights, seed=seed,
                             rank=rank, world_size=world_size,
@@ -481,11 +483,37 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
                             start_batch=start_batch)
 
 
-def _stream_seed(seed: int, rank: int, epoch: int) -> int:
-    """Augmentation seed per (seed, rank, epoch): ranks differ, and a loader rebuilt each
-    epoch does not replay the previous epoch's augmentations."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0]
-               >> 1)
+def _stream_seed(seed: int, rank: int) -> int:
+    """Augmentation seed per (seed, rank): ranks differ; the epoch and the draw come with
+    each sampled item (`Draw`), so the seed need not change when the epoch does."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def batches_per_epoch(samples_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: what a training loader yields per rank (drop_last
+    on each rank's ceil(samples / world) draws, one short batch when fewer than a batch).
+    Schedules count these, so a cosine ends where the data does."""
+    per_rank = math.ceil(samples_per_epoch / world_size)
+    return per_rank // batch_size if per_rank >= batch_size else 1
+
+
+# In-flight batches (workers x prefetch) a rank may hold in shared memory: prefetch shrinks
+# for large batches rather than filling /dev/shm (16 workers x 4 of 700 MB is 44 GB).
+PREFETCH_BYTES = 2 * 2**30
+
+
+def prefetch_for(batch_bytes: int, workers: int, budget: int = PREFETCH_BYTES) -> int:
+    """Batches each worker prepares ahead: 4 where they are small (covers a slow step's
+    jitter), down to 1 where workers x 4 batches would pass `budget`."""
+    return max(1, min(4, budget // max(1, workers * batch_bytes)))
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop persistent workers now rather than at garbage collection."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
 
 
 def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_fraction: float,
@@ -503,12 +531,26 @@ def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_frac
     sampler.set_epoch(epoch)
     sampler.skip_next(start_batch * batch_size)
     # workers' seeds derive from this generator (base_seed + worker id)
-    generator = torch.Generator().manual_seed(_stream_seed(seed, rank, epoch))
+    generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
+    # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
+    # serves later epochs too (batches_per_epoch counts the same way)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                      drop_last=len(sampler) >= batch_size, pin_memory=pin_memory,
+                      drop_last=sampler.per_rank >= batch_size, pin_memory=pin_memory,
                       generator=generator, collate_fn=collate_slices,
                       **_loader_kwargs(workers, prefetch_factor, persistent_workers,
                                        multiprocessing_context))
+
+
+def next_batch(it: Iterator) -> tuple | None:
+    """The loader's next batch, None at the epoch's end. A KitsError raised in a worker
+    (a damaged slice) arrives wrapped in the worker's traceback: unwrap it to its one line."""
+    try:
+        return next(it, None)
+    except KitsError as exc:
+        text = str(exc).strip()
+        marker = "KitsError: "
+        raise KitsError(text[text.rindex(marker) + len(marker):] if marker in text
+                        else text) from None
 
 
 def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: int

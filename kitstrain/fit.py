@@ -4,6 +4,7 @@ checkpoint. One process per GPU under torchrun (DDP); a plain process otherwise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
@@ -23,20 +24,43 @@ import torch.distributed as dist
 
 from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
-from kitsprep.store import StoreInfo, open_store
+from kitsprep.store import CRC_ON_READ, StoreInfo, open_store
 from kitstrain import __version__, run
-from kitstrain.augment import AugmentConfig
-from kitstrain.data import Split, label_weights_by_value, make_split, make_train_loader
+from kitstrain.augment import AugmentConfig, compile_kernels
+from kitstrain.data import (
+    Split,
+    batches_per_epoch,
+    close_loader,
+    label_weights_by_value,
+    make_split,
+    make_train_loader,
+    next_batch,
+    prefetch_for,
+    shard_cases,
+)
 from kitstrain.infer import resolve_device, score_store_cases
 from kitstrain.losses import make_loss
-from kitstrain.memory import amp_dtype, find_batch_size, free_memory, is_oom, peak_memory_mb
+from kitstrain.memory import (
+    AUTO_BATCH_CAP,
+    amp_dtype,
+    find_batch_size,
+    free_memory,
+    is_oom,
+    peak_memory_mb,
+    scale_lr,
+)
 from kitstrain.metrics import mean_score
-from kitstrain.model import UNetConfig, build_model
+from kitstrain.model import UNetConfig, build_model, pad_input_channels
 from kitstrain.patches import resolve_patch
-from kitstrain.presets import TrainConfig
+from kitstrain.presets import PRESETS, TrainConfig
 
 STALL_WARN = 0.10             # loader stall share above which one warning names the fix
 CHECKPOINT_EVERY_S = 120.0    # a `last` checkpoint at least this often, besides validations
+VAL_SHARE = 0.10              # epoch-end validations skip while they would cost more than this
+VAL_COST = 0.5                # a validated sample's cost in training samples (forward only,
+                              # plus reading and counting on the host): estimates the final
+                              # validation before any has run, so --time-limit holds
+OOM_RECORD = "oom.json"       # a DDP rank's OOM: what --resume continues with
 RESUMABLE_OVERRIDES = {"max_steps", "time_limit", "epochs", "workers", "val_every", "log_every"}
 
 
@@ -233,6 +257,8 @@ def build_training_model(info: StoreInfo, tc: TrainConfig, device: torch.device)
     # channels_last everywhere: cuDNN's fast NHWC kernels on GPUs, oneDNN's on CPUs
     # (measured on 2 cores at 64x64: batch-norm U-Net steps ~15 % faster, inference ~1.5x)
     model = build_model(mcfg).to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        pad_input_channels(model)  # 5 context channels -> 8 for tensor-core kernels
     return model, mcfg
 
 
@@ -253,34 +279,96 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optim
     return cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
 
+def reference_batch(tc: TrainConfig) -> int:
+    """The per-step batch the preset's learning rate was tuned for."""
+    ref = PRESETS.get(tc.preset, {}).get("batch_size", TrainConfig.batch_size)
+    return int(ref) if isinstance(ref, int) else int(TrainConfig.batch_size)
+
+
 def choose_batch_size(tc: TrainConfig, model, loss_fn, patch: int, info: StoreInfo,
                       device: torch.device, dtype: torch.dtype | None, d: Dist
                       ) -> tuple[int, dict]:
-    """`auto` on CUDA: a real forward+backward at the training patch size, doubled until
-    the card is nearly full. On CPU memory is not the limit: the preset's default is kept."""
+    """`auto` on CUDA: the batch with the fastest per-sample step (`search_batch_size`),
+    the same on every rank. On CPU memory is not the limit and throughput is flat: the
+    preset's batch is kept."""
     if tc.batch_size != "auto":
         return int(tc.batch_size), {"mode": "fixed"}
     if device.type != "cuda":
-        bs = 16
-        return bs, {"mode": "auto", "note": f"CPU: memory is not the limit, using {bs}"}
-    c = 1 + 2 * tc.context
-
-    def try_batch(n: int) -> None:
-        x = torch.randn(n, c, patch, patch, device=device).to(
-            memory_format=torch.channels_last)
-        y = torch.randint(0, info.num_classes, (n, patch, patch), device=device)
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    found = find_batch_size(try_batch, device)
+        bs = reference_batch(tc)
+        return bs, {"mode": "auto", "reason": f"CPU: kept the preset's batch of {bs}"}
+    found = search_batch_size(model, loss_fn, tc, patch, info.num_classes, device, dtype)
     bs = found["batch_size"]
     if d.world > 1:  # every rank must agree on one batch size
         t = torch.tensor([bs], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         bs = int(t.item())
     return bs, {"mode": "auto", **found, "batch_size": bs}
+
+
+def largest_activation(tc: TrainConfig, patch: int) -> int:
+    """Elements per sample of the U-Net's largest tensor: the full-resolution decoder
+    concatenation (2 x width channels), or the input when that is wider."""
+    return max(2 * tc.width, 1 + 2 * tc.context) * patch * patch
+
+
+def search_batch_size(model: torch.nn.Module, loss_fn, tc: TrainConfig, patch: int,
+                      num_classes: int, device: torch.device, dtype: torch.dtype | None, *,
+                      cap: int = AUTO_BATCH_CAP, steps: int = 3) -> dict:
+    """Time real forward+backward steps at doubling batches (`memory.find_batch_size`),
+    then put the model back exactly as it was: weights, batch-norm running statistics, no
+    gradients. A try that fails mid-backward leaves partial gradients, and every try's
+    forward moves the running statistics; neither may reach the first real step."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cuda = device.type == "cuda"
+    channels = 1 + 2 * tc.context
+
+    def run_step(n: int) -> tuple[float, int | None]:
+        free_memory(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn(n, channels, patch, patch, device=device).contiguous(
+            memory_format=torch.channels_last)
+        y = torch.randint(0, num_classes, (n, patch, patch), device=device)
+        try:
+            t0 = 0.0
+            for i in range(steps + 1):  # the first is warm-up (kernel choice, allocator)
+                if i == 1:
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                    enabled=dtype is not None):
+                    loss = loss_fn(model(x), y)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = max(time.perf_counter() - t0, 1e-9)
+        finally:
+            model.zero_grad(set_to_none=True)
+        return n * steps / seconds, torch.cuda.max_memory_allocated(device) if cuda else None
+
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    try:
+        return find_batch_size(run_step, cap=cap, total_bytes=total,
+                               elements_per_sample=largest_activation(tc, patch))
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+        free_memory(device)
+
+
+def effective_lr(tc: TrainConfig, batch_size: int, world: int, explicit: frozenset[str]
+                 ) -> dict:
+    """The learning rate for this run's effective batch (batch x ranks): the preset's lr
+    is tuned for `reference_batch`; an --lr given on the command line is taken as is."""
+    ref, eff = reference_batch(tc), batch_size * world
+    if "lr" in explicit:
+        lr, rule = tc.lr, "none (--lr given)"
+    else:
+        lr, rule = scale_lr(tc.lr, eff, ref, tc.optimizer)
+    return {"lr": lr, "base_lr": tc.lr, "rule": rule, "reference_batch": ref,
+            "effective_batch": eff}
 
 
 def environment(device: torch.device, d: Dist) -> dict:
@@ -322,24 +410,34 @@ def lr_at(p: float, tc: TrainConfig) -> float:
 # --------------------------------------------------------------------------- step
 
 
-def _inject_oom(step: int) -> None:
-    """Fault injection for tests: KITS_INJECT_OOM_AT_STEP=N raises one OOM at step N."""
-    at = os.environ.get("KITS_INJECT_OOM_AT_STEP")
-    if at is not None and int(at) == step and not getattr(_inject_oom, "done", False):
-        _inject_oom.done = True
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)")
+def _inject_fault(step: int, rank: int) -> None:
+    """Fault injection for tests: KITS_INJECT_OOM_AT_STEP=N raises one OOM at step N,
+    KITS_INJECT_ERROR_AT_STEP=N one other error; KITS_INJECT_RANK=R limits either to rank R."""
+    only = os.environ.get("KITS_INJECT_RANK")
+    if only is not None and int(only) != rank:
+        return
+    for var, exc in (("KITS_INJECT_OOM_AT_STEP",
+                      torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)")),
+                     ("KITS_INJECT_ERROR_AT_STEP", RuntimeError("failure injected for a test"))):
+        at = os.environ.get(var)
+        if at is not None and int(at) == step and not getattr(_inject_fault, var, False):
+            setattr(_inject_fault, var, True)
+            raise exc
 
 
 def train_step(model, batch, loss_fn, optimizer, scaler, state: State, tc: TrainConfig,
-               device: torch.device, dtype: torch.dtype | None, log: Callable[[dict], None]
-               ) -> torch.Tensor:
+               device: torch.device, dtype: torch.dtype | None, log: Callable[[dict], None],
+               d: Dist, run_dir: Path) -> torch.Tensor:
     """One optimizer step over the batch, in micro-batches of `state.micro_batch` (gradient
-    accumulation keeps the effective batch). On OOM: halve the micro-batch, log, retry."""
+    accumulation keeps the effective batch). On OOM in one process: halve the micro-batch,
+    log, retry. Under DDP a retry cannot be agreed without a host sync every step, and one
+    rank retrying alone hangs the others in the gradient all-reduce: every rank stops at
+    once instead, and --resume continues with half the micro-batch (`OOM_RECORD`)."""
     images, labels = batch[0], batch[1]
     while True:
         try:
             return _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc,
-                               device, dtype)
+                               device, dtype, d.rank)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled; the rest re-raise
             if not is_oom(exc):
                 raise
@@ -348,17 +446,27 @@ def train_step(model, batch, loss_fn, optimizer, scaler, state: State, tc: Train
             if state.micro_batch <= 1:
                 raise KitsError("out of GPU memory even with a micro-batch of 1 slice; use a "
                                 "smaller --size store, a smaller model, or a larger GPU") from None
-            state.micro_batch //= 2
+            half = state.micro_batch // 2
+            if d.world > 1:
+                run.write_json(run_dir / OOM_RECORD, {"step": state.step, "rank": d.rank,
+                                                      "micro_batch": half})
+                raise KitsError(
+                    f"rank {d.rank} ran out of GPU memory at step {state.step} with a "
+                    f"micro-batch of {state.micro_batch}; every rank stops (one rank "
+                    f"retrying alone would hang the others). Continue with micro-batch {half}: "
+                    f"the same command with --resume --out {run_dir}") from None
+            state.micro_batch = half
             log({"kind": "oom", "step": state.step, "micro_batch": state.micro_batch,
                  "accumulation": math.ceil(images.shape[0] / state.micro_batch)})
 
 
-def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, device, dtype):
+def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, device, dtype,
+                rank: int = 0):
     n = images.shape[0]
     chunks = list(range(0, n, state.micro_batch))
     total = torch.zeros((), device=device)
     for i, s in enumerate(chunks):
-        _inject_oom(state.step)
+        _inject_fault(state.step, rank)
         x = images[s:s + state.micro_batch].to(device, non_blocking=True)
         y = labels[s:s + state.micro_batch].to(device, non_blocking=True).long()
         x = x.float().contiguous(memory_format=torch.channels_last)
@@ -389,13 +497,18 @@ def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, de
 def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torch.device,
              dtype, batch_size: int, d: Dist) -> dict:
     """Per-case 3D Dice of every region of the store's label set on the validation cases,
-    cases sharded across ranks and gathered, so every rank sees the same numbers. Keys:
+    whole cases sharded across ranks by slice count (`shard_cases`) and gathered, so every
+    rank sees the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here
+    does not broadcast buffers each forward, and every rank must score the same model. Keys:
     ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
     mean, what picks the best checkpoint), ``regions`` (the names, in order) and
     ``per_case`` (each case's region Dice, in that order)."""
     net = unwrap(model)
+    if d.world > 1:
+        for buf in net.buffers():
+            dist.broadcast(buf, src=0)
     net.eval()
-    mine = list(split.val)[d.rank::d.world]
+    mine = shard_cases(info, split.val, d.rank, d.world)
     with torch.no_grad():
         scores = score_store_cases(net, info, mine, tc.context, device, amp=dtype or False,
                                    tta=False, batch_size=batch_size) if mine else []
@@ -415,50 +528,120 @@ def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torc
             "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores}}
 
 
+def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE) -> bool:
+    """Validate at an epoch's end only when the training since the last validation has
+    been long enough for that validation's cost to stay within `share` of the time."""
+    return last_val_s <= 0 or trained_s * share >= last_val_s * (1 - share)
+
+
+def estimate_val_seconds(val_slices: int, size: int, patch: int, train_samples_per_s: float
+                         ) -> float:
+    """A validation's duration before one has run, from the training throughput: whole
+    slices hold (size/patch)**2 patches, each costing `VAL_COST` of a training sample."""
+    if train_samples_per_s <= 0:
+        return 0.0
+    return val_slices * (size / patch) ** 2 * VAL_COST / train_samples_per_s
+
+
 def unwrap(model):
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The plain U-Net inside DDP and torch.compile wrappers, in either order."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 # --------------------------------------------------------------------------- checkpoint
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG streams; on CUDA its own device's only."""
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                     else torch.zeros(0, dtype=torch.uint8)),
             "numpy": json.dumps(np.random.get_state()[1].tolist()),
             "numpy_pos": int(np.random.get_state()[2]),
             "python": json.dumps(random.getstate(), default=list)}
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(saved: dict, rank: int, device: torch.device) -> None:
+    """Restore this rank's streams from a checkpoint's per-rank list. A rank the saved run
+    did not have keeps its freshly seeded streams. Checkpoints from before per-rank
+    states hold rank 0's host streams and every visible GPU's state: rank 0 takes its
+    own device's, if the saving machine had that many."""
+    states = saved.get("ranks") if "ranks" in saved else ([saved] if rank == 0 else [])
+    if rank >= len(states):
+        return
+    s = states[rank]
     torch.set_rng_state(s["torch"].cpu())
-    if torch.cuda.is_available() and len(s["cuda"]):
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    cuda = s.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, (list, tuple)):
+            index = device.index or 0
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None and cuda.numel():
+            torch.cuda.set_rng_state(cuda.cpu(), device)
     np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), np.uint32),
                          s["numpy_pos"], 0, 0.0))
     py = json.loads(s["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def save(run_dir: Path, which: str, model, optimizer, scaler, state: State) -> None:
-    run.save_checkpoint(run.checkpoint_path(run_dir, which), {
+def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: State, d: Dist,
+         device: torch.device) -> None:
+    """Every rank calls this at the same point: each one's RNG streams are gathered, rank 0
+    writes the checkpoint(s)."""
+    rngs = [rng_state(device)]
+    if d.world > 1:
+        rngs = [None] * d.world
+        dist.all_gather_object(rngs, rng_state(device))
+    if not d.main:
+        return
+    payload = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler else {},
         "state": json.dumps(asdict(state)),
-        "rng": rng_state(),
-    })
+        "rng": {"ranks": rngs},
+    }
+    for w in which:
+        run.save_checkpoint(run.checkpoint_path(run_dir, w), payload)
 
 
-def restore(run_dir: Path, model, optimizer, scaler, device) -> State:
-    ckpt = run.load_checkpoint(run.checkpoint_path(run_dir, "last"), map_location=device)
+def restore(run_dir: Path, model, optimizer, scaler, device: torch.device, d: Dist) -> State:
+    ckpt = run.load_checkpoint(run.checkpoint_path(run_dir, "last"), map_location="cpu")
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return State(**json.loads(ckpt["state"]))
+    set_rng_state(ckpt["rng"], d.rank, device)
+    state = State(**json.loads(ckpt["state"]))
+    oom = run_dir / OOM_RECORD
+    if oom.is_file():  # a rank ran out of memory after that checkpoint: continue smaller
+        state.micro_batch = min(state.micro_batch, int(json.loads(oom.read_text())["micro_batch"]))
+    return state
+
+
+def rank_peaks(device: torch.device, d: Dist) -> list[float] | None:
+    """Every rank's peak GPU memory (MiB) since the last reset; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    t = torch.tensor([peak_memory_mb(device)], device=device)
+    if d.world > 1:
+        parts = [torch.zeros_like(t) for _ in range(d.world)]
+        dist.all_gather(parts, t)
+        t = torch.cat(parts)
+    return [round(float(v), 1) for v in t.cpu()]
+
+
+def agree(d: Dist, device: torch.device, value: int) -> int:
+    """Rank 0's `value` on every rank: decisions from one clock, so ranks never diverge."""
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 # --------------------------------------------------------------------------- the run
@@ -470,17 +653,55 @@ def fit(cfg: FitConfig, show_progress: bool = True,
     d, device = setup_distributed(cfg.device)
     info = open_store(cfg.store)
     run_dir = prepare_run_dir(cfg, d)
+    failed = True
     try:
-        return _fit(cfg, d, device, info, run_dir, show_progress, echo)
+        result = _fit(cfg, d, device, info, run_dir, show_progress, echo)
+        failed = False
+        return result
+    except Exception as exc:
+        if d.world > 1 and _peer_failure(exc):
+            raise KitsError(f"rank {d.rank}: another rank stopped ({_first_line(exc)}); its "
+                            "own message says why") from None
+        raise
     finally:
         if d.main:
             release_lock(run_dir)
         if d.world > 1 and dist.is_initialized():
-            # every rank leaves together: tearing down gloo while a peer still holds its
-            # connection aborts that peer (std::terminate at exit)
-            with contextlib.suppress(Exception):
-                dist.barrier()
-            dist.destroy_process_group()
+            if failed:
+                # never a barrier here: the other ranks may be inside a broadcast or the
+                # gradient all-reduce, which a barrier does not match (the whole job would
+                # hang until the backend's timeout). Abort instead: peers fail at once, and
+                # torchrun stops those that do not
+                _abort_group()
+            else:
+                # every rank leaves together: tearing down gloo while a peer still holds its
+                # connection aborts that peer (std::terminate at exit)
+                with contextlib.suppress(Exception):
+                    dist.barrier()
+                dist.destroy_process_group()
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """An error that a collective raised because another rank went away."""
+    if isinstance(exc, KitsError):
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("connection closed by peer", "connection reset", "gloo",
+                            "nccl", "broken pipe"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _abort_group() -> None:
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    with contextlib.suppress(Exception):
+        abort() if abort is not None else dist.destroy_process_group()
 
 
 def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
@@ -494,36 +715,54 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     model, mcfg = build_training_model(info, tc, device)
     patch = resolve_patch(tc.patch, info.size, mcfg.divisor)
     loss_fn = make_loss(tc.loss, info.labels, regions=tc.regions)
-    if cfg.resume:  # the recorded batch, not a new search: the run's steps must not change
-        recorded = run.read_config(run_dir)
+    recorded = run.read_config(run_dir) if cfg.resume else None
+    if recorded is not None:  # the recorded batch, not a new search: the steps must not change
         batch_size, batch_info = int(recorded["batch_size"]), recorded["batch"]
+        # runs recorded before lr scaling trained at their lr as given
+        lr_info = recorded.get("lr_scaling") or {"lr": tc.lr, "base_lr": tc.lr,
+                                                  "rule": "none (recorded before scaling)"}
     else:
         batch_size, batch_info = choose_batch_size(tc, model, loss_fn, patch, info, device,
                                                    dtype, d)
+        lr_info = effective_lr(tc, batch_size, d.world, cfg.explicit)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peaks from here: not the search's tries
+        torch.backends.cudnn.benchmark = True       # shapes are fixed now: choose kernels once
+    run_tc = replace(tc, lr=lr_info["lr"])  # what the optimizer and schedule use
     # whole slices hold (size/patch)**2 times a patch's pixels: validate with as many
     # pixels per batch as a training batch, so validation fits wherever training does
     val_batch = max(1, batch_size * patch * patch // (info.size * info.size))
-    optimizer = make_optimizer(model, tc)
+    optimizer = make_optimizer(model, run_tc)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     state = State(micro_batch=batch_size)
     if cfg.resume:
-        state = restore(run_dir, model, optimizer, scaler, device)
-    if tc.compile:
-        model = torch.compile(model)
+        state = restore(run_dir, model, optimizer, scaler, device, d)
     if d.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        # buffers (batch-norm statistics) are broadcast before each validation, not at each
+        # forward: no collective inside a step but the gradient all-reduce
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # (torch 2.13 renamed the option; both keep the one broadcast at construction)
+        sync = ("forward_sync_buffers" if "forward_sync_buffers"
+                in inspect.signature(ddp).parameters else "broadcast_buffers")
+        model = ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    **{sync: False})
+    if tc.compile:
+        # after the DDP wrap: DDPOptimizer splits the graph at bucket boundaries, so the
+        # gradient all-reduce overlaps the backward pass
+        model = torch.compile(model)
 
     def log(record: dict) -> None:
         if d.main:
             run.append_metrics(run_dir, {"time": time.time(), **record})
 
     train_slices = int(sum(info.cases[c].slices for c in split.train))
+    val_slices = int(sum(info.cases[c].slices for c in split.val))
     samples = tc.samples_per_epoch or samples_per_epoch(train_slices, info.size, patch)
-    steps_per_epoch = max(1, math.ceil(samples / (batch_size * d.world)))
+    steps_per_epoch = batches_per_epoch(samples, batch_size, d.world)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
+    unit = "patches" if patch < info.size else "slices"
     if d.main and not cfg.resume:
         run.write_json(run_dir / run.CONFIG, {
             "store": str(Path(cfg.store).resolve()), "store_fingerprint": info.fingerprint,
@@ -534,59 +773,122 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
                                       if v in label_weights},
             "train": asdict(tc), "model": asdict(mcfg), "context": tc.context,
             "batch": batch_info, "batch_size": batch_size, "patch_size": patch,
-            "val_batch_size": val_batch,
+            "lr_scaling": lr_info, "val_batch_size": val_batch,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "device": str(device), "env": environment(device, d)})
         run.write_json(run_dir / run.SPLIT, split.to_json())
     if d.main:
         echo(f"run {run_dir}: {len(split.train)} train / {len(split.val)} val cases, "
              f"{train_slices} train slices, batch {batch_size} x {d.world} rank(s) of "
-             f"{patch}x{patch}" + (" patches" if patch < info.size else " slices") + ", "
-             f"{steps_per_epoch} steps/epoch, device {device}"
+             f"{patch}x{patch} {unit}, {steps_per_epoch} steps/epoch, lr {run_tc.lr:.3g}"
+             + (f" ({lr_info['rule']} scaling from {tc.lr:.3g} at batch "
+                f"{lr_info.get('reference_batch')})" if lr_info["rule"] in ("sqrt", "linear")
+                else "")
+             + f", device {device}"
              + (f", {dtype}".replace("torch.", "") if dtype else ", fp32")
              + (f", resuming at step {state.step}" if cfg.resume else ""))
+        if batch_info.get("reason") and batch_info.get("mode") == "auto":
+            echo(f"batch {batch_size} (auto): {batch_info['reason']}")
+        if not CRC_ON_READ:
+            echo("note: without ISA-L the loader does not check each slice's CRC-32; "
+                 f"`kitsprep verify {cfg.store}` is the check")
     writer = tensorboard_writer(run_dir) if d.main else None
     bar = progress_bar(total_steps, state.step) if d.main and show_progress else None
 
+    # ---- one loader for the whole run: workers, their open store and their kernels
+    # persist across epochs; each epoch is `sampler.set_epoch`, resumable mid-epoch
+    if tc.augment and tc.workers > 0:
+        compile_kernels()  # before the workers fork: they inherit it, none compiles
+    batch_bytes = batch_size * patch * patch * (2 * (1 + 2 * tc.context) + 1)
+    loader = make_train_loader(
+        cfg.store, info, split.train, batch_size=batch_size, workers=tc.workers,
+        context=tc.context, augment=AugmentConfig(enabled=tc.augment),
+        fg_fraction=tc.fg_fraction, label_weights=label_weights, seed=tc.seed,
+        rank=d.rank, world_size=d.world, samples_per_epoch=samples,
+        pin_memory=device.type == "cuda", epoch=state.epoch,
+        start_batch=state.step_in_epoch, patch=patch,
+        prefetch_factor=prefetch_for(batch_bytes, tc.workers))
+    try:
+        stop_reason, last_val, stall, peaks = _train(
+            model, loader, loss_fn, optimizer, scaler, state, tc, run_tc, device, dtype, d,
+            info, split, patch, val_batch, val_slices, steps_per_epoch, total_steps,
+            run_dir, log, bar, writer, echo, unit)
+    finally:
+        close_loader(loader)
+    if bar is not None:
+        bar.close()
+    log({"kind": "end", "step": state.step, "epoch": state.epoch, "reason": stop_reason,
+         "stall": stall, "peak_memory_mb": max(peaks) if peaks else None,
+         "peak_memory_mb_ranks": peaks, "elapsed": state.elapsed})
+    if writer is not None:
+        writer.close()
+    return FitResult(run_dir, state.step, state.epoch, state.best, last_val, stall, stop_reason)
+
+
+STOP_TIME, CHECKPOINT_DUE = 1, 2  # bits of the decision rank 0 broadcasts per log window
+
+
+def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainConfig,
+           run_tc: TrainConfig, device, dtype, d: Dist, info: StoreInfo, split: Split,
+           patch: int, val_batch: int, val_slices: int, steps_per_epoch: int,
+           total_steps: int, run_dir: Path, log, bar, writer, echo, unit: str
+           ) -> tuple[str, dict | None, float, list[float] | None]:
+    """The loop. No host sync per step: the step limit is the same count on every rank,
+    and rank 0's clock (time limit, periodic checkpoint) is broadcast once per log window,
+    where the logged loss syncs anyway."""
     stop_reason = ""
     last_val: dict | None = None
     warned_stall = False
     win = Window()
     stall_sum = [0.0, 0.0]
+    run_peaks: list[float] | None = None
     t_run = time.perf_counter() - state.elapsed
     last_ckpt = time.perf_counter()
+    trained_since_val = 0.0
+    step0 = state.step
+
+    def validation(final: bool = False) -> dict:
+        nonlocal last_ckpt, trained_since_val
+        tv = time.perf_counter()
+        val = run_validation(model, info, split, tc, device, dtype, val_batch, d, state, log,
+                             run_dir, optimizer, scaler, writer, t_run, final=final)
+        win.t0 += time.perf_counter() - tv  # training throughput excludes validation
+        last_ckpt = time.perf_counter()
+        trained_since_val = 0.0
+        return val
+
+    def val_estimate() -> float:
+        if state.last_val_seconds:
+            return state.last_val_seconds
+        sps = (state.step - step0) * loader.batch_size * d.world / max(state.elapsed, 1e-9)
+        return estimate_val_seconds(val_slices, info.size, patch, sps)
+
     model.train()
     while not stop_reason:
-        # ---- one epoch of batches (resumes mid-epoch at state.step_in_epoch)
-        loader = make_train_loader(
-            cfg.store, info, split.train, batch_size=batch_size, workers=tc.workers,
-            context=tc.context, augment=AugmentConfig(enabled=tc.augment),
-            fg_fraction=tc.fg_fraction, label_weights=label_weights, seed=tc.seed,
-            rank=d.rank, world_size=d.world, samples_per_epoch=samples,
-            pin_memory=device.type == "cuda", epoch=state.epoch,
-            start_batch=state.step_in_epoch, patch=patch)
         it = iter(loader)
         while True:
             t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
+            batch = next_batch(it)
+            if batch is None:
                 break
             t1 = time.perf_counter()
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(progress_of(state, total_steps, tc), tc)
+                g["lr"] = lr_at(progress_of(state, total_steps, run_tc), run_tc)
             loss = train_step(model, batch, loss_fn, optimizer, scaler, state, tc, device,
-                              dtype, log)
+                              dtype, log, d, run_dir)
             state.step += 1
             state.step_in_epoch += 1
             win.wait += t1 - t0
             win.loss = win.loss + loss
             win.slices += batch[0].shape[0] * d.world
             win.steps += 1
-            state.elapsed = time.perf_counter() - t_run
-            if state.step % tc.log_every == 0 or state.step == 1:
+            now = time.perf_counter()
+            trained_since_val += now - t0
+            state.elapsed = now - t_run
+            logged = state.step % tc.log_every == 0 or state.step == 1
+            if logged:
                 win = flush_window(win, state, optimizer, log, bar, writer, stall_sum,
-                                   echo if d.main else None)
+                                   echo if d.main else None, unit=unit)
                 if (not warned_stall and d.main and state.step >= 5 * tc.log_every
                         and stall_sum[0] / max(stall_sum[1], 1e-9) > STALL_WARN):
                     warned_stall = True
@@ -596,53 +898,56 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
                          f"--workers (now {tc.workers}), or put the store on faster disk")
             elif bar is not None:
                 bar.update(1)
-            stop_reason = should_stop(state, tc, total_steps, d, device)
+            action = 0
+            if logged or d.world == 1:
+                local = 0
+                if tc.time_limit and state.elapsed + val_estimate() >= tc.time_limit:
+                    local |= STOP_TIME
+                if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S:
+                    local |= CHECKPOINT_DUE
+                action = agree(d, device, local)
+            stop_reason = step_limit(state, tc, total_steps) or (
+                "time_limit" if action & STOP_TIME else "")
             if tc.val_every and state.step % tc.val_every == 0 and not stop_reason:
-                tv = time.perf_counter()
-                last_val = run_validation(model, info, split, tc, device, dtype, val_batch, d,
-                                          state, log, run_dir, optimizer, scaler, writer, t_run)
-                win.t0 += time.perf_counter() - tv  # training throughput excludes validation
-                last_ckpt = time.perf_counter()
-            elif d.main and time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S:
-                save(run_dir, "last", model, optimizer, scaler, state)
+                last_val = validation()
+            elif action & CHECKPOINT_DUE:
+                save(run_dir, ["last"], model, optimizer, scaler, state, d, device)
                 last_ckpt = time.perf_counter()
             if stop_reason:
                 break
+        if state.step_in_epoch >= steps_per_epoch or not stop_reason:
+            # ---- end of epoch (also when its last step ended the run)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            loader.sampler.set_epoch(state.epoch)
+            peaks = rank_peaks(device, d)
+            if peaks is not None:
+                run_peaks = [max(a, b) for a, b in zip(run_peaks or peaks, peaks, strict=True)]
+                torch.cuda.reset_peak_memory_stats(device)  # the next record is that epoch's
+            log({"kind": "epoch", "epoch": state.epoch, "step": state.step,
+                 "peak_memory_mb": max(peaks) if peaks else None,
+                 "peak_memory_mb_ranks": peaks})
         if stop_reason:
             break
-        # ---- end of epoch: validate, checkpoint
-        state.epoch += 1
-        state.step_in_epoch = 0
-        log({"kind": "epoch", "epoch": state.epoch, "step": state.step,
-             "peak_memory_mb": peak_memory_mb(device)})
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)  # the next record is that epoch's
         if state.epoch >= tc.epochs:
             stop_reason = "epochs"
             break
-        tv = time.perf_counter()
-        last_val = run_validation(model, info, split, tc, device, dtype, val_batch, d, state,
-                                  log, run_dir, optimizer, scaler, writer, t_run)
-        win.t0 += time.perf_counter() - tv
-        last_ckpt = time.perf_counter()
+        # a bounded share of the run: rank 0 decides, every rank follows
+        if agree(d, device, int(validation_due(trained_since_val, state.last_val_seconds))):
+            last_val = validation()
     # ---- final validation and checkpoint
     if win.steps:
-        flush_window(win, state, optimizer, log, bar, writer, stall_sum, echo if d.main else None)
-    last_val = run_validation(model, info, split, tc, device, dtype, val_batch, d, state, log,
-                              run_dir, optimizer, scaler, writer, t_run, final=True)
-    if bar is not None:
-        bar.close()
-    stall = stall_sum[0] / max(stall_sum[1], 1e-9)
-    log({"kind": "end", "step": state.step, "epoch": state.epoch, "reason": stop_reason,
-         "stall": stall, "peak_memory_mb": peak_memory_mb(device),
-         "elapsed": state.elapsed})
-    if writer is not None:
-        writer.close()
-    return FitResult(run_dir, state.step, state.epoch, state.best, last_val, stall, stop_reason)
+        flush_window(win, state, optimizer, log, bar, writer, stall_sum,
+                     echo if d.main else None, unit=unit)
+    last_val = validation(final=True)
+    peaks = rank_peaks(device, d)
+    if peaks is not None:
+        run_peaks = [max(a, b) for a, b in zip(run_peaks or peaks, peaks, strict=True)]
+    return stop_reason, last_val, stall_sum[0] / max(stall_sum[1], 1e-9), run_peaks
 
 
 def flush_window(win: Window, state: State, optimizer, log, bar, writer, stall_sum,
-                 echo: Callable[[str], None] | None) -> Window:
+                 echo: Callable[[str], None] | None, unit: str = "slices") -> Window:
     loss = float(win.loss) / max(1, win.steps)  # the one host sync per log window
     wall = time.perf_counter() - win.t0
     stall = win.wait / wall if wall > 0 else 0.0
@@ -653,6 +958,7 @@ def flush_window(win: Window, state: State, optimizer, log, bar, writer, stall_s
         stall_sum[1] += wall
     rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss,
            "lr": optimizer.param_groups[0]["lr"], "slices_per_s": win.slices / wall,
+           "samples_per_s": win.slices / wall, "unit": unit,
            "stall": stall, "data_wait_s": win.wait, "wall_s": wall,
            "micro_batch": state.micro_batch}
     log(rec)
@@ -662,28 +968,18 @@ def flush_window(win: Window, state: State, optimizer, log, bar, writer, stall_s
                         stall=f"{100 * stall:.0f}%")
     elif echo is not None:
         echo(f"step {state.step} epoch {state.epoch} loss {loss:.4f} lr {rec['lr']:.2e} "
-             f"{rec['slices_per_s']:.0f} slices/s loader stall {100 * stall:.0f}%")
+             f"{rec['samples_per_s']:.0f} {unit}/s loader stall {100 * stall:.0f}%")
     if writer is not None:
         for k in ("loss", "lr", "slices_per_s", "stall"):
             writer.add_scalar(f"train/{k}", rec[k], state.step)
     return Window()
 
 
-def should_stop(state: State, tc: TrainConfig, total_steps: int, d: Dist,
-                device: torch.device) -> str:
-    """Steps or wall time, whichever first; the time check leaves room for the final
-    validation. Rank 0 decides for everyone, so ranks never disagree."""
-    reason = ""
+def step_limit(state: State, tc: TrainConfig, total_steps: int) -> str:
+    """The step count ends the run at the same step on every rank: no communication."""
     if state.step >= total_steps:
-        reason = "max_steps" if tc.max_steps and state.step >= tc.max_steps else "epochs"
-    elif tc.time_limit and state.elapsed + state.last_val_seconds >= tc.time_limit:
-        reason = "time_limit"
-    if d.world > 1:
-        codes = ["", "max_steps", "epochs", "time_limit"]
-        t = torch.tensor([codes.index(reason)], device=device)
-        dist.broadcast(t, src=0)
-        reason = codes[int(t.item())]
-    return reason
+        return "max_steps" if tc.max_steps and state.step >= tc.max_steps else "epochs"
+    return ""
 
 
 def run_validation(model, info, split, tc, device, dtype, batch_size, d, state, log, run_dir,
@@ -697,10 +993,9 @@ def run_validation(model, info, split, tc, device, dtype, batch_size, d, state, 
         state.best = val["mean_dice"]
     log({"kind": "val", "step": state.step, "epoch": state.epoch, "final": final,
          "seconds": state.last_val_seconds, "peak_memory_mb": peak_memory_mb(device), **val})
+    save(run_dir, ["last", "best"] if improved else ["last"], model, optimizer, scaler, state,
+         d, device)
     if d.main:
-        save(run_dir, "last", model, optimizer, scaler, state)
-        if improved:
-            save(run_dir, "best", model, optimizer, scaler, state)
         if writer is not None:
             for k in [f"{r}_dice" for r in val["regions"]] + ["mean_dice"]:
                 writer.add_scalar(f"val/{k}", val[k], state.step)

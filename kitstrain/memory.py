@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -52,32 +53,71 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def find_batch_size(try_batch: Callable[[int], None], device: torch.device, *,
-                    start: int = 2, limit: int = 1024, margin: float = 0.85) -> dict:
-    """Double the batch until a real forward+backward (`try_batch(n)`) runs out of memory or
-    its peak passes `margin` of the card; keep the last one under both. The margin leaves
-    room for fragmentation, the optimizer's first step and the loader's pinned buffers."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    best, tried, n = None, [], start
-    while n <= limit:
-        free_memory(device)
-        torch.cuda.reset_peak_memory_stats(device)
+# Tensors of 2**31 elements or more break kernels without 64-bit indexing (with errors
+# that are not OOMs): the search never tries a batch whose largest activation gets there.
+ELEMENT_LIMIT = 2**31
+# The largest per-GPU batch `--batch-size auto` tries: 8x the default preset's 16. Past
+# that the recipe (lr, warm-up, steps per epoch) is far from where it was tuned, and the
+# loader's shared-memory batches reach hundreds of MB.
+AUTO_BATCH_CAP = 128
+# A doubling must buy at least this much throughput per sample to be taken.
+MIN_GAIN = 1.10
+
+
+def find_batch_size(run_step: Callable[[int], tuple[float, int | None]], *, start: int = 2,
+                    cap: int = AUTO_BATCH_CAP, elements_per_sample: int = 0,
+                    total_bytes: int | None = None, margin: float = 0.85,
+                    min_gain: float = MIN_GAIN) -> dict:
+    """The per-GPU batch with the fastest per-sample step, not the largest that fits.
+
+    `run_step(n)` runs (and times) real training steps of `n` samples and returns
+    (samples/s, peak bytes or None). Batches double from `start` while a doubling gains at
+    least `min_gain` in samples/s, stays under `cap`, keeps the largest tensor
+    (n * elements_per_sample) under 2**31 elements and its peak under `margin` of
+    `total_bytes`; an OOM ends the search like a full card. Throughput flattens long
+    before memory runs out on a large GPU (the kernels are already saturated), and every
+    doubling past that point only costs optimisation steps per epoch."""
+    best: int | None = None
+    best_sps = 0.0
+    tried: list[dict] = []
+    reason = f"reached the cap of {cap}"
+    n = max(1, start)
+    while n <= cap:
+        if elements_per_sample and n * elements_per_sample >= ELEMENT_LIMIT:
+            reason = f"batch {n} would hold a tensor of >= 2**31 elements"
+            break
         try:
-            try_batch(n)
-            torch.cuda.synchronize(device)
+            sps, peak = run_step(n)
         except Exception as exc:  # noqa: BLE001 - only OOM is expected; others re-raise
             if not is_oom(exc):
                 raise
             tried.append({"batch": n, "result": "oom"})
+            reason = f"batch {n} ran out of memory"
             break
-        peak = torch.cuda.max_memory_allocated(device)
-        tried.append({"batch": n, "peak_mb": round(peak / 2**20, 1)})
-        if peak > margin * total:
+        rec = {"batch": n, "samples_per_s": round(sps, 1)}
+        if peak is not None:
+            rec["peak_mb"] = round(peak / 2**20, 1)
+        tried.append(rec)
+        if peak is not None and total_bytes and peak > margin * total_bytes:
+            reason = f"batch {n} peaked above {margin:.0%} of the device's memory"
             break
-        best = n
+        if best is not None and sps < best_sps * min_gain:
+            reason = (f"throughput flattened: batch {n} gave {sps:.0f} samples/s, "
+                      f"{sps / best_sps - 1:+.0%} over batch {best}")
+            break
+        best, best_sps = n, sps
         n *= 2
-    free_memory(device)
-    if best is None:
-        best = 1
-    return {"batch_size": best, "tried": tried, "total_mb": round(total / 2**20, 1),
-            "margin": margin}
+    return {"batch_size": best or 1, "reason": reason, "tried": tried, "cap": cap,
+            "margin": margin, "min_gain": min_gain,
+            "total_mb": None if total_bytes is None else round(total_bytes / 2**20, 1)}
+
+
+def scale_lr(lr: float, batch: int, reference: int, optimizer: str) -> tuple[float, str]:
+    """The learning rate for an effective batch other than the one `lr` was tuned for:
+    square-root scaling for Adam/AdamW (the rule that keeps the optimiser's SDE the same
+    for adaptive methods, Malladi et al. 2022), linear for SGD (Goyal et al. 2017)."""
+    if batch == reference:
+        return lr, "none"
+    if optimizer == "sgd":
+        return lr * batch / reference, "linear"
+    return lr * math.sqrt(batch / reference), "sqrt"

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "UNet", "UNetConfig", "build_model", "count_parameters"]
+__all__ = ["NORMS", "PaddedConv2d", "UNet", "UNetConfig", "build_model", "count_parameters",
+           "pad_input_channels"]
 
 NORMS = ("none", "batch", "instance", "group")
 
@@ -209,6 +211,29 @@ class UNet(nn.Module):
         if supervise:
             return [self.head(x), *reversed(coarse)]
         return self.head(x)
+
+
+class PaddedConv2d(nn.Conv2d):
+    """A Conv2d that zero-pads its input channels, and its weight's, to a multiple of
+    `multiple`: the same result, but cuDNN's tensor-core NHWC kernels want channel counts
+    that are multiples of 8, and a 2.5D input has 1 + 2K (5). The stored weight keeps its
+    real shape, so checkpoints load anywhere."""
+
+    multiple = 8
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        pad = -input.shape[1] % self.multiple
+        if pad:
+            input = F.pad(input, (0, 0, 0, 0, 0, pad))
+            weight = F.pad(weight, (0, 0, 0, 0, 0, pad))
+        return super()._conv_forward(input, weight, bias)
+
+
+def pad_input_channels(model: nn.Module) -> None:
+    """Make the model's first convolution a PaddedConv2d (for CUDA; same parameters)."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    if first.in_channels % PaddedConv2d.multiple:
+        first.__class__ = PaddedConv2d
 
 
 def build_model(cfg: UNetConfig) -> UNet:

@@ -39,6 +39,7 @@ from kitstrain.score import (
     ScoreReport,
     case_line,
     display_slice,
+    inference_amp,
     load_run,
     load_run_model,
     overlay_title,
@@ -63,7 +64,7 @@ class PredictConfig:
     tta: bool = False
     which: str = "best"
     data: Path | None = None        # the run's store, where it has moved
-    amp: bool = True
+    amp: bool = True                # autocast in the run's training precision
     naming: str | None = None       # an edition whose file names to use; None: the store's
 
 
@@ -147,6 +148,7 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     refs = select_cases(find_cases(Path(cfg.src)), cfg.cases)
     device = resolve_device(cfg.device)
     model = load_run_model(lr, cfg.which, device)
+    amp = inference_amp(lr, device) if cfg.amp else False
     out.mkdir(parents=True, exist_ok=True)
     progress = progress if progress is not None else Progress()
     total = 0
@@ -164,7 +166,7 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
                 seg = read_volume(ref.segmentation, ref.case_id)
                 check_pair(ref.case_id, vol.header, seg.header)
             pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device,
-                                  amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size,
+                                  amp=amp, tta=cfg.tta, batch_size=cfg.batch_size,
                                   case_id=ref.case_id, progress=progress.advance)
             report.paths.append(write_prediction(pred, ref.imaging,
                                                  out / prediction_name(ref.case_id, naming)))

@@ -47,6 +47,7 @@ from kitsprep.window import Window
 from kitstrain import run as runlib
 from kitstrain.infer import (
     DEFAULT_BATCH_SIZE,
+    Amp,
     Progress,
     predict_store_case,
     predict_volume,
@@ -55,6 +56,7 @@ from kitstrain.infer import (
     resolve_device,
     store_box,
 )
+from kitstrain.memory import amp_dtype
 from kitstrain.metrics import (
     BACKGROUND_FLAG,
     MIN_FOREGROUND_SHARE,
@@ -65,6 +67,7 @@ from kitstrain.metrics import (
     score_case,
     surface_tolerance,
 )
+from kitstrain.model import pad_input_channels
 from kitstrain.plots import case_overlay, overlay_slice
 
 __all__ = [
@@ -114,7 +117,7 @@ class ScoreConfig:
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     which: str = "best"
-    amp: bool = True
+    amp: bool = True                # autocast in the run's training precision
     runs_root: Path = runlib.RUNS_ROOT
 
 
@@ -318,6 +321,8 @@ def load_run(run_dir: Path | None, data: Path | None, *, which: str = "best",
 
 def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module:
     model, _ = runlib.load_model(lr.run_dir, which, device)
+    if device.type == "cuda":
+        pad_input_channels(model)  # as fit trains on CUDA: tensor-core kernels for 5 channels
     expected = 1 + 2 * lr.context
     got = getattr(getattr(model, "cfg", None), "in_channels", expected)
     if got != expected:
@@ -330,6 +335,21 @@ def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module
 def training_cases(run_dir: Path) -> list[str]:
     """The run's training split (empty when the run records none)."""
     return list(runlib.read_split(run_dir).get("train") or [])
+
+
+def inference_amp(lr: LoadedRun, device: torch.device) -> Amp:
+    """Autocast in the precision the run trained and validated in (bf16 where the GPU has
+    it), so `score` and `predict` give the numbers `fit` logged: fp16 would differ, and
+    can overflow at 65,504. fp32 where that precision is unavailable on `device`."""
+    train = lr.config.get("train", {})
+    precision = train.get("precision")
+    if precision is None:  # runs recorded before --precision: a boolean `amp`
+        precision = "auto" if train.get("amp", True) else "fp32"
+    try:
+        dtype = amp_dtype(device, precision)
+    except KitsError:  # e.g. a GPU run's fp16, scored on a CPU
+        dtype = None
+    return dtype if dtype is not None else False
 
 
 def _default_cases(lr: LoadedRun) -> list[str]:
@@ -412,10 +432,11 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
     progress.start(sum(info.cases[c].slices for c in cases), "score")
     scores, pictures = [], []
     resized = any(not info.cases[c].in_plane.is_identity for c in cases)
-    sm = SliceMap(info.path, info.size)
+    amp = inference_amp(lr, device) if cfg.amp else False
+    sm = SliceMap(info.path, info.size, info.case_ids)
     try:
         for cid in cases:
-            pred = predict_store_case(model, info, sm, cid, lr.context, device, amp=cfg.amp,
+            pred = predict_store_case(model, info, sm, cid, lr.context, device, amp=amp,
                                       tta=cfg.tta, batch_size=cfg.batch_size,
                                       progress=progress.advance)
             rows, cols = store_box(info, cid)
@@ -446,11 +467,12 @@ def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.
         total += hdr.shape[axial_axes(hdr.affine)[0]]
     progress.start(total, "score --src")
     scores, pictures = [], []
+    amp = inference_amp(lr, device) if cfg.amp else False
     for ref in refs:
         vol = read_volume(ref.imaging, ref.case_id)
         seg = read_volume(ref.segmentation, ref.case_id)
         check_pair(ref.case_id, vol.header, seg.header)
-        pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device, amp=cfg.amp,
+        pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device, amp=amp,
                               tta=cfg.tta, batch_size=cfg.batch_size, case_id=ref.case_id,
                               progress=progress.advance)
         s = score_case(ref.case_id, pred, seg.data, lr.labels,

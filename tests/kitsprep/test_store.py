@@ -3,6 +3,7 @@ foreign file) and what `summarise` reports."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 
@@ -156,3 +157,61 @@ def test_fingerprint_tracks_content(store, tmp_path):
     fp = open_store(store).fingerprint
     assert open_store(tmp_path / "same.h5").fingerprint == fp
     assert open_store(tmp_path / "other.h5").fingerprint != fp
+
+
+def _flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ 0xFF]))
+
+
+def test_a_damaged_chunk_is_one_line_naming_store_case_slice_and_the_fix(store, tmp_path):
+    path = tmp_path / "damaged.h5"
+    shutil.copy(store, path)
+    info = open_store(path)
+    img_row = info.index[3]
+    lab_row = next(r for r in info.index if r["label_nbytes"] > 0 and r["slice"] > 0)
+    _flip_byte(path, int(img_row["image_offset"]) + 100)
+    _flip_byte(path, int(lab_row["label_offset"]) + int(lab_row["label_nbytes"]) // 2)
+    m = SliceMap(path, info.size, info.case_ids)
+    for read, row, what in ((m.image, img_row, "CRC-32"), (m.label, lab_row, "label chunk")):
+        case = info.case_ids[row["case"]]
+        with pytest.raises(KitsError, match=rf"{path}: {case} slice {row['slice']}: .*{what}"
+                                            rf".*kitsprep verify {path}.*rebuild") as e:
+            read(row)
+        assert "\n" not in str(e.value)
+    # verify reads without the check, to report every problem itself
+    unchecked = SliceMap(path, info.size, info.case_ids, check_crc=False)
+    assert unchecked.image(img_row).shape == (info.size, info.size)
+    # a truncated file is named as such
+    with open(path, "r+b") as f:
+        f.truncate(int(info.index["image_offset"].max()) + 10)
+    with pytest.raises(KitsError, match="truncated"):
+        m.image(info.index[int(np.argmax(info.index["image_offset"]))])
+    m.close()
+    unchecked.close()
+
+
+def test_adjacent_chunks_read_in_one_call_equal_single_reads(store, monkeypatch):
+    info = open_store(store)
+    rows = info.rows(info.case_ids[0])
+    stack = rows[[0, 0, 0, 1, 2]]  # a 2.5D stack clamped at the case's first slice
+    m = SliceMap(store, info.size, info.case_ids)
+    want = np.stack([m.image(r) for r in stack])
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(len(bufs))
+                        or real(fd, bufs, off))
+    got = m.images(stack, np.empty((5, info.size, info.size), np.float16))
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert calls == [1, 1, 3]  # slice 0 three times, then slices 0-2 back to back
+    # never more buffers per call than the kernel takes (IOV_MAX; a case can be longer)
+    import kitsprep.store as storemod
+
+    monkeypatch.setattr(storemod, "_IOV_MAX", 2)
+    calls.clear()
+    got = m.images(stack, np.empty((5, info.size, info.size), np.float16))
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16)) and calls == [1, 1, 2, 1]
+    m.close()

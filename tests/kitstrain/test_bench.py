@@ -27,6 +27,8 @@ def test_bench_reports_throughput_ceiling_and_memory(loader_store, workers, augm
     json.dumps(r)  # `--json` prints it as is
     text = format_bench(r)
     assert "in-RAM ceiling" in text and "worker peak RSS" in text
+    assert "ratio store / in-RAM" in text and "CRC-32 of every read" in text
+    assert r["crc_checked"] and 0 < r["crc_us_per_slice"] and 0 <= r["crc_share"] < 1
 
 
 def test_bench_refuses_a_missing_store_or_one_without_labels(tmp_path):

@@ -21,6 +21,7 @@ from kitstrain.data import (
     ForegroundSampler,
     SliceDataset,
     Split,
+    batches_per_epoch,
     check_split,
     collate_slices,
     label_weights_by_value,
@@ -336,6 +337,35 @@ def test_train_loader_is_repeatable_for_a_seed_with_workers(loader_store, info):
     assert set(labels.unique().tolist()) <= {0, 1, 2}
     fg_slices = sum(int((lab > 0).any()) for _, batch in a for lab in batch)
     assert fg_slices >= 12  # at least the forced half of 24 draws shows foreground
+
+
+@pytest.mark.parametrize("samples, batch, world", [(20, 4, 1), (22, 4, 1), (21, 4, 2),
+                                                   (3, 4, 1), (30, 8, 3)])
+def test_steps_per_epoch_equal_the_batches_the_loader_yields(loader_store, info, samples,
+                                                             batch, world):
+    """The schedule counts batches_per_epoch; a loader that yields fewer (drop_last) would
+    end every epoch before the schedule thinks it does."""
+    for rank in range(world):
+        loader = make_train_loader(
+            loader_store, info, info.labelled_cases, batch_size=batch, workers=0, context=0,
+            augment=None, fg_fraction=0.0, label_weights=None, seed=0, rank=rank,
+            world_size=world, samples_per_epoch=samples, pin_memory=False)
+        assert len(list(loader.sampler)) > 0
+        assert sum(1 for _ in loader) == batches_per_epoch(samples, batch, world)
+
+
+def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info):
+    """Built once for the run, resumed at the last batch of an epoch (2 draws left of 22,
+    fewer than a batch): that epoch yields nothing more, the next ones whole epochs."""
+    loader = make_train_loader(
+        loader_store, info, info.labelled_cases, batch_size=4, workers=0, context=0,
+        augment=None, fg_fraction=0.0, label_weights=None, seed=0, samples_per_epoch=22,
+        pin_memory=False, epoch=3, start_batch=5)
+    counts = []
+    for epoch in (3, 4, 5):
+        counts.append(sum(1 for _ in loader))
+        loader.sampler.set_epoch(epoch + 1)
+    assert counts == [0, 5, 5]
 
 
 def test_resume_mid_epoch_draws_the_rest_of_that_epoch(loader_store, info):

@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from kitsprep.build import BuildConfig, build_store
+from kitsprep.labels import EDITIONS
 from kitsprep.store import open_store
 from kitsprep.synth import SynthConfig, write_cohort
 from kitsprep.window import WINDOW_PRESETS
@@ -147,7 +148,7 @@ def test_injected_oom_halves_the_micro_batch_and_carries_on(
     import kitstrain.fit as fitmod
 
     monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "2")
-    monkeypatch.setattr(fitmod._inject_oom, "done", False, raising=False)
+    monkeypatch.setattr(fitmod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
     out = tmp_path / "oom"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "5"))
     assert r.exit_code == 0, r.output
@@ -250,8 +251,14 @@ def test_not_a_store_and_unknown_version(store: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("regions", [False, True])
-def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(store: Path, tmp_path: Path,
-                                                             regions: bool) -> None:
+def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(
+        store: Path, tmp_path: Path, regions: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kitstrain.score as scoremod
+
+    used = []
+    real = scoremod.predict_store_case
+    monkeypatch.setattr(scoremod, "predict_store_case",
+                        lambda *a, **k: used.append(k["amp"]) or real(*a, **k))
     out = tmp_path / "bf16"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--device", "cpu",
                            "--precision", "bf16", "--deep-supervision", "1",
@@ -270,7 +277,15 @@ def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(store: Path, tmp_pa
     # inference uses the full-resolution head only
     scored = CliRunner().invoke(main, ["score", str(out), "--json", str(out / "score.json")])
     assert scored.exit_code == 0, scored.output
-    assert json.loads((out / "score.json").read_text())["cases"]
+    cases = json.loads((out / "score.json").read_text())["cases"]
+    assert used and set(used) == {torch.bfloat16}
+    # score autocasts in the run's precision (bf16 here), as fit's validation did: the same
+    # Dice per case from the same (best = final) checkpoint
+    final = [x for x in runlib.read_metrics(out) if x["kind"] == "val"][-1]
+    assert final["final"] and cases
+    for c in cases:
+        assert [round(c["kidney_dice"], 4), round(c["tumour_dice"], 4)] == \
+            final["per_case"][c["case"]], c["case"]
 
 
 @pytest.fixture(scope="module")
@@ -427,3 +442,165 @@ def test_start_up_window_does_not_count_as_loader_stall() -> None:
     steady = Window(wait=1.0, slices=80, loss=2.0, steps=20, t0=time.perf_counter() - 4.0)
     flush_window(steady, State(step=21), opt, lambda r: None, None, None, sums, None)
     assert sums[0] == 1.0 and 3.9 < sums[1] < 5.0
+
+
+def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> None:
+    """Tries that ran (and moved the batch-norm statistics) and a try that ran out of memory
+    mid-backward (leaving partial gradients) must not reach the first real step."""
+    from kitstrain.fit import search_batch_size
+    from kitstrain.losses import make_loss
+    from kitstrain.model import UNetConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(in_channels=1, num_classes=3, width=4, depth=2,
+                                   norm="batch"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+    def oom_in_backward(grad):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected mid-backward)")
+
+    def hook(module, args, out):
+        if out.shape[0] >= 4:  # by the time the gradient gets here, deeper layers have theirs
+            out.register_hook(oom_in_backward)
+
+    first.register_forward_hook(hook)
+    tc = TrainConfig(width=4, depth=2, context=0)
+    loss_fn = make_loss("ce", EDITIONS["kits19"])
+    found = search_batch_size(model, loss_fn, tc, 16, 3, torch.device("cpu"), None,
+                              cap=8, steps=1)
+    assert found["batch_size"] == 2 and found["tried"][-1] == {"batch": 4, "result": "oom"}
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k  # weights, running mean/var, num_batches_tracked
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_resume_restores_each_rank_s_own_device_rng_with_fewer_gpus_visible(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kitstrain import fit as fitmod
+
+    saved = fitmod.rng_state(torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device: calls.append((int(s[0]), device)))
+    # rank 0's checkpoint from an 8-GPU machine, before per-rank states: 8 device states
+    legacy = {**saved, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
+    torch.manual_seed(123)
+    fitmod.set_rng_state(legacy, 0, torch.device("cuda", 0))
+    assert calls == [(0, torch.device("cuda", 0))]
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    # per-rank states of 8 ranks, resumed on 2 GPUs: rank 1 (on its device 1) takes its own
+    ranks = {"ranks": [{**saved, "cuda": torch.full((16,), r, dtype=torch.uint8)}
+                       for r in range(8)]}
+    calls.clear()
+    fitmod.set_rng_state(ranks, 1, torch.device("cuda", 1))
+    assert calls == [(1, torch.device("cuda", 1))]
+    # more ranks than the saved run had: the extra rank keeps its freshly seeded streams
+    calls.clear()
+    fitmod.set_rng_state({"ranks": ranks["ranks"][:1]}, 1, torch.device("cuda", 1))
+    assert calls == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path: Path) -> None:
+    """Rank 1 alone hits an OOM (one job) or another error (a second job): both ranks of
+    both jobs must end, with one line each, never hang in a collective. No torchrun here:
+    the surviving rank must stop by itself, not be killed by the launcher."""
+    jobs = {}
+    for fault in ("OOM", "ERROR"):
+        port = _free_port()
+        out = tmp_path / fault
+        for rank in (0, 1):
+            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "KITS_INJECT_RANK": "1", f"KITS_INJECT_{fault}_AT_STEP": "2"}
+            jobs[fault, rank] = subprocess.Popen(
+                [sys.executable, "-m", "kitstrain", "fit", *tiny_args(store, out),
+                 "--max-steps", "8", "--device", "cpu"], env=env, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    results = {}
+    try:
+        for key, p in jobs.items():
+            _, err = p.communicate(timeout=150)
+            results[key] = (p.returncode, err)
+    finally:
+        for p in jobs.values():
+            if p.poll() is None:
+                p.kill()
+    for (fault, rank), (rc, err) in results.items():
+        assert rc != 0, f"{fault} rank {rank} finished as if nothing happened:\n{err[-2000:]}"
+    rc, err = results["OOM", 1]
+    assert rc == 1 and "rank 1 ran out of GPU memory at step 2" in err, err[-2000:]
+    assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+    assert json.loads((tmp_path / "OOM" / "oom.json").read_text())["micro_batch"] == 2
+    assert "failure injected" in results["ERROR", 1][1]
+    for fault in ("OOM", "ERROR"):
+        assert "another rank stopped" in results[fault, 0][1], results[fault, 0][1][-2000:]
+
+
+def test_validation_costs_a_bounded_share_and_the_time_limit_counts_it() -> None:
+    from kitstrain.fit import estimate_val_seconds, validation_due
+
+    assert validation_due(trained_s=0.0, last_val_s=0.0)   # none yet: validate
+    assert not validation_due(trained_s=50.0, last_val_s=10.0)  # would be 17 % of the time
+    assert validation_due(trained_s=90.0, last_val_s=10.0)      # 10 %
+    # 100 whole 256x256 slices, trained on 128x128 patches at 400 patches/s
+    assert estimate_val_seconds(100, 256, 128, 400.0) == pytest.approx(100 * 4 * 0.5 / 400)
+
+
+def test_a_damaged_label_chunk_stops_fit_with_one_line(store: Path, tmp_path: Path) -> None:
+    """Read in a DataLoader worker: the worker's traceback must not reach the user."""
+    import shutil
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(store, damaged)
+    info = open_store(damaged)
+    with open(damaged, "r+b") as f:
+        for row in info.index[info.index["label_nbytes"] > 0]:
+            f.seek(int(row["label_offset"]))
+            f.write(b"\x00" * 4)  # no longer a zlib header: every labelled chunk fails
+    r = fit_cli(str(damaged), "--out", str(tmp_path / "run"), *TINY[2:], "--workers", "1",
+                "--max-steps", "2", "--fg-fraction", "1")
+    assert r.exit_code == 1
+    err = r.output.strip().splitlines()[-1]
+    assert "label chunk does not inflate" in err and "kitsprep verify" in err, r.output
+    assert "Traceback" not in r.output
+
+
+def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(store: Path,
+                                                                   tmp_path: Path) -> None:
+    """What the DDP OOM message promises: `--resume` picks up the recorded micro-batch."""
+    out = tmp_path / "oom-resume"
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "2"))
+    assert r.exit_code == 0, r.output
+    runlib.write_json(out / "oom.json", {"step": 2, "rank": 1, "micro_batch": 2})
+    r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--log-every", "1", "--resume"))
+    assert r.exit_code == 0, r.output
+    train = [x for x in runlib.read_metrics(out) if x["kind"] == "train"]
+    assert train[-1]["step"] == 3 and train[-1]["micro_batch"] == 2
+
+
+def test_unwrap_peels_compile_and_ddp_style_wrappers_in_either_order() -> None:
+    from kitstrain.fit import unwrap
+
+    net = torch.nn.Linear(2, 2)
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like from outside: `.module`
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    assert unwrap(torch.compile(Wrapper(net))) is net  # compile after the DDP wrap
+    assert unwrap(Wrapper(torch.compile(net))) is net
+    assert unwrap(net) is net

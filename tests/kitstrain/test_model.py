@@ -152,3 +152,18 @@ def test_regions_give_one_logit_per_region() -> None:
     for bad in ((), (1, 4)):
         with pytest.raises(ValueError, match="region_writes"):
             UNetConfig(num_classes=4, regions=True, region_writes=bad)
+
+
+def test_input_channels_padded_to_8_give_the_same_output_and_state_dict() -> None:
+    from kitstrain.model import PaddedConv2d, pad_input_channels
+
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(in_channels=5, width=4, depth=2)).eval()
+    x = torch.randn(2, 5, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        keys = {k: v.shape for k, v in model.state_dict().items()}
+        pad_input_channels(model)
+        assert sum(isinstance(m, PaddedConv2d) for m in model.modules()) == 1
+        torch.testing.assert_close(model(x), ref)
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
