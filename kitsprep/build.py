@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -46,6 +48,7 @@ from kitsprep.cases import (
     read_header,
     read_volume,
     select_cases,
+    source_fingerprint,
 )
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
@@ -54,6 +57,7 @@ from kitsprep.store import (
     CaseMeta,
     CasePlan,
     CaseWritten,
+    clear_write_flags,
     compress_label_slice,
     crc32,
     create_layout,
@@ -243,6 +247,9 @@ def process_case(job: CaseJob) -> CaseWritten:
     axes = axial_axes(affine)
     image = vol.data.transpose(axes)
     n_slices, h, w = image.shape
+    if n_slices != len(job.offsets):  # the file changed after the build was planned
+        raise KitsError(f"{ref.case_id}: {ref.imaging.name} now has {n_slices} slices, but "
+                        f"the build planned {len(job.offsets)}; start over with --overwrite")
     plane = fit_in_plane(h, w, job.size)
     counts = np.zeros((n_slices, 3), np.int64)
     crc = np.zeros(n_slices, np.uint32)
@@ -276,8 +283,9 @@ def process_case(job: CaseJob) -> CaseWritten:
     finally:
         os.close(fd)
     if top > 255:
-        raise KitsError(f"{ref.case_id}: segmentation holds label {top}; labels must be "
-                        "0..255 (KiTS uses 0 background, 1 kidney, 2 tumour, 3 cyst)")
+        raise KitsError(f"{ref.case_id}: segmentation holds label {_label_found(top)}; labels "
+                        "must be 0..255 (KiTS uses 0 background, 1 kidney, 2 tumour, 3 cyst); "
+                        "fix the mask, or skip the case with --skip-bad")
     fingerprint = {"imaging": vol.fingerprint, "imaging_dtype": str(vol.header.dtype),
                    "slope": vol.header.slope, "inter": vol.header.inter}
     if seg is not None:
@@ -290,6 +298,13 @@ def process_case(job: CaseJob) -> CaseWritten:
     written = CaseWritten(meta, counts, chunks, top, crc)
     _save_record(job.record, written)
     return written
+
+
+def _label_found(top: int) -> int:
+    """`labels_resample` reports a negative label v as NEGATIVE_LABEL - v."""
+    from kitsprep.kernels import NEGATIVE_LABEL
+
+    return NEGATIVE_LABEL - top if top > NEGATIVE_LABEL else top
 
 
 def _save_record(path: Path, w: CaseWritten) -> None:
@@ -358,6 +373,7 @@ def _prepare(cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str]
         bad.update(manifest["bad"])
         plans = [CasePlan(**p) for p in manifest["plans"]]
         try:
+            clear_write_flags(store)  # a kill during finalize left the file "open for write"
             offsets = image_offsets(store)
         except (OSError, KeyError) as exc:  # HDF5 metadata torn by a kill, or a stray edit
             raise KitsError(f"the interrupted build in {work} is damaged ({exc}); start over "
@@ -388,25 +404,81 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
     """Run a build. `on_start(cases, slices)` fires once the plan is known; `on_case` after
     each case. Raises KitsError for bad input (naming the case); OUT is untouched then."""
     t0 = time.perf_counter()
+    check_out_path(cfg.src, cfg.out)
+    with _build_lock(cfg.out):
+        return _build_locked(cfg, t0, on_case, on_start)
+
+
+def check_out_path(src: Path, out: Path) -> None:
+    """A store inside the source folder could replace a scan (`--out src/case_1/imaging...`
+    with --overwrite) and would be read as data by the next build."""
+    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise KitsError(f"--out {out} is inside --src {src}; write the store outside the "
+                        "source folder (e.g. --out slices.h5 next to it)")
+    try:
+        out_r.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KitsError(f"cannot create the folder of --out {out} ({exc.strerror}); choose "
+                        "an --out in a writable folder") from None
+    if not os.access(out_r.parent, os.W_OK):
+        raise KitsError(f"cannot write --out {out}: its folder {out_r.parent} is not writable; "
+                        "choose another --out")
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One build of OUT at a time: a second one is told the first is running, instead of
+    being sent to --resume a build that is still going. flock, so a killed build's lock
+    is free at once."""
+    path = out.with_name(out.name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise KitsError(f"cannot write next to --out {out} ({exc.strerror}); choose an --out "
+                        "in a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise KitsError(f"a build of {out} is running (process {pid}); wait for it to "
+                            "finish, or stop it and rerun with --resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def _build_locked(cfg: BuildConfig, t0: float, on_case: Callable[[CaseEvent], None] | None,
+                  on_start: Callable[[int, int], None] | None) -> BuildReport:
     notify = on_case or (lambda e: None)
     if cfg.out.exists() and not cfg.overwrite:
         raise KitsError(f"{cfg.out} already exists; pass --overwrite to replace it, or choose "
                         "another --out")
     if cfg.out.exists() and cfg.out.is_dir():
         raise KitsError(f"--out {cfg.out} is a folder; expected a file path like slices.h5")
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
     refs = select_cases(find_cases(cfg.src), cfg.cases)
     bad: dict[str, str] = {}
     store, plans, offsets = _prepare(cfg, refs, bad)
     work = store.parent
     record = {p.case_id: work / "cases" / f"{p.case_id}.npz" for p in plans}
+    by_id = {r.case_id: r for r in refs}
+    if cfg.resume:
+        _check_changed_sources(plans, by_id, record)
     todo = [p for p in plans if not record[p.case_id].is_file()]
     if on_start:
         on_start(len(plans), sum(p.slices for p in plans))
     for p in plans:
         if p not in todo:
             notify(CaseEvent(p.case_id, p.slices, 0.0, resumed=True))
-    by_id = {r.case_id: r for r in refs}
     jobs = [CaseJob(by_id[p.case_id], store, offsets[p.case_id], cfg.size, cfg.window,
                     record[p.case_id], cfg.fsync) for p in todo]
     _run_jobs(jobs, cfg, bad, notify)
@@ -421,6 +493,42 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
     return BuildReport(out=cfg.out, cases=len(written), slices=sum(w.meta.slices for w in written),
                        bytes=cfg.out.stat().st_size, seconds=time.perf_counter() - t0,
                        resumed_cases=len(plans) - len(todo), bad_cases=bad)
+
+
+def _check_changed_sources(plans: list[CasePlan], by_id: dict[str, CaseRef],
+                           record: dict[str, Path]) -> None:
+    """On --resume, a committed case whose source files changed since (a repaired case) is
+    redone; any case whose slice count no longer fits the planned layout is refused by
+    name, as the layout's space is fixed."""
+    for p in plans:
+        ref = by_id[p.case_id]
+        rec = record[p.case_id]
+        if rec.is_file() and _record_fingerprint(rec) == _source_fingerprints(ref):
+            continue
+        if ref.labelled != p.labelled:
+            raise KitsError(f"{ref.case_id} changed since the interrupted build: its "
+                            "segmentation was " + ("added" if ref.labelled else "removed")
+                            + "; start over with --overwrite")
+        img = read_header(ref.imaging, ref.case_id)
+        n = img.shape[axial_axes(img.affine)[0]]
+        if n != p.slices:
+            raise KitsError(f"{ref.case_id} changed since the interrupted build: it now has {n} "
+                            f"slices, the build planned {p.slices}; start over with --overwrite")
+        if rec.is_file():
+            rec.unlink()  # redone from its new source
+
+
+def _source_fingerprints(ref: CaseRef) -> dict:
+    fp = {"imaging": source_fingerprint(ref.imaging)}
+    if ref.segmentation is not None:
+        fp["segmentation"] = source_fingerprint(ref.segmentation)
+    return fp
+
+
+def _record_fingerprint(path: Path) -> dict:
+    with np.load(path) as z:
+        fp = json.loads(str(z["meta"]))["fingerprint"]
+    return {k: fp[k] for k in ("imaging", "segmentation") if k in fp}
 
 
 def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],

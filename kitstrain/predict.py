@@ -126,12 +126,31 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     return path
 
 
+def check_predict_out(src: Path, out: Path) -> None:
+    """--out is a folder for predictions: never the source folder or a case in it (next to
+    the imaging a submission would mix with the data), never a file (the imaging itself)."""
+    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+    if out_r.exists() and not out_r.is_dir():
+        raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
+    if out_r == src_r or (src_r in out_r.parents and out_r.relative_to(src_r).parts[0]
+                          .startswith("case_")):
+        raise KitsError(f"--out {out} is the source folder or a case in it; write predictions "
+                        "to a folder of their own (e.g. --out predictions)")
+    for parent in out_r.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KitsError(f"--out {out}: {parent} is a file, not a folder; choose "
+                                "another --out")
+            if not os.access(parent, os.W_OK):
+                raise KitsError(f"--out {out}: {parent} is not writable; choose another --out")
+            break
+
+
 def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> PredictReport:
     """Predict every selected case under `cfg.src` into `cfg.out`. Raises KitsError for
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
+    check_predict_out(cfg.src, out)
     lr = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
     refs = select_cases(find_cases(Path(cfg.src)), cfg.cases)
     device = resolve_device(cfg.device)

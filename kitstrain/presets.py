@@ -3,6 +3,7 @@ override single fields on top of it. No subclassing."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from kitsprep.errors import KitsError
@@ -95,8 +96,15 @@ def _check(cfg: TrainConfig) -> None:
         raise KitsError(f"schedule {cfg.schedule!r} unknown; expected constant, cosine or poly")
     if not 0.0 <= cfg.fg_fraction <= 1.0:
         raise KitsError(f"fg_fraction must be within 0..1, found {cfg.fg_fraction}")
+    for f in fields(cfg):  # NaN passes every range check, and inf is no setting either
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise KitsError(f"--{f.name.replace('_', '-')} must be a finite number, found {v}")
     if cfg.lr <= 0:
         raise KitsError(f"--lr must be positive, found {cfg.lr}")
+    if cfg.time_limit is not None and cfg.time_limit <= 0:
+        raise KitsError(f"--time-limit must be longer than 0 s, found {cfg.time_limit:g}; "
+                        "leave it out for no limit")
     if cfg.epochs < 1:
         raise KitsError(f"--epochs must be at least 1, found {cfg.epochs}")
     check_patch(cfg.patch)
