@@ -352,7 +352,8 @@ def _unreadable(path: Path, exc: Exception) -> KitsError:
                              f"says {eof} (an interrupted copy or download?); copy it again "
                              "or rebuild it with `kitsprep build --overwrite`")
     if is_hdf5:
-        return KitsError(f"{path} is damaged ({str(exc).splitlines()[0][:160]}); rebuild it "
+        reason = str(exc.args[0] if exc.args else exc).splitlines()[0][:160]
+        return KitsError(f"{path} is damaged ({reason}); rebuild it "
                          "with `kitsprep build --overwrite`, or copy it again")
     return KitsError(f"{path} is not an HDF5 file; expected a store written by "
                      "`kitsprep build`")

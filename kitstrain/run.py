@@ -141,6 +141,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        if "weights only load failed" in str(exc).lower():
+            raise KitsError(f"checkpoint {path} holds pickled Python objects besides tensors, "
+                            "which kits never loads (it may run code); it was not written by "
+                            "`kitstrain fit`, use the run's own checkpoint or retrain") from None
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else \
             type(exc).__name__
         raise KitsError(f"checkpoint {path} cannot be loaded ({reason}): it is truncated, "
@@ -168,8 +172,9 @@ def load_model(run_dir: Path, which: str = "best", device: str | torch.device = 
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:  # another architecture's weights
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2])[:120]
         raise KitsError(f"checkpoint {path} does not fit the model in {run_dir}/{CONFIG} "
-                        f"({str(exc).splitlines()[0][:120]}); the checkpoint is from another "
-                        "run, put back that run's checkpoint") from None
+                        f"({detail or 'other layers'}); it is from another run or model, put "
+                        "back this run's checkpoint") from None
     model.to(device).to(memory_format=torch.channels_last).eval()  # as trained: NHWC
     return model, ckpt
