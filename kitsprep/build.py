@@ -406,7 +406,15 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
     t0 = time.perf_counter()
     check_out_path(cfg.src, cfg.out)
     with _build_lock(cfg.out):
-        return _build_locked(cfg, t0, on_case, on_start)
+        try:
+            return _build_locked(cfg, t0, on_case, on_start)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise KitsError(f"the disk holding {cfg.out} is full ({exc.strerror}"
+                            + (f": {exc.filename}" if exc.filename else "") + "); free space, "
+                            f"then rerun with --resume (finished cases are kept in "
+                            f"{partial_dir(cfg.out)})") from None
 
 
 def check_out_path(src: Path, out: Path) -> None:
@@ -416,6 +424,12 @@ def check_out_path(src: Path, out: Path) -> None:
     if out_r == src_r or src_r in out_r.parents:
         raise KitsError(f"--out {out} is inside --src {src}; write the store outside the "
                         "source folder (e.g. --out slices.h5 next to it)")
+    for parent in out_r.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KitsError(f"--out {out}: {parent} is a file, not a folder; choose "
+                                "another --out")
+            break
     try:
         out_r.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

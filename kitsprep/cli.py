@@ -148,7 +148,7 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
         click.echo(f"warning: --size {size} cannot be halved {DEFAULT_DEPTH} times, so "
                    f"`kitstrain fit` (default depth {DEFAULT_DEPTH}) will refuse this store; "
                    f"use a multiple of {DEFAULT_DIVISOR} (e.g. --size "
-                   f"{max(DEFAULT_DIVISOR, size // DEFAULT_DIVISOR * DEFAULT_DIVISOR)}), or "
+                   f"{max(DEFAULT_DIVISOR, round(size / DEFAULT_DIVISOR) * DEFAULT_DIVISOR)}), or "
                    "train with a smaller --depth", err=True)
     cfg = BuildConfig(src=src, out=out, window=window, size=size,
                       workers=workers or os.cpu_count() or 1, cases=case_spec, resume=resume,

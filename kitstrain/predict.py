@@ -121,8 +121,13 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     img = nib.Nifti1Image(np.asarray(labels, np.uint8), hdr.get_best_affine(), header=hdr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.partial.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written file
+        if tmp.exists():
+            tmp.unlink()
+        raise
     return path
 
 

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +43,23 @@ def newest_run(root: Path = RUNS_ROOT) -> Path:
     return max(runs, key=lambda p: (p / CONFIG).stat().st_mtime)
 
 
+@contextlib.contextmanager
+def _no_half_file(tmp: Path) -> Iterator[None]:
+    """A write that fails (a full disk) leaves no half-written temporary behind."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader (or a crash) never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    with _no_half_file(tmp):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
 
 
 def read_json(run_dir: Path, name: str) -> dict:
@@ -104,11 +118,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     checkpoint intact. Payload holds tensors, numbers, strings, lists and dicts only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _no_half_file(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def export_weights(path: Path, state_dict: dict) -> None:
@@ -119,8 +134,9 @@ def export_weights(path: Path, state_dict: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()
                if isinstance(v, torch.Tensor)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "kitstrain"})
-    os.replace(tmp, path)
+    with _no_half_file(tmp):
+        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "kitstrain"})
+        os.replace(tmp, path)
 
 
 def nonfinite_weights(state_dict: dict) -> int:
