@@ -67,6 +67,7 @@ def _progress(total: int, unit: str, desc: str):
 
 # kitstrain's default U-Net halves the slice this many times (kitstrain/presets.py); kitsprep
 # does not import kitstrain, so the build-time warning keeps its own copy
+COMPILE_NOTE_S = 2.0  # kernel compile time worth a mention (loading the cache takes less)
 DEFAULT_DEPTH = 4
 DEFAULT_DIVISOR = 2 ** DEFAULT_DEPTH
 
@@ -185,7 +186,10 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
                f"({report.slices_per_s:.0f} slices/s)"
                + (f", {report.resumed_cases} cases from the interrupted run"
                   if report.resumed_cases else "")
-               + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else ""))
+               + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else "")
+               + (f"; plus {report.compile_seconds:.1f}s compiling the kernels (once: they "
+                  "are cached for later builds)" if report.compile_seconds >= COMPILE_NOTE_S
+                  else ""))
 
 
 @main.command()

@@ -44,20 +44,23 @@ def newest_run(root: Path = RUNS_ROOT) -> Path:
 
 
 @contextlib.contextmanager
-def _no_half_file(tmp: Path) -> Iterator[None]:
-    """A write that fails (a full disk) leaves no half-written temporary behind."""
+def _no_half_file(tmp: Path, path: Path) -> Iterator[None]:
+    """A write that fails (a full disk) leaves no half-written temporary behind, and its
+    error names the file."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader (or a crash) never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    with _no_half_file(tmp):
+    with _no_half_file(tmp, path):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
         os.replace(tmp, path)
 
@@ -118,7 +121,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     checkpoint intact. Payload holds tensors, numbers, strings, lists and dicts only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with _no_half_file(tmp):
+    with _no_half_file(tmp, path):
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -134,7 +137,7 @@ def export_weights(path: Path, state_dict: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()
                if isinstance(v, torch.Tensor)}
     tmp = path.with_name(path.name + ".tmp")
-    with _no_half_file(tmp):
+    with _no_half_file(tmp, path):
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "kitstrain"})
         os.replace(tmp, path)
 
