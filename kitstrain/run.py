@@ -5,6 +5,7 @@
                 metrics.jsonl   one JSON object per logged event (train window, validation)
                 checkpoints/last.pt, best.pt   tensors and JSON strings only, so they
                                                load with torch.load(weights_only=True)
+                checkpoints/model.safetensors  best.pt's weights alone, to share
                 lock            pid of the process training in this directory
 """
 
