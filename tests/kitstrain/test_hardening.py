@@ -243,3 +243,28 @@ def test_a_missing_tensorboard_is_said_once(trained: Path, loader_store: Path,
     r = cli("fit", loader_store, "--out", tmp_path / "tb", *TINY, "--max-steps", 1)
     assert r.exit_code == 0, r.output
     assert r.output.count("tensorboard is not installed") == 1
+
+
+@pytest.mark.parametrize("kind", ["config_json", "model_field"])
+def test_score_of_a_run_with_a_damaged_config_is_one_line(trained: Path, tmp_path: Path,
+                                                          kind: str) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    config = run_dir / "config.json"
+    if kind == "config_json":
+        config.write_text('{"model": ')
+    else:
+        c = json.loads(config.read_text())
+        c["model"]["bogus"] = 1
+        config.write_text(json.dumps(c))
+    assert_user_error(cli("score", run_dir), str(config))
+
+
+def test_an_unwritable_out_for_fit_and_predict_is_one_line(trained: Path, loader_store: Path,
+                                                           tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(cli("fit", loader_store, "--out", blocker / "run", *TINY),
+                      "cannot create the run directory")
+    src = loader_store.parent / "src"
+    assert_user_error(cli("predict", trained, "--src", src, "--out", blocker / "p"),
+                      "is a file, not a folder")
