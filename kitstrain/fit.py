@@ -446,9 +446,13 @@ def save(run_dir: Path, which: str, model, optimizer, scaler, state: State) -> N
     weights = unwrap(model).state_dict()
     bad = run.nonfinite_weights(weights)
     if bad:
+        logged = [r for r in run.read_metrics(run_dir) if r.get("kind") == "train"
+                  and isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+        last = (f"; last logged loss {logged[-1]['loss']:.4g} at step {logged[-1]['step']}"
+                if logged else "")
         raise KitsError(f"training diverged by step {state.step}: the model holds {bad} NaN/Inf "
-                        f"weights, so no checkpoint was written; start a new run with a lower "
-                        f"--lr")
+                        f"weights{last}, so no checkpoint was written; start a new run with a "
+                        "lower --lr")
     if which == "best":
         run.export_weights(run.checkpoint_path(run_dir, "best").with_name(WEIGHTS_FILE), weights)
     run.save_checkpoint(run.checkpoint_path(run_dir, which), {
