@@ -501,31 +501,30 @@ class Divergence:
     def __init__(self, device: torch.device, tolerate: bool):
         self.limit = DIVERGED_STEPS if tolerate else 1
         z = torch.zeros((), device=device)
-        self.bad_run, self.worst = z.clone(), z.clone()
-        self.first_bad = z - 1              # step of the first non-finite loss of the worst run
+        self.bad_run, self.worst = z.clone(), z.clone()  # non-finite losses in a row
+        self.run_start, self.worst_start = z.clone(), z.clone()  # step each run began
         self.last_loss, self.last_step = z.clone(), z.clone()
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         ok = torch.isfinite(loss.detach()).to(self.bad_run.dtype)
+        at = torch.full_like(self.run_start, step)
         self.bad_run = (self.bad_run + 1) * (1 - ok)
-        started = (self.bad_run == 1) & (self.first_bad < 0)
-        self.first_bad = torch.where(started, torch.full_like(self.first_bad, step),
-                                     self.first_bad)
+        self.run_start = torch.where(self.bad_run == 1, at, self.run_start)
+        self.worst_start = torch.where(self.bad_run > self.worst, self.run_start,
+                                       self.worst_start)
         self.worst = torch.maximum(self.worst, self.bad_run)
         self.last_loss = torch.where(ok > 0, loss.detach().float(), self.last_loss)
-        self.last_step = torch.where(ok > 0, torch.full_like(self.last_step, step),
-                                     self.last_step)
+        self.last_step = torch.where(ok > 0, at, self.last_step)
 
     def check(self, tc: TrainConfig) -> None:
         if float(self.worst) < self.limit:
-            if float(self.bad_run) == 0:
-                self.first_bad.fill_(-1)
             return
+        start = int(self.worst_start)
         last = (f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"
                 if int(self.last_step) > 0 else "no finite loss before it")
-        raise KitsError(f"training diverged: the loss is NaN/Inf from step "
-                        f"{int(self.first_bad)} ({last}); no checkpoint holds the diverged "
-                        f"weights. Start a new run with a lower --lr (this one: {tc.lr:g})")
+        raise KitsError(f"training diverged: the loss is NaN/Inf from step {start} ({last}); "
+                        f"no checkpoint holds the diverged weights. Start a new run with a "
+                        f"lower --lr (this one: {tc.lr:g})")
 
 
 def restore(run_dir: Path, model, optimizer, scaler, device) -> State:

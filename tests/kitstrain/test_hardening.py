@@ -268,3 +268,26 @@ def test_an_unwritable_out_for_fit_and_predict_is_one_line(trained: Path, loader
     src = loader_store.parent / "src"
     assert_user_error(cli("predict", trained, "--src", src, "--out", blocker / "p"),
                       "is a file, not a folder")
+
+
+def test_scaled_fp16_runs_tolerate_skipped_steps_but_not_a_persistent_run() -> None:
+    from kitstrain.fit import DIVERGED_STEPS, Divergence
+    from kitstrain.presets import resolve
+
+    tc = resolve("default", {})
+    d = Divergence(torch.device("cpu"), tolerate=True)
+    step = 0
+    for value in [1.0, float("inf"), float("inf"), 0.9] * 3:  # the scaler's usual skips
+        step += 1
+        d.update(torch.tensor(value), step)
+    d.check(tc)
+    for _ in range(DIVERGED_STEPS):
+        step += 1
+        d.update(torch.tensor(float("nan")), step)
+    with pytest.raises(Exception, match=r"from step 13 \(last finite loss 0.9 at step 12\)"):
+        d.check(tc)
+    strict = Divergence(torch.device("cpu"), tolerate=False)
+    strict.update(torch.tensor(2.0), 1)
+    strict.update(torch.tensor(float("nan")), 2)
+    with pytest.raises(Exception, match=r"from step 2 \(last finite loss 2 at step 1\)"):
+        strict.check(tc)
