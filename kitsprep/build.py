@@ -508,7 +508,7 @@ def _build_locked(cfg: BuildConfig, t0: float, on_case: Callable[[CaseEvent], No
     shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out=cfg.out, cases=len(written), slices=sum(w.meta.slices for w in written),
                        bytes=cfg.out.stat().st_size,
-                       seconds=time.perf_counter() - t0 - compile_s,
+                       seconds=max(0.0, time.perf_counter() - t0 - compile_s),
                        resumed_cases=len(plans) - len(todo), bad_cases=bad,
                        compile_seconds=compile_s)
 

@@ -298,3 +298,32 @@ def test_a_size_the_default_unet_cannot_halve_warns_at_build(built, tmp_path: Pa
     r = run("build", "--src", src, "--out", tmp_path / "v.h5", "--size", 32, "--workers", 1,
             "--cases", "0")
     assert "cannot be halved" not in r.output
+
+
+def test_the_kernels_are_warmed_with_the_builds_own_specialisations(tmp_path: Path) -> None:
+    """After the warm-up the build compiles nothing more, so its rate excludes compiling."""
+    from kitsprep import build as build_mod
+    from kitsprep import kernels
+    from kitsprep.cases import find_cases
+    from kitsprep.window import WINDOW_PRESETS
+
+    src = write_cohort(tmp_path / "src", n=2)  # float32 + uint8 and int16 + uint16 cases
+    build_mod._warm_kernels(find_cases(src), WINDOW_PRESETS["mlperf"])
+    dispatchers = (kernels._window_resample, kernels._labels_resample, kernels._count_nonfinite)
+    before = [len(k.signatures) for k in dispatchers]
+    r = run("build", "--src", src, "--out", tmp_path / "s.h5", "--size", 32, "--workers", 1,
+            "--no-fsync")
+    assert r.exit_code == 0, r.output
+    assert [len(k.signatures) for k in dispatchers] == before
+
+
+def test_compile_time_is_reported_apart_from_the_rate(built, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from kitsprep import build as build_mod
+
+    src, _ = built
+    monkeypatch.setattr(build_mod, "_warm_kernels", lambda refs, window: 7.5)
+    r = run("build", "--src", src, "--out", tmp_path / "c.h5", "--size", 32, "--workers", 1,
+            "--no-fsync")
+    assert r.exit_code == 0, r.output
+    assert "plus 7.5s compiling the kernels" in r.output
