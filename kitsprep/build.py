@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -47,15 +49,22 @@ from kitsprep.cases import (
     read_header,
     read_volume,
     select_cases,
+    source_fingerprint,
 )
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
-from kitsprep.kernels import count_nonfinite, labels_resample, window_resample
+from kitsprep.kernels import (
+    NEGATIVE_LABEL,
+    count_nonfinite,
+    labels_resample,
+    window_resample,
+)
 from kitsprep.labels import EDITIONS, LabelSet
 from kitsprep.store import (
     CaseMeta,
     CasePlan,
     CaseWritten,
+    clear_write_flags,
     compress_label_slice,
     crc32,
     create_layout,
@@ -131,6 +140,7 @@ class BuildReport:
     bad_cases: dict[str, str] = field(default_factory=dict)
     edition: str = ""
     edition_reason: str = ""
+    compile_seconds: float = 0.0  # kernels compiled or loaded from cache; not in `seconds`
 
     @property
     def slices_per_s(self) -> float:
@@ -257,6 +267,9 @@ def process_case(job: CaseJob) -> CaseWritten:
     axes = axial_axes(affine)
     image = vol.data.transpose(axes)
     n_slices, h, w = image.shape
+    if n_slices != len(job.offsets):  # the file changed after the build was planned
+        raise KitsError(f"{ref.case_id}: {ref.imaging.name} now has {n_slices} slices, but "
+                        f"the build planned {len(job.offsets)}; start over with --overwrite")
     plane = fit_in_plane(h, w, job.size)
     counts = np.zeros((n_slices, 3), np.int64)
     crc = np.zeros(n_slices, np.uint32)
@@ -308,9 +321,11 @@ def process_case(job: CaseJob) -> CaseWritten:
 
 def present_values(counts: np.ndarray, top: int) -> list[int]:
     """Foreground label values a case holds, from its per-slice counts of values 1..3 and
-    its largest label (negative ones count as 256 - v, so they are never mistaken for 0..3)."""
-    found = {v + 1 for v in np.flatnonzero(np.asarray(counts).sum(0))}
-    if top > counts.shape[1]:
+    its largest label (`labels_resample` reports a negative label v as NEGATIVE_LABEL - v)."""
+    found = {int(v) + 1 for v in np.flatnonzero(np.asarray(counts).sum(0))}
+    if top > NEGATIVE_LABEL:
+        found.add(int(NEGATIVE_LABEL - top))
+    elif top > counts.shape[1]:
         found.add(int(top))
     return sorted(found)
 
@@ -318,7 +333,7 @@ def present_values(counts: np.ndarray, top: int) -> list[int]:
 def _check_label_values(case_id: str, counts: np.ndarray, top: int, ls: LabelSet) -> None:
     unknown = ls.unknown_values(present_values(counts, top))
     if unknown:
-        shown = ", ".join(str(v) if v <= 255 else f"{256 - v} (negative)" for v in unknown)
+        shown = ", ".join(str(v) for v in unknown)
         names = ", ".join(f"{v} {n}" for n, v in ls.labels)
         raise KitsError(
             f"{case_id}: segmentation holds label value(s) {shown}, outside the labels of "
@@ -409,6 +424,7 @@ def _prepare(cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str]
         bad.update(manifest["bad"])
         plans = [CasePlan(**p) for p in manifest["plans"]]
         try:
+            clear_write_flags(store)  # a kill during finalize left the file "open for write"
             offsets = image_offsets(store)
         except (OSError, KeyError) as exc:  # HDF5 metadata torn by a kill, or a stray edit
             raise KitsError(f"the interrupted build in {work} is damaged ({exc}); start over "
@@ -439,27 +455,98 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
     """Run a build. `on_start(cases, slices)` fires once the plan is known; `on_case` after
     each case. Raises KitsError for bad input (naming the case); OUT is untouched then."""
     t0 = time.perf_counter()
+    check_out_path(cfg.src, cfg.out)
+    with _build_lock(cfg.out):
+        try:
+            return _build_locked(cfg, t0, on_case, on_start)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise KitsError(f"the disk holding {cfg.out} is full ({exc.strerror}"
+                            + (f": {exc.filename}" if exc.filename else "") + "); free space, "
+                            f"then rerun with --resume (finished cases are kept in "
+                            f"{partial_dir(cfg.out)})") from None
+
+
+def check_out_path(src: Path, out: Path) -> None:
+    """A store inside the source folder could replace a scan (`--out src/case_1/imaging...`
+    with --overwrite) and would be read as data by the next build."""
+    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise KitsError(f"--out {out} is inside --src {src}; write the store outside the "
+                        "source folder (e.g. --out slices.h5 next to it)")
+    for parent in out_r.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KitsError(f"--out {out}: {parent} is a file, not a folder; choose "
+                                "another --out")
+            break
+    try:
+        out_r.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KitsError(f"cannot create the folder of --out {out} ({exc.strerror}); choose "
+                        "an --out in a writable folder") from None
+    if not os.access(out_r.parent, os.W_OK):
+        raise KitsError(f"cannot write --out {out}: its folder {out_r.parent} is not writable; "
+                        "choose another --out")
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One build of OUT at a time: a second one is told the first is running, instead of
+    being sent to --resume a build that is still going. flock, so a killed build's lock
+    is free at once."""
+    path = out.with_name(out.name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise KitsError(f"cannot write next to --out {out} ({exc.strerror}); choose an --out "
+                        "in a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise KitsError(f"a build of {out} is running (process {pid}); wait for it to "
+                            "finish, or stop it and rerun with --resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def _build_locked(cfg: BuildConfig, t0: float, on_case: Callable[[CaseEvent], None] | None,
+                  on_start: Callable[[int, int], None] | None) -> BuildReport:
     notify = on_case or (lambda e: None)
     if cfg.out.exists() and not cfg.overwrite:
         raise KitsError(f"{cfg.out} already exists; pass --overwrite to replace it, or choose "
                         "another --out")
     if cfg.out.exists() and cfg.out.is_dir():
         raise KitsError(f"--out {cfg.out} is a folder; expected a file path like slices.h5")
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
     refs = select_cases(find_cases(cfg.src), cfg.cases)
     bad: dict[str, str] = {}
     store, plans, offsets = _prepare(cfg, refs, bad)
     work = store.parent
     record = {p.case_id: work / "cases" / f"{p.case_id}.npz" for p in plans}
+    by_id = {r.case_id: r for r in refs}
+    if cfg.resume:
+        _check_changed_sources(plans, by_id, record)
     todo = [p for p in plans if not record[p.case_id].is_file()]
     if on_start:
         on_start(len(plans), sum(p.slices for p in plans))
     for p in plans:
         if p not in todo:
             notify(CaseEvent(p.case_id, p.slices, 0.0, resumed=True))
-    by_id = {r.case_id: r for r in refs}
     jobs = [CaseJob(by_id[p.case_id], store, offsets[p.case_id], cfg.size, cfg.window,
                     record[p.case_id], cfg.fsync, cfg.allowed_labels) for p in todo]
+    compile_s = _warm_kernels([j.ref for j in jobs], cfg.window) if jobs else 0.0
     _run_jobs(jobs, cfg, bad, notify)
     written = [_load_record(record[p.case_id]) for p in plans if record[p.case_id].is_file()]
     if not written:
@@ -471,9 +558,79 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
     _fsync_path(cfg.out.parent)
     shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out=cfg.out, cases=len(written), slices=sum(w.meta.slices for w in written),
-                       bytes=cfg.out.stat().st_size, seconds=time.perf_counter() - t0,
+                       bytes=cfg.out.stat().st_size,
+                       seconds=max(0.0, time.perf_counter() - t0 - compile_s),
                        resumed_cases=len(plans) - len(todo), bad_cases=bad,
-                       edition=labels.edition, edition_reason=why)
+                       compile_seconds=compile_s, edition=labels.edition, edition_reason=why)
+
+
+def _warm_kernels(refs: list[CaseRef], window: Window) -> float:
+    """Compile the kernels for these cases' voxel types (the first build after an install)
+    or load them from numba's cache, here, before any case is timed: the reported rate is
+    then the build's, not the compiler's, and forked workers inherit them compiled. Tiny
+    read-only arrays, as `read_volume` gives, so they are the build's own specialisations.
+    Returns the seconds it took."""
+    t = time.perf_counter()
+    seen: set[tuple] = set()
+    for ref in refs:
+        try:
+            img = read_header(ref.imaging, ref.case_id).dtype.newbyteorder("=")
+            seg = (read_header(ref.segmentation, ref.case_id).dtype.newbyteorder("=")
+                   if ref.segmentation is not None else None)
+        except KitsError:
+            continue  # the case's own run names the problem
+        if (img, seg) in seen:
+            continue
+        seen.add((img, seg))
+        plane = fit_in_plane(2, 2, 4)
+        try:
+            vol = np.frombuffer(bytes(8 * img.itemsize), img).reshape((2, 2, 2), order="F")
+            count_nonfinite(vol)
+            window_resample(vol, 1.0, 0.0, window, plane, 0, 2,
+                            np.empty((2, 4, 4), np.float16))
+            if seg is not None:
+                lab = np.frombuffer(bytes(8 * seg.itemsize), seg).reshape((2, 2, 2), order="F")
+                labels_resample(lab, plane, np.zeros((2, 3), np.int64), 0, 2,
+                                np.empty((2, 4, 4), np.uint8))
+        except Exception:  # noqa: BLE001 - a voxel type the kernels refuse: the case says so
+            continue
+    return time.perf_counter() - t
+
+
+def _check_changed_sources(plans: list[CasePlan], by_id: dict[str, CaseRef],
+                           record: dict[str, Path]) -> None:
+    """On --resume, a committed case whose source files changed since (a repaired case) is
+    redone; any case whose slice count no longer fits the planned layout is refused by
+    name, as the layout's space is fixed."""
+    for p in plans:
+        ref = by_id[p.case_id]
+        rec = record[p.case_id]
+        if rec.is_file() and _record_fingerprint(rec) == _source_fingerprints(ref):
+            continue
+        if ref.labelled != p.labelled:
+            raise KitsError(f"{ref.case_id} changed since the interrupted build: its "
+                            "segmentation was " + ("added" if ref.labelled else "removed")
+                            + "; start over with --overwrite")
+        img = read_header(ref.imaging, ref.case_id)
+        n = img.shape[axial_axes(img.affine)[0]]
+        if n != p.slices:
+            raise KitsError(f"{ref.case_id} changed since the interrupted build: it now has {n} "
+                            f"slices, the build planned {p.slices}; start over with --overwrite")
+        if rec.is_file():
+            rec.unlink()  # redone from its new source
+
+
+def _source_fingerprints(ref: CaseRef) -> dict:
+    fp = {"imaging": source_fingerprint(ref.imaging)}
+    if ref.segmentation is not None:
+        fp["segmentation"] = source_fingerprint(ref.segmentation)
+    return fp
+
+
+def _record_fingerprint(path: Path) -> dict:
+    with np.load(path) as z:
+        fp = json.loads(str(z["meta"]))["fingerprint"]
+    return {k: fp[k] for k in ("imaging", "segmentation") if k in fp}
 
 
 def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],

@@ -29,6 +29,7 @@ except ImportError:  # isal is a dependency; plain gzip keeps a broken install w
     _InflateError = zlib.error
 
 CASE_RE = re.compile(r"^case_(\d{5})$")
+NEAR_CASE_RE = re.compile(r"^case", re.IGNORECASE)  # meant as a case, but not case_XXXXX
 IMAGING_NAMES = ("imaging.nii.gz", "imaging.nii")
 SEGMENTATION_NAMES = ("segmentation.nii.gz", "segmentation.nii")
 # KiTS21's mask: the majority vote of three annotations, read where no segmentation is there.
@@ -37,6 +38,7 @@ NO_MASK_REASON = f"no {SEGMENTATION_NAMES[0]} or {KITS21_SEGMENTATION}"
 # Metadata files the official releases put beside the case folders, by edition. KiTS19 and
 # KiTS21 both call theirs kits.json, which therefore says nothing.
 EDITION_FILES = {"kits23.json": "kits23", "kits21.json": "kits21"}
+MAX_RANGE = 100_000  # case ids have five digits
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,14 @@ def folder_edition(src: Path, cases: Iterable[CaseRef]) -> tuple[str, str] | Non
         if ref.segmentation is not None and ref.segmentation.name == KITS21_SEGMENTATION:
             return "kits21", f"{ref.case_id} has KiTS21's {KITS21_SEGMENTATION}"
     return None
+def misnamed_case_folders(src: Path) -> list[str]:
+    """Folders under `src` that look like cases but are not named case_XXXXX (`case_0001`,
+    `case_00001_copy`): `find_cases` skips them, and the CLIs say so once."""
+    src = Path(src)
+    if not src.is_dir():
+        return []
+    return sorted(p.name for p in src.iterdir()
+                  if p.is_dir() and NEAR_CASE_RE.match(p.name) and not CASE_RE.match(p.name))
 
 
 def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[str]:
@@ -144,14 +154,35 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
         tokens = [t.strip() for t in spec.split(",") if t.strip()]
     if not tokens:
         raise KitsError(f"empty case spec {spec!r}; expected e.g. 0-19,50-54 or case_00003")
+    have_numbers = None
+    if available is not None:
+        available = list(available)
+        have_numbers = sorted(int(m.group(1)) for m in map(CASE_RE.match, available) if m)
     numbers: set[int] = set()
+    n_missing, first_missing = 0, []
     for tok in tokens:
         m = re.fullmatch(r"(?:case_)?(\d+)\s*-\s*(?:case_)?(\d+)", tok)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise KitsError(f"case range {tok!r} runs backwards; write {hi}-{lo}")
-            numbers.update(range(lo, hi + 1))
+            if have_numbers is None:
+                if hi - lo >= MAX_RANGE:
+                    raise KitsError(f"case range {tok!r} spans {hi - lo + 1} cases; KiTS ids "
+                                    f"have 5 digits, so write a range within 0-{MAX_RANGE - 1}")
+                numbers.update(range(lo, hi + 1))
+                continue
+            # checked against the cases there, never expanded beyond them: a range like
+            # 0-999999999999 costs what the folder holds
+            inside = [n for n in have_numbers if lo <= n <= hi]
+            numbers.update(inside)
+            n_missing += (hi - lo + 1) - len(inside)
+            got = set(inside)
+            n = lo
+            while len(first_missing) < 5 and n <= hi:
+                if n not in got:
+                    first_missing.append(case_name(n))
+                n += 1
             continue
         m = re.fullmatch(r"(?:case_)?(\d+)", tok)
         if not m:
@@ -162,9 +193,11 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
     if available is not None:
         have = set(available)
         missing = [c for c in ids if c not in have]
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise KitsError(f"case spec {spec!r} names {len(missing)} case(s) that are not "
+        n_missing += len(missing)
+        first_missing = sorted(set(first_missing + missing[:5]))[:5]
+        if n_missing:
+            shown = ", ".join(first_missing) + (" ..." if n_missing > 5 else "")
+            raise KitsError(f"case spec {spec!r} names {n_missing} case(s) that are not "
                             f"there: {shown}; available: {_summarise(sorted(have))}")
     return ids
 
@@ -208,6 +241,10 @@ def read_header(path: Path, case_id: str = "") -> NiftiHeader:
     header = _header_of(img.header)
     if len(header.shape) != 3:
         raise KitsError(f"{case_id}: {path.name} has shape {header.shape}; expected a 3D volume")
+    if 0 in header.shape:
+        raise KitsError(f"{case_id or path.parent.name}: {path.name} has shape {header.shape}, "
+                        "an empty volume with no voxels; re-export the scan, or leave the case "
+                        "out with --cases")
     return header
 
 
@@ -216,6 +253,19 @@ def _gzip_fingerprint(raw: bytes) -> str:
     and free, since the decoder verifies it anyway."""
     crc, isize = struct.unpack("<II", raw[-8:])
     return f"gz:{len(raw)}:{crc:08x}:{isize}"
+
+
+def source_fingerprint(path: Path) -> str:
+    """`read_volume`'s fingerprint without inflating: a gzip file's trailer and length (a
+    few bytes); an uncompressed file is read whole. `--resume` spots edited sources by it."""
+    if path.name.endswith(".gz"):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 8))
+            crc, isize = struct.unpack("<II", f.read(8).rjust(8, b"\0"))
+        return f"gz:{size}:{crc:08x}:{isize}"
+    blob = path.read_bytes()
+    return f"raw:{len(blob)}:{zlib.crc32(blob):08x}"
 
 
 def read_volume(path: Path, case_id: str = "") -> Volume:

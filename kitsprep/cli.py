@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -20,13 +21,40 @@ def _fail(exc: Exception) -> None:
 
 
 class KitsGroup(click.Group):
-    """Turns KitsError into one line and exit code 1, never a traceback."""
+    """Turns KitsError, and the machine's refusals (full disk, no permission), into one
+    line and exit code 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except KitsError as exc:
             _fail(exc)
+        except OSError as exc:
+            if exc.errno not in _OS_FIXES:
+                raise  # anything else is a bug: keep its traceback
+            _fail(os_error(exc))
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free space on that disk (or write elsewhere), then rerun; a build or fit "
+                  "continues with --resume",
+    errno.EDQUOT: "free space within your quota (or write elsewhere), then rerun; a build or "
+                  "fit continues with --resume",
+    errno.EACCES: "choose a location you can write to, or fix its permissions",
+    errno.EPERM: "choose a location you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "the path is a folder, where a file is expected; name a file",
+    errno.EEXIST: "a file is in the way of a folder of that name; choose another path",
+    errno.ENOENT: "a folder in the path does not exist (or cannot be made there); choose "
+                  "another path",
+}
+
+
+def os_error(exc: OSError) -> KitsError:
+    """One line for an OSError the machine raised: the file, the reason, the fix."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return KitsError(f"{where}{exc.strerror or exc}; {_OS_FIXES.get(exc.errno, 'check the path')}")
 
 
 def _progress(total: int, unit: str, desc: str):
@@ -36,6 +64,24 @@ def _progress(total: int, unit: str, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+# kitstrain's default U-Net halves the slice this many times (kitstrain/presets.py); kitsprep
+# does not import kitstrain, so the build-time warning keeps its own copy
+COMPILE_NOTE_S = 2.0  # kernel compile time worth a mention (loading the cache takes less)
+DEFAULT_DEPTH = 4
+DEFAULT_DIVISOR = 2 ** DEFAULT_DEPTH
+
+
+def _warn_misnamed(src: Path) -> None:
+    """Folders that look like cases but are skipped for their name: said once."""
+    from kitsprep.cases import misnamed_case_folders
+
+    odd = misnamed_case_folders(src)
+    if odd:
+        shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        click.echo(f"warning: skipping {len(odd)} folder(s) in {src} not named case_XXXXX "
+                   f"(five digits): {shown}; rename them to include them", err=True)
 
 
 @click.group(cls=KitsGroup)
@@ -108,6 +154,13 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
     from kitsprep.window import resolve_window
 
     window = resolve_window(window_name, tuple(window_range) if window_range else None)
+    _warn_misnamed(src)
+    if size % DEFAULT_DIVISOR:
+        click.echo(f"warning: --size {size} cannot be halved {DEFAULT_DEPTH} times, so "
+                   f"`kitstrain fit` (default depth {DEFAULT_DEPTH}) will refuse this store; "
+                   f"use a multiple of {DEFAULT_DIVISOR} (e.g. --size "
+                   f"{max(DEFAULT_DIVISOR, round(size / DEFAULT_DIVISOR) * DEFAULT_DIVISOR)}), or "
+                   "train with a smaller --depth", err=True)
     cfg = BuildConfig(src=src, out=out, window=window, size=size,
                       workers=workers or os.cpu_count() or 1, cases=case_spec, resume=resume,
                       overwrite=overwrite, skip_bad=skip_bad, fsync=not no_fsync,
@@ -144,7 +197,10 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
                f"({report.slices_per_s:.0f} slices/s)"
                + (f", {report.resumed_cases} cases from the interrupted run"
                   if report.resumed_cases else "")
-               + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else ""))
+               + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else "")
+               + (f"; plus {report.compile_seconds:.1f}s compiling the kernels (once: they "
+                  "are cached for later builds)" if report.compile_seconds >= COMPILE_NOTE_S
+                  else ""))
     click.echo(f"edition {report.edition} ({report.edition_reason})")
 
 

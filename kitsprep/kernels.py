@@ -38,6 +38,7 @@ _TS = 256   # most slices in a tile: the run read per (row, column), and the row
 _XB = 64    # output columns per block, image: 64 float16 = two whole cache lines a segment
 _LXB = 128  # output columns per block, labels: 128 uint8 = two whole cache lines
             # (and at most 255: the per-row counters are bytes)
+NEGATIVE_LABEL = 1 << 40  # labels_resample reports a negative label v as this - v
 _PD = 1     # rows ahead for software prefetch (reads and writes)
 
 
@@ -409,10 +410,10 @@ def _labels_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, new_h,
                             k3[t] += np.uint8(v == three)
                             hi = max(hi, v)
                             lo = min(lo, v)
-                    # the largest label, a negative one v counting as 256 - v (> 255)
+                    # the largest label; a negative one v reported as NEGATIVE_LABEL - v
                     top = max(top, np.int64(hi))
                     if lo < 0:
-                        top = max(top, 256 - np.int64(lo))
+                        top = max(top, NEGATIVE_LABEL - np.int64(lo))
                 _put_segments(out, o_c + (pad_top + y) * orow, ost, flat_buf, ts, nt, nx)
                 for j in range(3):
                     for t in range(nt):
@@ -499,7 +500,8 @@ def labels_resample(seg: np.ndarray, plane: InPlane, counts: np.ndarray, s_begin
                     ) -> tuple[np.ndarray, int]:
     """Nearest-neighbour labels into a uint8 (n, size, size) square (background padding),
     adding per-slice pixel counts of label values 1, 2 and 3 into `counts` (slices, 3). Returns
-    the labels and the largest label seen, so callers can refuse labels that uint8 can't hold."""
+    the labels and the largest label seen, so callers can refuse labels that uint8 can't hold
+    (a negative label v is reported as NEGATIVE_LABEL - v: above any real label)."""
     s_end = seg.shape[0] if s_end is None else s_end
     n = s_end - s_begin
     if out is None:

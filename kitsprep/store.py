@@ -304,19 +304,113 @@ def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str],
 # --------------------------------------------------------------------------- reading
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _superblock(path: Path) -> tuple[bytearray, int] | None:
+    """The raw v2/v3 superblock (what `create_layout` writes) and its length without the
+    checksum; None for anything else."""
+    with open(path, "rb") as f:
+        raw = bytearray(f.read(64))
+    if len(raw) < 12 or raw[:8] != HDF5_SIGNATURE or raw[8] not in (2, 3):
+        return None
+    body = 12 + 4 * raw[9]  # base, extension, end-of-file and root addresses
+    return (raw, body) if len(raw) >= body + 4 else None
+
+
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 `hashlittle` (initval 0): HDF5's metadata checksum."""
+    m = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & m
+
+    def word(i: int) -> int:
+        return int.from_bytes(data[i:i + 4], "little")
+
+    a = b = c = (0xDEADBEEF + len(data)) & m
+    i = 0
+    while len(data) - i > 12:
+        a, b, c = (a + word(i)) & m, (b + word(i + 4)) & m, (c + word(i + 8)) & m
+        for x, y, z, k in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16),
+                           (1, 0, 2, 19), (2, 1, 0, 4)):  # mix(a, b, c)
+            v = [a, b, c]
+            v[x] = ((v[x] - v[y]) & m) ^ rot(v[y], k)
+            v[y] = (v[y] + v[z]) & m
+            a, b, c = v
+        i += 12
+    if i == len(data):
+        return c
+    tail = bytes(data[i:]) + bytes(12 - (len(data) - i))
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    for x, y, k in ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14),
+                    (2, 1, 24)):  # final(a, b, c)
+        v = [a, b, c]
+        v[x] = (v[x] ^ v[y]) - rot(v[y], k) & m
+        a, b, c = v
+    return c
+
+
+def clear_write_flags(path: Path) -> bool:
+    """What `h5clear -s` does: a process killed with the file open for writing leaves the
+    superblock's "open for write" flags set, and HDF5 then refuses to open it at all. The
+    build's data is intact (its commit records say which cases are), so the flags are
+    cleared and the superblock checksum redone. True when there was something to clear."""
+    sb = _superblock(path)
+    if sb is None or sb[0][11] == 0:
+        return False
+    raw, body = sb
+    raw[11] = 0
+    raw[body:body + 4] = _lookup3(bytes(raw[:body])).to_bytes(4, "little")
+    with open(path, "r+b") as f:
+        f.write(raw[:body + 4])
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _unreadable(path: Path, exc: Exception) -> KitsError:
+    """The one-line reason a store cannot be opened: truncated, damaged, or not HDF5."""
+    size = path.stat().st_size
+    sb = _superblock(path)
+    with open(path, "rb") as f:
+        is_hdf5 = f.read(8) == HDF5_SIGNATURE
+    if sb is not None:
+        raw, _ = sb
+        width = raw[9]
+        eof = int.from_bytes(raw[12 + 2 * width:12 + 3 * width], "little")
+        if size < eof:
+            return KitsError(f"{path} is truncated: it holds {size} bytes but its header "
+                             f"says {eof} (an interrupted copy or download?); copy it again "
+                             "or rebuild it with `kitsprep build --overwrite`")
+    if is_hdf5:
+        reason = str(exc.args[0] if exc.args else exc).splitlines()[0][:160]
+        return KitsError(f"{path} is damaged ({reason}); rebuild it "
+                         "with `kitsprep build --overwrite`, or copy it again")
+    return KitsError(f"{path} is not an HDF5 file; expected a store written by "
+                     "`kitsprep build`")
+
+
 def open_store(path: Path | str) -> StoreInfo:
     """Read attributes, case metadata and the index; refuse anything that is not a complete
-    store of a format version this code understands."""
+    store of a format version this code understands, and name a damaged one as such
+    (HDF5 reports a torn header or metadata checksum as OSError or KeyError)."""
     path = Path(path)
     if not path.is_file():
         raise KitsError(f"store {path} does not exist; build one with "
                         "`kitsprep build --src DIR --out FILE.h5`")
     try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise KitsError(f"{path} is not an HDF5 file; expected a store written by "
-                        "`kitsprep build`") from None
-    with f:
+        return _read_store(path)
+    except KitsError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _read_store(path: Path) -> StoreInfo:
+    with h5py.File(path, "r") as f:
         a = f.attrs
         if a.get("format") != FORMAT:
             raise KitsError(f"{path} is an HDF5 file but not a kits slice store (format "

@@ -48,8 +48,10 @@ def verify_store(path: Path, src: Path | None = None,
                     _verify_case(f, info, smap, cid, report)
                     if src is not None:
                         _verify_source(info, cid, sources, report)
-                except (OSError, _InflateError) as exc:  # a damaged chunk fails its filter
-                    report.problems.append(f"{cid}: cannot read its data ({exc})")
+                except (OSError, KeyError, ValueError, RuntimeError, _InflateError) as exc:
+                    # a damaged chunk fails its filter; torn metadata fails its checksum
+                    reason = exc.args[0] if exc.args else exc
+                    report.problems.append(f"{cid}: cannot read its data ({reason})")
                 report.cases += 1
                 report.slices += meta.slices
                 if on_case:

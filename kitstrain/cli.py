@@ -165,6 +165,37 @@ def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, work
                f"{result.run_dir}")
 
 
+def _show_preset_defaults(command: click.Command) -> click.Command:
+    """`fit --help` shows the `default` preset's value beside each preset field's flag (the
+    options default to None so that only given flags override the preset)."""
+    from kitstrain.presets import FIELD_NAMES, resolve
+
+    preset = resolve("default", {})
+    names = (FIELD_NAMES - {"preset"}) | {"compile_"}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name in names:
+            value = getattr(preset, param.name.rstrip("_"))
+            if isinstance(value, bool) and param.secondary_opts:
+                value = param.opts[0] if value else param.secondary_opts[0]
+            shown = "none" if value is None else value
+            param.help = f"{param.help or ''} [default preset: {shown}]".strip()
+    return command
+
+
+_show_preset_defaults(fit)
+
+
+def _writable_file(path: Path | None, option: str) -> None:
+    """Refuse an output file path that cannot be one, before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise KitsError(f"{option} {path} is a folder; name a file, e.g. {path / 'scores.json'}")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise KitsError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+
+
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -187,6 +218,7 @@ def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_siz
     from kitstrain.run import newest_run
     from kitstrain.score import ScoreConfig, format_table, score_run
 
+    _writable_file(json_path, "--json")
     run_dir = run_dir or newest_run()
     cfg = ScoreConfig(run_dir=run_dir, data=data, cases=cases, src=src, tta=tta,
                       json=json_path, overlays=overlays, device=device,
@@ -222,9 +254,12 @@ def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_siz
 def predict(run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size,
             checkpoint) -> None:
     """Predictions in the source geometry, named for the edition's official evaluator."""
-    from kitstrain.predict import PredictConfig, predict_run
+    from kitsprep.cli import _warn_misnamed
+    from kitstrain.predict import PredictConfig, check_predict_out, predict_run
     from kitstrain.score import format_table
 
+    check_predict_out(src, out)
+    _warn_misnamed(src)
     cfg = PredictConfig(run_dir=run_dir, src=src, out=out, cases=cases, overlays=overlays,
                         device=device, batch_size=batch_size, tta=tta, which=checkpoint,
                         data=data, naming=naming)

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -61,6 +61,8 @@ VAL_COST = 0.5                # a validated sample's cost in training samples (f
                               # plus reading and counting on the host): estimates the final
                               # validation before any has run, so --time-limit holds
 OOM_RECORD = "oom.json"       # a DDP rank's OOM: what --resume continues with
+DIVERGED_STEPS = 20           # non-finite losses in a row that stop an fp16 (scaled) run
+WEIGHTS_FILE = "model.safetensors"  # weights only, beside best.pt
 RESUMABLE_OVERRIDES = {"max_steps", "time_limit", "epochs", "workers", "val_every", "log_every"}
 
 
@@ -150,9 +152,28 @@ def prepare_run_dir(cfg: FitConfig, d: Dist) -> Path:
             raise KitsError(f"{run_dir} already holds a run; continue it with --resume or "
                             "choose another --out")
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not run_dir.exists():
+            _created_here.add(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KitsError(f"cannot create the run directory {run_dir} ({exc.strerror}); "
+                            "choose an --out in a writable folder") from None
         acquire_lock(run_dir)
     return run_dir
+
+
+_created_here: set[Path] = set()  # run directories this process made (see drop_unstarted)
+
+
+def drop_unstarted(run_dir: Path) -> None:
+    """A run refused before it wrote its config (a bad option, a failed start) leaves no
+    empty runs/<name>/ behind, when this process made the folder."""
+    if run_dir in _created_here and not (run_dir / run.CONFIG).is_file():
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _created_here.discard(run_dir)
 
 
 def acquire_lock(run_dir: Path) -> None:
@@ -195,12 +216,8 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path) -> TrainConfig:
     # a boolean `amp` meant autocast on CUDA only
     if "amp" in recorded:
         recorded["precision"] = "auto" if recorded.pop("amp") else "fp32"
-    unknown = sorted(set(recorded) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise KitsError(f"{run_dir}/config.json records options this kitstrain does not know "
-                        f"({', '.join(unknown)}): an older run; start a new run without "
-                        "--resume")
-    saved = TrainConfig(**{"patch": "full", **recorded})
+    saved = run.from_record(run_dir, run.CONFIG,
+                            lambda r: TrainConfig(**{"patch": "full", **r}), recorded)
     changed = {k for k in cfg.explicit - RESUMABLE_OVERRIDES
                if getattr(cfg.train, k) != getattr(saved, k)}
     if changed:
@@ -212,7 +229,7 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path) -> TrainConfig:
 
 def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Path) -> Split:
     if cfg.resume:
-        return Split.from_json(run.read_split(run_dir))
+        return run.from_record(run_dir, run.SPLIT, Split.from_json, run.read_split(run_dir))
     return make_split(info, cfg.train_cases, cfg.val_cases, seed=tc.seed)
 
 
@@ -591,7 +608,19 @@ def set_rng_state(saved: dict, rank: int, device: torch.device) -> None:
 def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: State, d: Dist,
          device: torch.device) -> None:
     """Every rank calls this at the same point: each one's RNG streams are gathered, rank 0
-    writes the checkpoint(s)."""
+    writes the checkpoint(s). No NaN/Inf weight ever reaches a checkpoint: a diverged model
+    stops the run here on every rank (DDP keeps their weights equal), and the previous
+    checkpoint stays as it was."""
+    weights = unwrap(model).state_dict()
+    bad = run.nonfinite_weights(weights)
+    if bad:
+        logged = [r for r in run.read_metrics(run_dir) if r.get("kind") == "train"
+                  and isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+        last = (f"; last logged loss {logged[-1]['loss']:.4g} at step {logged[-1]['step']}"
+                if logged else "")
+        raise KitsError(f"training diverged by step {state.step}: the model holds {bad} NaN/Inf "
+                        f"weights{last}, so no checkpoint was written; start a new run with a "
+                        "lower --lr")
     rngs = [rng_state(device)]
     if d.world > 1:
         rngs = [None] * d.world
@@ -599,7 +628,7 @@ def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: S
     if not d.main:
         return
     payload = {
-        "model": unwrap(model).state_dict(),
+        "model": weights,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler else {},
         "state": json.dumps(asdict(state)),
@@ -607,6 +636,73 @@ def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: S
     }
     for w in which:
         run.save_checkpoint(run.checkpoint_path(run_dir, w), payload)
+    if "best" in which:
+        run.export_weights(run.checkpoint_path(run_dir, "best").with_name(WEIGHTS_FILE), weights)
+
+
+def restore_or_restart(run_dir: Path, model, optimizer, scaler, device: torch.device, d: Dist,
+                       fresh: State, echo: Callable[[str], None]) -> State:
+    """A run killed before its first checkpoint starts again from step 0, with the config
+    and split it recorded."""
+    if run.checkpoint_path(run_dir, "last").is_file():
+        return restore(run_dir, model, optimizer, scaler, device, d)
+    if d.main:
+        echo(f"{run_dir} has no checkpoint yet (stopped before its first one): starting it again "
+         "from step 0 with its recorded options and split")
+    return fresh
+
+
+def finished_run(cfg: FitConfig, state: State, tc: TrainConfig, total_steps: int, d: Dist,
+                 run_dir: Path, echo: Callable[[str], None]) -> FitResult | None:
+    """Resuming a run that already reached its limit trains no step: it says so. The state
+    comes from the same checkpoint on every rank, so they all agree without a collective."""
+    if not cfg.resume:
+        return None
+    reason = step_limit(state, tc, total_steps) or (
+        "time_limit" if tc.time_limit and state.elapsed >= tc.time_limit else "")
+    if not reason:
+        return None
+    if d.main:
+        echo(f"{run_dir} is finished ({reason} reached at step {state.step}); nothing to do. "
+             "Raise --max-steps, --epochs or --time-limit to train it further")
+    vals = [r for r in run.read_metrics(run_dir) if r.get("kind") == "val"]
+    return FitResult(run_dir, state.step, state.epoch, state.best, vals[-1] if vals else None,
+                     0.0, "finished")
+
+
+class Divergence:
+    """Non-finite losses, counted on the device (no host sync per step) and checked at each
+    log line. Without a gradient scaler one NaN/Inf loss has already spoilt the weights, so
+    it stops the run; with fp16's scaler, skipped steps are normal and only a persistent run
+    of them (DIVERGED_STEPS in a row) stops it."""
+
+    def __init__(self, device: torch.device, tolerate: bool):
+        self.limit = DIVERGED_STEPS if tolerate else 1
+        z = torch.zeros((), device=device)
+        self.bad_run, self.worst = z.clone(), z.clone()  # non-finite losses in a row
+        self.run_start, self.worst_start = z.clone(), z.clone()  # step each run began
+        self.last_loss, self.last_step = z.clone(), z.clone()
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        ok = torch.isfinite(loss.detach()).to(self.bad_run.dtype)
+        at = torch.full_like(self.run_start, step)
+        self.bad_run = (self.bad_run + 1) * (1 - ok)
+        self.run_start = torch.where(self.bad_run == 1, at, self.run_start)
+        self.worst_start = torch.where(self.bad_run > self.worst, self.run_start,
+                                       self.worst_start)
+        self.worst = torch.maximum(self.worst, self.bad_run)
+        self.last_loss = torch.where(ok > 0, loss.detach().float(), self.last_loss)
+        self.last_step = torch.where(ok > 0, at, self.last_step)
+
+    def check(self, tc: TrainConfig) -> None:
+        if float(self.worst) < self.limit:
+            return
+        start = int(self.worst_start)
+        last = (f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"
+                if int(self.last_step) > 0 else "no finite loss before it")
+        raise KitsError(f"training diverged: the loss is NaN/Inf from step {start} ({last}); "
+                        f"no checkpoint holds the diverged weights. Start a new run with a "
+                        f"lower --lr (this one: {tc.lr:g})")
 
 
 def restore(run_dir: Path, model, optimizer, scaler, device: torch.device, d: Dist) -> State:
@@ -666,6 +762,7 @@ def fit(cfg: FitConfig, show_progress: bool = True,
     finally:
         if d.main:
             release_lock(run_dir)
+            drop_unstarted(run_dir)
         if d.world > 1 and dist.is_initialized():
             if failed:
                 # never a barrier here: the other ranks may be inside a broadcast or the
@@ -736,7 +833,7 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     state = State(micro_batch=batch_size)
     if cfg.resume:
-        state = restore(run_dir, model, optimizer, scaler, device, d)
+        state = restore_or_restart(run_dir, model, optimizer, scaler, device, d, state, echo)
     if d.world > 1:
         # buffers (batch-norm statistics) are broadcast before each validation, not at each
         # forward: no collective inside a step but the gradient all-reduce
@@ -792,7 +889,10 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         if not CRC_ON_READ:
             echo("note: without ISA-L the loader does not check each slice's CRC-32; "
                  f"`kitsprep verify {cfg.store}` is the check")
-    writer = tensorboard_writer(run_dir) if d.main else None
+    done = finished_run(cfg, state, tc, total_steps, d, run_dir, echo)
+    if done is not None:
+        return done
+    writer = tensorboard_writer(run_dir, echo) if d.main else None
     bar = progress_bar(total_steps, state.step) if d.main and show_progress else None
 
     # ---- one loader for the whole run: workers, their open store and their kernels
@@ -839,6 +939,7 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
     stop_reason = ""
     last_val: dict | None = None
     warned_stall = False
+    diverged = Divergence(device, tolerate=scaler is not None)
     win = Window()
     stall_sum = [0.0, 0.0]
     run_peaks: list[float] | None = None
@@ -876,6 +977,7 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
                 g["lr"] = lr_at(progress_of(state, total_steps, run_tc), run_tc)
             loss = train_step(model, batch, loss_fn, optimizer, scaler, state, tc, device,
                               dtype, log, d, run_dir)
+            diverged.update(loss, state.step + 1)
             state.step += 1
             state.step_in_epoch += 1
             win.wait += t1 - t0
@@ -889,6 +991,7 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
             if logged:
                 win = flush_window(win, state, optimizer, log, bar, writer, stall_sum,
                                    echo if d.main else None, unit=unit)
+                diverged.check(tc)
                 if (not warned_stall and d.main and state.step >= 5 * tc.log_every
                         and stall_sum[0] / max(stall_sum[1], 1e-9) > STALL_WARN):
                     warned_stall = True
@@ -1008,11 +1111,16 @@ def run_validation(model, info, split, tc, device, dtype, batch_size, d, state, 
     return val
 
 
-def tensorboard_writer(run_dir: Path):
-    """TensorBoard event files when tensorboard is installed; nothing otherwise."""
+def tensorboard_writer(run_dir: Path, echo: Callable[[str], None] | None = None):
+    """TensorBoard event files when tensorboard is installed; otherwise one line says so
+    (metrics.jsonl and `kitstrain plot` have the same numbers)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # noqa: BLE001 - optional dependency
+        if echo is not None:
+            echo("note: tensorboard is not installed, so no TensorBoard logs (metrics are in "
+                 "metrics.jsonl; `kitstrain plot` draws them); `pip install tensorboard` "
+                 "to get them")
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 

@@ -131,17 +131,41 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     img = nib.Nifti1Image(np.asarray(labels, np.uint8), hdr.get_best_affine(), header=hdr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.partial.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written file
+        if tmp.exists():
+            tmp.unlink()
+        raise
     return path
+
+
+def check_predict_out(src: Path, out: Path) -> None:
+    """--out is a folder for predictions: never the source folder or a case in it (next to
+    the imaging a submission would mix with the data), never a file (the imaging itself)."""
+    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+    if out_r.exists() and not out_r.is_dir():
+        raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
+    if out_r == src_r or (src_r in out_r.parents and out_r.relative_to(src_r).parts[0]
+                          .startswith("case_")):
+        raise KitsError(f"--out {out} is the source folder or a case in it; write predictions "
+                        "to a folder of their own (e.g. --out predictions)")
+    for parent in out_r.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KitsError(f"--out {out}: {parent} is a file, not a folder; choose "
+                                "another --out")
+            if not os.access(parent, os.W_OK):
+                raise KitsError(f"--out {out}: {parent} is not writable; choose another --out")
+            break
 
 
 def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> PredictReport:
     """Predict every selected case under `cfg.src` into `cfg.out`. Raises KitsError for
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise KitsError(f"--out {out} is a file; expected a folder for the predictions")
+    check_predict_out(cfg.src, out)
     lr = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
     naming = lr.labels if cfg.naming is None else edition(cfg.naming)
     trained = set(training_cases(lr.run_dir))

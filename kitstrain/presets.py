@@ -110,8 +110,15 @@ def _check(cfg: TrainConfig) -> None:
     if bad:
         raise KitsError(f"--label-weights must be positive numbers, found {bad}; e.g. "
                         "tumour=4,cyst=2")
+    for f in fields(cfg):  # NaN passes every range check, and inf is no setting either
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise KitsError(f"--{f.name.replace('_', '-')} must be a finite number, found {v}")
     if cfg.lr <= 0:
         raise KitsError(f"--lr must be positive, found {cfg.lr}")
+    if cfg.time_limit is not None and cfg.time_limit <= 0:
+        raise KitsError(f"--time-limit must be longer than 0 s, found {cfg.time_limit:g}; "
+                        "leave it out for no limit")
     if cfg.epochs < 1:
         raise KitsError(f"--epochs must be at least 1, found {cfg.epochs}")
     check_patch(cfg.patch)
