@@ -2,7 +2,8 @@
 
 Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas, never through
 pyplot, so that plotting from a training loop or a worker thread neither opens windows nor
-changes a global backend. Colours follow the official KiTS19 starter code
+changes a global backend. Outlines are the edition's scored regions, in its write-back
+order; the first two take the colours of the official KiTS19 starter code
 (`starter_code/visualize.py`): kidney red, tumour blue.
 """
 
@@ -16,13 +17,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kitsprep.errors import KitsError
+from kitsprep.labels import LabelSet, region_masks
 from kitstrain import run as runlib
 
-__all__ = ["KIDNEY_COLOUR", "TUMOUR_COLOUR", "case_overlay", "dice_curves", "overlay_slice",
-           "plot_curves"]
+__all__ = ["case_overlay", "dice_curves", "overlay_slice", "plot_curves", "region_colours"]
 
-KIDNEY_COLOUR = "red"
-TUMOUR_COLOUR = "blue"
+_MIDDLE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:orange")
+
+
+def region_colours(n: int) -> list[str]:
+    """A colour for each of n regions in write-back order: the outermost red and the
+    innermost blue, as kidney and tumour in KiTS19's starter code (KiTS21/23:
+    kidney_and_mass red, mass green, tumor blue)."""
+    if n <= 1:
+        return ["red"][:n]
+    return ["red", *(_MIDDLE_COLOURS[i % len(_MIDDLE_COLOURS)] for i in range(n - 2)), "blue"]
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -49,43 +58,45 @@ def _outline(ax, mask: np.ndarray, colour: str) -> None:
     ax.set_ylim(h - 0.5, -0.5)
 
 
-def overlay_slice(truth: np.ndarray | None, pred: np.ndarray) -> int:
-    """Slice (axis 0) to show: most true tumour, else most true kidney, else the same on the
-    prediction (unlabelled cases, or a truth without kidney), else the middle slice."""
+def overlay_slice(truth: np.ndarray | None, pred: np.ndarray, ls: LabelSet) -> int:
+    """Slice (axis 0) to show: the most of the innermost true region (KiTS19 tumour), else of
+    the next one out, and so on, else the same on the prediction (unlabelled cases, or a
+    truth without foreground), else the middle slice."""
     for vol in (truth, pred):
         if vol is None:
             continue
         flat = np.asarray(vol).reshape(vol.shape[0], -1)
-        for level in (1, 0):  # label > 1 (tumour), then label > 0 (kidney)
-            counts = np.count_nonzero(flat > level, axis=1)
+        for region in reversed(ls.regions):
+            counts = np.count_nonzero(np.isin(flat, region.labels), axis=1)
             if counts.max() > 0:
                 return int(np.argmax(counts))
     return pred.shape[0] // 2
 
 
 def case_overlay(image2d: np.ndarray, truth2d: np.ndarray | None, pred2d: np.ndarray,
-                 title: str, path: Path | str, *, vmin: float | None = None,
+                 title: str, path: Path | str, ls: LabelSet, *, vmin: float | None = None,
                  vmax: float | None = None) -> Path:
-    """One PNG: the slice with kidney (label > 0) outlined red and tumour (label > 1) blue,
-    truth beside prediction when there is a truth. Outlines are the sets KiTS19 scores."""
+    """One PNG: the slice with each scored region of the edition outlined (KiTS19: kidney
+    red, tumour blue), truth beside prediction when there is a truth."""
     image2d = np.asarray(image2d, np.float32)
     panels = [("truth", truth2d), ("prediction", pred2d)] if truth2d is not None else [
         ("prediction", pred2d)]
     h, w = image2d.shape
     panel_w = 4.0
     fig = Figure(figsize=(panel_w * len(panels), panel_w * h / w + 0.9), dpi=100)
+    colours = region_colours(len(ls.regions))
     lo = float(np.min(image2d)) if vmin is None else vmin
     hi = float(np.max(image2d)) if vmax is None else vmax
     for i, (name, labels) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ax.imshow(image2d, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
                   interpolation="nearest")
-        labels = np.asarray(labels)
-        _outline(ax, labels > 0, KIDNEY_COLOUR)
-        _outline(ax, labels > 1, TUMOUR_COLOUR)
+        for mask, colour in zip(region_masks(np.asarray(labels), ls), colours, strict=True):
+            _outline(ax, mask, colour)
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    fig.suptitle(f"{title}\nkidney: {KIDNEY_COLOUR}, tumour: {TUMOUR_COLOUR}", fontsize=9)
+    legend = ", ".join(f"{r.name}: {c}" for r, c in zip(ls.regions, colours, strict=True))
+    fig.suptitle(f"{title}\n{legend}", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -96,9 +107,9 @@ def dice_curves(val: list[dict]) -> list[tuple[str, str, str]]:
     logged no region list and were KiTS19), then the mean."""
     regions = next((r["regions"] for r in reversed(val) if r.get("regions")),
                    ["kidney", "tumour"])
-    colours = [KIDNEY_COLOUR, TUMOUR_COLOUR, "tab:green", "tab:purple", "tab:brown"]
-    return [(f"{name}_dice", name, colours[i % len(colours)])
-            for i, name in enumerate(regions)] + [("mean_dice", "mean", "black")]
+    return [(f"{name}_dice", name, colour)
+            for name, colour in zip(regions, region_colours(len(regions)), strict=True)
+            ] + [("mean_dice", "mean", "black")]
 
 
 def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:

@@ -205,12 +205,12 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
                 axes = axial_axes(vol.header.affine)
                 truth = seg.data.transpose(axes) if seg is not None else None
                 p = pred.transpose(axes)
-                k = overlay_slice(truth, p)
+                k = overlay_slice(truth, p, lr.labels)
                 title = overlay_title(s) if s is not None else f"{ref.case_id}  (no truth)"
                 report.overlays.append(case_overlay(
                     display_slice(vol, axes, k, lr.window), None if truth is None else truth[k],
                     p[k], f"{title}  (slice {k})", Path(cfg.overlays) / f"{ref.case_id}.png",
-                    vmin=lr.window.lo, vmax=lr.window.hi))
+                    lr.labels, vmin=lr.window.lo, vmax=lr.window.hi))
             if s is not None:
                 detail = case_line(s)
             else:

@@ -445,12 +445,12 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
             s = score_case(cid, pred, truth, info.labels, store_spacing(info, cid))
             scores.append(s)
             if cfg.overlays is not None:
-                k = overlay_slice(truth, pred)
+                k = overlay_slice(truth, pred, info.labels)
                 image = sm.image(info.rows(cid)[k])[rows, cols]
                 w = info.window
                 pictures.append(case_overlay(
                     image, truth[k], pred[k], f"{overlay_title(s)}  (stored slice {k})",
-                    Path(cfg.overlays) / f"{cid}.png", vmin=w.normalise(w.lo),
+                    Path(cfg.overlays) / f"{cid}.png", info.labels, vmin=w.normalise(w.lo),
                     vmax=w.normalise(w.hi)))
             progress.case_done(cid, case_line(s))
     finally:
@@ -481,11 +481,11 @@ def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.
         if cfg.overlays is not None:
             axes = axial_axes(vol.header.affine)
             truth, p = seg.data.transpose(axes), pred.transpose(axes)
-            k = overlay_slice(truth, p)
+            k = overlay_slice(truth, p, lr.labels)
             pictures.append(case_overlay(
                 display_slice(vol, axes, k, lr.window), truth[k], p[k],
                 f"{overlay_title(s)}  (slice {k})", Path(cfg.overlays) / f"{ref.case_id}.png",
-                vmin=lr.window.lo, vmax=lr.window.hi))
+                lr.labels, vmin=lr.window.lo, vmax=lr.window.hi))
         progress.case_done(ref.case_id, case_line(s))
         del vol, seg, pred
     return scores, pictures
