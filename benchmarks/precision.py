@@ -28,14 +28,23 @@ def cpu_flags() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
     wanted = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f") if f in flags]
     return " ".join(wanted) or "none of avx512f/avx512_bf16/amx"
 
 
-def step_rate(device: torch.device, precision: str, width: int, size: int, batch: int,
-              context: int, rounds: int, steps: int) -> list[float]:
+def step_rate(
+    device: torch.device,
+    precision: str,
+    width: int,
+    size: int,
+    batch: int,
+    context: int,
+    rounds: int,
+    steps: int,
+) -> list[float]:
     """Samples/s of `steps` training steps, once per round (the caller interleaves)."""
     torch.manual_seed(0)
     cfg = UNetConfig(in_channels=1 + 2 * context, num_classes=3, width=width, depth=4)
@@ -44,7 +53,8 @@ def step_rate(device: torch.device, precision: str, width: int, size: int, batch
     loss_fn = make_loss("ce+dice", EDITIONS["kits19"])
     dtype = amp_dtype(device, precision)
     x = torch.randn(batch, cfg.in_channels, size, size, device=device).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     y = torch.randint(0, 3, (batch, size, size), device=device)
 
     def step() -> None:
@@ -82,12 +92,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
     device = torch.device(a.device)
-    low = "bf16" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported()
-                                               else "fp16")
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"CPU flags: {cpu_flags()}")
-    print(f"{'width':>5} {'size':>5} {'batch':>5}   fp32 samples/s   {low} samples/s   "
-          f"{low}/fp32")
+    low = "bf16" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"CPU flags: {cpu_flags()}"
+    )
+    print(f"{'width':>5} {'size':>5} {'batch':>5}   fp32 samples/s   {low} samples/s   {low}/fp32")
     for width in a.width:
         for size in a.size:
             batch = max(1, a.batch * 64 * 64 // (size * size)) if size > 64 else a.batch

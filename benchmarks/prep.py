@@ -63,14 +63,19 @@ def plain_pipeline(refs, out: Path) -> tuple[float, int]:
     with h5py.File(out, "w") as f:
         for r in refs:
             img = nib.load(str(r.imaging)).get_fdata()
-            x = ((np.clip(img, WINDOW.lo, WINDOW.hi) - WINDOW.offset) / WINDOW.divisor)
+            x = (np.clip(img, WINDOW.lo, WINDOW.hi) - WINDOW.offset) / WINDOW.divisor
             x = x.astype(np.float16)
             g = f.create_group(r.case_id)
             g.create_dataset("image", data=x, chunks=(1, *x.shape[1:]))
             if r.segmentation is not None:
                 seg = np.asarray(nib.load(str(r.segmentation)).dataobj).astype(np.uint8)
-                g.create_dataset("label", data=seg, chunks=(1, *seg.shape[1:]),
-                                 compression="gzip", compression_opts=1)
+                g.create_dataset(
+                    "label",
+                    data=seg,
+                    chunks=(1, *seg.shape[1:]),
+                    compression="gzip",
+                    compression_opts=1,
+                )
             slices += x.shape[0]
     return time.perf_counter() - t, slices
 
@@ -79,8 +84,11 @@ def ours(src: Path, out: Path, size: int, workers: int, fsync: bool = True) -> t
     if out.exists():
         out.unlink()
     t = time.perf_counter()
-    rep = build_store(BuildConfig(src=src, out=out, window=WINDOW, size=size, workers=workers,
-                                  overwrite=True, fsync=fsync))
+    rep = build_store(
+        BuildConfig(
+            src=src, out=out, window=WINDOW, size=size, workers=workers, overwrite=True, fsync=fsync
+        )
+    )
     return time.perf_counter() - t, rep.slices
 
 
@@ -101,8 +109,17 @@ def main() -> None:
     src = args.data
     try:
         # Untimed warm-up: numba compiles (cached on disk afterwards).
-        build_store(BuildConfig(src=src, out=tmp / "warm.h5", window=WINDOW, size=args.size,
-                                workers=1, cases=refs[0].case_id, overwrite=True))
+        build_store(
+            BuildConfig(
+                src=src,
+                out=tmp / "warm.h5",
+                window=WINDOW,
+                size=args.size,
+                workers=1,
+                cases=refs[0].case_id,
+                overwrite=True,
+            )
+        )
         t_zlib = decompress_only(files, gzip.decompress)
         t_isal = decompress_only(files, igzip.decompress)
         t_plain, n_plain = plain_pipeline(refs, tmp / "plain.h5")
@@ -110,23 +127,39 @@ def main() -> None:
         for w in sorted({1, 2, args.max_workers}):
             if w > args.max_workers:
                 continue
-            cfgsel = BuildConfig(src=src, out=tmp / f"ours{w}.h5", window=WINDOW,
-                                 size=args.size, workers=w, cases=sel, overwrite=True)
+            cfgsel = BuildConfig(
+                src=src,
+                out=tmp / f"ours{w}.h5",
+                window=WINDOW,
+                size=args.size,
+                workers=w,
+                cases=sel,
+                overwrite=True,
+            )
             t = time.perf_counter()
             rep = build_store(cfgsel)
             rows.append((w, time.perf_counter() - t, rep.slices))
         t1, n1 = rows[0][1], rows[0][2]
-        cfg_nofsync = BuildConfig(src=src, out=tmp / "nofsync.h5", window=WINDOW,
-                                  size=args.size, workers=1, cases=sel, overwrite=True,
-                                  fsync=False)
+        cfg_nofsync = BuildConfig(
+            src=src,
+            out=tmp / "nofsync.h5",
+            window=WINDOW,
+            size=args.size,
+            workers=1,
+            cases=sel,
+            overwrite=True,
+            fsync=False,
+        )
         t = time.perf_counter()
         build_store(cfg_nofsync)
         t_nofsync = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\ncohort: {len(refs)} cases, {n1} slices at {args.size}x{args.size}, "
-          f"{mb:.0f} MiB of .nii.gz (page-cached), {os.cpu_count()} cores")
+    print(
+        f"\ncohort: {len(refs)} cases, {n1} slices at {args.size}x{args.size}, "
+        f"{mb:.0f} MiB of .nii.gz (page-cached), {os.cpu_count()} cores"
+    )
     print(f"{'pipeline':<38}{'seconds':>9}{'slices/s':>10}")
     print(f"{'gzip decompress only (zlib)':<38}{t_zlib:9.2f}{n1 / t_zlib:10.0f}")
     print(f"{'gzip decompress only (isal)':<38}{t_isal:9.2f}{n1 / t_isal:10.0f}")

@@ -89,24 +89,37 @@ def real_cases(folder: Path, spec: str | None):
     ids = sorted(p.name for p in folder.glob("case_*") if (p / "segmentation.nii.gz").is_file())
     for cid in parse_case_spec(spec, ids) if spec else ids:
         img = nib.load(str(folder / cid / "segmentation.nii.gz"))
-        yield cid, np.asarray(img.dataobj, np.uint8), tuple(float(z) for z in
-                                                           img.header.get_zooms()[:3])
+        yield (
+            cid,
+            np.asarray(img.dataobj, np.uint8),
+            tuple(float(z) for z in img.header.get_zooms()[:3]),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--masks", type=Path, default=DEFAULT_MASKS,
-                    help="case_XXXXX/segmentation.nii.gz folders [../shared/kits23-masks]")
+    ap.add_argument(
+        "--masks",
+        type=Path,
+        default=DEFAULT_MASKS,
+        help="case_XXXXX/segmentation.nii.gz folders [../shared/kits23-masks]",
+    )
     ap.add_argument("--cases", default=None, help="case spec, e.g. 0-4 or case_00020")
-    ap.add_argument("--perturb", nargs="+", default=["shift", "erode", "dilate"],
-                    choices=["shift", "erode", "dilate"])
+    ap.add_argument(
+        "--perturb",
+        nargs="+",
+        default=["shift", "erode", "dilate"],
+        choices=["shift", "erode", "dilate"],
+    )
     args = ap.parse_args(argv)
     ls = EDITIONS["kits23"]
     cases = real_cases(args.masks, args.cases) if args.masks.is_dir() else [synthetic()]
     if not args.masks.is_dir():
         print(f"{args.masks} not found: one synthetic case instead")
-    print(f"{'case':<11} {'perturb':<7} {'region':<16} {'ours s':>8} {'official s':>10} "
-          f"{'ratio':>7} {'surface Dice':>12} {'|diff|':>8}")
+    print(
+        f"{'case':<11} {'perturb':<7} {'region':<16} {'ours s':>8} {'official s':>10} "
+        f"{'ratio':>7} {'surface Dice':>12} {'|diff|':>8}"
+    )
     t_ours = t_ref = c_ours = c_ref = 0.0
     worst = 0.0
     for i, (cid, truth, spacing) in enumerate(cases):
@@ -123,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             t_ours += t1 - t0
             t_ref += t2 - t1
             worst = max(worst, abs(ours - ref))
-            print(f"{cid:<11} {how:<7} {r.name:<16} {t1 - t0:8.3f} {t2 - t1:10.3f} "
-                  f"{(t2 - t1) / max(t1 - t0, 1e-9):7.1f} {ours:12.6f} {abs(ours - ref):8.1e}",
-                  flush=True)
+            print(
+                f"{cid:<11} {how:<7} {r.name:<16} {t1 - t0:8.3f} {t2 - t1:10.3f} "
+                f"{(t2 - t1) / max(t1 - t0, 1e-9):7.1f} {ours:12.6f} {abs(ours - ref):8.1e}",
+                flush=True,
+            )
         t0 = time.perf_counter()
         s = score_case(cid, pred, truth, ls, spacing)
         t1 = time.perf_counter()
@@ -135,12 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         c_ref += t2 - t1
         ours = [v for r in ls.regions for v in (s.dice[r.name], s.surface_dice[r.name])]
         worst = max(worst, float(np.abs(np.subtract(ours, ref)).max()))
-        print(f"{cid:<11} {how:<7} {'whole case':<16} {t1 - t0:8.3f} {t2 - t1:10.3f} "
-              f"{(t2 - t1) / max(t1 - t0, 1e-9):7.1f}", flush=True)
-    print(f"surface Dice per region: ours {t_ours:.2f} s, official {t_ref:.2f} s, ratio "
-          f"{t_ref / max(t_ours, 1e-9):.1f}x")
-    print(f"whole cases: ours {c_ours:.2f} s, official {c_ref:.2f} s, ratio "
-          f"{c_ref / max(c_ours, 1e-9):.1f}x; largest difference {worst:.1e}")
+        print(
+            f"{cid:<11} {how:<7} {'whole case':<16} {t1 - t0:8.3f} {t2 - t1:10.3f} "
+            f"{(t2 - t1) / max(t1 - t0, 1e-9):7.1f}",
+            flush=True,
+        )
+    print(
+        f"surface Dice per region: ours {t_ours:.2f} s, official {t_ref:.2f} s, ratio "
+        f"{t_ref / max(t_ours, 1e-9):.1f}x"
+    )
+    print(
+        f"whole cases: ours {c_ours:.2f} s, official {c_ref:.2f} s, ratio "
+        f"{c_ref / max(c_ours, 1e-9):.1f}x; largest difference {worst:.1e}"
+    )
     if worst > TOLERANCE:
         print(f"FAIL: surface Dice differs from the official code by {worst:.1e} > {TOLERANCE}")
         return 1

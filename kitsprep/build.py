@@ -95,8 +95,11 @@ class BuildConfig:
 
     def identity(self) -> dict:
         """The options that decide the store's contents: a resume must match them."""
-        return {"size": self.size, "window": json.loads(self.window.to_json()),
-                "edition": self.edition}
+        return {
+            "size": self.size,
+            "window": json.loads(self.window.to_json()),
+            "edition": self.edition,
+        }
 
     @property
     def allowed_labels(self) -> LabelSet:
@@ -160,8 +163,9 @@ def _uncache(fd: int, offsets: np.ndarray, slice_bytes: int) -> None:
     if len(offsets) and hasattr(os, "posix_fadvise"):
         start = int(offsets.min())
         with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, start, int(offsets.max()) + slice_bytes - start,
-                             os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(
+                fd, start, int(offsets.max()) + slice_bytes - start, os.POSIX_FADV_DONTNEED
+            )
 
 
 def _write_runs(fd: int, buf: np.ndarray, offsets: np.ndarray) -> None:
@@ -209,8 +213,10 @@ def _finish_load(ref: CaseRef, vol: Volume | Future) -> Loaded:
         check_pair(ref.case_id, vol.header, seg.header)
     bad = count_nonfinite(vol.data)
     if bad:
-        raise KitsError(f"{ref.case_id}: imaging holds {bad} NaN/Inf voxels; the scan is "
-                        "damaged, re-download it or skip it with --skip-bad")
+        raise KitsError(
+            f"{ref.case_id}: imaging holds {bad} NaN/Inf voxels; the scan is "
+            "damaged, re-download it or skip it with --skip-bad"
+        )
     return Loaded(vol, seg)
 
 
@@ -246,7 +252,7 @@ def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         raw[::4096] = 0  # fault its pages in now
         setattr(_buffers, name, raw)
     start = -raw.ctypes.data % 64
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def process_case(job: CaseJob) -> CaseWritten:
@@ -268,8 +274,10 @@ def process_case(job: CaseJob) -> CaseWritten:
     image = vol.data.transpose(axes)
     n_slices, h, w = image.shape
     if n_slices != len(job.offsets):  # the file changed after the build was planned
-        raise KitsError(f"{ref.case_id}: {ref.imaging.name} now has {n_slices} slices, but "
-                        f"the build planned {len(job.offsets)}; start over with --overwrite")
+        raise KitsError(
+            f"{ref.case_id}: {ref.imaging.name} now has {n_slices} slices, but "
+            f"the build planned {len(job.offsets)}; start over with --overwrite"
+        )
     plane = fit_in_plane(h, w, job.size)
     counts = np.zeros((n_slices, 3), np.int64)
     crc = np.zeros(n_slices, np.uint32)
@@ -285,8 +293,9 @@ def process_case(job: CaseJob) -> CaseWritten:
     try:
         for s0 in range(0, n_slices, n_slab):
             s1 = min(s0 + n_slab, n_slices)
-            out = window_resample(image, vol.header.slope, vol.header.inter, window, plane,
-                                  s0, s1, slab[: s1 - s0])
+            out = window_resample(
+                image, vol.header.slope, vol.header.inter, window, plane, s0, s1, slab[: s1 - s0]
+            )
             _write_runs(fd, out, job.offsets[s0:s1])
             _uncache(fd, job.offsets[s0:s1], slice_bytes)  # starts their writeback
             crc[s0:s1] = [crc32(out[i]) for i in range(s1 - s0)]
@@ -304,16 +313,28 @@ def process_case(job: CaseJob) -> CaseWritten:
         os.close(fd)
     if labels is not None:
         _check_label_values(ref.case_id, counts, top, job.labels)
-    fingerprint = {"imaging": vol.fingerprint, "imaging_dtype": str(vol.header.dtype),
-                   "slope": vol.header.slope, "inter": vol.header.inter}
+    fingerprint = {
+        "imaging": vol.fingerprint,
+        "imaging_dtype": str(vol.header.dtype),
+        "slope": vol.header.slope,
+        "inter": vol.header.inter,
+    }
     if seg is not None:
         fingerprint.update(segmentation=seg.fingerprint, segmentation_dtype=str(seg.header.dtype))
     meta = CaseMeta(
-        case_id=ref.case_id, labelled=seg is not None, slices=n_slices, row_start=0,
+        case_id=ref.case_id,
+        labelled=seg is not None,
+        slices=n_slices,
+        row_start=0,
         source_shape=tuple(int(v) for v in vol.header.shape),
-        spacing=tuple(voxel_spacing(affine)[a] for a in axes), affine=affine,
-        axcodes=axcodes(affine), axes=axes, in_plane=plane, fingerprint=fingerprint,
-        unlabelled_reason=ref.unlabelled_reason)
+        spacing=tuple(voxel_spacing(affine)[a] for a in axes),
+        affine=affine,
+        axcodes=axcodes(affine),
+        axes=axes,
+        in_plane=plane,
+        fingerprint=fingerprint,
+        unlabelled_reason=ref.unlabelled_reason,
+    )
     written = CaseWritten(meta, counts, chunks, top, crc)
     _save_record(job.record, written)
     return written
@@ -338,11 +359,13 @@ def _check_label_values(case_id: str, counts: np.ndarray, top: int, ls: LabelSet
         raise KitsError(
             f"{case_id}: segmentation holds label value(s) {shown}, outside the labels of "
             f"{ls.edition} (0 background, {names}); fix the mask, choose another --edition, "
-            "or pass --skip-bad to leave the case out")
+            "or pass --skip-bad to leave the case out"
+        )
 
 
-def decide_labels(requested: str, written: list[CaseWritten],
-                  folder: tuple[str, str] | None = None) -> tuple[LabelSet, str]:
+def decide_labels(
+    requested: str, written: list[CaseWritten], folder: tuple[str, str] | None = None
+) -> tuple[LabelSet, str]:
     """The store's label set, and why: the requested edition; under ``auto`` the edition the
     source folder declares (`cases.folder_edition`), else KiTS23 when any mask holds a label
     only KiTS21/23 have (a cyst), else KiTS19."""
@@ -352,21 +375,33 @@ def decide_labels(requested: str, written: list[CaseWritten],
         return EDITIONS[folder[0]], folder[1]
     kits19 = EDITIONS["kits19"]
     for w in written:
-        if w.label_chunks is not None and kits19.unknown_values(present_values(w.counts,
-                                                                               w.max_label)):
+        if w.label_chunks is not None and kits19.unknown_values(
+            present_values(w.counts, w.max_label)
+        ):
             return EDITIONS["kits23"], f"{w.meta.case_id} holds a cyst label"
     return kits19, "no mask holds a label beyond kidney and tumour"
 
 
 def _save_record(path: Path, w: CaseWritten) -> None:
-    meta = {**w.meta.__dict__, "affine": w.meta.affine.tolist(),
-            "in_plane": w.meta.in_plane.as_dict()}
+    meta = {
+        **w.meta.__dict__,
+        "affine": w.meta.affine.tolist(),
+        "in_plane": w.meta.in_plane.as_dict(),
+    }
     chunks = w.label_chunks or []
     lengths = np.array([len(c) for c in chunks], np.int64)
     blob = np.frombuffer(b"".join(chunks), np.uint8)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=json.dumps(meta), counts=w.counts, lengths=lengths, blob=blob,
-             labelled=w.label_chunks is not None, top=w.max_label, crc=w.image_crc)
+    np.savez(
+        tmp,
+        meta=json.dumps(meta),
+        counts=w.counts,
+        lengths=lengths,
+        blob=blob,
+        labelled=w.label_chunks is not None,
+        top=w.max_label,
+        crc=w.image_crc,
+    )
     os.replace(tmp, path)
 
 
@@ -383,7 +418,7 @@ def _load_record(path: Path) -> CaseWritten:
         if bool(z["labelled"]):
             ends = np.cumsum(z["lengths"])
             blob = z["blob"].tobytes()
-            chunks = [blob[e - n:e] for e, n in zip(ends, z["lengths"], strict=True)]
+            chunks = [blob[e - n : e] for e, n in zip(ends, z["lengths"], strict=True)]
         return CaseWritten(CaseMeta(**meta), z["counts"], chunks, int(z["top"]), z["crc"])
 
 
@@ -407,8 +442,9 @@ def _plan(refs: list[CaseRef], skip_bad: bool, bad: dict[str, str]) -> list[Case
     return plans
 
 
-def _prepare(cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str]
-             ) -> tuple[Path, list[CasePlan], dict[str, np.ndarray]]:
+def _prepare(
+    cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str]
+) -> tuple[Path, list[CasePlan], dict[str, np.ndarray]]:
     """Create the partial build, or reopen it for --resume after checking it matches."""
     work = partial_dir(cfg.out)
     manifest_path = work / "manifest.json"
@@ -420,38 +456,54 @@ def _prepare(cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str]
             raise KitsError(
                 f"the interrupted build in {work} used other options or cases "
                 f"({manifest['identity']}, {len(manifest['selected'])} cases); rerun it with "
-                "the same --size/--window/--cases, or start over with --overwrite")
+                "the same --size/--window/--cases, or start over with --overwrite"
+            )
         bad.update(manifest["bad"])
         plans = [CasePlan(**p) for p in manifest["plans"]]
         try:
             clear_write_flags(store)  # a kill during finalize left the file "open for write"
             offsets = image_offsets(store)
         except (OSError, KeyError) as exc:  # HDF5 metadata torn by a kill, or a stray edit
-            raise KitsError(f"the interrupted build in {work} is damaged ({exc}); start over "
-                            "with --overwrite") from None
+            raise KitsError(
+                f"the interrupted build in {work} is damaged ({exc}); start over with --overwrite"
+            ) from None
         return store, plans, offsets
     if work.exists():
         if not (cfg.overwrite or cfg.resume):
-            raise KitsError(f"an interrupted build of {cfg.out} is in {work}; continue it with "
-                            "--resume, or start over with --overwrite")
+            raise KitsError(
+                f"an interrupted build of {cfg.out} is in {work}; continue it with "
+                "--resume, or start over with --overwrite"
+            )
         shutil.rmtree(work)
     plans = _plan(refs, cfg.skip_bad, bad)
     if not plans:
         raise KitsError(f"no usable case in {cfg.src}: " + "; ".join(bad.values()))
     (work / "cases").mkdir(parents=True)
-    build_opts = {**cfg.identity(), "src": str(cfg.src), "cases": cfg.cases,
-                  "skip_bad": cfg.skip_bad, "kitsprep_version": __version__}
+    build_opts = {
+        **cfg.identity(),
+        "src": str(cfg.src),
+        "cases": cfg.cases,
+        "skip_bad": cfg.skip_bad,
+        "kitsprep_version": __version__,
+    }
     offsets = create_layout(store, plans, cfg.size, cfg.window, build_opts)
-    manifest = {"identity": cfg.identity(), "selected": [r.case_id for r in refs],
-                "plans": [asdict(p) for p in plans], "bad": bad}
+    manifest = {
+        "identity": cfg.identity(),
+        "selected": [r.case_id for r in refs],
+        "plans": [asdict(p) for p in plans],
+        "bad": bad,
+    }
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, manifest_path)
     return store, plans, offsets
 
 
-def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = None,
-                on_start: Callable[[int, int], None] | None = None) -> BuildReport:
+def build_store(
+    cfg: BuildConfig,
+    on_case: Callable[[CaseEvent], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> BuildReport:
     """Run a build. `on_start(cases, slices)` fires once the plan is known; `on_case` after
     each case. Raises KitsError for bad input (naming the case); OUT is untouched then."""
     t0 = time.perf_counter()
@@ -462,10 +514,13 @@ def build_store(cfg: BuildConfig, on_case: Callable[[CaseEvent], None] | None = 
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise KitsError(f"the disk holding {cfg.out} is full ({exc.strerror}"
-                            + (f": {exc.filename}" if exc.filename else "") + "); free space, "
-                            f"then rerun with --resume (finished cases are kept in "
-                            f"{partial_dir(cfg.out)})") from None
+            raise KitsError(
+                f"the disk holding {cfg.out} is full ({exc.strerror}"
+                + (f": {exc.filename}" if exc.filename else "")
+                + "); free space, "
+                f"then rerun with --resume (finished cases are kept in "
+                f"{partial_dir(cfg.out)})"
+            ) from None
 
 
 def check_out_path(src: Path, out: Path) -> None:
@@ -473,22 +528,29 @@ def check_out_path(src: Path, out: Path) -> None:
     with --overwrite) and would be read as data by the next build."""
     src_r, out_r = Path(src).resolve(), Path(out).resolve()
     if out_r == src_r or src_r in out_r.parents:
-        raise KitsError(f"--out {out} is inside --src {src}; write the store outside the "
-                        "source folder (e.g. --out slices.h5 next to it)")
+        raise KitsError(
+            f"--out {out} is inside --src {src}; write the store outside the "
+            "source folder (e.g. --out slices.h5 next to it)"
+        )
     for parent in out_r.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise KitsError(f"--out {out}: {parent} is a file, not a folder; choose "
-                                "another --out")
+                raise KitsError(
+                    f"--out {out}: {parent} is a file, not a folder; choose another --out"
+                )
             break
     try:
         out_r.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise KitsError(f"cannot create the folder of --out {out} ({exc.strerror}); choose "
-                        "an --out in a writable folder") from None
+        raise KitsError(
+            f"cannot create the folder of --out {out} ({exc.strerror}); choose "
+            "an --out in a writable folder"
+        ) from None
     if not os.access(out_r.parent, os.W_OK):
-        raise KitsError(f"cannot write --out {out}: its folder {out_r.parent} is not writable; "
-                        "choose another --out")
+        raise KitsError(
+            f"cannot write --out {out}: its folder {out_r.parent} is not writable; "
+            "choose another --out"
+        )
 
 
 @contextlib.contextmanager
@@ -500,8 +562,10 @@ def _build_lock(out: Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise KitsError(f"cannot write next to --out {out} ({exc.strerror}); choose an --out "
-                        "in a writable folder") from None
+        raise KitsError(
+            f"cannot write next to --out {out} ({exc.strerror}); choose an --out "
+            "in a writable folder"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -509,8 +573,10 @@ def _build_lock(out: Path) -> Iterator[None]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise KitsError(f"a build of {out} is running (process {pid}); wait for it to "
-                            "finish, or stop it and rerun with --resume") from None
+            raise KitsError(
+                f"a build of {out} is running (process {pid}); wait for it to "
+                "finish, or stop it and rerun with --resume"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
@@ -522,12 +588,17 @@ def _build_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _build_locked(cfg: BuildConfig, t0: float, on_case: Callable[[CaseEvent], None] | None,
-                  on_start: Callable[[int, int], None] | None) -> BuildReport:
+def _build_locked(
+    cfg: BuildConfig,
+    t0: float,
+    on_case: Callable[[CaseEvent], None] | None,
+    on_start: Callable[[int, int], None] | None,
+) -> BuildReport:
     notify = on_case or (lambda e: None)
     if cfg.out.exists() and not cfg.overwrite:
-        raise KitsError(f"{cfg.out} already exists; pass --overwrite to replace it, or choose "
-                        "another --out")
+        raise KitsError(
+            f"{cfg.out} already exists; pass --overwrite to replace it, or choose another --out"
+        )
     if cfg.out.exists() and cfg.out.is_dir():
         raise KitsError(f"--out {cfg.out} is a folder; expected a file path like slices.h5")
     refs = select_cases(find_cases(cfg.src), cfg.cases)
@@ -544,8 +615,19 @@ def _build_locked(cfg: BuildConfig, t0: float, on_case: Callable[[CaseEvent], No
     for p in plans:
         if p not in todo:
             notify(CaseEvent(p.case_id, p.slices, 0.0, resumed=True))
-    jobs = [CaseJob(by_id[p.case_id], store, offsets[p.case_id], cfg.size, cfg.window,
-                    record[p.case_id], cfg.fsync, cfg.allowed_labels) for p in todo]
+    jobs = [
+        CaseJob(
+            by_id[p.case_id],
+            store,
+            offsets[p.case_id],
+            cfg.size,
+            cfg.window,
+            record[p.case_id],
+            cfg.fsync,
+            cfg.allowed_labels,
+        )
+        for p in todo
+    ]
     compile_s = _warm_kernels([j.ref for j in jobs], cfg.window) if jobs else 0.0
     _run_jobs(jobs, cfg, bad, notify)
     written = [_load_record(record[p.case_id]) for p in plans if record[p.case_id].is_file()]
@@ -557,11 +639,18 @@ def _build_locked(cfg: BuildConfig, t0: float, on_case: Callable[[CaseEvent], No
     os.replace(store, cfg.out)
     _fsync_path(cfg.out.parent)
     shutil.rmtree(work, ignore_errors=True)
-    return BuildReport(out=cfg.out, cases=len(written), slices=sum(w.meta.slices for w in written),
-                       bytes=cfg.out.stat().st_size,
-                       seconds=max(0.0, time.perf_counter() - t0 - compile_s),
-                       resumed_cases=len(plans) - len(todo), bad_cases=bad,
-                       compile_seconds=compile_s, edition=labels.edition, edition_reason=why)
+    return BuildReport(
+        out=cfg.out,
+        cases=len(written),
+        slices=sum(w.meta.slices for w in written),
+        bytes=cfg.out.stat().st_size,
+        seconds=max(0.0, time.perf_counter() - t0 - compile_s),
+        resumed_cases=len(plans) - len(todo),
+        bad_cases=bad,
+        compile_seconds=compile_s,
+        edition=labels.edition,
+        edition_reason=why,
+    )
 
 
 def _warm_kernels(refs: list[CaseRef], window: Window) -> float:
@@ -575,8 +664,11 @@ def _warm_kernels(refs: list[CaseRef], window: Window) -> float:
     for ref in refs:
         try:
             img = read_header(ref.imaging, ref.case_id).dtype.newbyteorder("=")
-            seg = (read_header(ref.segmentation, ref.case_id).dtype.newbyteorder("=")
-                   if ref.segmentation is not None else None)
+            seg = (
+                read_header(ref.segmentation, ref.case_id).dtype.newbyteorder("=")
+                if ref.segmentation is not None
+                else None
+            )
         except KitsError:
             continue  # the case's own run names the problem
         if (img, seg) in seen:
@@ -586,19 +678,20 @@ def _warm_kernels(refs: list[CaseRef], window: Window) -> float:
         try:
             vol = np.frombuffer(bytes(8 * img.itemsize), img).reshape((2, 2, 2), order="F")
             count_nonfinite(vol)
-            window_resample(vol, 1.0, 0.0, window, plane, 0, 2,
-                            np.empty((2, 4, 4), np.float16))
+            window_resample(vol, 1.0, 0.0, window, plane, 0, 2, np.empty((2, 4, 4), np.float16))
             if seg is not None:
                 lab = np.frombuffer(bytes(8 * seg.itemsize), seg).reshape((2, 2, 2), order="F")
-                labels_resample(lab, plane, np.zeros((2, 3), np.int64), 0, 2,
-                                np.empty((2, 4, 4), np.uint8))
+                labels_resample(
+                    lab, plane, np.zeros((2, 3), np.int64), 0, 2, np.empty((2, 4, 4), np.uint8)
+                )
         except Exception:  # noqa: BLE001 - a voxel type the kernels refuse: the case says so
             continue
     return time.perf_counter() - t
 
 
-def _check_changed_sources(plans: list[CasePlan], by_id: dict[str, CaseRef],
-                           record: dict[str, Path]) -> None:
+def _check_changed_sources(
+    plans: list[CasePlan], by_id: dict[str, CaseRef], record: dict[str, Path]
+) -> None:
     """On --resume, a committed case whose source files changed since (a repaired case) is
     redone; any case whose slice count no longer fits the planned layout is refused by
     name, as the layout's space is fixed."""
@@ -608,14 +701,19 @@ def _check_changed_sources(plans: list[CasePlan], by_id: dict[str, CaseRef],
         if rec.is_file() and _record_fingerprint(rec) == _source_fingerprints(ref):
             continue
         if ref.labelled != p.labelled:
-            raise KitsError(f"{ref.case_id} changed since the interrupted build: its "
-                            "segmentation was " + ("added" if ref.labelled else "removed")
-                            + "; start over with --overwrite")
+            raise KitsError(
+                f"{ref.case_id} changed since the interrupted build: its "
+                "segmentation was "
+                + ("added" if ref.labelled else "removed")
+                + "; start over with --overwrite"
+            )
         img = read_header(ref.imaging, ref.case_id)
         n = img.shape[axial_axes(img.affine)[0]]
         if n != p.slices:
-            raise KitsError(f"{ref.case_id} changed since the interrupted build: it now has {n} "
-                            f"slices, the build planned {p.slices}; start over with --overwrite")
+            raise KitsError(
+                f"{ref.case_id} changed since the interrupted build: it now has {n} "
+                f"slices, the build planned {p.slices}; start over with --overwrite"
+            )
         if rec.is_file():
             rec.unlink()  # redone from its new source
 
@@ -633,12 +731,15 @@ def _record_fingerprint(path: Path) -> dict:
     return {k: fp[k] for k in ("imaging", "segmentation") if k in fp}
 
 
-def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],
-              notify: Callable[[CaseEvent], None]) -> None:
+def _run_jobs(
+    jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str], notify: Callable[[CaseEvent], None]
+) -> None:
     def failed(job: CaseJob, exc: KitsError) -> None:
         if not cfg.skip_bad:
-            raise KitsError(f"{exc} (finished cases are kept in {partial_dir(cfg.out)}; "
-                            "after fixing, rerun with --resume)") from None
+            raise KitsError(
+                f"{exc} (finished cases are kept in {partial_dir(cfg.out)}; "
+                "after fixing, rerun with --resume)"
+            ) from None
         bad[job.ref.case_id] = str(exc)
         notify(CaseEvent(job.ref.case_id, 0, 0.0, error=str(exc)))
 
@@ -651,8 +752,11 @@ def _run_jobs(jobs: list[CaseJob], cfg: BuildConfig, bad: dict[str, str],
     _run_pool(jobs, cfg, failed, notify)
 
 
-def _run_here(jobs: list[CaseJob], failed: Callable[[CaseJob, KitsError], None],
-              notify: Callable[[CaseEvent], None]) -> None:
+def _run_here(
+    jobs: list[CaseJob],
+    failed: Callable[[CaseJob, KitsError], None],
+    notify: Callable[[CaseEvent], None],
+) -> None:
     """One process, two threads: this one inflates the imaging of case i+1 (isal releases
     the GIL) while a kernel thread inflates the small segmentation of case i and runs its
     kernels (nogil) and writes, so the build costs about its decompression, not the sum.
@@ -699,16 +803,20 @@ def _inflate_imaging(ref: CaseRef, into: Future) -> None:
         raise
 
 
-def _run_pool(jobs: list[CaseJob], cfg: BuildConfig,
-              failed: Callable[[CaseJob, KitsError], None],
-              notify: Callable[[CaseEvent], None]) -> None:
+def _run_pool(
+    jobs: list[CaseJob],
+    cfg: BuildConfig,
+    failed: Callable[[CaseJob, KitsError], None],
+    notify: Callable[[CaseEvent], None],
+) -> None:
     """Worker processes, one case each at a time. Jobs go in no faster than workers take
     them (two queued a worker), so memory stays a few volumes a worker. Biggest cases first
     (by compressed size, which is what decoding costs), so no worker is left with a big one
     at the end while the others idle."""
     n_workers = min(cfg.workers, len(jobs))
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(),
-                             initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(
+        max_workers=n_workers, mp_context=_pool_context(), initializer=_worker_init
+    ) as pool:
         pending: dict[Future, tuple[CaseJob, float]] = {}
         queue = sorted(jobs, key=_job_cost, reverse=True)
         try:
@@ -725,13 +833,15 @@ def _run_pool(jobs: list[CaseJob], cfg: BuildConfig,
                         failed(job, exc)
                         continue
                     except BrokenProcessPool:
-                        cases = ", ".join(sorted({job.ref.case_id} | {
-                            j.ref.case_id for j, _ in pending.values()}))
+                        cases = ", ".join(
+                            sorted({job.ref.case_id} | {j.ref.case_id for j, _ in pending.values()})
+                        )
                         raise KitsError(
                             f"a worker process died (killed, most likely out of memory) while "
                             f"building {cases}; finished cases are kept in "
                             f"{partial_dir(cfg.out)}: rerun with fewer --workers (e.g. "
-                            f"--workers {max(1, n_workers // 2)}) and --resume") from None
+                            f"--workers {max(1, n_workers // 2)}) and --resume"
+                        ) from None
                     notify(CaseEvent(job.ref.case_id, w.meta.slices, time.perf_counter() - t))
         except BaseException:
             for fut in pending:
@@ -741,8 +851,9 @@ def _run_pool(jobs: list[CaseJob], cfg: BuildConfig,
 
 def _job_cost(job: CaseJob) -> int:
     try:
-        return sum(p.stat().st_size for p in (job.ref.imaging, job.ref.segmentation)
-                   if p is not None)
+        return sum(
+            p.stat().st_size for p in (job.ref.imaging, job.ref.segmentation) if p is not None
+        )
     except OSError:
         return 0  # process_case will name the problem
 
@@ -805,8 +916,9 @@ def _tune_malloc(reuse: bool) -> bool:
     except (OSError, AttributeError):
         return False
     if reuse:
-        return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-                    and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+        return bool(
+            mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+        )
     mallopt(_M_MMAP_THRESHOLD, 128 << 10)
     mallopt(_M_TRIM_THRESHOLD, 128 << 10)
     with contextlib.suppress(AttributeError):

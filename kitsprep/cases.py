@@ -98,24 +98,32 @@ def find_cases(src: Path) -> list[CaseRef]:
     """Every `case_XXXXX/` under `src` (the KiTS19 `data/` folder), sorted by number."""
     src = Path(src)
     if not src.exists():
-        raise KitsError(f"source folder {src} does not exist; pass the KiTS19 data/ folder "
-                        "(with case_00000/ ...) or make one with `kitsprep synth --out DIR`")
+        raise KitsError(
+            f"source folder {src} does not exist; pass the KiTS19 data/ folder "
+            "(with case_00000/ ...) or make one with `kitsprep synth --out DIR`"
+        )
     if not src.is_dir():
         raise KitsError(f"--src must be a folder of case_XXXXX/ folders, found a file: {src}")
     entries = sorted(p for p in src.iterdir() if p.is_dir() and CASE_RE.match(p.name))
     if not entries:
         if not any(src.iterdir()):
-            raise KitsError(f"{src} is empty; expected KiTS19 case folders (case_00000/ ...). "
-                            "Get the data with the KiTS19 starter code, or run `kitsprep synth`")
-        raise KitsError(f"{src} holds no case_XXXXX/ folders, so it is not a KiTS19 data folder; "
-                        "point --src at kits19/data")
+            raise KitsError(
+                f"{src} is empty; expected KiTS19 case folders (case_00000/ ...). "
+                "Get the data with the KiTS19 starter code, or run `kitsprep synth`"
+            )
+        raise KitsError(
+            f"{src} holds no case_XXXXX/ folders, so it is not a KiTS19 data folder; "
+            "point --src at kits19/data"
+        )
     cases = []
     for folder in entries:
         imaging = _first_existing(folder, IMAGING_NAMES)
         seg = _first_existing(folder, (*SEGMENTATION_NAMES, KITS21_SEGMENTATION))
         if imaging is None:
-            raise KitsError(f"{folder.name}: imaging.nii.gz is missing from {folder}; "
-                            "re-download the case, or leave it out with --cases")
+            raise KitsError(
+                f"{folder.name}: imaging.nii.gz is missing from {folder}; "
+                "re-download the case, or leave it out with --cases"
+            )
         cases.append(CaseRef(folder.name, imaging, seg, "" if seg else NO_MASK_REASON))
     return cases
 
@@ -130,14 +138,19 @@ def folder_edition(src: Path, cases: Iterable[CaseRef]) -> tuple[str, str] | Non
         if ref.segmentation is not None and ref.segmentation.name == KITS21_SEGMENTATION:
             return "kits21", f"{ref.case_id} has KiTS21's {KITS21_SEGMENTATION}"
     return None
+
+
 def misnamed_case_folders(src: Path) -> list[str]:
     """Folders under `src` that look like cases but are not named case_XXXXX (`case_0001`,
     `case_00001_copy`): `find_cases` skips them, and the CLIs say so once."""
     src = Path(src)
     if not src.is_dir():
         return []
-    return sorted(p.name for p in src.iterdir()
-                  if p.is_dir() and NEAR_CASE_RE.match(p.name) and not CASE_RE.match(p.name))
+    return sorted(
+        p.name
+        for p in src.iterdir()
+        if p.is_dir() and NEAR_CASE_RE.match(p.name) and not CASE_RE.match(p.name)
+    )
 
 
 def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[str]:
@@ -168,8 +181,10 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
                 raise KitsError(f"case range {tok!r} runs backwards; write {hi}-{lo}")
             if have_numbers is None:
                 if hi - lo >= MAX_RANGE:
-                    raise KitsError(f"case range {tok!r} spans {hi - lo + 1} cases; KiTS ids "
-                                    f"have 5 digits, so write a range within 0-{MAX_RANGE - 1}")
+                    raise KitsError(
+                        f"case range {tok!r} spans {hi - lo + 1} cases; KiTS ids "
+                        f"have 5 digits, so write a range within 0-{MAX_RANGE - 1}"
+                    )
                 numbers.update(range(lo, hi + 1))
                 continue
             # checked against the cases there, never expanded beyond them: a range like
@@ -186,8 +201,10 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
             continue
         m = re.fullmatch(r"(?:case_)?(\d+)", tok)
         if not m:
-            raise KitsError(f"cannot read case {tok!r} in spec {spec!r}; "
-                            "expected e.g. 0-19,50-54, case_00003 or @file")
+            raise KitsError(
+                f"cannot read case {tok!r} in spec {spec!r}; "
+                "expected e.g. 0-19,50-54, case_00003 or @file"
+            )
         numbers.add(int(m.group(1)))
     ids = [case_name(n) for n in sorted(numbers)]
     if available is not None:
@@ -197,8 +214,10 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
         first_missing = sorted(set(first_missing + missing[:5]))[:5]
         if n_missing:
             shown = ", ".join(first_missing) + (" ..." if n_missing > 5 else "")
-            raise KitsError(f"case spec {spec!r} names {n_missing} case(s) that are not "
-                            f"there: {shown}; available: {_summarise(sorted(have))}")
+            raise KitsError(
+                f"case spec {spec!r} names {n_missing} case(s) that are not "
+                f"there: {shown}; available: {_summarise(sorted(have))}"
+            )
     return ids
 
 
@@ -235,16 +254,20 @@ def read_header(path: Path, case_id: str = "") -> NiftiHeader:
     try:
         img = nib.load(str(path))
     except Exception as exc:
-        raise KitsError(f"{case_id or path.parent.name}: cannot read {path.name} ({exc}); "
-                        "the file is truncated, corrupt or not NIfTI; re-download it, or skip "
-                        "it with --skip-bad") from None
+        raise KitsError(
+            f"{case_id or path.parent.name}: cannot read {path.name} ({exc}); "
+            "the file is truncated, corrupt or not NIfTI; re-download it, or skip "
+            "it with --skip-bad"
+        ) from None
     header = _header_of(img.header)
     if len(header.shape) != 3:
         raise KitsError(f"{case_id}: {path.name} has shape {header.shape}; expected a 3D volume")
     if 0 in header.shape:
-        raise KitsError(f"{case_id or path.parent.name}: {path.name} has shape {header.shape}, "
-                        "an empty volume with no voxels; re-export the scan, or leave the case "
-                        "out with --cases")
+        raise KitsError(
+            f"{case_id or path.parent.name}: {path.name} has shape {header.shape}, "
+            "an empty volume with no voxels; re-export the scan, or leave the case "
+            "out with --cases"
+        )
     return header
 
 
@@ -279,8 +302,10 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
         try:
             data = _gzip.decompress(blob)
         except (OSError, EOFError, ValueError, zlib.error, _InflateError) as exc:
-            raise KitsError(f"{name}: {path.name} is truncated or corrupt ({exc}); "
-                            "re-download the case, or skip it with --skip-bad") from None
+            raise KitsError(
+                f"{name}: {path.name} is truncated or corrupt ({exc}); "
+                "re-download the case, or skip it with --skip-bad"
+            ) from None
         fingerprint = _gzip_fingerprint(blob)
     else:
         data = blob
@@ -288,14 +313,17 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
     try:
         hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:544]))
     except Exception as exc:
-        raise KitsError(f"{name}: {path.name} has no valid NIfTI header ({exc}); "
-                        "re-download the case") from None
+        raise KitsError(
+            f"{name}: {path.name} has no valid NIfTI header ({exc}); re-download the case"
+        ) from None
     header = _header_of(hdr)
     offset = int(hdr.get_data_offset())
     count = int(np.prod(header.shape))
     if offset + count * header.dtype.itemsize > len(data):
-        raise KitsError(f"{name}: {path.name} holds fewer voxels than its header's shape "
-                        f"{header.shape} says; the file is truncated, re-download it")
+        raise KitsError(
+            f"{name}: {path.name} holds fewer voxels than its header's shape "
+            f"{header.shape} says; the file is truncated, re-download it"
+        )
     arr = np.frombuffer(data, dtype=header.dtype, count=count, offset=offset)
     if not arr.dtype.isnative:  # big-endian file: the numba kernels read native order only
         arr = arr.byteswap().view(arr.dtype.newbyteorder("="))
@@ -305,13 +333,18 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
 def check_pair(case_id: str, img: NiftiHeader, seg: NiftiHeader) -> None:
     """Imaging and segmentation must describe the same voxels."""
     if img.shape != seg.shape:
-        raise KitsError(f"{case_id}: imaging shape {img.shape} differs from segmentation shape "
-                        f"{seg.shape}; the pair does not belong together, re-download the case")
+        raise KitsError(
+            f"{case_id}: imaging shape {img.shape} differs from segmentation shape "
+            f"{seg.shape}; the pair does not belong together, re-download the case"
+        )
     if not np.allclose(img.affine, seg.affine, atol=1e-3, rtol=1e-4):
-        raise KitsError(f"{case_id}: imaging and segmentation affines differ "
-                        f"({np.round(img.affine, 3).tolist()} vs "
-                        f"{np.round(seg.affine, 3).tolist()}); the mask is not in the "
-                        "imaging's geometry, resample it or re-download the case")
+        raise KitsError(
+            f"{case_id}: imaging and segmentation affines differ "
+            f"({np.round(img.affine, 3).tolist()} vs "
+            f"{np.round(seg.affine, 3).tolist()}); the mask is not in the "
+            "imaging's geometry, resample it or re-download the case"
+        )
     if seg.dtype.kind not in "iu":
-        raise KitsError(f"{case_id}: segmentation has dtype {seg.dtype}; expected integer "
-                        "labels (uint8/uint16)")
+        raise KitsError(
+            f"{case_id}: segmentation has dtype {seg.dtype}; expected integer labels (uint8/uint16)"
+        )

@@ -37,9 +37,9 @@ class KitsGroup(click.Group):
 
 _OS_FIXES = {
     errno.ENOSPC: "free space on that disk (or write elsewhere), then rerun; a build or fit "
-                  "continues with --resume",
+    "continues with --resume",
     errno.EDQUOT: "free space within your quota (or write elsewhere), then rerun; a build or "
-                  "fit continues with --resume",
+    "fit continues with --resume",
     errno.EACCES: "choose a location you can write to, or fix its permissions",
     errno.EPERM: "choose a location you can write to, or fix its permissions",
     errno.EROFS: "the file system is read-only; write elsewhere",
@@ -47,7 +47,7 @@ _OS_FIXES = {
     errno.EISDIR: "the path is a folder, where a file is expected; name a file",
     errno.EEXIST: "a file is in the way of a folder of that name; choose another path",
     errno.ENOENT: "a folder in the path does not exist (or cannot be made there); choose "
-                  "another path",
+    "another path",
 }
 
 
@@ -70,7 +70,7 @@ def _progress(total: int, unit: str, desc: str):
 # does not import kitstrain, so the build-time warning keeps its own copy
 COMPILE_NOTE_S = 2.0  # kernel compile time worth a mention (loading the cache takes less)
 DEFAULT_DEPTH = 4
-DEFAULT_DIVISOR = 2 ** DEFAULT_DEPTH
+DEFAULT_DIVISOR = 2**DEFAULT_DEPTH
 
 
 def _warn_misnamed(src: Path) -> None:
@@ -80,8 +80,11 @@ def _warn_misnamed(src: Path) -> None:
     odd = misnamed_case_folders(src)
     if odd:
         shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
-        click.echo(f"warning: skipping {len(odd)} folder(s) in {src} not named case_XXXXX "
-                   f"(five digits): {shown}; rename them to include them", err=True)
+        click.echo(
+            f"warning: skipping {len(odd)} folder(s) in {src} not named case_XXXXX "
+            f"(five digits): {shown}; rename them to include them",
+            err=True,
+        )
 
 
 @click.group(cls=KitsGroup)
@@ -91,15 +94,29 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
-              help="Folder to write case_XXXXX/ into (KiTS19 layout).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder to write case_XXXXX/ into (KiTS19 layout).",
+)
 @click.option("--cases", default=10, show_default=True, type=click.IntRange(1, 99999))
-@click.option("--size", default=128, show_default=True, type=click.IntRange(16, 1024),
-              help="In-plane size of the square cases.")
+@click.option(
+    "--size",
+    default=128,
+    show_default=True,
+    type=click.IntRange(16, 1024),
+    help="In-plane size of the square cases.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--edition", type=click.Choice(["kits19", "kits23"]), default="kits19",
-              show_default=True,
-              help="kits23 adds renal cysts (label 3) and writes kits23.json beside the cases.")
+@click.option(
+    "--edition",
+    type=click.Choice(["kits19", "kits23"]),
+    default="kits19",
+    show_default=True,
+    help="kits23 adds renal cysts (label 3) and writes kits23.json beside the cases.",
+)
 def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
     """Write a synthetic KiTS-layout cohort (the embedded default data set)."""
     from kitsprep.synth import SynthConfig, write_cohort
@@ -114,41 +131,84 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
         else:
             click.echo(f"synth {cid}", err=True)
 
-    ids = write_cohort(SynthConfig(cases=cases, size=size, seed=seed, edition=edition), out,
-                       on_case=on_case)
+    ids = write_cohort(
+        SynthConfig(cases=cases, size=size, seed=seed, edition=edition), out, on_case=on_case
+    )
     if bar is not None:
         bar.close()
     click.echo(f"wrote {len(ids)} cases to {out}")
 
 
 @main.command()
-@click.option("--src", type=click.Path(path_type=Path), required=True,
-              help="KiTS data folder of case_XXXXX/ folders (KiTS19, KiTS21 or KiTS23 layout).")
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="KiTS data folder of case_XXXXX/ folders (KiTS19, KiTS21 or KiTS23 layout).",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to write.")
-@click.option("--size", default=512, show_default=True, type=click.IntRange(16, 2048),
-              help="In-plane size of every stored slice (aspect kept, padded with air).")
-@click.option("--window", "window_name", default=None,
-              help="HU window preset: mlperf (default: clip -79..304, z-score) or abdomen "
-                   "(-175..250 -> [0,1]).")
-@click.option("--window-range", nargs=2, type=float, default=None, metavar="LO HI",
-              help="Clip range in HU (overrides the preset's limits).")
-@click.option("--workers", default=None, type=click.IntRange(1, 256),
-              help="Decoding processes [default: all cores].")
+@click.option(
+    "--size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(16, 2048),
+    help="In-plane size of every stored slice (aspect kept, padded with air).",
+)
+@click.option(
+    "--window",
+    "window_name",
+    default=None,
+    help="HU window preset: mlperf (default: clip -79..304, z-score) or abdomen "
+    "(-175..250 -> [0,1]).",
+)
+@click.option(
+    "--window-range",
+    nargs=2,
+    type=float,
+    default=None,
+    metavar="LO HI",
+    help="Clip range in HU (overrides the preset's limits).",
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(1, 256),
+    help="Decoding processes [default: all cores].",
+)
 @click.option("--cases", "case_spec", default=None, help="Cases to include: 0-19,50-54 or @file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--skip-bad", is_flag=True,
-              help="Record bad cases in the store's attributes and go on.")
-@click.option("--no-fsync", is_flag=True,
-              help="Skip per-case fsync (faster; a power cut may then lose finished cases).")
-@click.option("--edition", type=click.Choice(["auto", *EDITIONS]), default="auto",
-              show_default=True,
-              help="KiTS edition whose labels the masks hold; auto: what the folder declares "
-                   "(kits23.json, kits21.json, KiTS21's aggregated_MAJ_seg.nii.gz), else kits23 "
-                   "when a mask holds a cyst (label 3), else kits19.")
-def build(src: Path, out: Path, size: int, window_name: str | None,
-          window_range: tuple[float, float] | None, workers: int | None, case_spec: str | None,
-          resume: bool, overwrite: bool, skip_bad: bool, no_fsync: bool, edition: str) -> None:
+@click.option(
+    "--skip-bad", is_flag=True, help="Record bad cases in the store's attributes and go on."
+)
+@click.option(
+    "--no-fsync",
+    is_flag=True,
+    help="Skip per-case fsync (faster; a power cut may then lose finished cases).",
+)
+@click.option(
+    "--edition",
+    type=click.Choice(["auto", *EDITIONS]),
+    default="auto",
+    show_default=True,
+    help="KiTS edition whose labels the masks hold; auto: what the folder declares "
+    "(kits23.json, kits21.json, KiTS21's aggregated_MAJ_seg.nii.gz), else kits23 "
+    "when a mask holds a cyst (label 3), else kits19.",
+)
+def build(
+    src: Path,
+    out: Path,
+    size: int,
+    window_name: str | None,
+    window_range: tuple[float, float] | None,
+    workers: int | None,
+    case_spec: str | None,
+    resume: bool,
+    overwrite: bool,
+    skip_bad: bool,
+    no_fsync: bool,
+    edition: str,
+) -> None:
     """Build one chunked HDF5 slice store from every NIfTI case in --src."""
     from kitsprep.build import BuildConfig, build_store
     from kitsprep.window import resolve_window
@@ -156,15 +216,27 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
     window = resolve_window(window_name, tuple(window_range) if window_range else None)
     _warn_misnamed(src)
     if size % DEFAULT_DIVISOR:
-        click.echo(f"warning: --size {size} cannot be halved {DEFAULT_DEPTH} times, so "
-                   f"`kitstrain fit` (default depth {DEFAULT_DEPTH}) will refuse this store; "
-                   f"use a multiple of {DEFAULT_DIVISOR} (e.g. --size "
-                   f"{max(DEFAULT_DIVISOR, round(size / DEFAULT_DIVISOR) * DEFAULT_DIVISOR)}), or "
-                   "train with a smaller --depth", err=True)
-    cfg = BuildConfig(src=src, out=out, window=window, size=size,
-                      workers=workers or os.cpu_count() or 1, cases=case_spec, resume=resume,
-                      overwrite=overwrite, skip_bad=skip_bad, fsync=not no_fsync,
-                      edition=edition)
+        click.echo(
+            f"warning: --size {size} cannot be halved {DEFAULT_DEPTH} times, so "
+            f"`kitstrain fit` (default depth {DEFAULT_DEPTH}) will refuse this store; "
+            f"use a multiple of {DEFAULT_DIVISOR} (e.g. --size "
+            f"{max(DEFAULT_DIVISOR, round(size / DEFAULT_DIVISOR) * DEFAULT_DIVISOR)}), or "
+            "train with a smaller --depth",
+            err=True,
+        )
+    cfg = BuildConfig(
+        src=src,
+        out=out,
+        window=window,
+        size=size,
+        workers=workers or os.cpu_count() or 1,
+        cases=case_spec,
+        resume=resume,
+        overwrite=overwrite,
+        skip_bad=skip_bad,
+        fsync=not no_fsync,
+        edition=edition,
+    )
     state: dict = {}
 
     def on_start(n_cases: int, n_slices: int) -> None:
@@ -192,15 +264,23 @@ def build(src: Path, out: Path, size: int, window_name: str | None,
     finally:
         if state.get("bar") is not None:
             state["bar"].close()
-    click.echo(f"built {report.out}: {report.cases} cases, {report.slices} slices, "
-               f"{report.bytes / 2**20:.1f} MiB in {report.seconds:.1f}s "
-               f"({report.slices_per_s:.0f} slices/s)"
-               + (f", {report.resumed_cases} cases from the interrupted run"
-                  if report.resumed_cases else "")
-               + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else "")
-               + (f"; plus {report.compile_seconds:.1f}s compiling the kernels (once: they "
-                  "are cached for later builds)" if report.compile_seconds >= COMPILE_NOTE_S
-                  else ""))
+    click.echo(
+        f"built {report.out}: {report.cases} cases, {report.slices} slices, "
+        f"{report.bytes / 2**20:.1f} MiB in {report.seconds:.1f}s "
+        f"({report.slices_per_s:.0f} slices/s)"
+        + (
+            f", {report.resumed_cases} cases from the interrupted run"
+            if report.resumed_cases
+            else ""
+        )
+        + (f", {len(report.bad_cases)} bad cases skipped" if report.bad_cases else "")
+        + (
+            f"; plus {report.compile_seconds:.1f}s compiling the kernels (once: they "
+            "are cached for later builds)"
+            if report.compile_seconds >= COMPILE_NOTE_S
+            else ""
+        )
+    )
     click.echo(f"edition {report.edition} ({report.edition_reason})")
 
 
@@ -216,22 +296,34 @@ def info(store: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     w = summary["window"]
-    click.echo(f"store        {summary['path']}  (format v{summary['format_version']}, "
-               f"kitsprep {summary['kitsprep_version']})")
-    why = "; ".join(f"{n}: {r}" if len(summary["unlabelled_reasons"]) > 1 else r
-                    for r, n in summary["unlabelled_reasons"].items())
-    click.echo(f"cases        {summary['cases']} ({summary['labelled_cases']} labelled, "
-               f"{summary['unlabelled_cases']} unlabelled" + (f": {why})" if why else ")"))
+    click.echo(
+        f"store        {summary['path']}  (format v{summary['format_version']}, "
+        f"kitsprep {summary['kitsprep_version']})"
+    )
+    why = "; ".join(
+        f"{n}: {r}" if len(summary["unlabelled_reasons"]) > 1 else r
+        for r, n in summary["unlabelled_reasons"].items()
+    )
+    click.echo(
+        f"cases        {summary['cases']} ({summary['labelled_cases']} labelled, "
+        f"{summary['unlabelled_cases']} unlabelled" + (f": {why})" if why else ")")
+    )
     click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}")
     reason = f" ({summary['edition_reason']})" if summary["edition_reason"] else ""
-    click.echo(f"labels       {summary['edition']}{reason}: 0 background, "
-               + ", ".join(f"{v} {n}" for n, v in summary["labels"].items()))
+    click.echo(
+        f"labels       {summary['edition']}{reason}: 0 background, "
+        + ", ".join(f"{v} {n}" for n, v in summary["labels"].items())
+    )
     click.echo(f"on disk      {summary['bytes'] / 2**20:.1f} MiB")
-    click.echo(f"window       {w['name']}: clip {w['lo']:g}..{w['hi']:g} HU, "
-               f"(v - {w['offset']:g}) / {w['divisor']:g}")
+    click.echo(
+        f"window       {w['name']}: clip {w['lo']:g}..{w['hi']:g} HU, "
+        f"(v - {w['offset']:g}) / {w['divisor']:g}"
+    )
     shares = ", ".join(f"{n} {100 * v:.2f}%" for n, v in summary["pixel_share"].items())
-    click.echo(f"foreground   {100 * summary['fg_slice_share']:.1f}% of labelled slices hold "
-               f"a foreground label; {shares} of labelled pixels")
+    click.echo(
+        f"foreground   {100 * summary['fg_slice_share']:.1f}% of labelled slices hold "
+        f"a foreground label; {shares} of labelled pixels"
+    )
     if summary["bad_cases"]:
         click.echo(f"bad cases    {len(summary['bad_cases'])} skipped at build:")
         for cid, why in summary["bad_cases"].items():
@@ -240,8 +332,12 @@ def info(store: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--src", type=click.Path(path_type=Path), default=None,
-              help="Also check labels against the source masks in this KiTS19 folder.")
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also check labels against the source masks in this KiTS19 folder.",
+)
 def verify(store: Path, src: Path | None) -> None:
     """Integrity: cases complete, index consistent; with --src, labels equal the source."""
     from kitsprep.verify import verify_store
@@ -250,8 +346,10 @@ def verify(store: Path, src: Path | None) -> None:
     if not report.ok:
         for p in report.problems[:20]:
             click.echo(f"FAIL {p}", err=True)
-        raise KitsError(f"{store}: {len(report.problems)} problem(s) found; rebuild the store "
-                        "with `kitsprep build --overwrite`")
+        raise KitsError(
+            f"{store}: {len(report.problems)} problem(s) found; rebuild the store "
+            "with `kitsprep build --overwrite`"
+        )
     extra = " and labels equal the source masks" if report.checked_src else ""
     click.echo(f"ok: {report.cases} cases, {report.slices} slices consistent{extra}")
 

@@ -34,12 +34,12 @@ from kitsprep.geometry import InPlane
 from kitsprep.window import Window
 
 _LINE = 64  # bytes in a cache line
-_TS = 256   # most slices in a tile: the run read per (row, column), and the rows written
-_XB = 64    # output columns per block, image: 64 float16 = two whole cache lines a segment
+_TS = 256  # most slices in a tile: the run read per (row, column), and the rows written
+_XB = 64  # output columns per block, image: 64 float16 = two whole cache lines a segment
 _LXB = 128  # output columns per block, labels: 128 uint8 = two whole cache lines
-            # (and at most 255: the per-row counters are bytes)
+# (and at most 255: the per-row counters are bytes)
 NEGATIVE_LABEL = 1 << 40  # labels_resample reports a negative label v as this - v
-_PD = 1     # rows ahead for software prefetch (reads and writes)
+_PD = 1  # rows ahead for software prefetch (reads and writes)
 
 
 @intrinsic
@@ -65,8 +65,7 @@ def _prefetch_intrinsic(write: int):
 
     @intrinsic
     def prefetch(typingctx, arr, idx):
-        if not (isinstance(arr, types.Array) and arr.ndim == 1
-                and isinstance(idx, types.Integer)):
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(idx, types.Integer)):
             return None
 
         def codegen(context, builder, signature, args):
@@ -75,8 +74,10 @@ def _prefetch_intrinsic(write: int):
             i8p = ir.IntType(8).as_pointer()
             i32 = ir.IntType(32)
             fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                "llvm.prefetch.p0")
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                "llvm.prefetch.p0",
+            )
             ptr = builder.bitcast(builder.gep(ary.data, [i]), i8p)
             builder.call(fn, [ptr, i32(write), i32(3), i32(1)])
             return context.get_dummy_value()
@@ -108,9 +109,15 @@ def _transpose_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
     """Transpose one 128-bit block, 8x8 uint16 or 16x16 uint8, in registers: rows
     src[s_off + i*s_stride :][:n] -> rows dst[d_off + j*d_stride :][:n]. log2(n) rounds of
     interleaving row i with row i + n/2 (punpckl/punpckh on x86, zip1/zip2 on arm64)."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
-            and src.ndim == 1 and dst.ndim == 1 and src.dtype == dst.dtype
-            and isinstance(src.dtype, types.Integer) and src.dtype.bitwidth in (8, 16)):
+    if not (
+        isinstance(src, types.Array)
+        and isinstance(dst, types.Array)
+        and src.ndim == 1
+        and dst.ndim == 1
+        and src.dtype == dst.dtype
+        and isinstance(src.dtype, types.Integer)
+        and src.dtype.bitwidth in (8, 16)
+    ):
         return None
     bits = src.dtype.bitwidth
     n = 128 // bits
@@ -118,8 +125,9 @@ def _transpose_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
     def codegen(context, builder, signature, args):
         a_src = context.make_array(signature.args[0])(context, builder, args[0])
         a_dst = context.make_array(signature.args[3])(context, builder, args[3])
-        so, ss, do, ds = (context.cast(builder, args[i], signature.args[i], types.intp)
-                          for i in (1, 2, 4, 5))
+        so, ss, do, ds = (
+            context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 4, 5)
+        )
         intp = context.get_value_type(types.intp)
         vec = ir.VectorType(ir.IntType(bits), n)
         rows = []
@@ -131,8 +139,10 @@ def _transpose_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
         lo = ir.Constant(mask, [j // 2 + (n if j % 2 else 0) for j in range(n)])
         hi = ir.Constant(mask, [n // 2 + j // 2 + (n if j % 2 else 0) for j in range(n)])
         for _ in range(n.bit_length() - 1):
-            rows = [builder.shuffle_vector(rows[i // 2], rows[i // 2 + n // 2], hi if i % 2 else lo)
-                    for i in range(n)]
+            rows = [
+                builder.shuffle_vector(rows[i // 2], rows[i // 2 + n // 2], hi if i % 2 else lo)
+                for i in range(n)
+            ]
         for j in range(n):
             at = builder.add(do, builder.mul(ds, ir.Constant(intp, j)))
             ptr = builder.bitcast(builder.gep(a_dst.data, [at]), vec.as_pointer())
@@ -219,7 +229,7 @@ def _put_segments(out, o, ost, buf, ts, nt, nx):
 @njit(nogil=True, inline="always")
 def _window_run_f16(src, p, ss, nt, slope, inter, lo, hi, offset, divisor, dst):
     if ss == 1:
-        run = src[p:p + nt]  # a view indexed from 0: no wraparound test, so it vectorises
+        run = src[p : p + nt]  # a view indexed from 0: no wraparound test, so it vectorises
         for t in range(nt):
             v = np.float32(run[t]) * slope + inter
             v = min(max(v, lo), hi)
@@ -234,7 +244,7 @@ def _window_run_f16(src, p, ss, nt, slope, inter, lo, hi, offset, divisor, dst):
 @njit(nogil=True, inline="always")
 def _window_run_f32(src, p, ss, nt, slope, inter, lo, hi, offset, divisor, dst):
     if ss == 1:
-        run = src[p:p + nt]  # a view indexed from 0: no wraparound test, so it vectorises
+        run = src[p : p + nt]  # a view indexed from 0: no wraparound test, so it vectorises
         for t in range(nt):
             v = np.float32(run[t]) * slope + inter
             v = min(max(v, lo), hi)
@@ -250,9 +260,32 @@ def _window_run_f32(src, p, ss, nt, slope, inter, lo, hi, offset, divisor, dst):
 
 
 @njit(nogil=True, cache=True)
-def _window_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, slope, inter, lo,
-                     hi, offset, divisor, new_h, new_w, pad_top, pad_left,
-                     out, obase, ost, orow, ocol):
+def _window_resample(
+    src,
+    base,
+    ss,
+    sy,
+    sx,
+    src_h,
+    src_w,
+    s_begin,
+    s_end,
+    slope,
+    inter,
+    lo,
+    hi,
+    offset,
+    divisor,
+    new_h,
+    new_w,
+    pad_top,
+    pad_left,
+    out,
+    obase,
+    ost,
+    orow,
+    ocol,
+):
     """`src`/`out`: flat views; voxel (s, y, x) at src[base + s*ss + y*sy + x*sx], output
     (i, row, col) at out[obase + i*ost + row*orow + col*ocol] (float16 bits)."""
     if s_end <= s_begin or new_h <= 0 or new_w <= 0:
@@ -274,8 +307,8 @@ def _window_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, slope,
             ncol = max(ncol, x1[min(c0 + xb, new_w) - 1] - x0[c0] + 1)
     m = 0 if identity else ts
     wrow = np.empty((ncol, m), np.float32)  # one windowed source row, the block's columns
-    ha = np.empty((xb, m), np.float32)      # resampled along x: the upper source row
-    hb = np.empty((xb, m), np.float32)      # and the lower one
+    ha = np.empty((xb, m), np.float32)  # resampled along x: the upper source row
+    hb = np.empty((xb, m), np.float32)  # and the lower one
     for t0 in range(s_begin, s_end, ts):
         nt = min(ts, s_end - t0)
         o_t = obase + (t0 - s_begin) * ost
@@ -285,14 +318,16 @@ def _window_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, slope,
             if identity:
                 for y in range(new_h):
                     if wstep and y + _PD < new_h:
-                        _prefetch_segments(out, o_c + (pad_top + y + _PD) * orow, ost, nt, nx,
-                                           wstep)
+                        _prefetch_segments(
+                            out, o_c + (pad_top + y + _PD) * orow, ost, nt, nx, wstep
+                        )
                     for dx in range(nx):
                         p = base + t0 * ss + y * sy + (c0 + dx) * sx
                         if step and y + _PD < src_h:
                             _prefetch_run(src, p + _PD * sy, nt, step)
-                        _window_run_f16(src, p, ss, nt, slope, inter, lo, hi, offset, divisor,
-                                        obuf[dx])
+                        _window_run_f16(
+                            src, p, ss, nt, slope, inter, lo, hi, offset, divisor, obuf[dx]
+                        )
                     _put_segments(out, o_c + (pad_top + y) * orow, ost, flat_buf, ts, nt, nx)
                 continue
             # Bilinear: each source row is windowed once per tile and resampled along x
@@ -317,8 +352,9 @@ def _window_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, slope,
                         p = base + t0 * ss + r * sy + (cmin + c) * sx
                         if step and r + _PD < src_h:
                             _prefetch_run(src, p + _PD * sy, nt, step)
-                        _window_run_f32(src, p, ss, nt, slope, inter, lo, hi, offset, divisor,
-                                        wrow[c])
+                        _window_run_f32(
+                            src, p, ss, nt, slope, inter, lo, hi, offset, divisor, wrow[c]
+                        )
                     h = ha if k == 0 else hb
                     for dx in range(nx):
                         fx = wx[c0 + dx]
@@ -332,8 +368,7 @@ def _window_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, slope,
                     else:
                         rb = r
                 if wstep and y + _PD < new_h:
-                    _prefetch_segments(out, o_c + (pad_top + y + _PD) * orow, ost, nt, nx,
-                                       wstep)
+                    _prefetch_segments(out, o_c + (pad_top + y + _PD) * orow, ost, nt, nx, wstep)
                 for dx in range(nx):
                     top = ha[dx]
                     bot = hb[dx]
@@ -347,8 +382,27 @@ def _window_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, slope,
 
 
 @njit(nogil=True, cache=True)
-def _labels_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, new_h, new_w,
-                     pad_top, pad_left, out, obase, ost, orow, ocol, counts):
+def _labels_resample(
+    src,
+    base,
+    ss,
+    sy,
+    sx,
+    src_h,
+    src_w,
+    s_begin,
+    s_end,
+    new_h,
+    new_w,
+    pad_top,
+    pad_left,
+    out,
+    obase,
+    ost,
+    orow,
+    ocol,
+    counts,
+):
     if s_end <= s_begin or new_h <= 0 or new_w <= 0:
         return 0
     ys = _nearest_taps(src_h, new_h)
@@ -379,8 +433,7 @@ def _labels_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, new_h,
                 r = ys[y]
                 r_next = ys[min(y + _PD, new_h - 1)]
                 if wstep and y + _PD < new_h:
-                    _prefetch_segments(out, o_c + (pad_top + y + _PD) * orow, ost, nt, nx,
-                                       wstep)
+                    _prefetch_segments(out, o_c + (pad_top + y + _PD) * orow, ost, nt, nx, wstep)
                 for dx in range(nx):
                     p = base + t0 * ss + r * sy + xs[c0 + dx] * sx
                     if step and r_next != r:
@@ -392,7 +445,7 @@ def _labels_resample(src, base, ss, sy, sx, src_h, src_w, s_begin, s_end, new_h,
                     two = _like(hi, 2)
                     three = _like(hi, 3)
                     if ss == 1:
-                        run = src[p:p + nt]
+                        run = src[p : p + nt]
                         for t in range(nt):
                             v = run[t]
                             b[t] = np.uint8(v)  # truncation: v & 0xFF
@@ -466,9 +519,16 @@ def _flattenable(a: np.ndarray) -> bool:
     return a.size > 0 and all(s % a.itemsize == 0 for s in a.strides)
 
 
-def window_resample(vol: np.ndarray, slope: float, inter: float, window: Window,
-                    plane: InPlane, s_begin: int = 0, s_end: int | None = None,
-                    out: np.ndarray | None = None) -> np.ndarray:
+def window_resample(
+    vol: np.ndarray,
+    slope: float,
+    inter: float,
+    window: Window,
+    plane: InPlane,
+    s_begin: int = 0,
+    s_end: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Slices [s_begin, s_end) of `vol` (slices first, any strides) -> float16
     (n, size, size), windowed and fitted into the square with air padding. Pass `out`
     (float16) to reuse a buffer: the kernel writes only the resized box, so the caller's
@@ -486,18 +546,45 @@ def window_resample(vol: np.ndarray, slope: float, inter: float, window: Window,
     src, base, ss, sy, sx = _flat(vol)
     dst, obase, ost, orow, ocol = _flat(target.view(np.uint16))
     f32 = np.float32
-    _window_resample(src, base, ss, sy, sx, vol.shape[1], vol.shape[2], s_begin, s_end,
-                     f32(slope), f32(inter), f32(window.lo), f32(window.hi),
-                     f32(window.offset), f32(window.divisor), plane.new_h, plane.new_w,
-                     plane.pad_top, plane.pad_left, dst, obase, ost, orow, ocol)
+    _window_resample(
+        src,
+        base,
+        ss,
+        sy,
+        sx,
+        vol.shape[1],
+        vol.shape[2],
+        s_begin,
+        s_end,
+        f32(slope),
+        f32(inter),
+        f32(window.lo),
+        f32(window.hi),
+        f32(window.offset),
+        f32(window.divisor),
+        plane.new_h,
+        plane.new_w,
+        plane.pad_top,
+        plane.pad_left,
+        dst,
+        obase,
+        ost,
+        orow,
+        ocol,
+    )
     if target is not out:
         out[...] = target
     return out
 
 
-def labels_resample(seg: np.ndarray, plane: InPlane, counts: np.ndarray, s_begin: int = 0,
-                    s_end: int | None = None, out: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, int]:
+def labels_resample(
+    seg: np.ndarray,
+    plane: InPlane,
+    counts: np.ndarray,
+    s_begin: int = 0,
+    s_end: int | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
     """Nearest-neighbour labels into a uint8 (n, size, size) square (background padding),
     adding per-slice pixel counts of label values 1, 2 and 3 into `counts` (slices, 3). Returns
     the labels and the largest label seen, so callers can refuse labels that uint8 can't hold
@@ -517,9 +604,27 @@ def labels_resample(seg: np.ndarray, plane: InPlane, counts: np.ndarray, s_begin
     target = out if _flattenable(out) else out.copy()
     src, base, ss, sy, sx = _flat(seg)
     dst, obase, ost, orow, ocol = _flat(target)
-    top = _labels_resample(src, base, ss, sy, sx, seg.shape[1], seg.shape[2], s_begin, s_end,
-                           plane.new_h, plane.new_w, plane.pad_top, plane.pad_left,
-                           dst, obase, ost, orow, ocol, counts)
+    top = _labels_resample(
+        src,
+        base,
+        ss,
+        sy,
+        sx,
+        seg.shape[1],
+        seg.shape[2],
+        s_begin,
+        s_end,
+        plane.new_h,
+        plane.new_w,
+        plane.pad_top,
+        plane.pad_left,
+        dst,
+        obase,
+        ost,
+        orow,
+        ocol,
+        counts,
+    )
     if target is not out:
         out[...] = target
     return out, int(top)

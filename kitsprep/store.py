@@ -43,7 +43,7 @@ from kitsprep.window import Window
 try:
     from isal import isal_zlib as _zlib
 
-    CRC_ON_READ = True   # ISA-L's CRC-32 is cheap enough to check every read (SliceMap)
+    CRC_ON_READ = True  # ISA-L's CRC-32 is cheap enough to check every read (SliceMap)
 except ImportError:
     import zlib as _zlib
 
@@ -53,17 +53,20 @@ FORMAT = "kits-slices"
 FORMAT_VERSION = 2  # 2: the store carries its label set; per-label counts in the index
 LABEL_LEVEL = 1  # deflate level for label chunks: mostly zeros, level 1 is already tiny
 
+
 def index_dtype(num_classes: int) -> np.dtype:
     """One row per slice; ``counts`` has one entry per label value 0..num_classes-1."""
-    return np.dtype([
-        ("case", "<i4"),          # position in the root `cases` list
-        ("slice", "<i4"),         # slice number within the case (axial, as stored)
-        ("counts", "<i4", (num_classes,)),  # pixels per label value (0 = background)
-        ("image_offset", "<i8"),  # byte offset of the slice's float16 chunk in the file
-        ("label_offset", "<i8"),  # byte offset of the deflated label chunk; -1 if unlabelled
-        ("label_nbytes", "<i4"),  # its length in bytes; 0 if unlabelled
-        ("image_crc", "<u4"),     # CRC-32 of the slice's float16 bytes: verify sees bit rot
-    ])
+    return np.dtype(
+        [
+            ("case", "<i4"),  # position in the root `cases` list
+            ("slice", "<i4"),  # slice number within the case (axial, as stored)
+            ("counts", "<i4", (num_classes,)),  # pixels per label value (0 = background)
+            ("image_offset", "<i8"),  # byte offset of the slice's float16 chunk in the file
+            ("label_offset", "<i8"),  # byte offset of the deflated label chunk; -1 if unlabelled
+            ("label_nbytes", "<i4"),  # its length in bytes; 0 if unlabelled
+            ("image_crc", "<u4"),  # CRC-32 of the slice's float16 bytes: verify sees bit rot
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class StoreInfo:
     def rows(self, case_id: str) -> np.ndarray:
         """Index rows of one case, in slice order."""
         m = self.cases[case_id]
-        return self.index[m.row_start:m.row_start + m.slices]
+        return self.index[m.row_start : m.row_start + m.slices]
 
     @property
     def fingerprint(self) -> str:
@@ -183,8 +186,9 @@ class StoreInfo:
 # --------------------------------------------------------------------------- writing
 
 
-def create_layout(path: Path, plans: list[CasePlan], size: int, window: Window,
-                  build: dict) -> dict[str, np.ndarray]:
+def create_layout(
+    path: Path, plans: list[CasePlan], size: int, window: Window, build: dict
+) -> dict[str, np.ndarray]:
     """Create every dataset before any voxel is written, allocating image chunks up front.
     Returns each case's image-chunk byte offsets. After this the file's metadata does not
     change until `finalize`, so raw writes at those offsets (from any process) cannot
@@ -211,19 +215,30 @@ def create_layout(path: Path, plans: list[CasePlan], size: int, window: Window,
             space = h5py.h5s.create_simple(shape)
             dsid = h5py.h5d.create(g.id, b"image", h5py.h5t.IEEE_F16LE, space, dcpl=dcpl)
             offsets[p.case_id] = np.array(
-                [dsid.get_chunk_info(i).byte_offset for i in range(p.slices)], np.int64)
+                [dsid.get_chunk_info(i).byte_offset for i in range(p.slices)], np.int64
+            )
             if p.labelled:
-                g.create_dataset("label", shape=shape, dtype=np.uint8, chunks=(1, size, size),
-                                 compression="gzip", compression_opts=LABEL_LEVEL)
+                g.create_dataset(
+                    "label",
+                    shape=shape,
+                    dtype=np.uint8,
+                    chunks=(1, size, size),
+                    compression="gzip",
+                    compression_opts=LABEL_LEVEL,
+                )
     return offsets
 
 
 def image_offsets(path: Path) -> dict[str, np.ndarray]:
     """Image-chunk offsets of an existing layout (for a resumed build)."""
     with h5py.File(path, "r") as f:
-        return {cid: np.array([g["image"].id.get_chunk_info(i).byte_offset
-                               for i in range(g["image"].shape[0])], np.int64)
-                for cid, g in f["cases"].items()}
+        return {
+            cid: np.array(
+                [g["image"].id.get_chunk_info(i).byte_offset for i in range(g["image"].shape[0])],
+                np.int64,
+            )
+            for cid, g in f["cases"].items()
+        }
 
 
 def compress_label_slice(labels: np.ndarray) -> bytes:
@@ -236,10 +251,10 @@ class CaseWritten:
     """What a finished case hands the finaliser: metadata, per-slice counts, label chunks."""
 
     meta: CaseMeta
-    counts: np.ndarray              # (slices, 3) int64: pixels of label values 1, 2, 3
+    counts: np.ndarray  # (slices, 3) int64: pixels of label values 1, 2, 3
     label_chunks: list[bytes] | None
     max_label: int
-    image_crc: np.ndarray           # (slices,) uint32: crc32 of each stored image slice
+    image_crc: np.ndarray  # (slices,) uint32: crc32 of each stored image slice
 
 
 def crc32(buf: np.ndarray) -> int:
@@ -247,8 +262,13 @@ def crc32(buf: np.ndarray) -> int:
     return _zlib.crc32(np.ascontiguousarray(buf).view(np.uint8))
 
 
-def finalize(path: Path, written: list[CaseWritten], bad_cases: dict[str, str],
-             labels: LabelSet, edition_reason: str = "") -> None:
+def finalize(
+    path: Path,
+    written: list[CaseWritten],
+    bad_cases: dict[str, str],
+    labels: LabelSet,
+    edition_reason: str = "",
+) -> None:
     """Write labels, per-case attributes and the index, then mark the file complete."""
     rows = []
     dtype = index_dtype(labels.num_classes)
@@ -326,14 +346,20 @@ def _lookup3(data: bytes) -> int:
         return ((x << k) | (x >> (32 - k))) & m
 
     def word(i: int) -> int:
-        return int.from_bytes(data[i:i + 4], "little")
+        return int.from_bytes(data[i : i + 4], "little")
 
     a = b = c = (0xDEADBEEF + len(data)) & m
     i = 0
     while len(data) - i > 12:
         a, b, c = (a + word(i)) & m, (b + word(i + 4)) & m, (c + word(i + 8)) & m
-        for x, y, z, k in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16),
-                           (1, 0, 2, 19), (2, 1, 0, 4)):  # mix(a, b, c)
+        for x, y, z, k in (
+            (0, 2, 1, 4),
+            (1, 0, 2, 6),
+            (2, 1, 0, 8),
+            (0, 2, 1, 16),
+            (1, 0, 2, 19),
+            (2, 1, 0, 4),
+        ):  # mix(a, b, c)
             v = [a, b, c]
             v[x] = ((v[x] - v[y]) & m) ^ rot(v[y], k)
             v[y] = (v[y] + v[z]) & m
@@ -345,8 +371,15 @@ def _lookup3(data: bytes) -> int:
     a = (a + int.from_bytes(tail[0:4], "little")) & m
     b = (b + int.from_bytes(tail[4:8], "little")) & m
     c = (c + int.from_bytes(tail[8:12], "little")) & m
-    for x, y, k in ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14),
-                    (2, 1, 24)):  # final(a, b, c)
+    for x, y, k in (
+        (2, 1, 14),
+        (0, 2, 11),
+        (1, 0, 25),
+        (2, 1, 16),
+        (0, 2, 4),
+        (1, 0, 14),
+        (2, 1, 24),
+    ):  # final(a, b, c)
         v = [a, b, c]
         v[x] = (v[x] ^ v[y]) - rot(v[y], k) & m
         a, b, c = v
@@ -363,9 +396,9 @@ def clear_write_flags(path: Path) -> bool:
         return False
     raw, body = sb
     raw[11] = 0
-    raw[body:body + 4] = _lookup3(bytes(raw[:body])).to_bytes(4, "little")
+    raw[body : body + 4] = _lookup3(bytes(raw[:body])).to_bytes(4, "little")
     with open(path, "r+b") as f:
-        f.write(raw[:body + 4])
+        f.write(raw[: body + 4])
         f.flush()
         os.fsync(f.fileno())
     return True
@@ -380,17 +413,20 @@ def _unreadable(path: Path, exc: Exception) -> KitsError:
     if sb is not None:
         raw, _ = sb
         width = raw[9]
-        eof = int.from_bytes(raw[12 + 2 * width:12 + 3 * width], "little")
+        eof = int.from_bytes(raw[12 + 2 * width : 12 + 3 * width], "little")
         if size < eof:
-            return KitsError(f"{path} is truncated: it holds {size} bytes but its header "
-                             f"says {eof} (an interrupted copy or download?); copy it again "
-                             "or rebuild it with `kitsprep build --overwrite`")
+            return KitsError(
+                f"{path} is truncated: it holds {size} bytes but its header "
+                f"says {eof} (an interrupted copy or download?); copy it again "
+                "or rebuild it with `kitsprep build --overwrite`"
+            )
     if is_hdf5:
         reason = str(exc.args[0] if exc.args else exc).splitlines()[0][:160]
-        return KitsError(f"{path} is damaged ({reason}); rebuild it "
-                         "with `kitsprep build --overwrite`, or copy it again")
-    return KitsError(f"{path} is not an HDF5 file; expected a store written by "
-                     "`kitsprep build`")
+        return KitsError(
+            f"{path} is damaged ({reason}); rebuild it "
+            "with `kitsprep build --overwrite`, or copy it again"
+        )
+    return KitsError(f"{path} is not an HDF5 file; expected a store written by `kitsprep build`")
 
 
 def open_store(path: Path | str) -> StoreInfo:
@@ -399,8 +435,9 @@ def open_store(path: Path | str) -> StoreInfo:
     (HDF5 reports a torn header or metadata checksum as OSError or KeyError)."""
     path = Path(path)
     if not path.is_file():
-        raise KitsError(f"store {path} does not exist; build one with "
-                        "`kitsprep build --src DIR --out FILE.h5`")
+        raise KitsError(
+            f"store {path} does not exist; build one with `kitsprep build --src DIR --out FILE.h5`"
+        )
     try:
         return _read_store(path)
     except KitsError:
@@ -413,20 +450,26 @@ def _read_store(path: Path) -> StoreInfo:
     with h5py.File(path, "r") as f:
         a = f.attrs
         if a.get("format") != FORMAT:
-            raise KitsError(f"{path} is an HDF5 file but not a kits slice store (format "
-                            f"{a.get('format')!r}, expected {FORMAT!r}); build one with "
-                            "`kitsprep build`")
+            raise KitsError(
+                f"{path} is an HDF5 file but not a kits slice store (format "
+                f"{a.get('format')!r}, expected {FORMAT!r}); build one with "
+                "`kitsprep build`"
+            )
         version = int(a["format_version"])
         if version != FORMAT_VERSION:
-            raise KitsError(f"{path} has store format version {version}; this kits reads "
-                            f"version {FORMAT_VERSION} (which carries the KiTS edition's label "
-                            "set). Rebuild it: `kitsprep build --src DIR --out "
-                            f"{path.name} --overwrite`")
+            raise KitsError(
+                f"{path} has store format version {version}; this kits reads "
+                f"version {FORMAT_VERSION} (which carries the KiTS edition's label "
+                "set). Rebuild it: `kitsprep build --src DIR --out "
+                f"{path.name} --overwrite`"
+            )
         if not bool(a.get("complete", False)):
-            raise KitsError(f"{path} is an unfinished build; finish it with "
-                            "`kitsprep build ... --resume`")
-        cases = {cid: CaseMeta.from_attrs(cid, f["cases"][cid].attrs)
-                 for cid in json.loads(a["cases"])}
+            raise KitsError(
+                f"{path} is an unfinished build; finish it with `kitsprep build ... --resume`"
+            )
+        cases = {
+            cid: CaseMeta.from_attrs(cid, f["cases"][cid].attrs) for cid in json.loads(a["cases"])
+        }
         return StoreInfo(
             path=path,
             format_version=version,
@@ -459,8 +502,13 @@ class SliceMap:
     zlib's CRC costs ~12x that, so without ISA-L `kitsprep verify` is the check
     (`CRC_ON_READ`). A damaged chunk is a one-line KitsError naming store, case, slice."""
 
-    def __init__(self, path: Path | str, size: int, case_ids: Sequence[str] = (),
-                 check_crc: bool | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        size: int,
+        case_ids: Sequence[str] = (),
+        check_crc: bool | None = None,
+    ):
         self.path = Path(path)
         self.size = size
         self.case_ids = tuple(case_ids)
@@ -480,8 +528,9 @@ class SliceMap:
         that lie back to back in the file (a 2.5D context stack usually does) come in
         one system call."""
         if out.shape != (len(rows), self.size, self.size) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be C-contiguous {(len(rows), self.size, self.size)}, "
-                             f"found {out.shape}")
+            raise ValueError(
+                f"out must be C-contiguous {(len(rows), self.size, self.size)}, found {out.shape}"
+            )
         # plain ints and memoryview slices: at 5 small chunks per item, numpy scalars and
         # per-chunk array views would cost more than the reads
         offsets = rows["image_offset"].tolist()
@@ -492,16 +541,20 @@ class SliceMap:
             j = i + 1
             while j < n and j - i < _IOV_MAX and offsets[j] == offsets[j - 1] + sb:
                 j += 1
-            got = os.preadv(self._fd, [flat[k * sb:(k + 1) * sb] for k in range(i, j)],
-                            offsets[i])
+            got = os.preadv(
+                self._fd, [flat[k * sb : (k + 1) * sb] for k in range(i, j)], offsets[i]
+            )
             if got != (j - i) * sb:
-                self._damaged(rows[i], f"the image chunk ends early ({got} of {(j - i) * sb} "
-                                       "bytes: the file is truncated)")
+                self._damaged(
+                    rows[i],
+                    f"the image chunk ends early ({got} of {(j - i) * sb} "
+                    "bytes: the file is truncated)",
+                )
             i = j
         if self.check_crc:
             crc = _zlib.crc32
             for k, want in enumerate(rows["image_crc"].tolist()):
-                if crc(flat[k * sb:(k + 1) * sb]) != want:
+                if crc(flat[k * sb : (k + 1) * sb]) != want:
                     self._damaged(rows[k], "its image chunk fails its CRC-32")
         return out
 
@@ -515,16 +568,19 @@ class SliceMap:
         except _zlib.error as exc:
             self._damaged(row, f"its label chunk does not inflate ({exc})")
         if lab.size != self.size * self.size:
-            self._damaged(row, f"its label chunk holds {lab.size} bytes, expected "
-                               f"{self.size * self.size}")
+            self._damaged(
+                row, f"its label chunk holds {lab.size} bytes, expected {self.size * self.size}"
+            )
         return lab.reshape(self.size, self.size)
 
     def _damaged(self, row: np.void, what: str) -> NoReturn:
         pos = int(row["case"])
         case = self.case_ids[pos] if pos < len(self.case_ids) else f"case #{pos}"
-        raise KitsError(f"{self.path}: {case} slice {int(row['slice'])}: {what}; the store "
-                        f"is damaged, run `kitsprep verify {self.path}`, then rebuild that "
-                        "case (or the store) from its source")
+        raise KitsError(
+            f"{self.path}: {case} slice {int(row['slice'])}: {what}; the store "
+            f"is damaged, run `kitsprep verify {self.path}`, then rebuild that "
+            "case (or the store) from its source"
+        )
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -538,8 +594,12 @@ class SliceMap:
 
     def __getstate__(self) -> dict:
         # Pickle the path, not the descriptor: each worker opens the file itself.
-        return {"path": self.path, "size": self.size, "case_ids": self.case_ids,
-                "check_crc": self.check_crc}
+        return {
+            "path": self.path,
+            "size": self.size,
+            "case_ids": self.case_ids,
+            "check_crc": self.check_crc,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -552,8 +612,11 @@ def file_size(path: Path) -> int:
 def summarise(info: StoreInfo) -> dict:
     """What `kitsprep info` shows; reads the index only."""
     idx = info.index
-    labelled = np.array([info.cases[info.case_ids[c]].labelled for c in idx["case"]], bool) \
-        if len(idx) else np.zeros(0, bool)
+    labelled = (
+        np.array([info.cases[info.case_ids[c]].labelled for c in idx["case"]], bool)
+        if len(idx)
+        else np.zeros(0, bool)
+    )
     lab = idx[labelled]
     pixels = max(1, len(lab) * info.size * info.size)
     fg = info.foreground_pixels(lab) > 0
@@ -579,13 +642,19 @@ def summarise(info: StoreInfo) -> dict:
         "bytes": file_size(info.path),
         "window": json.loads(info.window.to_json()),
         "fg_slice_share": float(fg.mean()) if len(lab) else 0.0,
-        "pixel_share": {name: float(info.label_pixels(name, lab).sum() / pixels)
-                        for name in info.labels.names},
+        "pixel_share": {
+            name: float(info.label_pixels(name, lab).sum() / pixels) for name in info.labels.names
+        },
         "bad_cases": info.bad_cases,
         "build": info.build,
-        "per_case": {cid: {"slices": m.slices, "labelled": m.labelled,
-                           **({"unlabelled_reason": m.unlabelled_reason}
-                              if not m.labelled else {}),
-                           "source_shape": list(m.source_shape),
-                           "spacing": list(m.spacing)} for cid, m in info.cases.items()},
+        "per_case": {
+            cid: {
+                "slices": m.slices,
+                "labelled": m.labelled,
+                **({"unlabelled_reason": m.unlabelled_reason} if not m.labelled else {}),
+                "source_shape": list(m.source_shape),
+                "spacing": list(m.spacing),
+            }
+            for cid, m in info.cases.items()
+        },
     }

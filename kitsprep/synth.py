@@ -162,8 +162,12 @@ def make_case(index: int, cfg: SynthConfig) -> SynthCase:
     cysts = _CYST_KINDS[index % len(_CYST_KINDS)] if cfg.edition == "kits23" else "no_cyst"
     seg, pelvis, layout = _draw_kidneys(layout, rng, tumours=cysts != "cysts_only")
     if cysts != "no_cyst":
-        _grow_cysts(seg, layout, np.random.default_rng([seed, index, 3]),
-                    beside_tumour=cysts == "cyst_beside_tumour")
+        _grow_cysts(
+            seg,
+            layout,
+            np.random.default_rng([seed, index, 3]),
+            beside_tumour=cysts == "cyst_beside_tumour",
+        )
     hu = _paint(seg, layout, rng, pelvis)
 
     labelled = not (special and index == cfg.cases - 1)
@@ -590,8 +594,9 @@ def _grow_cysts(
             continue
         centre = tuple(float(v) for v in spots[int(rng.integers(len(spots)))])
         r_mm = float(np.exp(rng.uniform(math.log(5), math.log(25))))
-        blob = _ellipsoid(seg.shape, centre, (max(r_mm / ez, 0.5), max(r_mm / pe, 1.0),
-                                              max(r_mm / pe, 1.0)))
+        blob = _ellipsoid(
+            seg.shape, centre, (max(r_mm / ez, 0.5), max(r_mm / pe, 1.0), max(r_mm / pe, 1.0))
+        )
         if blob is None:
             continue
         m = blob.mask & inside[blob.box[1:]] & ~tumour[blob.box]

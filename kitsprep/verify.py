@@ -32,8 +32,9 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_store(path: Path, src: Path | None = None,
-                 on_case: Callable[[str], None] | None = None) -> VerifyReport:
+def verify_store(
+    path: Path, src: Path | None = None, on_case: Callable[[str], None] | None = None
+) -> VerifyReport:
     """Every case present with its slice count, index rows consistent with the arrays
     (offsets, counts), memory-map reads equal to h5py reads, and with `src` every label
     equal to the source mask resampled as recorded."""
@@ -59,13 +60,16 @@ def verify_store(path: Path, src: Path | None = None,
     finally:
         smap.close()
     if len(info.index) != sum(m.slices for m in info.cases.values()):
-        report.problems.append(f"index has {len(info.index)} rows but the cases hold "
-                               f"{sum(m.slices for m in info.cases.values())} slices")
+        report.problems.append(
+            f"index has {len(info.index)} rows but the cases hold "
+            f"{sum(m.slices for m in info.cases.values())} slices"
+        )
     return report
 
 
-def _verify_case(f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str,
-                 report: VerifyReport) -> None:
+def _verify_case(
+    f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str, report: VerifyReport
+) -> None:
     meta = info.cases[cid]
     g = f["cases"].get(cid)
     if g is None:
@@ -73,8 +77,9 @@ def _verify_case(f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str,
         return
     img = g["image"]
     if img.shape != (meta.slices, info.size, info.size):
-        report.problems.append(f"{cid}: image shape {img.shape}, expected "
-                               f"{(meta.slices, info.size, info.size)}")
+        report.problems.append(
+            f"{cid}: image shape {img.shape}, expected {(meta.slices, info.size, info.size)}"
+        )
         return
     rows = info.rows(cid)
     if not np.array_equal(rows["slice"], np.arange(meta.slices)):
@@ -89,8 +94,10 @@ def _verify_case(f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str,
             report.problems.append(f"{cid} slice {i}: memory-map read differs from HDF5")
             return
         if crc32(mapped) != row["image_crc"]:
-            report.problems.append(f"{cid} slice {i}: image bytes fail their checksum (the "
-                                   "file changed after the build)")
+            report.problems.append(
+                f"{cid} slice {i}: image bytes fail their checksum (the "
+                "file changed after the build)"
+            )
             return
         if not np.isfinite(img[i]).all():
             report.problems.append(f"{cid} slice {i}: image holds NaN/Inf")
@@ -117,8 +124,10 @@ def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyRepor
         return
     vol = read_volume(ref.imaging, cid)
     if vol.fingerprint != meta.fingerprint.get("imaging"):
-        report.problems.append(f"{cid}: source imaging changed since the build "
-                               f"({vol.fingerprint} vs {meta.fingerprint.get('imaging')})")
+        report.problems.append(
+            f"{cid}: source imaging changed since the build "
+            f"({vol.fingerprint} vs {meta.fingerprint.get('imaging')})"
+        )
     if not meta.labelled:
         return
     if ref.segmentation is None:
@@ -138,9 +147,13 @@ def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyRepor
     for name, value in info.labels.labels:
         src_n, idx_n = int(counts[:, value - 1].sum()), int(index[:, value - 1].sum())
         if not np.array_equal(counts[:, value - 1], index[:, value - 1]):
-            report.problems.append(f"{cid}: index counts of label {value} ({name}) differ from "
-                                   f"the source mask ({idx_n} vs {src_n} pixels)")
+            report.problems.append(
+                f"{cid}: index counts of label {value} ({name}) differ from "
+                f"the source mask ({idx_n} vs {src_n} pixels)"
+            )
     outside = [v + 1 for v in np.flatnonzero(counts.sum(0)) if v + 1 not in info.labels.values]
     if outside:
-        report.problems.append(f"{cid}: the source mask holds label(s) "
-                               f"{', '.join(map(str, outside))}, outside {info.labels.edition}")
+        report.problems.append(
+            f"{cid}: the source mask holds label(s) "
+            f"{', '.join(map(str, outside))}, outside {info.labels.edition}"
+        )

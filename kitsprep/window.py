@@ -75,5 +75,10 @@ def resolve_window(preset: str | None, window_range: tuple[float, float] | None)
         return unit_window(f"range({lo:g},{hi:g})", lo, hi)
     if not hi > lo:
         raise KitsError(f"window range must have HI > LO, found LO={lo} HI={hi}")
-    return Window(name=f"{name}({lo:g},{hi:g})", lo=float(lo), hi=float(hi),
-                  offset=base.offset, divisor=base.divisor)
+    return Window(
+        name=f"{name}({lo:g},{hi:g})",
+        lo=float(lo),
+        hi=float(hi),
+        offset=base.offset,
+        divisor=base.divisor,
+    )

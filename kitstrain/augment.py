@@ -34,31 +34,41 @@ class AugmentConfig:
     Intensities are in the store's normalised units (z-score for the mlperf window)."""
 
     enabled: bool = True
-    p_flip: float = 0.5                       # per in-plane axis
+    p_flip: float = 0.5  # per in-plane axis
     p_rotate: float = 0.2
-    max_rotate_deg: float = 180.0             # angle ~ U(-max, max); nnU-Net's 2D range
+    max_rotate_deg: float = 180.0  # angle ~ U(-max, max); nnU-Net's 2D range
     p_scale: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)  # zoom factor ~ U(lo, hi), nnU-Net's
     p_intensity: float = 0.15
-    shift: float = 0.1                        # additive ~ U(-shift, shift)
-    scale: float = 0.25                       # multiplicative ~ U(1 - scale, 1 + scale)
+    shift: float = 0.1  # additive ~ U(-shift, shift)
+    scale: float = 0.25  # multiplicative ~ U(1 - scale, 1 + scale)
     p_noise: float = 0.1
-    noise_std: float = 0.1                    # sigma ~ U(0, noise_std)
+    noise_std: float = 0.1  # sigma ~ U(0, noise_std)
 
     def __post_init__(self) -> None:
         for name in ("p_flip", "p_rotate", "p_scale", "p_intensity", "p_noise"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise KitsError(f"augmentation {name} must be a probability in [0, 1], "
-                                f"found {p}; fix the augmentation config")
+                raise KitsError(
+                    f"augmentation {name} must be a probability in [0, 1], "
+                    f"found {p}; fix the augmentation config"
+                )
         lo, hi = self.scale_range
         if not 0.0 < lo <= hi:
-            raise KitsError(f"augmentation scale_range must satisfy 0 < lo <= hi, found "
-                            f"{self.scale_range}; e.g. (0.85, 1.25)")
-        if self.max_rotate_deg < 0 or self.shift < 0 or not 0 <= self.scale < 1 \
-                or self.noise_std < 0:
-            raise KitsError("augmentation max_rotate_deg, shift, noise_std must be >= 0 and "
-                            f"scale in [0, 1); found {self}")
+            raise KitsError(
+                f"augmentation scale_range must satisfy 0 < lo <= hi, found "
+                f"{self.scale_range}; e.g. (0.85, 1.25)"
+            )
+        if (
+            self.max_rotate_deg < 0
+            or self.shift < 0
+            or not 0 <= self.scale < 1
+            or self.noise_std < 0
+        ):
+            raise KitsError(
+                "augmentation max_rotate_deg, shift, noise_std must be >= 0 and "
+                f"scale in [0, 1); found {self}"
+            )
 
     @classmethod
     def off(cls) -> AugmentConfig:
@@ -71,11 +81,11 @@ class Draw:
 
     flip_h: bool
     flip_w: bool
-    angle: float        # radians, counter-clockwise in (row, col) display
-    zoom: float         # > 1 magnifies
+    angle: float  # radians, counter-clockwise in (row, col) display
+    zoom: float  # > 1 magnifies
     gain: float
     offset: float
-    noise: float        # sigma, 0 = none
+    noise: float  # sigma, 0 = none
 
     @property
     def warps(self) -> bool:
@@ -103,7 +113,7 @@ def warp_matrix(shape: tuple[int, int], d: Draw) -> np.ndarray:
     h, w = shape
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     c, s = math.cos(d.angle), math.sin(d.angle)
-    inv = np.array([[c, s], [-s, c]]) / d.zoom          # inverse rotation, inverse zoom
+    inv = np.array([[c, s], [-s, c]]) / d.zoom  # inverse rotation, inverse zoom
     flip = np.diag([-1.0 if d.flip_h else 1.0, -1.0 if d.flip_w else 1.0])
     a = inv @ flip
     t = np.array([cy, cx]) - a @ np.array([cy, cx])
@@ -138,8 +148,9 @@ def _span(row_y, step_y, row_x, step_x, lo_y, hi_y, lo_x, hi_x, w):  # pragma: n
     return xa, max(xa, min(w, int(math.floor(hi)) + 1))
 
 
-def _blend_row(s, flat_lab, o, ol, row_y, row_x, a01, a11, x_from, x_to, w, h, clamp,
-               with_label):  # pragma: no cover - inlined into _warp_plane
+def _blend_row(
+    s, flat_lab, o, ol, row_y, row_x, a01, a11, x_from, x_to, w, h, clamp, with_label
+):  # pragma: no cover - inlined into _warp_plane
     """Bilinear taps for output columns [x_from, x_to) of one row; `clamp` only where a
     tap can fall outside (the half-pixel border), so the interior loop is ~20 % shorter.
     Indices are unsigned: numba then emits no negative-index wraparound (another third)."""
@@ -173,8 +184,14 @@ _blend_row = numba.njit(inline="always", **_KERNEL)(_blend_row)
 
 
 def _coefficients(m):  # pragma: no cover - inlined into the kernel
-    return (np.float32(m[0, 0]), np.float32(m[0, 1]), np.float32(m[0, 2]),
-            np.float32(m[1, 0]), np.float32(m[1, 1]), np.float32(m[1, 2]))
+    return (
+        np.float32(m[0, 0]),
+        np.float32(m[0, 1]),
+        np.float32(m[0, 2]),
+        np.float32(m[1, 0]),
+        np.float32(m[1, 1]),
+        np.float32(m[1, 2]),
+    )
 
 
 _coefficients = numba.njit(inline="always", **_KERNEL)(_coefficients)
@@ -194,7 +211,7 @@ def _warp_plane(src, lab, m, out, out_lab, with_label):  # pragma: no cover - co
     fill = s.min()
     edge = 1e-3  # interior margin: float32 rounding never pushes a tap past the last row
     for y in range(oh):
-        row_y = a00 * np.float32(y) + a02   # source of (y, 0); a step in x adds (a01, a11)
+        row_y = a00 * np.float32(y) + a02  # source of (y, 0); a step in x adds (a01, a11)
         row_x = a10 * np.float32(y) + a12
         xa, xb = _span(row_y, a01, row_x, a11, -0.5, h - 0.5, -0.5, w - 0.5, ow)
         ia, ib = _span(row_y, a01, row_x, a11, edge, h - 1 - edge, edge, w - 1 - edge, ow)
@@ -212,8 +229,12 @@ def _warp_plane(src, lab, m, out, out_lab, with_label):  # pragma: no cover - co
         _blend_row(s, flat_lab, o, ol, row_y, row_x, a01, a11, ib, xb, w, h, True, with_label)
 
 
-def warp(image: np.ndarray, label: np.ndarray, matrix: np.ndarray,
-         out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def warp(
+    image: np.ndarray,
+    label: np.ndarray,
+    matrix: np.ndarray,
+    out_shape: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply a 2x3 output->source map to a (C, H, W) image (returned as float32) and its
     (H, W) label, into `out_shape` (default: the input's). Source sides must be >= 2."""
     if min(label.shape) < 2:
@@ -241,9 +262,13 @@ def _cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 _TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
-def augment_slice(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                  cfg: AugmentConfig, window: tuple[int, int, int, int] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def augment_slice(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    cfg: AugmentConfig,
+    window: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Augment one (C, H, W) float image (float16 or float32) and its (H, W) label.
 
     `window = (top, left, height, width)` returns only that window of the augmented slice,
@@ -277,8 +302,8 @@ def augment_slice(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
         if window is not None:
             image, label = image[(slice(None), *box)], label[box]
         # copies, never views: callers may write to what they get back
-        img = np.array(image[:, ::-1 if d.flip_h else 1, ::-1 if d.flip_w else 1], order="C")
-        lab = np.array(label[::-1 if d.flip_h else 1, ::-1 if d.flip_w else 1], order="C")
+        img = np.array(image[:, :: -1 if d.flip_h else 1, :: -1 if d.flip_w else 1], order="C")
+        lab = np.array(label[:: -1 if d.flip_h else 1, :: -1 if d.flip_w else 1], order="C")
         if not intensity:
             return img, lab
         img = _cast(img, np.float32)

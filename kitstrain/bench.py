@@ -27,8 +27,14 @@ class InRamDataset(SliceDataset):
     """A SliceDataset whose slices are already in memory: everything but the reading is
     shared with the real one (augmentation, seeding, tensor conversion)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, rows: np.ndarray,
-                 augment: AugmentConfig | None, seed: int = 0):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        rows: np.ndarray,
+        augment: AugmentConfig | None,
+        seed: int = 0,
+    ):
         self.images = images.share_memory_()  # workers see it, under fork or spawn
         self.labels = labels.share_memory_()
         self.rows = rows
@@ -78,8 +84,7 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device | None
-         ) -> dict:
+def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device | None) -> dict:
     """Slices/s after `warmup` batches (worker start, kernel load, full prefetch queues);
     then each worker's peak RSS, read while the workers are still alive."""
     it = iter(loader)
@@ -111,21 +116,37 @@ def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device |
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         # share of one core each process used while timed: shows which side is the limit
-        busy = [None if a is None or b is None else round((b - a) / elapsed, 2)
-                for a, b in zip(cpu0, [_cpu_s(p) for p in procs], strict=True)]
+        busy = [
+            None if a is None or b is None else round((b - a) / elapsed, 2)
+            for a, b in zip(cpu0, [_cpu_s(p) for p in procs], strict=True)
+        ]
         rss = [_mb(_proc_kb(pid, "VmHWM")) for pid in pids]
         pss = [_mb(_proc_kb(pid, "Pss", "smaps_rollup")) for pid in pids]
     finally:
         close_loader(loader)
-    return {"slices": slices, "batches": batches, "seconds": elapsed,
-            "slices_per_s": slices / elapsed, "worker_peak_rss_mb": rss, "worker_pss_mb": pss,
-            "main_cpu": busy[0], "worker_cpu": busy[1:]}
+    return {
+        "slices": slices,
+        "batches": batches,
+        "seconds": elapsed,
+        "slices_per_s": slices / elapsed,
+        "worker_peak_rss_mb": rss,
+        "worker_pss_mb": pss,
+        "main_cpu": busy[0],
+        "worker_cpu": busy[1:],
+    }
 
 
-def bench_loader(store_path: Path | str, batch_size: int = 16, workers: int = 2,
-                 seconds: float = 10.0, augment: bool = False, context: int = 0,
-                 in_ram_slices: int = 512, prefetch_factor: int = 4,
-                 multiprocessing_context: str | None = None) -> dict:
+def bench_loader(
+    store_path: Path | str,
+    batch_size: int = 16,
+    workers: int = 2,
+    seconds: float = 10.0,
+    augment: bool = False,
+    context: int = 0,
+    in_ram_slices: int = 512,
+    prefetch_factor: int = 4,
+    multiprocessing_context: str | None = None,
+) -> dict:
     """Measure the training loader on a store, then the in-RAM ceiling with the same
     settings. Uniform sampling over every labelled slice; `mb_per_s` counts bytes read
     from the store (image chunks of all context channels + deflated label chunks).
@@ -135,18 +156,28 @@ def bench_loader(store_path: Path | str, batch_size: int = 16, workers: int = 2,
     info = open_store(store_path)
     cases = info.labelled_cases
     if not cases:
-        raise KitsError(f"{store_path} holds no labelled case; the loader benchmark reads "
-                        "training slices, build a store with segmentations")
+        raise KitsError(
+            f"{store_path} holds no labelled case; the loader benchmark reads "
+            "training slices, build a store with segmentations"
+        )
     aug = AugmentConfig() if augment else None
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else None
     seed = 0
     ds = SliceDataset(store_path, info, cases, context=context, augment=aug, seed=seed)
     # enough draws per epoch that an epoch boundary does not fall inside a short run
-    settings = dict(batch_size=batch_size, workers=workers, fg_fraction=0.0,
-                    label_weights=None, seed=seed, samples_per_epoch=max(len(ds), 50_000),
-                    pin_memory=cuda, prefetch_factor=prefetch_factor,
-                    persistent_workers=True, multiprocessing_context=multiprocessing_context)
+    settings = dict(
+        batch_size=batch_size,
+        workers=workers,
+        fg_fraction=0.0,
+        label_weights=None,
+        seed=seed,
+        samples_per_epoch=max(len(ds), 50_000),
+        pin_memory=cuda,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=True,
+        multiprocessing_context=multiprocessing_context,
+    )
     warmup = max(4, 2 * workers * prefetch_factor)
     if aug is not None and multiprocessing_context in (None, "fork"):
         compile_kernels()  # once here, before forking, not per worker
@@ -168,11 +199,15 @@ def bench_loader(store_path: Path | str, batch_size: int = 16, workers: int = 2,
 
     crc_us = _crc_us_per_slice(store_path, info, ds.rows)
     # share of the store path's worker time that checking each read's CRC-32 costs
-    crc_share = (crc_us * 1e-6 * ds.channels * mapped["slices_per_s"] / max(1, workers)
-                 if CRC_ON_READ else 0.0)
+    crc_share = (
+        crc_us * 1e-6 * ds.channels * mapped["slices_per_s"] / max(1, workers)
+        if CRC_ON_READ
+        else 0.0
+    )
     # all-background labels are zero-filled from the index, not read
-    read_bytes = (ds.channels * info.size * info.size * 2
-                  + float(np.mean(np.where(ds._background, 0, ds.rows["label_nbytes"]))))
+    read_bytes = ds.channels * info.size * info.size * 2 + float(
+        np.mean(np.where(ds._background, 0, ds.rows["label_nbytes"]))
+    )
     return {
         "store": str(store_path),
         "slices_per_s": mapped["slices_per_s"],
@@ -189,16 +224,28 @@ def bench_loader(store_path: Path | str, batch_size: int = 16, workers: int = 2,
         "seconds": mapped["seconds"],
         "main_cpu": mapped["main_cpu"],
         "worker_cpu": mapped["worker_cpu"],
-        "in_ram": {k: ceiling[k] for k in ("batches", "seconds", "worker_peak_rss_mb",
-                                            "main_cpu", "worker_cpu")},
+        "in_ram": {
+            k: ceiling[k]
+            for k in ("batches", "seconds", "worker_peak_rss_mb", "main_cpu", "worker_cpu")
+        },
         "settings": {
-            "batch_size": batch_size, "workers": workers, "seconds": seconds,
-            "augment": bool(augment), "context": context, "channels": ds.channels,
-            "size": info.size, "store_slices": len(ds), "store_bytes": store_path.stat().st_size,
-            "in_ram_slices": len(positions), "prefetch_factor": prefetch_factor,
-            "persistent_workers": True, "pin_memory": cuda, "device": str(device or "cpu"),
+            "batch_size": batch_size,
+            "workers": workers,
+            "seconds": seconds,
+            "augment": bool(augment),
+            "context": context,
+            "channels": ds.channels,
+            "size": info.size,
+            "store_slices": len(ds),
+            "store_bytes": store_path.stat().st_size,
+            "in_ram_slices": len(positions),
+            "prefetch_factor": prefetch_factor,
+            "persistent_workers": True,
+            "pin_memory": cuda,
+            "device": str(device or "cpu"),
             "multiprocessing_context": multiprocessing_context or "default",
-            "sampler": "uniform (ForegroundSampler, fg_fraction 0)", "warmup_batches": warmup,
+            "sampler": "uniform (ForegroundSampler, fg_fraction 0)",
+            "warmup_batches": warmup,
             "cpus": os.cpu_count(),
         },
     }
@@ -239,9 +286,12 @@ def format_bench(result: dict) -> str:
         f"  ({s['in_ram_slices']} slices in one tensor)",
         f"  {'ratio store / in-RAM':24}{result['ratio']:>10.2f}  (target >= 1.00)",
         "  CRC-32 of every read: "
-        + (f"on, {result['crc_us_per_slice']:.1f} us per slice, "
-           f"{100 * result['crc_share']:.1f}% of the workers' time" if result["crc_checked"]
-           else "off (no ISA-L; `kitsprep verify` is the check)"),
+        + (
+            f"on, {result['crc_us_per_slice']:.1f} us per slice, "
+            f"{100 * result['crc_share']:.1f}% of the workers' time"
+            if result["crc_checked"]
+            else "off (no ISA-L; `kitsprep verify` is the check)"
+        ),
         f"  worker peak RSS (MB): {rss_text}",
         f"  main peak RSS (MB): {result['main_peak_rss_mb']}",
         f"  CPU busy (cores): main {result['main_cpu']}, workers "

@@ -63,9 +63,11 @@ def parse_label_weights(text: str | None) -> dict[str, float] | None:
         except ValueError:
             weight = float("nan")
         if not sep or not name or name in out or not weight > 0 or not math.isfinite(weight):
-            raise KitsError(f"--label-weights expects distinct label=weight pairs with "
-                            f"positive weights, e.g. tumour=4,cyst=2 (or 'none'); found "
-                            f"{text!r}")
+            raise KitsError(
+                f"--label-weights expects distinct label=weight pairs with "
+                f"positive weights, e.g. tumour=4,cyst=2 (or 'none'); found "
+                f"{text!r}"
+            )
         out[name] = weight
     return out
 
@@ -78,91 +80,195 @@ def main() -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Run directory [default: runs/<timestamp>].")
-@click.option("--preset", type=click.Choice(["seed", "default"]), default="default",
-              show_default=True, help="seed: the origin report's setup; default: ours.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory [default: runs/<timestamp>].",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["seed", "default"]),
+    default="default",
+    show_default=True,
+    help="seed: the origin report's setup; default: ours.",
+)
 @click.option("--epochs", type=click.IntRange(1), default=None)
 @click.option("--batch-size", default=None, help="N, or 'auto' (largest that fits on the GPU).")
 @click.option("--lr", type=float, default=None)
 @click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader workers.")
-@click.option("--context", type=click.IntRange(0, 8), default=None,
-              help="2.5D: K neighbouring slices each side as channels.")
+@click.option(
+    "--context",
+    type=click.IntRange(0, 8),
+    default=None,
+    help="2.5D: K neighbouring slices each side as channels.",
+)
 @click.option("--train-cases", default=None, help="e.g. 0-159 or @file [default: seeded 80%].")
 @click.option("--val-cases", default=None, help="e.g. 160-209 or @file [default: the rest].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or the newest run).")
 @click.option("--max-steps", type=click.IntRange(1), default=None)
 @click.option("--time-limit", default=None, help="Stop cleanly after e.g. 90s, 10m, 2h.")
-@click.option("--val-every", type=click.IntRange(1), default=None,
-              help="Also validate every N steps.")
+@click.option(
+    "--val-every", type=click.IntRange(1), default=None, help="Also validate every N steps."
+)
 @click.option("--seed", type=int, default=None)
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-              help="auto: bf16 (else fp16) on CUDA, fp32 on CPU. bf16 on CPU is ~2x faster "
-                   "where the CPU has AMX/AVX512-BF16.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default=None,
+    help="auto: bf16 (else fp16) on CUDA, fp32 on CPU. bf16 on CPU is ~2x faster "
+    "where the CPU has AMX/AVX512-BF16.",
+)
 @click.option("--samples-per-epoch", type=click.IntRange(1), default=None)
-@click.option("--width", type=click.IntRange(1), default=None,
-              help="U-Net features at the first level (doubling per level).")
+@click.option(
+    "--width",
+    type=click.IntRange(1),
+    default=None,
+    help="U-Net features at the first level (doubling per level).",
+)
 @click.option("--depth", type=click.IntRange(1, 8), default=None, help="Down-sampling steps.")
-@click.option("--deep-supervision", type=click.IntRange(0, 7), default=None,
-              help="Also supervise N coarser decoder levels (1/2, 1/4, ...) in training.")
+@click.option(
+    "--deep-supervision",
+    type=click.IntRange(0, 7),
+    default=None,
+    help="Also supervise N coarser decoder levels (1/2, 1/4, ...) in training.",
+)
 @click.option("--norm", type=click.Choice(["none", "batch", "instance", "group"]), default=None)
-@click.option("--patch", default=None,
-              help="Training patch: 'auto' (half the slice side), 'full' or a side in pixels.")
+@click.option(
+    "--patch",
+    default=None,
+    help="Training patch: 'auto' (half the slice side), 'full' or a side in pixels.",
+)
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
 @click.option("--weight-decay", type=click.FloatRange(0), default=None)
 @click.option("--schedule", type=click.Choice(["constant", "cosine", "poly"]), default=None)
-@click.option("--warmup", type=click.FloatRange(0, 1), default=None,
-              help="Share of the run spent warming the learning rate up.")
+@click.option(
+    "--warmup",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Share of the run spent warming the learning rate up.",
+)
 @click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None)
-@click.option("--fg-fraction", type=click.FloatRange(0, 1), default=None,
-              help="Share of each batch drawn from slices with foreground.")
-@click.option("--label-weights", default=None,
-              help="Weight of a foreground slice within that share, by the labels it holds, "
-                   "e.g. tumour=4,cyst=2 (the largest applies; other labels weigh 1), or "
-                   "'none'.")
-@click.option("--regions/--classes", default=None,
-              help="Train one sigmoid per region the store's edition scores (KiTS19: "
-                   "kidney+tumour, tumour) instead of a softmax over its labels.")
+@click.option(
+    "--fg-fraction",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Share of each batch drawn from slices with foreground.",
+)
+@click.option(
+    "--label-weights",
+    default=None,
+    help="Weight of a foreground slice within that share, by the labels it holds, "
+    "e.g. tumour=4,cyst=2 (the largest applies; other labels weigh 1), or "
+    "'none'.",
+)
+@click.option(
+    "--regions/--classes",
+    default=None,
+    help="Train one sigmoid per region the store's edition scores (KiTS19: "
+    "kidney+tumour, tumour) instead of a softmax over its labels.",
+)
 @click.option("--augment/--no-augment", default=None, help="Spatial and intensity augmentation.")
 @click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=None)
 @click.option("--log-every", type=click.IntRange(1), default=None, help="Steps per log line.")
-def fit(store: Path, out: Path | None, preset: str, epochs, batch_size, lr, workers, context,
-        train_cases, val_cases, device, resume, max_steps, time_limit, val_every, seed,
-        compile_, precision, samples_per_epoch, width, depth, deep_supervision, norm, patch,
-        optimizer, weight_decay, schedule, warmup, loss, fg_fraction, label_weights, regions,
-        augment, grad_clip, log_every) -> None:
+def fit(
+    store: Path,
+    out: Path | None,
+    preset: str,
+    epochs,
+    batch_size,
+    lr,
+    workers,
+    context,
+    train_cases,
+    val_cases,
+    device,
+    resume,
+    max_steps,
+    time_limit,
+    val_every,
+    seed,
+    compile_,
+    precision,
+    samples_per_epoch,
+    width,
+    depth,
+    deep_supervision,
+    norm,
+    patch,
+    optimizer,
+    weight_decay,
+    schedule,
+    warmup,
+    loss,
+    fg_fraction,
+    label_weights,
+    regions,
+    augment,
+    grad_clip,
+    log_every,
+) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
     from kitstrain.fit import FitConfig
     from kitstrain.fit import fit as run_fit
     from kitstrain.presets import resolve
 
-    overrides = {"epochs": epochs, "batch_size": parse_batch(batch_size), "lr": lr,
-                 "workers": workers, "context": context, "max_steps": max_steps,
-                 "time_limit": parse_duration(time_limit), "val_every": val_every,
-                 "seed": seed, "compile": compile_, "precision": precision,
-                 "samples_per_epoch": samples_per_epoch, "width": width, "depth": depth,
-                 "deep_supervision": deep_supervision,
-                 "norm": norm, "patch": parse_patch(patch), "optimizer": optimizer,
-                 "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup,
-                 "loss": loss, "fg_fraction": fg_fraction,
-                 "label_weights": parse_label_weights(label_weights),
-                 "regions": regions, "augment": augment, "grad_clip": grad_clip,
-                 "log_every": log_every}
+    overrides = {
+        "epochs": epochs,
+        "batch_size": parse_batch(batch_size),
+        "lr": lr,
+        "workers": workers,
+        "context": context,
+        "max_steps": max_steps,
+        "time_limit": parse_duration(time_limit),
+        "val_every": val_every,
+        "seed": seed,
+        "compile": compile_,
+        "precision": precision,
+        "samples_per_epoch": samples_per_epoch,
+        "width": width,
+        "depth": depth,
+        "deep_supervision": deep_supervision,
+        "norm": norm,
+        "patch": parse_patch(patch),
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "warmup": warmup,
+        "loss": loss,
+        "fg_fraction": fg_fraction,
+        "label_weights": parse_label_weights(label_weights),
+        "regions": regions,
+        "augment": augment,
+        "grad_clip": grad_clip,
+        "log_every": log_every,
+    }
     tc = resolve(preset, overrides)
     explicit = frozenset(k for k, v in overrides.items() if v is not None)
     if preset != "default":
         explicit |= {"preset"}
-    cfg = FitConfig(store=store, train=tc, out=out, train_cases=train_cases,
-                    val_cases=val_cases, device=device, resume=resume, explicit=explicit)
+    cfg = FitConfig(
+        store=store,
+        train=tc,
+        out=out,
+        train_cases=train_cases,
+        val_cases=val_cases,
+        device=device,
+        resume=resume,
+        explicit=explicit,
+    )
     result = run_fit(cfg, echo=lambda s: click.echo(s, err=True))
     v = result.last_val or {}
     dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
-    click.echo(f"done ({result.stop_reason}) after {result.steps} steps: validation Dice "
-               f"{dice or 'n/a'}; loader stall {100 * result.stall:.1f}%; run in "
-               f"{result.run_dir}")
+    click.echo(
+        f"done ({result.stop_reason}) after {result.steps} steps: validation Dice "
+        f"{dice or 'n/a'}; loader stall {100 * result.stall:.1f}%; run in "
+        f"{result.run_dir}"
+    )
 
 
 def _show_preset_defaults(command: click.Command) -> click.Command:
@@ -198,21 +304,35 @@ def _writable_file(path: Path | None, option: str) -> None:
 
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Store to score on [default: the one the run trained on].")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Store to score on [default: the one the run trained on].",
+)
 @click.option("--cases", default=None, help="Cases [default: the run's validation cases].")
-@click.option("--src", type=click.Path(path_type=Path), default=None,
-              help="Score against the source masks in their own geometry (official).")
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Score against the source masks in their own geometry (official).",
+)
 @click.option("--tta", is_flag=True, help="Average logits over flips.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-@click.option("--overlays", type=click.Path(path_type=Path), default=None,
-              help="Write a PNG per case into this folder.")
+@click.option(
+    "--overlays",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a PNG per case into this folder.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
-              show_default=True)
-def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_size,
-          checkpoint) -> None:
+@click.option(
+    "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
+)
+def score(
+    run_dir, data, cases, src, tta, json_path, overlays, device, batch_size, checkpoint
+) -> None:
     """Official Dice and surface Dice of every region of the store's KiTS edition, per case
     and mean, beside the all-background accuracy."""
     from kitstrain.run import newest_run
@@ -220,9 +340,18 @@ def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_siz
 
     _writable_file(json_path, "--json")
     run_dir = run_dir or newest_run()
-    cfg = ScoreConfig(run_dir=run_dir, data=data, cases=cases, src=src, tta=tta,
-                      json=json_path, overlays=overlays, device=device,
-                      batch_size=batch_size, which=checkpoint)
+    cfg = ScoreConfig(
+        run_dir=run_dir,
+        data=data,
+        cases=cases,
+        src=src,
+        tta=tta,
+        json=json_path,
+        overlays=overlays,
+        device=device,
+        batch_size=batch_size,
+        which=checkpoint,
+    )
     report = score_run(cfg)
     for w in getattr(report, "warnings", []):
         click.echo(f"warning: {w}", err=True)
@@ -235,24 +364,39 @@ def score(run_dir, data, cases, src, tta, json_path, overlays, device, batch_siz
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--src", type=click.Path(path_type=Path), required=True,
-              help="KiTS19-layout folder of cases to predict (labelled or not).")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for the predictions.")
-@click.option("--naming", type=click.Choice(["kits19", "kits21", "kits23"]), default=None,
-              help="File names for this edition's evaluator: kits19 prediction_XXXXX.nii.gz, "
-                   "kits21/kits23 case_XXXXX.nii.gz [default: the store's edition].")
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="KiTS19-layout folder of cases to predict (labelled or not).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Folder for the predictions."
+)
+@click.option(
+    "--naming",
+    type=click.Choice(["kits19", "kits21", "kits23"]),
+    default=None,
+    help="File names for this edition's evaluator: kits19 prediction_XXXXX.nii.gz, "
+    "kits21/kits23 case_XXXXX.nii.gz [default: the store's edition].",
+)
 @click.option("--cases", default=None)
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="The run's store, if it has moved (its parameters are used).")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run's store, if it has moved (its parameters are used).",
+)
 @click.option("--overlays", type=click.Path(path_type=Path), default=None)
 @click.option("--tta", is_flag=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
-              show_default=True)
-def predict(run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size,
-            checkpoint) -> None:
+@click.option(
+    "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
+)
+def predict(
+    run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size, checkpoint
+) -> None:
     """Predictions in the source geometry, named for the edition's official evaluator."""
     from kitsprep.cli import _warn_misnamed
     from kitstrain.predict import PredictConfig, check_predict_out, predict_run
@@ -260,16 +404,28 @@ def predict(run_dir, src, out, naming, cases, data, overlays, tta, device, batch
 
     check_predict_out(src, out)
     _warn_misnamed(src)
-    cfg = PredictConfig(run_dir=run_dir, src=src, out=out, cases=cases, overlays=overlays,
-                        device=device, batch_size=batch_size, tta=tta, which=checkpoint,
-                        data=data, naming=naming)
+    cfg = PredictConfig(
+        run_dir=run_dir,
+        src=src,
+        out=out,
+        cases=cases,
+        overlays=overlays,
+        device=device,
+        batch_size=batch_size,
+        tta=tta,
+        which=checkpoint,
+        data=data,
+        naming=naming,
+    )
     report = predict_run(cfg)
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     if report.scores:
         click.echo(format_table(report.score_report()))
-    click.echo(f"wrote {len(report.paths)} predictions to {out}"
-               + (f", overlays in {overlays}" if overlays else ""))
+    click.echo(
+        f"wrote {len(report.paths)} predictions to {out}"
+        + (f", overlays in {overlays}" if overlays else "")
+    )
 
 
 @main.command()
@@ -297,8 +453,14 @@ def bench_loader(store, batch_size, workers, seconds, augment, context, as_json)
     from kitstrain.bench import bench_loader as run_bench
     from kitstrain.bench import format_bench
 
-    result = run_bench(store, batch_size=batch_size, workers=workers, seconds=seconds,
-                       augment=augment, context=context)
+    result = run_bench(
+        store,
+        batch_size=batch_size,
+        workers=workers,
+        seconds=seconds,
+        augment=augment,
+        context=context,
+    )
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 

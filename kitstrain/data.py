@@ -42,13 +42,18 @@ class Split:
     seed: int
 
     def to_json(self) -> dict:
-        return {"train": list(self.train), "val": list(self.val), "mode": self.mode,
-                "seed": self.seed}
+        return {
+            "train": list(self.train),
+            "val": list(self.val),
+            "mode": self.mode,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Split:
-        return cls(train=tuple(d["train"]), val=tuple(d["val"]), mode=str(d["mode"]),
-                   seed=int(d["seed"]))
+        return cls(
+            train=tuple(d["train"]), val=tuple(d["val"]), mode=str(d["mode"]), seed=int(d["seed"])
+        )
 
 
 def _shown(ids: Sequence[str]) -> str:
@@ -60,35 +65,50 @@ def check_split(split: Split, info: StoreInfo) -> None:
     both would leak into its own validation score; an unlabelled one has nothing to learn."""
     both = sorted(set(split.train) & set(split.val))
     if both:
-        raise KitsError(f"{len(both)} case(s) are in both the training and the validation "
-                        f"split: {_shown(both)}; a patient must be in only one, fix "
-                        "--train-cases/--val-cases")
+        raise KitsError(
+            f"{len(both)} case(s) are in both the training and the validation "
+            f"split: {_shown(both)}; a patient must be in only one, fix "
+            "--train-cases/--val-cases"
+        )
     for side, ids in (("training", split.train), ("validation", split.val)):
         if not ids:
-            raise KitsError(f"the {side} split is empty; expected at least one labelled "
-                            "case, fix --train-cases/--val-cases")
+            raise KitsError(
+                f"the {side} split is empty; expected at least one labelled "
+                "case, fix --train-cases/--val-cases"
+            )
         absent = [c for c in ids if c not in info.cases]
         if absent:
-            raise KitsError(f"{side} case(s) {_shown(absent)} are not in {info.path}; "
-                            "expected cases of this store, fix the case list or the store")
+            raise KitsError(
+                f"{side} case(s) {_shown(absent)} are not in {info.path}; "
+                "expected cases of this store, fix the case list or the store"
+            )
         unlabelled = [c for c in ids if not info.cases[c].labelled]
         if unlabelled:
-            raise KitsError(f"{side} case(s) {_shown(unlabelled)} have no segmentation "
-                            "(unlabelled test cases); leave them out of "
-                            "--train-cases/--val-cases")
+            raise KitsError(
+                f"{side} case(s) {_shown(unlabelled)} have no segmentation "
+                "(unlabelled test cases); leave them out of "
+                "--train-cases/--val-cases"
+            )
 
 
-def make_split(info: StoreInfo, train_spec: str | None, val_spec: str | None, seed: int = 0,
-               val_fraction: float = 0.2) -> Split:
+def make_split(
+    info: StoreInfo,
+    train_spec: str | None,
+    val_spec: str | None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> Split:
     """Explicit case lists when given (one side alone: the other is the rest of the labelled
     cases), else a seeded ~80/20 shuffle of the labelled cases. Unlabelled cases never
     enter either side."""
     labelled = sorted(info.labelled_cases)
     if train_spec is None and val_spec is None:
         if len(labelled) < 2:
-            raise KitsError(f"{info.path} holds {len(labelled)} labelled case(s); a "
-                            "train/validation split needs at least 2, build the store from "
-                            "more cases")
+            raise KitsError(
+                f"{info.path} holds {len(labelled)} labelled case(s); a "
+                "train/validation split needs at least 2, build the store from "
+                "more cases"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise KitsError(f"validation fraction must be in (0, 1), found {val_fraction}")
         n_val = min(max(1, round(len(labelled) * val_fraction)), len(labelled) - 1)
@@ -102,9 +122,11 @@ def make_split(info: StoreInfo, train_spec: str | None, val_spec: str | None, se
         named = set(train or []) | set(val or [])
         unlabelled = sorted(c for c in named if not info.cases[c].labelled)
         if unlabelled:
-            raise KitsError(f"case(s) {_shown(unlabelled)} have no segmentation (unlabelled "
-                            "test cases) and cannot be trained or validated on; leave them "
-                            "out of --train-cases/--val-cases")
+            raise KitsError(
+                f"case(s) {_shown(unlabelled)} have no segmentation (unlabelled "
+                "test cases) and cannot be trained or validated on; leave them "
+                "out of --train-cases/--val-cases"
+            )
         if train is None:
             train = [c for c in labelled if c not in set(val)]
         if val is None:
@@ -136,22 +158,35 @@ class SliceDataset(Dataset):
     after fork or spawn); the dataset pickles as the path plus a few small arrays.
     """
 
-    def __init__(self, store_path: Path | str, info: StoreInfo, cases: Sequence[str],
-                 context: int = 0, augment: AugmentConfig | None = None, seed: int = 0,
-                 return_row: bool = False, patch: int | None = None):
+    def __init__(
+        self,
+        store_path: Path | str,
+        info: StoreInfo,
+        cases: Sequence[str],
+        context: int = 0,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        return_row: bool = False,
+        patch: int | None = None,
+    ):
         if context < 0:
             raise KitsError(f"--context must be >= 0, found {context}")
         unknown = [c for c in cases if c not in info.cases]
         if unknown:
-            raise KitsError(f"case(s) {_shown(unknown)} are not in {info.path}; expected "
-                            "cases of this store")
+            raise KitsError(
+                f"case(s) {_shown(unknown)} are not in {info.path}; expected cases of this store"
+            )
         unlabelled = [c for c in cases if not info.cases[c].labelled]
         if unlabelled:
-            raise KitsError(f"case(s) {_shown(unlabelled)} are unlabelled; they cannot be "
-                            "loaded for training or validation")
+            raise KitsError(
+                f"case(s) {_shown(unlabelled)} are unlabelled; they cannot be "
+                "loaded for training or validation"
+            )
         if patch is not None and not 1 <= patch <= info.size:
-            raise KitsError(f"patch {patch} does not fit the store's {info.size}x{info.size} "
-                            "slices; use at most that size")
+            raise KitsError(
+                f"patch {patch} does not fit the store's {info.size}x{info.size} "
+                "slices; use at most that size"
+            )
         self.store_path = Path(store_path)
         self.store_case_ids = tuple(info.case_ids)  # names a damaged slice's case
         self.size = info.size
@@ -166,7 +201,8 @@ class SliceDataset(Dataset):
         # Global index rows of every item, in case order then slice order
         self.row_ids = np.concatenate(
             [np.arange(m.row_start, m.row_start + m.slices, dtype=np.int64) for m in metas]
-            or [np.zeros(0, np.int64)])
+            or [np.zeros(0, np.int64)]
+        )
         self.rows = info.index[self.row_ids]  # a copy: what samplers read
         # slices whose index counts say "all background": no label chunk to inflate
         self._background = self.rows["counts"][:, 1:].sum(1) == 0
@@ -201,8 +237,9 @@ class SliceDataset(Dataset):
         worker = get_worker_info()
         # per-worker stream: torch gives each worker base_seed + id, base_seed drawn from
         # the loader's seeded generator; in the main process the dataset seed alone fixes it
-        self._rng = np.random.default_rng([self.seed] if worker is None
-                                          else [self.seed, worker.seed])
+        self._rng = np.random.default_rng(
+            [self.seed] if worker is None else [self.seed, worker.seed]
+        )
         self._pid = os.getpid()
 
     def _read_into(self, i: int, img: np.ndarray, lab: np.ndarray) -> None:
@@ -217,8 +254,7 @@ class SliceDataset(Dataset):
         else:
             lab[...] = self._map.label(rows[i])
 
-    def _fill(self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor
-              ) -> None:
+    def _fill(self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor) -> None:
         if self._pid != os.getpid():
             self._open()
         img_np, lab_np = images.numpy(), labels.numpy()
@@ -230,18 +266,28 @@ class SliceDataset(Dataset):
             i = item.index if isinstance(item, Draw) else int(item)
             rng = None
             if cropping or self.augment is not None:
-                rng = (np.random.default_rng([self.seed, item.epoch, item.draw])
-                       if isinstance(item, Draw) else self._rng)
+                rng = (
+                    np.random.default_rng([self.seed, item.epoch, item.draw])
+                    if isinstance(item, Draw)
+                    else self._rng
+                )
             if cropping:
                 self._read_into(i, whole_img, whole_lab)
                 # the index already says which slices are empty: no label scan for those
-                y, x = (uniform_origin(whole_lab.shape, self.patch, rng) if self._background[i]
-                        else patch_origin(whole_lab, self.patch, rng))
+                y, x = (
+                    uniform_origin(whole_lab.shape, self.patch, rng)
+                    if self._background[i]
+                    else patch_origin(whole_lab, self.patch, rng)
+                )
                 if self.augment is not None:
                     # warped about the window's centre, sampled from the whole slice
                     img_np[j], lab_np[j] = augment_slice(
-                        whole_img, whole_lab, rng, self.augment,
-                        window=(y, x, self.patch, self.patch))
+                        whole_img,
+                        whole_lab,
+                        rng,
+                        self.augment,
+                        window=(y, x, self.patch, self.patch),
+                    )
                 else:
                     box = (slice(y, y + self.patch), slice(x, x + self.patch))
                     img_np[j] = whole_img[(slice(None), *box)]
@@ -249,8 +295,7 @@ class SliceDataset(Dataset):
             else:
                 self._read_into(i, img_np[j], lab_np[j])
                 if self.augment is not None:
-                    img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], rng,
-                                                         self.augment)
+                    img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], rng, self.augment)
 
     def __getitem__(self, i: int):
         images, labels = self._batch_tensors(1, shared=False)
@@ -273,8 +318,10 @@ class SliceDataset(Dataset):
 
     def _batch_tensors(self, n: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.patch
-        return (_empty((n, self.channels, s, s), torch.float16, shared),
-                _empty((n, s, s), torch.uint8, shared))
+        return (
+            _empty((n, self.channels, s, s), torch.float16, shared),
+            _empty((n, s, s), torch.uint8, shared),
+        )
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -296,8 +343,11 @@ def _views_of_one_batch(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
         return None
     ptr = storage.data_ptr()
     for j, t in enumerate(parts):
-        if (t.untyped_storage().data_ptr() != ptr or t.storage_offset() != j * numel
-                or not t.is_contiguous()):
+        if (
+            t.untyped_storage().data_ptr() != ptr
+            or t.storage_offset() != j * numel
+            or not t.is_contiguous()
+        ):
             return None
     return first.new_empty(0).set_(storage, 0, (len(parts), *first.shape))
 
@@ -308,7 +358,7 @@ def collate_slices(batch: list[tuple]) -> tuple:
     fields = list(zip(*batch, strict=True))
     out = []
     for parts in fields:
-        whole = (_views_of_one_batch(parts) if isinstance(parts[0], torch.Tensor) else None)
+        whole = _views_of_one_batch(parts) if isinstance(parts[0], torch.Tensor) else None
         out.append(whole if whole is not None else default_collate(list(parts)))
     return tuple(out)
 
@@ -324,16 +374,19 @@ def worker_init_fn(worker_id: int) -> None:
 # --------------------------------------------------------------------------- samplers
 
 
-def label_weights_by_value(labels: LabelSet, weights: Mapping[str, float], *,
-                           strict: bool) -> dict[int, float]:
+def label_weights_by_value(
+    labels: LabelSet, weights: Mapping[str, float], *, strict: bool
+) -> dict[int, float]:
     """Sampler weights keyed by label value from weights keyed by label name. A name the
     edition lacks is a user error when the user gave it (``strict``), and is dropped when it
     came from a preset (the default preset weighs cysts, which KiTS19 has not)."""
     unknown = sorted(set(weights) - set(labels.names))
     if unknown and strict:
-        raise KitsError(f"--label-weights names {', '.join(unknown)}, which the store's "
-                        f"{labels.edition} labels do not include; use its label names: "
-                        f"{', '.join(labels.names)}")
+        raise KitsError(
+            f"--label-weights names {', '.join(unknown)}, which the store's "
+            f"{labels.edition} labels do not include; use its label names: "
+            f"{', '.join(labels.names)}"
+        )
     return {labels.value(n): float(w) for n, w in weights.items() if n in labels.names}
 
 
@@ -343,8 +396,9 @@ def slice_weights(counts: np.ndarray, weights: Mapping[int, float]) -> np.ndarra
     counts = np.asarray(counts)
     bad = [v for v in weights if not 0 < v < counts.shape[1]]
     if bad:
-        raise ValueError(f"label weights for values {bad}, but the index counts labels "
-                         f"1..{counts.shape[1] - 1}")
+        raise ValueError(
+            f"label weights for values {bad}, but the index counts labels 1..{counts.shape[1] - 1}"
+        )
     out = np.zeros(len(counts))
     for v in range(1, counts.shape[1]):
         held = counts[:, v] > 0
@@ -364,9 +418,16 @@ class ForegroundSampler(Sampler[int]):
     positions, equal lengths, each rank still fg_fraction foreground per batch.
     """
 
-    def __init__(self, rows: np.ndarray, num_samples: int, fg_fraction: float = 0.33,
-                 label_weights: Mapping[int, float] | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        rows: np.ndarray,
+        num_samples: int,
+        fg_fraction: float = 0.33,
+        label_weights: Mapping[int, float] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0.0 <= fg_fraction <= 1.0:
             raise KitsError(f"foreground fraction must be in [0, 1], found {fg_fraction}")
         label_weights = dict(label_weights or {})
@@ -445,24 +506,43 @@ class ForegroundSampler(Sampler[int]):
 #   repeat for a seed.
 
 
-def _loader_kwargs(workers: int, prefetch_factor: int | None, persistent_workers: bool,
-                   multiprocessing_context) -> dict:
+def _loader_kwargs(
+    workers: int, prefetch_factor: int | None, persistent_workers: bool, multiprocessing_context
+) -> dict:
     if workers <= 0:
         return {"num_workers": 0}
-    return {"num_workers": workers, "prefetch_factor": prefetch_factor,
-            "persistent_workers": persistent_workers, "worker_init_fn": worker_init_fn,
-            "multiprocessing_context": multiprocessing_context}
+    return {
+        "num_workers": workers,
+        "prefetch_factor": prefetch_factor,
+        "persistent_workers": persistent_workers,
+        "worker_init_fn": worker_init_fn,
+        "multiprocessing_context": multiprocessing_context,
+    }
 
 
-def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[str], *,
-                      batch_size: int, workers: int, context: int,
-                      augment: AugmentConfig | None, fg_fraction: float,
-                      label_weights: Mapping[int, float] | None, seed: int, rank: int = 0,
-                      world_size: int = 1,
-                      samples_per_epoch: int | None = None, pin_memory: bool,
-                      prefetch_factor: int = 4, persistent_workers: bool = True,
-                      multiprocessing_context=None, epoch: int = 0,
-                      start_batch: int = 0, patch: int | None = None) -> DataLoader:
+def make_train_loader(
+    store_path: Path | str,
+    info: StoreInfo,
+    cases: Sequence[str],
+    *,
+    batch_size: int,
+    workers: int,
+    context: int,
+    augment: AugmentConfig | None,
+    fg_fraction: float,
+    label_weights: Mapping[int, float] | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    samples_per_epoch: int | None = None,
+    pin_memory: bool,
+    prefetch_factor: int = 4,
+    persistent_workers: bool = True,
+    multiprocessing_context=None,
+    epoch: int = 0,
+    start_batch: int = 0,
+    patch: int | None = None,
+) -> DataLoader:
     """Training batches (image float16 (B, 1+2K, P, P), label uint8 (B, P, P)) drawn by a
     ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks. P is
     `patch` (see `kitstrain.patches.patch_origin`), the whole slice when None.
@@ -471,16 +551,32 @@ def make_train_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[s
     (seed, rank, epoch, draw)), so one loader for a whole run (`loader.sampler.set_epoch`
     at each epoch's end, what `fit` does) varies per epoch; `start_batch` resumes
     mid-epoch on the same slices with the same augmentations."""
-    ds = SliceDataset(store_path, info, cases, context=context, augment=augment,
-                      seed=_stream_seed(seed, rank), patch=patch)
-    return train_loader_for(ds, batch_size=batch_size, workers=workers,
-                            fg_fraction=fg_fraction, label_weights=label_weights, seed=seed,
-                            rank=rank, world_size=world_size,
-                            samples_per_epoch=samples_per_epoch, pin_memory=pin_memory,
-                            prefetch_factor=prefetch_factor,
-                            persistent_workers=persistent_workers,
-                            multiprocessing_context=multiprocessing_context, epoch=epoch,
-                            start_batch=start_batch)
+    ds = SliceDataset(
+        store_path,
+        info,
+        cases,
+        context=context,
+        augment=augment,
+        seed=_stream_seed(seed, rank),
+        patch=patch,
+    )
+    return train_loader_for(
+        ds,
+        batch_size=batch_size,
+        workers=workers,
+        fg_fraction=fg_fraction,
+        label_weights=label_weights,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        samples_per_epoch=samples_per_epoch,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=persistent_workers,
+        multiprocessing_context=multiprocessing_context,
+        epoch=epoch,
+        start_batch=start_batch,
+    )
 
 
 def _stream_seed(seed: int, rank: int) -> int:
@@ -516,29 +612,51 @@ def close_loader(loader: DataLoader) -> None:
     loader._iterator = None
 
 
-def train_loader_for(ds: SliceDataset, *, batch_size: int, workers: int, fg_fraction: float,
-                     label_weights: Mapping[int, float] | None, seed: int, rank: int = 0,
-                     world_size: int = 1,
-                     samples_per_epoch: int | None = None, pin_memory: bool,
-                     prefetch_factor: int = 4, persistent_workers: bool = True,
-                     multiprocessing_context=None, epoch: int = 0,
-                     start_batch: int = 0) -> DataLoader:
+def train_loader_for(
+    ds: SliceDataset,
+    *,
+    batch_size: int,
+    workers: int,
+    fg_fraction: float,
+    label_weights: Mapping[int, float] | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    samples_per_epoch: int | None = None,
+    pin_memory: bool,
+    prefetch_factor: int = 4,
+    persistent_workers: bool = True,
+    multiprocessing_context=None,
+    epoch: int = 0,
+    start_batch: int = 0,
+) -> DataLoader:
     """The training DataLoader around any dataset with `rows`: one place for the settings,
     so the loader benchmark's in-RAM ceiling runs exactly what training runs."""
-    sampler = ForegroundSampler(ds.rows, samples_per_epoch or len(ds), fg_fraction=fg_fraction,
-                                label_weights=label_weights, seed=seed, rank=rank,
-                                world_size=world_size)
+    sampler = ForegroundSampler(
+        ds.rows,
+        samples_per_epoch or len(ds),
+        fg_fraction=fg_fraction,
+        label_weights=label_weights,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
     sampler.set_epoch(epoch)
     sampler.skip_next(start_batch * batch_size)
     # workers' seeds derive from this generator (base_seed + worker id)
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
     # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
     # serves later epochs too (batches_per_epoch counts the same way)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                      drop_last=sampler.per_rank >= batch_size, pin_memory=pin_memory,
-                      generator=generator, collate_fn=collate_slices,
-                      **_loader_kwargs(workers, prefetch_factor, persistent_workers,
-                                       multiprocessing_context))
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=sampler.per_rank >= batch_size,
+        pin_memory=pin_memory,
+        generator=generator,
+        collate_fn=collate_slices,
+        **_loader_kwargs(workers, prefetch_factor, persistent_workers, multiprocessing_context),
+    )
 
 
 def next_batch(it: Iterator) -> tuple | None:
@@ -549,12 +667,12 @@ def next_batch(it: Iterator) -> tuple | None:
     except KitsError as exc:
         text = str(exc).strip()
         marker = "KitsError: "
-        raise KitsError(text[text.rindex(marker) + len(marker):] if marker in text
-                        else text) from None
+        raise KitsError(
+            text[text.rindex(marker) + len(marker) :] if marker in text else text
+        ) from None
 
 
-def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: int
-                ) -> list[str]:
+def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: int) -> list[str]:
     """This rank's cases: whole cases (so per-case 3D Dice needs no gathering of slices),
     balanced by slice count (largest first onto the lightest rank), deterministic."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -569,18 +687,35 @@ def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: in
     return sorted(mine)
 
 
-def make_val_loader(store_path: Path | str, info: StoreInfo, cases: Sequence[str], *,
-                    batch_size: int, workers: int, context: int, pin_memory: bool,
-                    rank: int = 0, world_size: int = 1, prefetch_factor: int = 2,
-                    persistent_workers: bool = True, multiprocessing_context=None
-                    ) -> DataLoader:
+def make_val_loader(
+    store_path: Path | str,
+    info: StoreInfo,
+    cases: Sequence[str],
+    *,
+    batch_size: int,
+    workers: int,
+    context: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch_factor: int = 2,
+    persistent_workers: bool = True,
+    multiprocessing_context=None,
+) -> DataLoader:
     """Every slice of this rank's cases, case by case in slice order, never augmented.
     Yields (image, label, row): `row` is the global index row of each slice, so
     `info.index[row]["case"]` (a position in `info.case_ids`) and `["slice"]` place it.
     Workers persist so repeated validations do not restart them."""
     mine = shard_cases(info, cases, rank, world_size)
     ds = SliceDataset(store_path, info, mine, context=context, augment=None, return_row=True)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False,
-                      pin_memory=pin_memory, collate_fn=collate_slices,
-                      **_loader_kwargs(workers if len(ds) else 0, prefetch_factor,
-                                       persistent_workers, multiprocessing_context))
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        pin_memory=pin_memory,
+        collate_fn=collate_slices,
+        **_loader_kwargs(
+            workers if len(ds) else 0, prefetch_factor, persistent_workers, multiprocessing_context
+        ),
+    )

@@ -54,14 +54,14 @@ from kitstrain.model import UNetConfig, build_model, pad_input_channels
 from kitstrain.patches import resolve_patch
 from kitstrain.presets import PRESETS, TrainConfig
 
-STALL_WARN = 0.10             # loader stall share above which one warning names the fix
-CHECKPOINT_EVERY_S = 120.0    # a `last` checkpoint at least this often, besides validations
-VAL_SHARE = 0.10              # epoch-end validations skip while they would cost more than this
-VAL_COST = 0.5                # a validated sample's cost in training samples (forward only,
-                              # plus reading and counting on the host): estimates the final
-                              # validation before any has run, so --time-limit holds
-OOM_RECORD = "oom.json"       # a DDP rank's OOM: what --resume continues with
-DIVERGED_STEPS = 20           # non-finite losses in a row that stop an fp16 (scaled) run
+STALL_WARN = 0.10  # loader stall share above which one warning names the fix
+CHECKPOINT_EVERY_S = 120.0  # a `last` checkpoint at least this often, besides validations
+VAL_SHARE = 0.10  # epoch-end validations skip while they would cost more than this
+VAL_COST = 0.5  # a validated sample's cost in training samples (forward only,
+# plus reading and counting on the host): estimates the final
+# validation before any has run, so --time-limit holds
+OOM_RECORD = "oom.json"  # a DDP rank's OOM: what --resume continues with
+DIVERGED_STEPS = 20  # non-finite losses in a row that stop an fp16 (scaled) run
 WEIGHTS_FILE = "model.safetensors"  # weights only, beside best.pt
 RESUMABLE_OVERRIDES = {"max_steps", "time_limit", "epochs", "workers", "val_every", "log_every"}
 
@@ -75,7 +75,7 @@ class FitConfig:
     val_cases: str | None = None
     device: str = "auto"
     resume: bool = False
-    explicit: frozenset[str] = frozenset()   # TrainConfig fields given on the command line
+    explicit: frozenset[str] = frozenset()  # TrainConfig fields given on the command line
 
 
 @dataclass
@@ -144,21 +144,26 @@ def prepare_run_dir(cfg: FitConfig, d: Dist) -> Path:
     if cfg.resume:
         run_dir = cfg.out or run.newest_run()
         if not (run_dir / run.CONFIG).is_file():
-            raise KitsError(f"--resume: {run_dir} holds no run (config.json missing); start a "
-                            "new run without --resume")
+            raise KitsError(
+                f"--resume: {run_dir} holds no run (config.json missing); start a "
+                "new run without --resume"
+            )
     else:
         run_dir = cfg.out or run.RUNS_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
         if (run_dir / run.CONFIG).is_file():
-            raise KitsError(f"{run_dir} already holds a run; continue it with --resume or "
-                            "choose another --out")
+            raise KitsError(
+                f"{run_dir} already holds a run; continue it with --resume or choose another --out"
+            )
     if d.main:
         if not run_dir.exists():
             _created_here.add(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise KitsError(f"cannot create the run directory {run_dir} ({exc.strerror}); "
-                            "choose an --out in a writable folder") from None
+            raise KitsError(
+                f"cannot create the run directory {run_dir} ({exc.strerror}); "
+                "choose an --out in a writable folder"
+            ) from None
         acquire_lock(run_dir)
     return run_dir
 
@@ -185,8 +190,10 @@ def acquire_lock(run_dir: Path) -> None:
         except ValueError:
             pid = 0
         if pid and pid != os.getpid() and _alive(pid):
-            raise KitsError(f"{run_dir} is in use by process {pid}; wait for it, stop it, or "
-                            "choose another --out")
+            raise KitsError(
+                f"{run_dir} is in use by process {pid}; wait for it, stop it, or "
+                "choose another --out"
+            )
     lock.write_text(str(os.getpid()))
 
 
@@ -216,14 +223,18 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path) -> TrainConfig:
     # a boolean `amp` meant autocast on CUDA only
     if "amp" in recorded:
         recorded["precision"] = "auto" if recorded.pop("amp") else "fp32"
-    saved = run.from_record(run_dir, run.CONFIG,
-                            lambda r: TrainConfig(**{"patch": "full", **r}), recorded)
-    changed = {k for k in cfg.explicit - RESUMABLE_OVERRIDES
-               if getattr(cfg.train, k) != getattr(saved, k)}
+    saved = run.from_record(
+        run_dir, run.CONFIG, lambda r: TrainConfig(**{"patch": "full", **r}), recorded
+    )
+    changed = {
+        k for k in cfg.explicit - RESUMABLE_OVERRIDES if getattr(cfg.train, k) != getattr(saved, k)
+    }
     if changed:
-        raise KitsError(f"--resume keeps the run's recorded options, but "
-                        f"{', '.join(sorted(changed))} differ from {run_dir}/config.json; drop "
-                        "those flags, or start a new run")
+        raise KitsError(
+            f"--resume keeps the run's recorded options, but "
+            f"{', '.join(sorted(changed))} differ from {run_dir}/config.json; drop "
+            "those flags, or start a new run"
+        )
     return replace(saved, **{k: getattr(cfg.train, k) for k in cfg.explicit & RESUMABLE_OVERRIDES})
 
 
@@ -240,18 +251,24 @@ def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path) -> None:
     # before the fingerprint: a store rebuilt under another --edition has the same sources
     recorded_labels = config.get("store_attrs", {}).get("labels")
     if recorded_labels is None:
-        raise KitsError(f"--resume: {run_dir} records no label set (an older kitstrain); start "
-                        "a new run without --resume")
+        raise KitsError(
+            f"--resume: {run_dir} records no label set (an older kitstrain); start "
+            "a new run without --resume"
+        )
     trained = LabelSet.from_json(json.dumps(recorded_labels))
     if trained != info.labels:
-        raise KitsError(f"--resume: {run_dir} trained on {trained.edition} labels, but "
-                        f"{cfg.store} holds {info.labels.edition} labels; resume with a "
-                        f"{trained.edition} store (the run's own), or start a new run without "
-                        "--resume on this one")
+        raise KitsError(
+            f"--resume: {run_dir} trained on {trained.edition} labels, but "
+            f"{cfg.store} holds {info.labels.edition} labels; resume with a "
+            f"{trained.edition} store (the run's own), or start a new run without "
+            "--resume on this one"
+        )
     recorded = config["store_fingerprint"]
     if recorded != info.fingerprint:
-        raise KitsError(f"{cfg.store} is not the store {run_dir} trained on (fingerprint "
-                        f"{info.fingerprint}, recorded {recorded}); resume with that store")
+        raise KitsError(
+            f"{cfg.store} is not the store {run_dir} trained on (fingerprint "
+            f"{info.fingerprint}, recorded {recorded}); resume with that store"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -262,15 +279,23 @@ def seed_everything(seed: int) -> None:
 
 def build_training_model(info: StoreInfo, tc: TrainConfig, device: torch.device):
     writes = tuple(r.writes for r in info.labels.regions) if tc.regions else ()
-    mcfg = UNetConfig(in_channels=1 + 2 * tc.context, num_classes=info.num_classes,
-                      width=tc.width, depth=tc.depth, norm=tc.norm,
-                      deep_supervision=tc.deep_supervision, regions=tc.regions,
-                      region_writes=writes)
+    mcfg = UNetConfig(
+        in_channels=1 + 2 * tc.context,
+        num_classes=info.num_classes,
+        width=tc.width,
+        depth=tc.depth,
+        norm=tc.norm,
+        deep_supervision=tc.deep_supervision,
+        regions=tc.regions,
+        region_writes=writes,
+    )
     if info.size % mcfg.divisor:
-        raise KitsError(f"store slices are {info.size}x{info.size}, which a depth-{tc.depth} "
-                        f"U-Net cannot halve {tc.depth} times; rebuild with --size "
-                        f"{info.size // mcfg.divisor * mcfg.divisor or mcfg.divisor} or lower "
-                        "the depth")
+        raise KitsError(
+            f"store slices are {info.size}x{info.size}, which a depth-{tc.depth} "
+            f"U-Net cannot halve {tc.depth} times; rebuild with --size "
+            f"{info.size // mcfg.divisor * mcfg.divisor or mcfg.divisor} or lower "
+            "the depth"
+        )
     # channels_last everywhere: cuDNN's fast NHWC kernels on GPUs, oneDNN's on CPUs
     # (measured on 2 cores at 64x64: batch-norm U-Net steps ~15 % faster, inference ~1.5x)
     model = build_model(mcfg).to(device).to(memory_format=torch.channels_last)
@@ -290,8 +315,9 @@ def samples_per_epoch(train_slices: int, size: int, patch: int) -> int:
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=0.99, nesterov=True,
-                               weight_decay=tc.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay
+        )
     cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     return cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
@@ -302,9 +328,16 @@ def reference_batch(tc: TrainConfig) -> int:
     return int(ref) if isinstance(ref, int) else int(TrainConfig.batch_size)
 
 
-def choose_batch_size(tc: TrainConfig, model, loss_fn, patch: int, info: StoreInfo,
-                      device: torch.device, dtype: torch.dtype | None, d: Dist
-                      ) -> tuple[int, dict]:
+def choose_batch_size(
+    tc: TrainConfig,
+    model,
+    loss_fn,
+    patch: int,
+    info: StoreInfo,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    d: Dist,
+) -> tuple[int, dict]:
     """`auto` on CUDA: the batch with the fastest per-sample step (`search_batch_size`),
     the same on every rank. On CPU memory is not the limit and throughput is flat: the
     preset's batch is kept."""
@@ -328,9 +361,18 @@ def largest_activation(tc: TrainConfig, patch: int) -> int:
     return max(2 * tc.width, 1 + 2 * tc.context) * patch * patch
 
 
-def search_batch_size(model: torch.nn.Module, loss_fn, tc: TrainConfig, patch: int,
-                      num_classes: int, device: torch.device, dtype: torch.dtype | None, *,
-                      cap: int = AUTO_BATCH_CAP, steps: int = 3) -> dict:
+def search_batch_size(
+    model: torch.nn.Module,
+    loss_fn,
+    tc: TrainConfig,
+    patch: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    *,
+    cap: int = AUTO_BATCH_CAP,
+    steps: int = 3,
+) -> dict:
     """Time real forward+backward steps at doubling batches (`memory.find_batch_size`),
     then put the model back exactly as it was: weights, batch-norm running statistics, no
     gradients. A try that fails mid-backward leaves partial gradients, and every try's
@@ -344,7 +386,8 @@ def search_batch_size(model: torch.nn.Module, loss_fn, tc: TrainConfig, patch: i
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         x = torch.randn(n, channels, patch, patch, device=device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         y = torch.randint(0, num_classes, (n, patch, patch), device=device)
         try:
             t0 = 0.0
@@ -353,8 +396,9 @@ def search_batch_size(model: torch.nn.Module, loss_fn, tc: TrainConfig, patch: i
                     if cuda:
                         torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                    enabled=dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                ):
                     loss = loss_fn(model(x), y)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
@@ -367,16 +411,16 @@ def search_batch_size(model: torch.nn.Module, loss_fn, tc: TrainConfig, patch: i
 
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     try:
-        return find_batch_size(run_step, cap=cap, total_bytes=total,
-                               elements_per_sample=largest_activation(tc, patch))
+        return find_batch_size(
+            run_step, cap=cap, total_bytes=total, elements_per_sample=largest_activation(tc, patch)
+        )
     finally:
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
         free_memory(device)
 
 
-def effective_lr(tc: TrainConfig, batch_size: int, world: int, explicit: frozenset[str]
-                 ) -> dict:
+def effective_lr(tc: TrainConfig, batch_size: int, world: int, explicit: frozenset[str]) -> dict:
     """The learning rate for this run's effective batch (batch x ranks): the preset's lr
     is tuned for `reference_batch`; an --lr given on the command line is taken as is."""
     ref, eff = reference_batch(tc), batch_size * world
@@ -384,18 +428,31 @@ def effective_lr(tc: TrainConfig, batch_size: int, world: int, explicit: frozens
         lr, rule = tc.lr, "none (--lr given)"
     else:
         lr, rule = scale_lr(tc.lr, eff, ref, tc.optimizer)
-    return {"lr": lr, "base_lr": tc.lr, "rule": rule, "reference_batch": ref,
-            "effective_batch": eff}
+    return {
+        "lr": lr,
+        "base_lr": tc.lr,
+        "rule": rule,
+        "reference_batch": ref,
+        "effective_batch": eff,
+    }
 
 
 def environment(device: torch.device, d: Dist) -> dict:
     import h5py
     import numba
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "h5py": h5py.__version__, "numba": numba.__version__,
-           "kits": __version__, "platform": platform.platform(), "device": str(device),
-           "world_size": d.world, "argv": sys.argv}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "numba": numba.__version__,
+        "kits": __version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "world_size": d.world,
+        "argv": sys.argv,
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -433,18 +490,33 @@ def _inject_fault(step: int, rank: int) -> None:
     only = os.environ.get("KITS_INJECT_RANK")
     if only is not None and int(only) != rank:
         return
-    for var, exc in (("KITS_INJECT_OOM_AT_STEP",
-                      torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)")),
-                     ("KITS_INJECT_ERROR_AT_STEP", RuntimeError("failure injected for a test"))):
+    for var, exc in (
+        (
+            "KITS_INJECT_OOM_AT_STEP",
+            torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)"),
+        ),
+        ("KITS_INJECT_ERROR_AT_STEP", RuntimeError("failure injected for a test")),
+    ):
         at = os.environ.get(var)
         if at is not None and int(at) == step and not getattr(_inject_fault, var, False):
             setattr(_inject_fault, var, True)
             raise exc
 
 
-def train_step(model, batch, loss_fn, optimizer, scaler, state: State, tc: TrainConfig,
-               device: torch.device, dtype: torch.dtype | None, log: Callable[[dict], None],
-               d: Dist, run_dir: Path) -> torch.Tensor:
+def train_step(
+    model,
+    batch,
+    loss_fn,
+    optimizer,
+    scaler,
+    state: State,
+    tc: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    log: Callable[[dict], None],
+    d: Dist,
+    run_dir: Path,
+) -> torch.Tensor:
     """One optimizer step over the batch, in micro-batches of `state.micro_batch` (gradient
     accumulation keeps the effective batch). On OOM in one process: halve the micro-batch,
     log, retry. Under DDP a retry cannot be agreed without a host sync every step, and one
@@ -453,45 +525,58 @@ def train_step(model, batch, loss_fn, optimizer, scaler, state: State, tc: Train
     images, labels = batch[0], batch[1]
     while True:
         try:
-            return _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc,
-                               device, dtype, d.rank)
+            return _accumulate(
+                model, images, labels, loss_fn, optimizer, scaler, state, tc, device, dtype, d.rank
+            )
         except Exception as exc:  # noqa: BLE001 - only OOM is handled; the rest re-raise
             if not is_oom(exc):
                 raise
             optimizer.zero_grad(set_to_none=True)
             free_memory(device)
             if state.micro_batch <= 1:
-                raise KitsError("out of GPU memory even with a micro-batch of 1 slice; use a "
-                                "smaller --size store, a smaller model, or a larger GPU") from None
+                raise KitsError(
+                    "out of GPU memory even with a micro-batch of 1 slice; use a "
+                    "smaller --size store, a smaller model, or a larger GPU"
+                ) from None
             half = state.micro_batch // 2
             if d.world > 1:
-                run.write_json(run_dir / OOM_RECORD, {"step": state.step, "rank": d.rank,
-                                                      "micro_batch": half})
+                run.write_json(
+                    run_dir / OOM_RECORD, {"step": state.step, "rank": d.rank, "micro_batch": half}
+                )
                 raise KitsError(
                     f"rank {d.rank} ran out of GPU memory at step {state.step} with a "
                     f"micro-batch of {state.micro_batch}; every rank stops (one rank "
                     f"retrying alone would hang the others). Continue with micro-batch {half}: "
-                    f"the same command with --resume --out {run_dir}") from None
+                    f"the same command with --resume --out {run_dir}"
+                ) from None
             state.micro_batch = half
-            log({"kind": "oom", "step": state.step, "micro_batch": state.micro_batch,
-                 "accumulation": math.ceil(images.shape[0] / state.micro_batch)})
+            log(
+                {
+                    "kind": "oom",
+                    "step": state.step,
+                    "micro_batch": state.micro_batch,
+                    "accumulation": math.ceil(images.shape[0] / state.micro_batch),
+                }
+            )
 
 
-def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, device, dtype,
-                rank: int = 0):
+def _accumulate(
+    model, images, labels, loss_fn, optimizer, scaler, state, tc, device, dtype, rank: int = 0
+):
     n = images.shape[0]
     chunks = list(range(0, n, state.micro_batch))
     total = torch.zeros((), device=device)
     for i, s in enumerate(chunks):
         _inject_fault(state.step, rank)
-        x = images[s:s + state.micro_batch].to(device, non_blocking=True)
-        y = labels[s:s + state.micro_batch].to(device, non_blocking=True).long()
+        x = images[s : s + state.micro_batch].to(device, non_blocking=True)
+        y = labels[s : s + state.micro_batch].to(device, non_blocking=True).long()
         x = x.float().contiguous(memory_format=torch.channels_last)
         sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
         ctx = model.no_sync() if not sync else nullcontext()
         with ctx:
-            with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None):
+            with torch.autocast(
+                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
                 loss = loss_fn(model(x), y) * (x.shape[0] / n)
             (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach()
@@ -511,8 +596,16 @@ def _accumulate(model, images, labels, loss_fn, optimizer, scaler, state, tc, de
 # --------------------------------------------------------------------------- validation
 
 
-def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torch.device,
-             dtype, batch_size: int, d: Dist) -> dict:
+def validate(
+    model,
+    info: StoreInfo,
+    split: Split,
+    tc: TrainConfig,
+    device: torch.device,
+    dtype,
+    batch_size: int,
+    d: Dist,
+) -> dict:
     """Per-case 3D Dice of every region of the store's label set on the validation cases,
     whole cases sharded across ranks by slice count (`shard_cases`) and gathered, so every
     rank sees the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here
@@ -527,8 +620,20 @@ def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torc
     net.eval()
     mine = shard_cases(info, split.val, d.rank, d.world)
     with torch.no_grad():
-        scores = score_store_cases(net, info, mine, tc.context, device, amp=dtype or False,
-                                   tta=False, batch_size=batch_size) if mine else []
+        scores = (
+            score_store_cases(
+                net,
+                info,
+                mine,
+                tc.context,
+                device,
+                amp=dtype or False,
+                tta=False,
+                batch_size=batch_size,
+            )
+            if mine
+            else []
+        )
     net.train()
     if d.world > 1:
         gathered: list = [None] * d.world
@@ -538,11 +643,16 @@ def validate(model, info: StoreInfo, split: Split, tc: TrainConfig, device: torc
         scores = [CaseScore(**s) for part in gathered for s in part]
     scores.sort(key=lambda s: s.case)
     m = mean_score(scores)
-    return {**{f"{name}_dice": v for name, v in m.dice.items()},
-            "mean_dice": m.mean_dice, "accuracy": m.accuracy,
-            "background_accuracy": m.background_accuracy, "background_only": m.background_only,
-            "over_predicts": m.over_predicts, "regions": list(m.dice),
-            "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores}}
+    return {
+        **{f"{name}_dice": v for name, v in m.dice.items()},
+        "mean_dice": m.mean_dice,
+        "accuracy": m.accuracy,
+        "background_accuracy": m.background_accuracy,
+        "background_only": m.background_only,
+        "over_predicts": m.over_predicts,
+        "regions": list(m.dice),
+        "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores},
+    }
 
 
 def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE) -> bool:
@@ -551,8 +661,9 @@ def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE
     return last_val_s <= 0 or trained_s * share >= last_val_s * (1 - share)
 
 
-def estimate_val_seconds(val_slices: int, size: int, patch: int, train_samples_per_s: float
-                         ) -> float:
+def estimate_val_seconds(
+    val_slices: int, size: int, patch: int, train_samples_per_s: float
+) -> float:
     """A validation's duration before one has run, from the training throughput: whole
     slices hold (size/patch)**2 patches, each costing `VAL_COST` of a training sample."""
     if train_samples_per_s <= 0:
@@ -574,12 +685,17 @@ def unwrap(model):
 
 def rng_state(device: torch.device) -> dict:
     """This process's RNG streams; on CUDA its own device's only."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                     else torch.zeros(0, dtype=torch.uint8)),
-            "numpy": json.dumps(np.random.get_state()[1].tolist()),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "python": json.dumps(random.getstate(), default=list)}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": (
+            torch.cuda.get_rng_state(device)
+            if device.type == "cuda"
+            else torch.zeros(0, dtype=torch.uint8)
+        ),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate(), default=list),
+    }
 
 
 def set_rng_state(saved: dict, rank: int, device: torch.device) -> None:
@@ -599,14 +715,23 @@ def set_rng_state(saved: dict, rank: int, device: torch.device) -> None:
             cuda = cuda[index] if index < len(cuda) else None
         if cuda is not None and cuda.numel():
             torch.cuda.set_rng_state(cuda.cpu(), device)
-    np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), np.uint32),
-                         s["numpy_pos"], 0, 0.0))
+    np.random.set_state(
+        ("MT19937", np.array(json.loads(s["numpy"]), np.uint32), s["numpy_pos"], 0, 0.0)
+    )
     py = json.loads(s["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: State, d: Dist,
-         device: torch.device) -> None:
+def save(
+    run_dir: Path,
+    which: Sequence[str],
+    model,
+    optimizer,
+    scaler,
+    state: State,
+    d: Dist,
+    device: torch.device,
+) -> None:
     """Every rank calls this at the same point: each one's RNG streams are gathered, rank 0
     writes the checkpoint(s). No NaN/Inf weight ever reaches a checkpoint: a diverged model
     stops the run here on every rank (DDP keeps their weights equal), and the previous
@@ -614,13 +739,23 @@ def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: S
     weights = unwrap(model).state_dict()
     bad = run.nonfinite_weights(weights)
     if bad:
-        logged = [r for r in run.read_metrics(run_dir) if r.get("kind") == "train"
-                  and isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
-        last = (f"; last logged loss {logged[-1]['loss']:.4g} at step {logged[-1]['step']}"
-                if logged else "")
-        raise KitsError(f"training diverged by step {state.step}: the model holds {bad} NaN/Inf "
-                        f"weights{last}, so no checkpoint was written; start a new run with a "
-                        "lower --lr")
+        logged = [
+            r
+            for r in run.read_metrics(run_dir)
+            if r.get("kind") == "train"
+            and isinstance(r.get("loss"), float)
+            and math.isfinite(r["loss"])
+        ]
+        last = (
+            f"; last logged loss {logged[-1]['loss']:.4g} at step {logged[-1]['step']}"
+            if logged
+            else ""
+        )
+        raise KitsError(
+            f"training diverged by step {state.step}: the model holds {bad} NaN/Inf "
+            f"weights{last}, so no checkpoint was written; start a new run with a "
+            "lower --lr"
+        )
     rngs = [rng_state(device)]
     if d.world > 1:
         rngs = [None] * d.world
@@ -640,34 +775,55 @@ def save(run_dir: Path, which: Sequence[str], model, optimizer, scaler, state: S
         run.export_weights(run.checkpoint_path(run_dir, "best").with_name(WEIGHTS_FILE), weights)
 
 
-def restore_or_restart(run_dir: Path, model, optimizer, scaler, device: torch.device, d: Dist,
-                       fresh: State, echo: Callable[[str], None]) -> State:
+def restore_or_restart(
+    run_dir: Path,
+    model,
+    optimizer,
+    scaler,
+    device: torch.device,
+    d: Dist,
+    fresh: State,
+    echo: Callable[[str], None],
+) -> State:
     """A run killed before its first checkpoint starts again from step 0, with the config
     and split it recorded."""
     if run.checkpoint_path(run_dir, "last").is_file():
         return restore(run_dir, model, optimizer, scaler, device, d)
     if d.main:
-        echo(f"{run_dir} has no checkpoint yet (stopped before its first one): starting it again "
-         "from step 0 with its recorded options and split")
+        echo(
+            f"{run_dir} has no checkpoint yet (stopped before its first one): starting it again "
+            "from step 0 with its recorded options and split"
+        )
     return fresh
 
 
-def finished_run(cfg: FitConfig, state: State, tc: TrainConfig, total_steps: int, d: Dist,
-                 run_dir: Path, echo: Callable[[str], None]) -> FitResult | None:
+def finished_run(
+    cfg: FitConfig,
+    state: State,
+    tc: TrainConfig,
+    total_steps: int,
+    d: Dist,
+    run_dir: Path,
+    echo: Callable[[str], None],
+) -> FitResult | None:
     """Resuming a run that already reached its limit trains no step: it says so. The state
     comes from the same checkpoint on every rank, so they all agree without a collective."""
     if not cfg.resume:
         return None
     reason = step_limit(state, tc, total_steps) or (
-        "time_limit" if tc.time_limit and state.elapsed >= tc.time_limit else "")
+        "time_limit" if tc.time_limit and state.elapsed >= tc.time_limit else ""
+    )
     if not reason:
         return None
     if d.main:
-        echo(f"{run_dir} is finished ({reason} reached at step {state.step}); nothing to do. "
-             "Raise --max-steps, --epochs or --time-limit to train it further")
+        echo(
+            f"{run_dir} is finished ({reason} reached at step {state.step}); nothing to do. "
+            "Raise --max-steps, --epochs or --time-limit to train it further"
+        )
     vals = [r for r in run.read_metrics(run_dir) if r.get("kind") == "val"]
-    return FitResult(run_dir, state.step, state.epoch, state.best, vals[-1] if vals else None,
-                     0.0, "finished")
+    return FitResult(
+        run_dir, state.step, state.epoch, state.best, vals[-1] if vals else None, 0.0, "finished"
+    )
 
 
 class Divergence:
@@ -688,8 +844,7 @@ class Divergence:
         at = torch.full_like(self.run_start, step)
         self.bad_run = (self.bad_run + 1) * (1 - ok)
         self.run_start = torch.where(self.bad_run == 1, at, self.run_start)
-        self.worst_start = torch.where(self.bad_run > self.worst, self.run_start,
-                                       self.worst_start)
+        self.worst_start = torch.where(self.bad_run > self.worst, self.run_start, self.worst_start)
         self.worst = torch.maximum(self.worst, self.bad_run)
         self.last_loss = torch.where(ok > 0, loss.detach().float(), self.last_loss)
         self.last_step = torch.where(ok > 0, at, self.last_step)
@@ -698,11 +853,16 @@ class Divergence:
         if float(self.worst) < self.limit:
             return
         start = int(self.worst_start)
-        last = (f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"
-                if int(self.last_step) > 0 else "no finite loss before it")
-        raise KitsError(f"training diverged: the loss is NaN/Inf from step {start} ({last}); "
-                        f"no checkpoint holds the diverged weights. Start a new run with a "
-                        f"lower --lr (this one: {tc.lr:g})")
+        last = (
+            f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"
+            if int(self.last_step) > 0
+            else "no finite loss before it"
+        )
+        raise KitsError(
+            f"training diverged: the loss is NaN/Inf from step {start} ({last}); "
+            f"no checkpoint holds the diverged weights. Start a new run with a "
+            f"lower --lr (this one: {tc.lr:g})"
+        )
 
 
 def restore(run_dir: Path, model, optimizer, scaler, device: torch.device, d: Dist) -> State:
@@ -743,8 +903,11 @@ def agree(d: Dist, device: torch.device, value: int) -> int:
 # --------------------------------------------------------------------------- the run
 
 
-def fit(cfg: FitConfig, show_progress: bool = True,
-        echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> FitResult:
+def fit(
+    cfg: FitConfig,
+    show_progress: bool = True,
+    echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> FitResult:
     # ---- setup
     d, device = setup_distributed(cfg.device)
     info = open_store(cfg.store)
@@ -756,8 +919,10 @@ def fit(cfg: FitConfig, show_progress: bool = True,
         return result
     except Exception as exc:
         if d.world > 1 and _peer_failure(exc):
-            raise KitsError(f"rank {d.rank}: another rank stopped ({_first_line(exc)}); its "
-                            "own message says why") from None
+            raise KitsError(
+                f"rank {d.rank}: another rank stopped ({_first_line(exc)}); its "
+                "own message says why"
+            ) from None
         raise
     finally:
         if d.main:
@@ -787,8 +952,9 @@ def _peer_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
-        k in text for k in ("connection closed by peer", "connection reset", "gloo",
-                            "nccl", "broken pipe"))
+        k in text
+        for k in ("connection closed by peer", "connection reset", "gloo", "nccl", "broken pipe")
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -804,8 +970,9 @@ def _abort_group() -> None:
 def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     tc = resolve_train_config(cfg, run_dir)
     check_store(cfg, info, run_dir)
-    label_weights = label_weights_by_value(info.labels, tc.label_weights,
-                                           strict="label_weights" in cfg.explicit)
+    label_weights = label_weights_by_value(
+        info.labels, tc.label_weights, strict="label_weights" in cfg.explicit
+    )
     split = resolve_split(cfg, info, tc, run_dir)
     seed_everything(tc.seed + d.rank)
     dtype = amp_dtype(device, tc.precision)
@@ -816,15 +983,19 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
     if recorded is not None:  # the recorded batch, not a new search: the steps must not change
         batch_size, batch_info = int(recorded["batch_size"]), recorded["batch"]
         # runs recorded before lr scaling trained at their lr as given
-        lr_info = recorded.get("lr_scaling") or {"lr": tc.lr, "base_lr": tc.lr,
-                                                  "rule": "none (recorded before scaling)"}
+        lr_info = recorded.get("lr_scaling") or {
+            "lr": tc.lr,
+            "base_lr": tc.lr,
+            "rule": "none (recorded before scaling)",
+        }
     else:
-        batch_size, batch_info = choose_batch_size(tc, model, loss_fn, patch, info, device,
-                                                   dtype, d)
+        batch_size, batch_info = choose_batch_size(
+            tc, model, loss_fn, patch, info, device, dtype, d
+        )
         lr_info = effective_lr(tc, batch_size, d.world, cfg.explicit)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peaks from here: not the search's tries
-        torch.backends.cudnn.benchmark = True       # shapes are fixed now: choose kernels once
+        torch.backends.cudnn.benchmark = True  # shapes are fixed now: choose kernels once
     run_tc = replace(tc, lr=lr_info["lr"])  # what the optimizer and schedule use
     # whole slices hold (size/patch)**2 times a patch's pixels: validate with as many
     # pixels per batch as a training batch, so validation fits wherever training does
@@ -839,10 +1010,14 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         # forward: no collective inside a step but the gradient all-reduce
         ddp = torch.nn.parallel.DistributedDataParallel
         # (torch 2.13 renamed the option; both keep the one broadcast at construction)
-        sync = ("forward_sync_buffers" if "forward_sync_buffers"
-                in inspect.signature(ddp).parameters else "broadcast_buffers")
-        model = ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    **{sync: False})
+        sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else "broadcast_buffers"
+        )
+        model = ddp(
+            model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False}
+        )
     if tc.compile:
         # after the DDP wrap: DDPOptimizer splits the graph at bucket boundaries, so the
         # gradient all-reduce overlaps the backward pass
@@ -861,34 +1036,57 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         total_steps = min(total_steps, tc.max_steps)
     unit = "patches" if patch < info.size else "slices"
     if d.main and not cfg.resume:
-        run.write_json(run_dir / run.CONFIG, {
-            "store": str(Path(cfg.store).resolve()), "store_fingerprint": info.fingerprint,
-            "store_attrs": {"window": json.loads(info.window.to_json()), "size": info.size,
-                            "num_classes": info.num_classes,
-                            "labels": json.loads(info.labels.to_json())},
-            "label_weights_applied": {n: label_weights[v] for n, v in info.labels.labels
-                                      if v in label_weights},
-            "train": asdict(tc), "model": asdict(mcfg), "context": tc.context,
-            "batch": batch_info, "batch_size": batch_size, "patch_size": patch,
-            "lr_scaling": lr_info, "val_batch_size": val_batch,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps, "device": str(device), "env": environment(device, d)})
+        run.write_json(
+            run_dir / run.CONFIG,
+            {
+                "store": str(Path(cfg.store).resolve()),
+                "store_fingerprint": info.fingerprint,
+                "store_attrs": {
+                    "window": json.loads(info.window.to_json()),
+                    "size": info.size,
+                    "num_classes": info.num_classes,
+                    "labels": json.loads(info.labels.to_json()),
+                },
+                "label_weights_applied": {
+                    n: label_weights[v] for n, v in info.labels.labels if v in label_weights
+                },
+                "train": asdict(tc),
+                "model": asdict(mcfg),
+                "context": tc.context,
+                "batch": batch_info,
+                "batch_size": batch_size,
+                "patch_size": patch,
+                "lr_scaling": lr_info,
+                "val_batch_size": val_batch,
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+                "device": str(device),
+                "env": environment(device, d),
+            },
+        )
         run.write_json(run_dir / run.SPLIT, split.to_json())
     if d.main:
-        echo(f"run {run_dir}: {len(split.train)} train / {len(split.val)} val cases, "
-             f"{train_slices} train slices, batch {batch_size} x {d.world} rank(s) of "
-             f"{patch}x{patch} {unit}, {steps_per_epoch} steps/epoch, lr {run_tc.lr:.3g}"
-             + (f" ({lr_info['rule']} scaling from {tc.lr:.3g} at batch "
-                f"{lr_info.get('reference_batch')})" if lr_info["rule"] in ("sqrt", "linear")
-                else "")
-             + f", device {device}"
-             + (f", {dtype}".replace("torch.", "") if dtype else ", fp32")
-             + (f", resuming at step {state.step}" if cfg.resume else ""))
+        echo(
+            f"run {run_dir}: {len(split.train)} train / {len(split.val)} val cases, "
+            f"{train_slices} train slices, batch {batch_size} x {d.world} rank(s) of "
+            f"{patch}x{patch} {unit}, {steps_per_epoch} steps/epoch, lr {run_tc.lr:.3g}"
+            + (
+                f" ({lr_info['rule']} scaling from {tc.lr:.3g} at batch "
+                f"{lr_info.get('reference_batch')})"
+                if lr_info["rule"] in ("sqrt", "linear")
+                else ""
+            )
+            + f", device {device}"
+            + (f", {dtype}".replace("torch.", "") if dtype else ", fp32")
+            + (f", resuming at step {state.step}" if cfg.resume else "")
+        )
         if batch_info.get("reason") and batch_info.get("mode") == "auto":
             echo(f"batch {batch_size} (auto): {batch_info['reason']}")
         if not CRC_ON_READ:
-            echo("note: without ISA-L the loader does not check each slice's CRC-32; "
-                 f"`kitsprep verify {cfg.store}` is the check")
+            echo(
+                "note: without ISA-L the loader does not check each slice's CRC-32; "
+                f"`kitsprep verify {cfg.store}` is the check"
+            )
     done = finished_run(cfg, state, tc, total_steps, d, run_dir, echo)
     if done is not None:
         return done
@@ -901,25 +1099,68 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
         compile_kernels()  # before the workers fork: they inherit it, none compiles
     batch_bytes = batch_size * patch * patch * (2 * (1 + 2 * tc.context) + 1)
     loader = make_train_loader(
-        cfg.store, info, split.train, batch_size=batch_size, workers=tc.workers,
-        context=tc.context, augment=AugmentConfig(enabled=tc.augment),
-        fg_fraction=tc.fg_fraction, label_weights=label_weights, seed=tc.seed,
-        rank=d.rank, world_size=d.world, samples_per_epoch=samples,
-        pin_memory=device.type == "cuda", epoch=state.epoch,
-        start_batch=state.step_in_epoch, patch=patch,
-        prefetch_factor=prefetch_for(batch_bytes, tc.workers))
+        cfg.store,
+        info,
+        split.train,
+        batch_size=batch_size,
+        workers=tc.workers,
+        context=tc.context,
+        augment=AugmentConfig(enabled=tc.augment),
+        fg_fraction=tc.fg_fraction,
+        label_weights=label_weights,
+        seed=tc.seed,
+        rank=d.rank,
+        world_size=d.world,
+        samples_per_epoch=samples,
+        pin_memory=device.type == "cuda",
+        epoch=state.epoch,
+        start_batch=state.step_in_epoch,
+        patch=patch,
+        prefetch_factor=prefetch_for(batch_bytes, tc.workers),
+    )
     try:
         stop_reason, last_val, stall, peaks = _train(
-            model, loader, loss_fn, optimizer, scaler, state, tc, run_tc, device, dtype, d,
-            info, split, patch, val_batch, val_slices, steps_per_epoch, total_steps,
-            run_dir, log, bar, writer, echo, unit)
+            model,
+            loader,
+            loss_fn,
+            optimizer,
+            scaler,
+            state,
+            tc,
+            run_tc,
+            device,
+            dtype,
+            d,
+            info,
+            split,
+            patch,
+            val_batch,
+            val_slices,
+            steps_per_epoch,
+            total_steps,
+            run_dir,
+            log,
+            bar,
+            writer,
+            echo,
+            unit,
+        )
     finally:
         close_loader(loader)
     if bar is not None:
         bar.close()
-    log({"kind": "end", "step": state.step, "epoch": state.epoch, "reason": stop_reason,
-         "stall": stall, "peak_memory_mb": max(peaks) if peaks else None,
-         "peak_memory_mb_ranks": peaks, "elapsed": state.elapsed})
+    log(
+        {
+            "kind": "end",
+            "step": state.step,
+            "epoch": state.epoch,
+            "reason": stop_reason,
+            "stall": stall,
+            "peak_memory_mb": max(peaks) if peaks else None,
+            "peak_memory_mb_ranks": peaks,
+            "elapsed": state.elapsed,
+        }
+    )
     if writer is not None:
         writer.close()
     return FitResult(run_dir, state.step, state.epoch, state.best, last_val, stall, stop_reason)
@@ -928,11 +1169,32 @@ def _fit(cfg, d, device, info, run_dir, show_progress, echo) -> FitResult:
 STOP_TIME, CHECKPOINT_DUE = 1, 2  # bits of the decision rank 0 broadcasts per log window
 
 
-def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainConfig,
-           run_tc: TrainConfig, device, dtype, d: Dist, info: StoreInfo, split: Split,
-           patch: int, val_batch: int, val_slices: int, steps_per_epoch: int,
-           total_steps: int, run_dir: Path, log, bar, writer, echo, unit: str
-           ) -> tuple[str, dict | None, float, list[float] | None]:
+def _train(
+    model,
+    loader,
+    loss_fn,
+    optimizer,
+    scaler,
+    state: State,
+    tc: TrainConfig,
+    run_tc: TrainConfig,
+    device,
+    dtype,
+    d: Dist,
+    info: StoreInfo,
+    split: Split,
+    patch: int,
+    val_batch: int,
+    val_slices: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    run_dir: Path,
+    log,
+    bar,
+    writer,
+    echo,
+    unit: str,
+) -> tuple[str, dict | None, float, list[float] | None]:
     """The loop. No host sync per step: the step limit is the same count on every rank,
     and rank 0's clock (time limit, periodic checkpoint) is broadcast once per log window,
     where the logged loss syncs anyway."""
@@ -951,8 +1213,24 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
     def validation(final: bool = False) -> dict:
         nonlocal last_ckpt, trained_since_val
         tv = time.perf_counter()
-        val = run_validation(model, info, split, tc, device, dtype, val_batch, d, state, log,
-                             run_dir, optimizer, scaler, writer, t_run, final=final)
+        val = run_validation(
+            model,
+            info,
+            split,
+            tc,
+            device,
+            dtype,
+            val_batch,
+            d,
+            state,
+            log,
+            run_dir,
+            optimizer,
+            scaler,
+            writer,
+            t_run,
+            final=final,
+        )
         win.t0 += time.perf_counter() - tv  # training throughput excludes validation
         last_ckpt = time.perf_counter()
         trained_since_val = 0.0
@@ -975,8 +1253,9 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
             t1 = time.perf_counter()
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(progress_of(state, total_steps, run_tc), run_tc)
-            loss = train_step(model, batch, loss_fn, optimizer, scaler, state, tc, device,
-                              dtype, log, d, run_dir)
+            loss = train_step(
+                model, batch, loss_fn, optimizer, scaler, state, tc, device, dtype, log, d, run_dir
+            )
             diverged.update(loss, state.step + 1)
             state.step += 1
             state.step_in_epoch += 1
@@ -989,16 +1268,31 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
             state.elapsed = now - t_run
             logged = state.step % tc.log_every == 0 or state.step == 1
             if logged:
-                win = flush_window(win, state, optimizer, log, bar, writer, stall_sum,
-                                   echo if d.main else None, unit=unit)
+                win = flush_window(
+                    win,
+                    state,
+                    optimizer,
+                    log,
+                    bar,
+                    writer,
+                    stall_sum,
+                    echo if d.main else None,
+                    unit=unit,
+                )
                 diverged.check(tc)
-                if (not warned_stall and d.main and state.step >= 5 * tc.log_every
-                        and stall_sum[0] / max(stall_sum[1], 1e-9) > STALL_WARN):
+                if (
+                    not warned_stall
+                    and d.main
+                    and state.step >= 5 * tc.log_every
+                    and stall_sum[0] / max(stall_sum[1], 1e-9) > STALL_WARN
+                ):
                     warned_stall = True
-                    echo(f"warning: the {'GPU' if device.type == 'cuda' else 'model'} waited "
-                         f"on the loader "
-                         f"{100 * stall_sum[0] / stall_sum[1]:.0f}% of the time; raise "
-                         f"--workers (now {tc.workers}), or put the store on faster disk")
+                    echo(
+                        f"warning: the {'GPU' if device.type == 'cuda' else 'model'} waited "
+                        f"on the loader "
+                        f"{100 * stall_sum[0] / stall_sum[1]:.0f}% of the time; raise "
+                        f"--workers (now {tc.workers}), or put the store on faster disk"
+                    )
             elif bar is not None:
                 bar.update(1)
             action = 0
@@ -1010,7 +1304,8 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
                     local |= CHECKPOINT_DUE
                 action = agree(d, device, local)
             stop_reason = step_limit(state, tc, total_steps) or (
-                "time_limit" if action & STOP_TIME else "")
+                "time_limit" if action & STOP_TIME else ""
+            )
             if tc.val_every and state.step % tc.val_every == 0 and not stop_reason:
                 last_val = validation()
             elif action & CHECKPOINT_DUE:
@@ -1027,9 +1322,15 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
             if peaks is not None:
                 run_peaks = [max(a, b) for a, b in zip(run_peaks or peaks, peaks, strict=True)]
                 torch.cuda.reset_peak_memory_stats(device)  # the next record is that epoch's
-            log({"kind": "epoch", "epoch": state.epoch, "step": state.step,
-                 "peak_memory_mb": max(peaks) if peaks else None,
-                 "peak_memory_mb_ranks": peaks})
+            log(
+                {
+                    "kind": "epoch",
+                    "epoch": state.epoch,
+                    "step": state.step,
+                    "peak_memory_mb": max(peaks) if peaks else None,
+                    "peak_memory_mb_ranks": peaks,
+                }
+            )
         if stop_reason:
             break
         if state.epoch >= tc.epochs:
@@ -1040,8 +1341,9 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
             last_val = validation()
     # ---- final validation and checkpoint
     if win.steps:
-        flush_window(win, state, optimizer, log, bar, writer, stall_sum,
-                     echo if d.main else None, unit=unit)
+        flush_window(
+            win, state, optimizer, log, bar, writer, stall_sum, echo if d.main else None, unit=unit
+        )
     last_val = validation(final=True)
     peaks = rank_peaks(device, d)
     if peaks is not None:
@@ -1049,8 +1351,17 @@ def _train(model, loader, loss_fn, optimizer, scaler, state: State, tc: TrainCon
     return stop_reason, last_val, stall_sum[0] / max(stall_sum[1], 1e-9), run_peaks
 
 
-def flush_window(win: Window, state: State, optimizer, log, bar, writer, stall_sum,
-                 echo: Callable[[str], None] | None, unit: str = "slices") -> Window:
+def flush_window(
+    win: Window,
+    state: State,
+    optimizer,
+    log,
+    bar,
+    writer,
+    stall_sum,
+    echo: Callable[[str], None] | None,
+    unit: str = "slices",
+) -> Window:
     loss = float(win.loss) / max(1, win.steps)  # the one host sync per log window
     wall = time.perf_counter() - win.t0
     stall = win.wait / wall if wall > 0 else 0.0
@@ -1059,19 +1370,31 @@ def flush_window(win: Window, state: State, optimizer, log, bar, writer, stall_s
         # kernels loading), not steady-state stall: it would set off a false warning
         stall_sum[0] += win.wait
         stall_sum[1] += wall
-    rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss,
-           "lr": optimizer.param_groups[0]["lr"], "slices_per_s": win.slices / wall,
-           "samples_per_s": win.slices / wall, "unit": unit,
-           "stall": stall, "data_wait_s": win.wait, "wall_s": wall,
-           "micro_batch": state.micro_batch}
+    rec = {
+        "kind": "train",
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "slices_per_s": win.slices / wall,
+        "samples_per_s": win.slices / wall,
+        "unit": unit,
+        "stall": stall,
+        "data_wait_s": win.wait,
+        "wall_s": wall,
+        "micro_batch": state.micro_batch,
+    }
     log(rec)
     if bar is not None:
         bar.update(win.steps)
-        bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rec['slices_per_s']:.0f}",
-                        stall=f"{100 * stall:.0f}%")
+        bar.set_postfix(
+            loss=f"{loss:.3f}", sps=f"{rec['slices_per_s']:.0f}", stall=f"{100 * stall:.0f}%"
+        )
     elif echo is not None:
-        echo(f"step {state.step} epoch {state.epoch} loss {loss:.4f} lr {rec['lr']:.2e} "
-             f"{rec['samples_per_s']:.0f} {unit}/s loader stall {100 * stall:.0f}%")
+        echo(
+            f"step {state.step} epoch {state.epoch} loss {loss:.4f} lr {rec['lr']:.2e} "
+            f"{rec['samples_per_s']:.0f} {unit}/s loader stall {100 * stall:.0f}%"
+        )
     if writer is not None:
         for k in ("loss", "lr", "slices_per_s", "stall"):
             writer.add_scalar(f"train/{k}", rec[k], state.step)
@@ -1085,8 +1408,24 @@ def step_limit(state: State, tc: TrainConfig, total_steps: int) -> str:
     return ""
 
 
-def run_validation(model, info, split, tc, device, dtype, batch_size, d, state, log, run_dir,
-                   optimizer, scaler, writer, t_run, final: bool = False) -> dict:
+def run_validation(
+    model,
+    info,
+    split,
+    tc,
+    device,
+    dtype,
+    batch_size,
+    d,
+    state,
+    log,
+    run_dir,
+    optimizer,
+    scaler,
+    writer,
+    t_run,
+    final: bool = False,
+) -> dict:
     t = time.perf_counter()
     val = validate(model, info, split, tc, device, dtype, batch_size, d)
     state.last_val_seconds = time.perf_counter() - t
@@ -1094,10 +1433,27 @@ def run_validation(model, info, split, tc, device, dtype, batch_size, d, state, 
     improved = val["mean_dice"] > state.best
     if improved:
         state.best = val["mean_dice"]
-    log({"kind": "val", "step": state.step, "epoch": state.epoch, "final": final,
-         "seconds": state.last_val_seconds, "peak_memory_mb": peak_memory_mb(device), **val})
-    save(run_dir, ["last", "best"] if improved else ["last"], model, optimizer, scaler, state,
-         d, device)
+    log(
+        {
+            "kind": "val",
+            "step": state.step,
+            "epoch": state.epoch,
+            "final": final,
+            "seconds": state.last_val_seconds,
+            "peak_memory_mb": peak_memory_mb(device),
+            **val,
+        }
+    )
+    save(
+        run_dir,
+        ["last", "best"] if improved else ["last"],
+        model,
+        optimizer,
+        scaler,
+        state,
+        d,
+        device,
+    )
     if d.main:
         if writer is not None:
             for k in [f"{r}_dice" for r in val["regions"]] + ["mean_dice"]:
@@ -1118,9 +1474,11 @@ def tensorboard_writer(run_dir: Path, echo: Callable[[str], None] | None = None)
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # noqa: BLE001 - optional dependency
         if echo is not None:
-            echo("note: tensorboard is not installed, so no TensorBoard logs (metrics are in "
-                 "metrics.jsonl; `kitstrain plot` draws them); `pip install tensorboard` "
-                 "to get them")
+            echo(
+                "note: tensorboard is not installed, so no TensorBoard logs (metrics are in "
+                "metrics.jsonl; `kitstrain plot` draws them); `pip install tensorboard` "
+                "to get them"
+            )
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
@@ -1130,5 +1488,6 @@ def progress_bar(total: int, initial: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", desc="fit", file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, unit="step", desc="fit", file=sys.stderr, dynamic_ncols=True
+    )

@@ -83,13 +83,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise KitsError(f"--device {name} asked for a GPU, but torch sees none (torch "
-                            f"{torch.__version__}); use --device cpu, or install a CUDA build "
-                            "of torch")
+            raise KitsError(
+                f"--device {name} asked for a GPU, but torch sees none (torch "
+                f"{torch.__version__}); use --device cpu, or install a CUDA build "
+                "of torch"
+            )
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise KitsError(f"--device {name}: there are only {torch.cuda.device_count()} "
-                            "GPU(s); use --device cuda or a lower index")
+            raise KitsError(
+                f"--device {name}: there are only {torch.cuda.device_count()} "
+                "GPU(s); use --device cuda or a lower index"
+            )
         return dev
     raise KitsError(f"unknown --device {name!r}; expected auto, cpu or cuda")
 
@@ -97,8 +101,9 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- core
 
 
-def stack_context(volume_slices: np.ndarray, context: int, start: int = 0,
-                  stop: int | None = None) -> np.ndarray:
+def stack_context(
+    volume_slices: np.ndarray, context: int, start: int = 0, stop: int | None = None
+) -> np.ndarray:
     """2.5D input for slices [start, stop): (n, 1 + 2K, H, W), channels ordered
     slice-K .. slice .. slice+K, indices clamped at the volume's ends (the first slice
     stands in for the ones above it). The training dataset must stack the same way."""
@@ -141,9 +146,17 @@ def _forward(model: nn.Module, x: Tensor, *, amp: Amp, tta: bool) -> Tensor:
         return total / len(_TTA_FLIPS)
 
 
-def _logit_batches(model: nn.Module, batch_of: Callable[[int, int], np.ndarray | Tensor],
-                   n: int, device: torch.device, *, amp: Amp, tta: bool, batch_size: int,
-                   progress: SliceProgress | None = None) -> Iterator[tuple[int, int, Tensor]]:
+def _logit_batches(
+    model: nn.Module,
+    batch_of: Callable[[int, int], np.ndarray | Tensor],
+    n: int,
+    device: torch.device,
+    *,
+    amp: Amp,
+    tta: bool,
+    batch_size: int,
+    progress: SliceProgress | None = None,
+) -> Iterator[tuple[int, int, Tensor]]:
     """(start, stop, float32 logits on `device`) per batch; `batch_of(s0, s1)` supplies the
     (B, C, H, W) input. The caller must already be inside `_eval_mode`."""
     if batch_size < 1:
@@ -160,17 +173,31 @@ def _logit_batches(model: nn.Module, batch_of: Callable[[int, int], np.ndarray |
             progress(s1 - s0)
 
 
-def predict_slices(model: nn.Module, images: np.ndarray | Tensor, device: torch.device, *,
-                   amp: Amp = True, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                   progress: SliceProgress | None = None) -> Tensor:
+def predict_slices(
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    device: torch.device,
+    *,
+    amp: Amp = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: SliceProgress | None = None,
+) -> Tensor:
     """float32 logits (N, classes, H, W) on the CPU for (N, C, H, W) inputs, in batches.
     The model must already be on `device`; `amp=True` is float16 autocast on CUDA only, a
     dtype (a run's training precision) autocasts on any device."""
     outs = []
     with _eval_mode(model):
-        for _, _, logits in _logit_batches(model, lambda a, b: images[a:b], len(images),
-                                           device, amp=amp, tta=tta, batch_size=batch_size,
-                                           progress=progress):
+        for _, _, logits in _logit_batches(
+            model,
+            lambda a, b: images[a:b],
+            len(images),
+            device,
+            amp=amp,
+            tta=tta,
+            batch_size=batch_size,
+            progress=progress,
+        ):
             outs.append(logits.cpu())
     if not outs:
         raise ValueError("predict_slices: found no slices; pass at least one")
@@ -185,10 +212,13 @@ def logits_to_labels(logits: Tensor, region_writes: Sequence[int] = ()) -> Tenso
     if not region_writes:
         return logits.argmax(dim=1).to(torch.uint8)
     if logits.shape[1] != len(region_writes):
-        raise ValueError(f"logits_to_labels: expected {len(region_writes)} region logits, "
-                         f"found {logits.shape[1]}")
-    labels = torch.zeros((logits.shape[0], *logits.shape[2:]), dtype=torch.uint8,
-                         device=logits.device)
+        raise ValueError(
+            f"logits_to_labels: expected {len(region_writes)} region logits, "
+            f"found {logits.shape[1]}"
+        )
+    labels = torch.zeros(
+        (logits.shape[0], *logits.shape[2:]), dtype=torch.uint8, device=logits.device
+    )
     for k, value in enumerate(region_writes):
         labels[logits[:, k] > 0] = value
     return labels
@@ -219,12 +249,16 @@ def store_box(info: StoreInfo, case_id: str) -> tuple[slice, slice]:
 def require_scorable(info: StoreInfo, case_id: str) -> None:
     """KitsError unless the store holds `case_id` with labels."""
     if case_id not in info.cases:
-        raise KitsError(f"{case_id} is not in the store {info.path}; pick cases it holds "
-                        "(`kitsprep info` lists them)")
+        raise KitsError(
+            f"{case_id} is not in the store {info.path}; pick cases it holds "
+            "(`kitsprep info` lists them)"
+        )
     if not info.cases[case_id].labelled:
-        raise KitsError(f"{case_id} is unlabelled in {info.path} (no segmentation), so it "
-                        "cannot be scored; leave it out of --cases, or segment it with "
-                        "`kitstrain predict`")
+        raise KitsError(
+            f"{case_id} is unlabelled in {info.path} (no segmentation), so it "
+            "cannot be scored; leave it out of --cases, or segment it with "
+            "`kitstrain predict`"
+        )
 
 
 def read_store_labels(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.ndarray:
@@ -237,15 +271,26 @@ def read_store_labels(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.
     return out
 
 
-def predict_store_case(model: nn.Module, info: StoreInfo, slice_map: SliceMap | None,
-                       case_id: str, context: int, device: torch.device, *, amp: Amp = True,
-                       tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                       progress: SliceProgress | None = None) -> np.ndarray:
+def predict_store_case(
+    model: nn.Module,
+    info: StoreInfo,
+    slice_map: SliceMap | None,
+    case_id: str,
+    context: int,
+    device: torch.device,
+    *,
+    amp: Amp = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: SliceProgress | None = None,
+) -> np.ndarray:
     """Predicted labels (slices, size, size) uint8 of one stored case, in store geometry.
     `slice_map` may be None to open (and close) one here."""
     if case_id not in info.cases:
-        raise KitsError(f"{case_id} is not in the store {info.path}; pick cases it holds "
-                        "(`kitsprep info` lists them)")
+        raise KitsError(
+            f"{case_id} is not in the store {info.path}; pick cases it holds "
+            "(`kitsprep info` lists them)"
+        )
     own = slice_map is None
     sm = SliceMap(info.path, info.size, info.case_ids) if own else slice_map
     try:
@@ -256,16 +301,32 @@ def predict_store_case(model: nn.Module, info: StoreInfo, slice_map: SliceMap | 
     out = np.empty(images.shape, np.uint8)
     with _eval_mode(model):
         for s0, s1, logits in _logit_batches(
-                model, lambda a, b: stack_context(images, context, a, b), len(images), device,
-                amp=amp, tta=tta, batch_size=batch_size, progress=progress):
+            model,
+            lambda a, b: stack_context(images, context, a, b),
+            len(images),
+            device,
+            amp=amp,
+            tta=tta,
+            batch_size=batch_size,
+            progress=progress,
+        ):
             out[s0:s1] = _labels_u8(model, logits)
     return out
 
 
-def count_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], context: int,
-                      device: torch.device, *, amp: Amp = True, tta: bool = False,
-                      batch_size: int = DEFAULT_BATCH_SIZE, slice_map: SliceMap | None = None,
-                      progress: SliceProgress | None = None) -> dict[str, DiceCounts]:
+def count_store_cases(
+    model: nn.Module,
+    info: StoreInfo,
+    cases: Sequence[str],
+    context: int,
+    device: torch.device,
+    *,
+    amp: Amp = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    slice_map: SliceMap | None = None,
+    progress: SliceProgress | None = None,
+) -> dict[str, DiceCounts]:
     """Per-case voxel counts in store geometry (inside `store_box`): what DDP ranks sum
     (DiceCounts.as_array) before `metrics.score_from_counts` turns them into 3D per-case
     scores."""
@@ -276,8 +337,18 @@ def count_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], c
     counts: dict[str, DiceCounts] = {}
     try:
         for cid in cases:
-            pred = predict_store_case(model, info, sm, cid, context, device, amp=amp, tta=tta,
-                                      batch_size=batch_size, progress=progress)
+            pred = predict_store_case(
+                model,
+                info,
+                sm,
+                cid,
+                context,
+                device,
+                amp=amp,
+                tta=tta,
+                batch_size=batch_size,
+                progress=progress,
+            )
             rows, cols = store_box(info, cid)
             c = DiceCounts(info.labels)
             for i, row in enumerate(info.rows(cid)):
@@ -289,24 +360,53 @@ def count_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], c
     return counts
 
 
-def score_store_cases(model: nn.Module, info: StoreInfo, cases: Sequence[str], context: int,
-                      device: torch.device, *, amp: Amp = True, tta: bool = False,
-                      batch_size: int = DEFAULT_BATCH_SIZE, slice_map: SliceMap | None = None,
-                      progress: SliceProgress | None = None) -> list[CaseScore]:
+def score_store_cases(
+    model: nn.Module,
+    info: StoreInfo,
+    cases: Sequence[str],
+    context: int,
+    device: torch.device,
+    *,
+    amp: Amp = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    slice_map: SliceMap | None = None,
+    progress: SliceProgress | None = None,
+) -> list[CaseScore]:
     """Per-case 3D Dice of every region of the store's label set, in store geometry
     (validation)."""
-    counts = count_store_cases(model, info, cases, context, device, amp=amp, tta=tta,
-                               batch_size=batch_size, slice_map=slice_map, progress=progress)
+    counts = count_store_cases(
+        model,
+        info,
+        cases,
+        context,
+        device,
+        amp=amp,
+        tta=tta,
+        batch_size=batch_size,
+        slice_map=slice_map,
+        progress=progress,
+    )
     return [score_from_counts(cid, c) for cid, c in counts.items()]
 
 
 # --------------------------------------------------------------------------- source geometry
 
 
-def predict_volume(model: nn.Module, volume: Volume, window: Window, size: int, context: int,
-                   device: torch.device, *, amp: Amp = True, tta: bool = False,
-                   batch_size: int = DEFAULT_BATCH_SIZE, case_id: str = "",
-                   progress: SliceProgress | None = None) -> np.ndarray:
+def predict_volume(
+    model: nn.Module,
+    volume: Volume,
+    window: Window,
+    size: int,
+    context: int,
+    device: torch.device,
+    *,
+    amp: Amp = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    case_id: str = "",
+    progress: SliceProgress | None = None,
+) -> np.ndarray:
     """Labels uint8 with the shape of `volume.data` (a `kitsprep.cases.Volume`), in its
     voxel order. Preprocessing is `kitsprep build`'s, with the store's window and size."""
     data, hdr = volume.data, volume.header
@@ -314,8 +414,10 @@ def predict_volume(model: nn.Module, volume: Volume, window: Window, size: int, 
         raise KitsError(f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}")
     bad = count_nonfinite(data)
     if bad:
-        raise KitsError(f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
-                        "is damaged, re-download it or leave it out with --cases")
+        raise KitsError(
+            f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
+            "is damaged, re-download it or leave it out with --cases"
+        )
     axes = axial_axes(hdr.affine)
     image = data.transpose(axes)
     n_slices, src_h, src_w = image.shape
@@ -327,14 +429,22 @@ def predict_volume(model: nn.Module, volume: Volume, window: Window, size: int, 
     top, left = plane.pad_top, plane.pad_left
     with _eval_mode(model):
         for s0, s1, logits in _logit_batches(
-                model, lambda a, b: stack_context(squares, context, a, b), n_slices, device,
-                amp=amp, tta=tta, batch_size=batch_size, progress=progress):
+            model,
+            lambda a, b: stack_context(squares, context, a, b),
+            n_slices,
+            device,
+            amp=amp,
+            tta=tta,
+            batch_size=batch_size,
+            progress=progress,
+        ):
             if not plane.is_identity:
-                box = logits[:, :, top:top + plane.new_h, left:left + plane.new_w]
+                box = logits[:, :, top : top + plane.new_h, left : left + plane.new_w]
                 if (plane.new_h, plane.new_w) != (src_h, src_w):
                     # Half-pixel centres (align_corners=False), the kernel's convention.
-                    box = F.interpolate(box, size=(src_h, src_w), mode="bilinear",
-                                        align_corners=False)
+                    box = F.interpolate(
+                        box, size=(src_h, src_w), mode="bilinear", align_corners=False
+                    )
                 logits = box
             out[s0:s1] = _labels_u8(model, logits)
     return out.transpose(np.argsort(axes))
@@ -347,8 +457,9 @@ class Progress:
     """SPEC §2 progress on stderr: a bar with rate and ETA when it is a terminal, a plain
     line per case otherwise. `enabled=False` silences it (tests, library use)."""
 
-    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, bar: bool | None = None, enabled: bool = True
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", lambda: False)
         self.bar = isatty() if bar is None else bar
@@ -359,8 +470,9 @@ class Progress:
         if self.enabled and self.bar:
             from tqdm import tqdm
 
-            self._tqdm = tqdm(total=total_slices, desc=desc, unit="slice", file=self.stream,
-                              dynamic_ncols=True)
+            self._tqdm = tqdm(
+                total=total_slices, desc=desc, unit="slice", file=self.stream, dynamic_ncols=True
+            )
 
     def advance(self, slices: int) -> None:
         if self._tqdm is not None:

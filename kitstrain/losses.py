@@ -20,18 +20,33 @@ from torch import Tensor
 
 from kitsprep.labels import LabelSet
 
-__all__ = ["LOSSES", "REGION_LOSSES", "bce_dice_region_loss", "bce_region_loss",
-           "ce_dice_loss", "cross_entropy_loss", "deep_supervision_loss",
-           "deep_supervision_weights", "make_loss", "region_lut", "region_targets",
-           "soft_dice_loss", "soft_dice_region_loss"]
+__all__ = [
+    "LOSSES",
+    "REGION_LOSSES",
+    "bce_dice_region_loss",
+    "bce_region_loss",
+    "ce_dice_loss",
+    "cross_entropy_loss",
+    "deep_supervision_loss",
+    "deep_supervision_weights",
+    "make_loss",
+    "region_lut",
+    "region_targets",
+    "soft_dice_loss",
+    "soft_dice_region_loss",
+]
 
 
 def _check(logits: Tensor, target: Tensor, channels: int, regions: bool = False) -> None:
     # Shape and dtype checks only: checking label values would force a device sync per step.
     if logits.dim() != 4 or logits.shape[1] != channels:
         what = f"{channels} region logits" if regions else f"{channels} class logits"
-        fix = (f"one region logit per region of the label set (UNetConfig.region_writes of "
-               f"length {channels}, regions=True)" if regions else f"num_classes={channels}")
+        fix = (
+            f"one region logit per region of the label set (UNetConfig.region_writes of "
+            f"length {channels}, regions=True)"
+            if regions
+            else f"num_classes={channels}"
+        )
         raise ValueError(
             f"loss: expected {what}, shape (N, {channels}, H, W); found "
             f"{tuple(logits.shape)}. Fix: build the model with {fix}."
@@ -121,8 +136,9 @@ def bce_region_loss(logits: Tensor, target: Tensor, lut: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), region_targets(target, lut))
 
 
-def soft_dice_region_loss(logits: Tensor, target: Tensor, lut: Tensor,
-                          smooth: float = 1e-5) -> Tensor:
+def soft_dice_region_loss(
+    logits: Tensor, target: Tensor, lut: Tensor, smooth: float = 1e-5
+) -> Tensor:
     """1 - mean batch soft Dice of the sigmoid regions (as `soft_dice_loss` for classes)."""
     _check(logits, target, lut.shape[1], regions=True)
     with _no_autocast(logits.device):
@@ -158,13 +174,16 @@ def downsample_labels(target: Tensor, size: tuple[int, int]) -> Tensor:
     is invented at a boundary (averaging labels would)."""
     fy, fx = target.shape[-2] // size[0], target.shape[-1] // size[1]
     if fy * size[0] != target.shape[-2] or fx * size[1] != target.shape[-1]:
-        raise ValueError(f"deep supervision: expected an output size that divides the label "
-                         f"size {tuple(target.shape[-2:])}; found {size}")
-    return target[..., fy // 2::fy, fx // 2::fx]
+        raise ValueError(
+            f"deep supervision: expected an output size that divides the label "
+            f"size {tuple(target.shape[-2:])}; found {size}"
+        )
+    return target[..., fy // 2 :: fy, fx // 2 :: fx]
 
 
-def deep_supervision_loss(outputs: list[Tensor], target: Tensor,
-                          loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def deep_supervision_loss(
+    outputs: list[Tensor], target: Tensor, loss: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
     """Weighted sum of `loss` over a U-Net's outputs at decreasing resolutions, each against
     the labels downsampled to its size (nnU-Net's deep supervision)."""
     total = None
@@ -174,8 +193,9 @@ def deep_supervision_loss(outputs: list[Tensor], target: Tensor,
     return total
 
 
-def make_loss(name: str, labels: LabelSet, regions: bool = False
-              ) -> Callable[[Tensor | list[Tensor], Tensor], Tensor]:
+def make_loss(
+    name: str, labels: LabelSet, regions: bool = False
+) -> Callable[[Tensor | list[Tensor], Tensor], Tensor]:
     """The loss called ``name`` as ``loss(logits, target)`` over the classes of ``labels``
     or (``regions``) over its scored regions. A list of logits (a deep-supervised U-Net in
     training) gets the weighted sum."""

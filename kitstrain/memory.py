@@ -25,13 +25,17 @@ def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16":
         if device.type != "cuda":
-            raise KitsError("--precision fp16 needs a CUDA device (CPU autocast is bf16 only), "
-                            f"found device {device}; use --precision bf16 or fp32 on CPU")
+            raise KitsError(
+                "--precision fp16 needs a CUDA device (CPU autocast is bf16 only), "
+                f"found device {device}; use --precision bf16 or fp32 on CPU"
+            )
         return torch.float16
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise KitsError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) "
-                            "has no bfloat16 support; use --precision fp16 or auto")
+            raise KitsError(
+                f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) "
+                "has no bfloat16 support; use --precision fp16 or auto"
+            )
         return torch.bfloat16
     raise KitsError(f"precision must be auto, fp32, bf16 or fp16, found {precision!r}")
 
@@ -64,10 +68,16 @@ AUTO_BATCH_CAP = 128
 MIN_GAIN = 1.10
 
 
-def find_batch_size(run_step: Callable[[int], tuple[float, int | None]], *, start: int = 2,
-                    cap: int = AUTO_BATCH_CAP, elements_per_sample: int = 0,
-                    total_bytes: int | None = None, margin: float = 0.85,
-                    min_gain: float = MIN_GAIN) -> dict:
+def find_batch_size(
+    run_step: Callable[[int], tuple[float, int | None]],
+    *,
+    start: int = 2,
+    cap: int = AUTO_BATCH_CAP,
+    elements_per_sample: int = 0,
+    total_bytes: int | None = None,
+    margin: float = 0.85,
+    min_gain: float = MIN_GAIN,
+) -> dict:
     """The per-GPU batch with the fastest per-sample step, not the largest that fits.
 
     `run_step(n)` runs (and times) real training steps of `n` samples and returns
@@ -102,14 +112,22 @@ def find_batch_size(run_step: Callable[[int], tuple[float, int | None]], *, star
             reason = f"batch {n} peaked above {margin:.0%} of the device's memory"
             break
         if best is not None and sps < best_sps * min_gain:
-            reason = (f"throughput flattened: batch {n} gave {sps:.0f} samples/s, "
-                      f"{sps / best_sps - 1:+.0%} over batch {best}")
+            reason = (
+                f"throughput flattened: batch {n} gave {sps:.0f} samples/s, "
+                f"{sps / best_sps - 1:+.0%} over batch {best}"
+            )
             break
         best, best_sps = n, sps
         n *= 2
-    return {"batch_size": best or 1, "reason": reason, "tried": tried, "cap": cap,
-            "margin": margin, "min_gain": min_gain,
-            "total_mb": None if total_bytes is None else round(total_bytes / 2**20, 1)}
+    return {
+        "batch_size": best or 1,
+        "reason": reason,
+        "tried": tried,
+        "cap": cap,
+        "margin": margin,
+        "min_gain": min_gain,
+        "total_mb": None if total_bytes is None else round(total_bytes / 2**20, 1),
+    }
 
 
 def scale_lr(lr: float, batch: int, reference: int, optimizer: str) -> tuple[float, str]:

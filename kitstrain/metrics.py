@@ -133,7 +133,8 @@ def _area_table(spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.nda
 
     kernel = np.asarray(lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL, np.uint8)
     table = lookup_tables.create_table_neighbour_code_to_surface_area(
-        tuple(float(s) for s in spacing))
+        tuple(float(s) for s in spacing)
+    )
     return kernel, np.asarray(table, np.float64)
 
 
@@ -148,7 +149,7 @@ def _neighbour_codes(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     for a in (0, 1):
         for b in (0, 1):
             for c in (0, 1):
-                code |= padded[a:a + n0, b:b + n1, c:c + n2] * kernel[a, b, c]
+                code |= padded[a : a + n0, b : b + n1, c : c + n2] * kernel[a, b, c]
     return code
 
 
@@ -180,8 +181,9 @@ def _within(points: np.ndarray, other: np.ndarray, offsets: np.ndarray) -> np.nd
     return hit
 
 
-def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                 tolerance_mm: float) -> float:
+def surface_dice(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance_mm: float
+) -> float:
     """Surface Dice of two 3D masks at ``tolerance_mm``, with the voxel ``spacing`` in mm per
     axis of the arrays: the official KiTS21/23 number (module docstring). Both empty: 1.0;
     one empty: 0.0."""
@@ -189,15 +191,18 @@ def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     t = np.asarray(truth, dtype=bool)
     _check_shapes(p, t)
     if p.ndim != 3 or len(spacing) != 3:
-        raise ValueError(f"surface_dice: expected 3D masks and 3 spacings; found shape "
-                         f"{p.shape} and spacing {tuple(spacing)}")
+        raise ValueError(
+            f"surface_dice: expected 3D masks and 3 spacings; found shape "
+            f"{p.shape} and spacing {tuple(spacing)}"
+        )
     box_p, box_t = _box(p), _box(t)
     if box_p is None and box_t is None:
         return 1.0
     if box_p is None or box_t is None:
         return 0.0
-    box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
-                for a, b in zip(box_p, box_t, strict=True))
+    box = tuple(
+        slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box_p, box_t, strict=True)
+    )
     p, t = p[box], t[box]
     sp = np.asarray(spacing, np.float64)
     kernel, table = _area_table(tuple(sp))
@@ -208,8 +213,7 @@ def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
         code = _neighbour_codes(mask, kernel)
         border = (code != 0) & (code != 255)
         # the border on a grid padded by the offsets' reach, so every look stays inside
-        grid = np.zeros(tuple(n + 2 * m for n, m in zip(code.shape, margin, strict=True)),
-                        bool)
+        grid = np.zeros(tuple(n + 2 * m for n, m in zip(code.shape, margin, strict=True)), bool)
         grid[tuple(slice(m, m + n) for n, m in zip(code.shape, margin, strict=True))] = border
         idx = np.flatnonzero(grid)
         return grid, idx, table[code[border]]
@@ -297,14 +301,18 @@ class DiceCounts:
         self.foreground_true += int(np.count_nonzero(true_labels))
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, DiceCounts) and other.labels == self.labels
-                and np.array_equal(self.as_array(), other.as_array()))
+        return (
+            isinstance(other, DiceCounts)
+            and other.labels == self.labels
+            and np.array_equal(self.as_array(), other.as_array())
+        )
 
     def merge(self, other: DiceCounts) -> DiceCounts:
         """A new DiceCounts holding the sum of both; neither operand changes."""
         if other.labels != self.labels:
-            raise ValueError(f"cannot add {other.labels.edition} counts to "
-                             f"{self.labels.edition} counts")
+            raise ValueError(
+                f"cannot add {other.labels.edition} counts to {self.labels.edition} counts"
+            )
         return DiceCounts.from_array(self.as_array() + other.as_array(), self.labels)
 
     __add__ = merge
@@ -312,8 +320,9 @@ class DiceCounts:
     def as_array(self) -> np.ndarray:
         """The counts as one int64 vector, ready for an all-reduce (sum)."""
         scalars = [self.correct, self.total, self.foreground_pred, self.foreground_true]
-        return np.concatenate([self.inter, self.pred, self.true,
-                               np.array(scalars, np.int64)]).astype(np.int64)
+        return np.concatenate(
+            [self.inter, self.pred, self.true, np.array(scalars, np.int64)]
+        ).astype(np.int64)
 
     @classmethod
     def from_array(cls, arr: np.ndarray, labels: LabelSet) -> DiceCounts:
@@ -325,9 +334,17 @@ class DiceCounts:
                 f"DiceCounts.from_array: expected {3 * n + 4} values for {labels.edition}; "
                 f"found {values.shape[0]}. Fix: pass the vector made by DiceCounts.as_array()."
             )
-        c, t, fp, ft = (int(v) for v in values[3 * n:])
-        return cls(labels, values[:n].copy(), values[n:2 * n].copy(), values[2 * n:3 * n].copy(),
-                   c, t, fp, ft)
+        c, t, fp, ft = (int(v) for v in values[3 * n :])
+        return cls(
+            labels,
+            values[:n].copy(),
+            values[n : 2 * n].copy(),
+            values[2 * n : 3 * n].copy(),
+            c,
+            t,
+            fp,
+            ft,
+        )
 
 
 # --------------------------------------------------------------------------- scores
@@ -357,8 +374,10 @@ class CaseScore:
     def background_only(self) -> bool:
         """The truth has foreground and the prediction has (almost) none of it: under
         `MIN_FOREGROUND_SHARE` of its volume."""
-        return (self.foreground_true > 0
-                and self.foreground_pred < MIN_FOREGROUND_SHARE * self.foreground_true)
+        return (
+            self.foreground_true > 0
+            and self.foreground_pred < MIN_FOREGROUND_SHARE * self.foreground_true
+        )
 
     @property
     def over_predicts(self) -> bool:
@@ -367,8 +386,9 @@ class CaseScore:
 
     @property
     def flags(self) -> list[str]:
-        return ([BACKGROUND_FLAG] if self.background_only else []) + \
-            ([OVERPREDICT_FLAG] if self.over_predicts else [])
+        return ([BACKGROUND_FLAG] if self.background_only else []) + (
+            [OVERPREDICT_FLAG] if self.over_predicts else []
+        )
 
 
 def score_from_counts(case: str, c: DiceCounts) -> CaseScore:
@@ -380,8 +400,10 @@ def score_from_counts(case: str, c: DiceCounts) -> CaseScore:
         )
     return CaseScore(
         case=case,
-        dice={r.name: _dice_from(int(c.inter[k]), int(c.pred[k]), int(c.true[k]))
-              for k, r in enumerate(c.labels.regions)},
+        dice={
+            r.name: _dice_from(int(c.inter[k]), int(c.pred[k]), int(c.true[k]))
+            for k, r in enumerate(c.labels.regions)
+        },
         accuracy=c.correct / c.total,
         background_accuracy=(c.total - c.foreground_true) / c.total,
         foreground_pred=c.foreground_pred,
@@ -389,8 +411,13 @@ def score_from_counts(case: str, c: DiceCounts) -> CaseScore:
     )
 
 
-def score_case(case: str, pred_labels: np.ndarray, true_labels: np.ndarray, ls: LabelSet,
-               spacing: Sequence[float] | None = None) -> CaseScore:
+def score_case(
+    case: str,
+    pred_labels: np.ndarray,
+    true_labels: np.ndarray,
+    ls: LabelSet,
+    spacing: Sequence[float] | None = None,
+) -> CaseScore:
     """Score one whole 3D case: Dice of every region of ``ls``, and with the voxel
     ``spacing`` (mm per array axis) surface Dice at each region's tolerance. The regions are
     measured inside the union bounding box of both foregrounds, where all of them lie."""
@@ -403,17 +430,24 @@ def score_case(case: str, pred_labels: np.ndarray, true_labels: np.ndarray, ls: 
     # NIfTI mask is Fortran order, a prediction often C order: mixing them is slow).
     box_p, box_t = _box(pred_labels), _box(true_labels)
     boxes = [b for b in (box_p, box_t) if b is not None]
-    box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
-                for a in range(true_labels.ndim)) if boxes else \
-        tuple(slice(0, 0) for _ in range(true_labels.ndim))
+    box = (
+        tuple(
+            slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
+            for a in range(true_labels.ndim)
+        )
+        if boxes
+        else tuple(slice(0, 0) for _ in range(true_labels.ndim))
+    )
     n_fg_p, n_fg_t = int(np.count_nonzero(pred_labels)), int(np.count_nonzero(true_labels))
     counts = DiceCounts(ls)
     counts.add(pred_labels[box], true_labels[box])
     wrong = counts.total - counts.correct
     s = CaseScore(
         case=case,
-        dice={r.name: _dice_from(int(counts.inter[k]), int(counts.pred[k]), int(counts.true[k]))
-              for k, r in enumerate(ls.regions)},
+        dice={
+            r.name: _dice_from(int(counts.inter[k]), int(counts.pred[k]), int(counts.true[k]))
+            for k, r in enumerate(ls.regions)
+        },
         accuracy=(true_labels.size - wrong) / true_labels.size,
         background_accuracy=(true_labels.size - n_fg_t) / true_labels.size,
         foreground_pred=n_fg_p,
@@ -422,10 +456,15 @@ def score_case(case: str, pred_labels: np.ndarray, true_labels: np.ndarray, ls: 
     if spacing is None:
         return s
     p, t = pred_labels[box], true_labels[box]
-    sd = {r.name: surface_dice(np.isin(p, r.labels), np.isin(t, r.labels), spacing,
-                               surface_tolerance(ls, r)) for r in ls.regions}
-    return CaseScore(s.case, s.dice, s.accuracy, s.background_accuracy, s.foreground_pred,
-                     s.foreground_true, sd)
+    sd = {
+        r.name: surface_dice(
+            np.isin(p, r.labels), np.isin(t, r.labels), spacing, surface_tolerance(ls, r)
+        )
+        for r in ls.regions
+    }
+    return CaseScore(
+        s.case, s.dice, s.accuracy, s.background_accuracy, s.foreground_pred, s.foreground_true, sd
+    )
 
 
 def mean_score(scores: Sequence[CaseScore]) -> CaseScore:

@@ -14,8 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "PaddedConv2d", "UNet", "UNetConfig", "build_model", "count_parameters",
-           "pad_input_channels"]
+__all__ = [
+    "NORMS",
+    "PaddedConv2d",
+    "UNet",
+    "UNetConfig",
+    "build_model",
+    "count_parameters",
+    "pad_input_channels",
+]
 
 NORMS = ("none", "batch", "instance", "group")
 
@@ -46,14 +53,21 @@ class UNetConfig:
         # config.json gives lists back
         object.__setattr__(self, "region_writes", tuple(self.region_writes))
         _check_int("in_channels", self.in_channels, 1, "1 + 2K for 2.5D context K, e.g. 1 or 5")
-        _check_int("num_classes", self.num_classes, 2,
-                   "background plus the store's labels (StoreInfo.num_classes)")
-        if self.regions and not (self.region_writes and all(
-                isinstance(v, int) and 0 < v < self.num_classes for v in self.region_writes)):
+        _check_int(
+            "num_classes",
+            self.num_classes,
+            2,
+            "background plus the store's labels (StoreInfo.num_classes)",
+        )
+        if self.regions and not (
+            self.region_writes
+            and all(isinstance(v, int) and 0 < v < self.num_classes for v in self.region_writes)
+        ):
             raise ValueError(
                 f"UNetConfig.region_writes: expected the label each region writes back, each "
                 f"within 1..{self.num_classes - 1}, with regions=True; found "
-                f"{self.region_writes!r}. Fix: pass tuple(r.writes for r in labels.regions).")
+                f"{self.region_writes!r}. Fix: pass tuple(r.writes for r in labels.regions)."
+            )
         _check_int("width", self.width, 1, "a positive feature count such as 32")
         _check_int("depth", self.depth, 1, "a number of down-sampling steps such as 4")
         if self.norm not in NORMS:
@@ -61,8 +75,12 @@ class UNetConfig:
                 f"UNetConfig.norm: expected one of {', '.join(NORMS)}; found {self.norm!r}. "
                 f"Fix: pass norm='batch' (the default) or another of those names."
             )
-        _check_int("deep_supervision", self.deep_supervision, 0,
-                   f"0 (off) up to depth - 1 = {self.depth - 1} coarser heads")
+        _check_int(
+            "deep_supervision",
+            self.deep_supervision,
+            0,
+            f"0 (off) up to depth - 1 = {self.depth - 1} coarser heads",
+        )
         if self.deep_supervision >= self.depth:
             raise ValueError(
                 f"UNetConfig.deep_supervision: expected at most depth - 1 = {self.depth - 1} "
@@ -152,7 +170,8 @@ class UNet(nn.Module):
         # aux[i] reads the decoder output at 1/2**(i+1) of the input size
         self.aux_heads = nn.ModuleList(
             nn.Conv2d(widths[i + 1], cfg.out_channels, kernel_size=1)
-            for i in range(cfg.deep_supervision))
+            for i in range(cfg.deep_supervision)
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -203,7 +222,8 @@ class UNet(nn.Module):
         supervise = self.training and len(self.aux_heads) > 0
         coarse: list[Tensor] = []
         for level, (up, dec, skip) in enumerate(
-                zip(self.ups, self.decoders, reversed(skips), strict=True)):
+            zip(self.ups, self.decoders, reversed(skips), strict=True)
+        ):
             x = dec(torch.cat([up(x), skip], dim=1))
             scale = self.cfg.depth - 1 - level  # this output is 1/2**scale of the input
             if supervise and 1 <= scale <= len(self.aux_heads):

@@ -37,12 +37,16 @@ def resolve_patch(patch: int | str | None, size: int, divisor: int) -> int:
     if patch == "auto":
         return min(size, max(2 * divisor, (size // 2) // divisor * divisor))
     if patch > size:
-        raise KitsError(f"--patch {patch} is larger than the store's {size}x{size} slices; "
-                        f"use at most {size}, or 'full'")
+        raise KitsError(
+            f"--patch {patch} is larger than the store's {size}x{size} slices; "
+            f"use at most {size}, or 'full'"
+        )
     if patch % divisor:
         lower = patch // divisor * divisor
-        raise KitsError(f"--patch {patch} is not a multiple of {divisor} (2**depth), which the "
-                        f"U-Net needs; use {lower or divisor} or {lower + divisor}")
+        raise KitsError(
+            f"--patch {patch} is not a multiple of {divisor} (2**depth), which the "
+            f"U-Net needs; use {lower or divisor} or {lower + divisor}"
+        )
     return patch
 
 
@@ -67,8 +71,7 @@ def patch_origin(label: np.ndarray, patch: int, rng: np.random.Generator) -> tup
     return _around(int(rows[k]), h, patch, rng), _around(int(cols[k]), w, patch, rng)
 
 
-def uniform_origin(shape: tuple[int, int], patch: int, rng: np.random.Generator
-                   ) -> tuple[int, int]:
+def uniform_origin(shape: tuple[int, int], patch: int, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left of a window placed uniformly on a slice of `shape`: `patch_origin` for a
     slice known to hold no foreground, without looking at its label."""
     h, w = shape

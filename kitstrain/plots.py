@@ -52,8 +52,14 @@ def _outline(ax, mask: np.ndarray, colour: str) -> None:
         return
     h, w = mask.shape
     padded = np.pad(mask.astype(np.float32), 1)
-    ax.contour(np.arange(-1, w + 1), np.arange(-1, h + 1), padded, levels=[0.5],
-               colors=[colour], linewidths=1.0)
+    ax.contour(
+        np.arange(-1, w + 1),
+        np.arange(-1, h + 1),
+        padded,
+        levels=[0.5],
+        colors=[colour],
+        linewidths=1.0,
+    )
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
 
@@ -73,14 +79,25 @@ def overlay_slice(truth: np.ndarray | None, pred: np.ndarray, ls: LabelSet) -> i
     return pred.shape[0] // 2
 
 
-def case_overlay(image2d: np.ndarray, truth2d: np.ndarray | None, pred2d: np.ndarray,
-                 title: str, path: Path | str, ls: LabelSet, *, vmin: float | None = None,
-                 vmax: float | None = None) -> Path:
+def case_overlay(
+    image2d: np.ndarray,
+    truth2d: np.ndarray | None,
+    pred2d: np.ndarray,
+    title: str,
+    path: Path | str,
+    ls: LabelSet,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Path:
     """One PNG: the slice with each scored region of the edition outlined (KiTS19: kidney
     red, tumour blue), truth beside prediction when there is a truth."""
     image2d = np.asarray(image2d, np.float32)
-    panels = [("truth", truth2d), ("prediction", pred2d)] if truth2d is not None else [
-        ("prediction", pred2d)]
+    panels = (
+        [("truth", truth2d), ("prediction", pred2d)]
+        if truth2d is not None
+        else [("prediction", pred2d)]
+    )
     h, w = image2d.shape
     panel_w = 4.0
     fig = Figure(figsize=(panel_w * len(panels), panel_w * h / w + 0.9), dpi=100)
@@ -89,8 +106,9 @@ def case_overlay(image2d: np.ndarray, truth2d: np.ndarray | None, pred2d: np.nda
     hi = float(np.max(image2d)) if vmax is None else vmax
     for i, (name, labels) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(image2d, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
-                  interpolation="nearest")
+        ax.imshow(
+            image2d, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest"
+        )
         for mask, colour in zip(region_masks(np.asarray(labels), ls), colours, strict=True):
             _outline(ax, mask, colour)
         ax.set_title(name, fontsize=9)
@@ -105,11 +123,11 @@ def dice_curves(val: list[dict]) -> list[tuple[str, str, str]]:
     """(metrics key, legend label, colour) of each validation curve: one per region the run
     logged (KiTS19: kidney, tumour; KiTS21/23: the three HECs; runs from before editions
     logged no region list and were KiTS19), then the mean."""
-    regions = next((r["regions"] for r in reversed(val) if r.get("regions")),
-                   ["kidney", "tumour"])
-    return [(f"{name}_dice", name, colour)
-            for name, colour in zip(regions, region_colours(len(regions)), strict=True)
-            ] + [("mean_dice", "mean", "black")]
+    regions = next((r["regions"] for r in reversed(val) if r.get("regions")), ["kidney", "tumour"])
+    return [
+        (f"{name}_dice", name, colour)
+        for name, colour in zip(regions, region_colours(len(regions)), strict=True)
+    ] + [("mean_dice", "mean", "black")]
 
 
 def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:
@@ -120,14 +138,21 @@ def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:
     train = [r for r in records if r.get("kind") == "train" and "loss" in r and "step" in r]
     val = [r for r in records if r.get("kind") == "val" and "step" in r]
     if not train and not val:
-        raise KitsError(f"{run_dir} has no training metrics yet ({runlib.METRICS} is missing "
-                        "or empty); pass a run written by `kitstrain fit`, or wait for its "
-                        "first logged step")
+        raise KitsError(
+            f"{run_dir} has no training metrics yet ({runlib.METRICS} is missing "
+            "or empty); pass a run written by `kitstrain fit`, or wait for its "
+            "first logged step"
+        )
     fig = Figure(figsize=(11, 4), dpi=100)
     ax_loss = fig.add_subplot(1, 2, 1)
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.0,
-                     color="tab:gray", label="train loss")
+        ax_loss.plot(
+            [r["step"] for r in train],
+            [r["loss"] for r in train],
+            lw=1.0,
+            color="tab:gray",
+            label="train loss",
+        )
         ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
@@ -144,8 +169,13 @@ def plot_curves(run_dir: Path | str, path: Path | str | None = None) -> Path:
     best = [r for r in val if r.get("mean_dice") is not None]
     if best:
         b = max(best, key=lambda r: r["mean_dice"])
-        ax_dice.annotate(f"best {b['mean_dice']:.3f}", (b["step"], b["mean_dice"]),
-                         textcoords="offset points", xytext=(4, 6), fontsize=8)
+        ax_dice.annotate(
+            f"best {b['mean_dice']:.3f}",
+            (b["step"], b["mean_dice"]),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=8,
+        )
         ax_dice.legend(loc="upper left", fontsize=8)
     ax_dice.set_ylim(0.0, 1.0)
     ax_dice.set_xlabel("step")

@@ -46,8 +46,7 @@ from kitstrain.score import (
     training_cases,
 )
 
-__all__ = ["PredictConfig", "PredictReport", "prediction_name", "predict_run",
-           "write_prediction"]
+__all__ = ["PredictConfig", "PredictReport", "prediction_name", "predict_run", "write_prediction"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,9 @@ class PredictConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     tta: bool = False
     which: str = "best"
-    data: Path | None = None        # the run's store, where it has moved
-    amp: bool = True                # autocast in the run's training precision
-    naming: str | None = None       # an edition whose file names to use; None: the store's
+    data: Path | None = None  # the run's store, where it has moved
+    amp: bool = True  # autocast in the run's training precision
+    naming: str | None = None  # an edition whose file names to use; None: the store's
 
 
 @dataclass
@@ -102,9 +101,18 @@ class PredictReport:
         """The scores as a ScoreReport, so `score.format_table` can print them."""
         if not self.scores:
             return None
-        return ScoreReport(run_dir=self.run_dir, checkpoint=self.checkpoint, store=None,
-                           src=None, geometry="source", tta=self.tta, scores=self.scores,
-                           mean=self.mean, labels=self.labels, trained=self.trained)
+        return ScoreReport(
+            run_dir=self.run_dir,
+            checkpoint=self.checkpoint,
+            store=None,
+            src=None,
+            geometry="source",
+            tta=self.tta,
+            scores=self.scores,
+            mean=self.mean,
+            labels=self.labels,
+            trained=self.trained,
+        )
 
 
 def prediction_name(case_id: str, naming: LabelSet = EDITIONS["kits19"]) -> str:
@@ -130,7 +138,7 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     # (and their codes) instead of re-deriving them.
     img = nib.Nifti1Image(np.asarray(labels, np.uint8), hdr.get_best_affine(), header=hdr)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.partial.nii.gz")
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.partial.nii.gz")
     try:
         nib.save(img, str(tmp))
         os.replace(tmp, path)
@@ -147,15 +155,19 @@ def check_predict_out(src: Path, out: Path) -> None:
     src_r, out_r = Path(src).resolve(), Path(out).resolve()
     if out_r.exists() and not out_r.is_dir():
         raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
-    if out_r == src_r or (src_r in out_r.parents and out_r.relative_to(src_r).parts[0]
-                          .startswith("case_")):
-        raise KitsError(f"--out {out} is the source folder or a case in it; write predictions "
-                        "to a folder of their own (e.g. --out predictions)")
+    if out_r == src_r or (
+        src_r in out_r.parents and out_r.relative_to(src_r).parts[0].startswith("case_")
+    ):
+        raise KitsError(
+            f"--out {out} is the source folder or a case in it; write predictions "
+            "to a folder of their own (e.g. --out predictions)"
+        )
     for parent in out_r.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise KitsError(f"--out {out}: {parent} is a file, not a folder; choose "
-                                "another --out")
+                raise KitsError(
+                    f"--out {out}: {parent} is a file, not a folder; choose another --out"
+                )
             if not os.access(parent, os.W_OK):
                 raise KitsError(f"--out {out}: {parent} is not writable; choose another --out")
             break
@@ -179,8 +191,15 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     for ref in refs:
         hdr = read_header(ref.imaging, ref.case_id)
         total += hdr.shape[axial_axes(hdr.affine)[0]]
-    report = PredictReport(run_dir=lr.run_dir, checkpoint=lr.checkpoint, out=out, paths=[],
-                           tta=cfg.tta, warnings=list(lr.warnings), labels=lr.labels)
+    report = PredictReport(
+        run_dir=lr.run_dir,
+        checkpoint=lr.checkpoint,
+        out=out,
+        paths=[],
+        tta=cfg.tta,
+        warnings=list(lr.warnings),
+        labels=lr.labels,
+    )
     progress.start(total, "predict")
     try:
         for ref in refs:
@@ -189,15 +208,27 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
             if ref.segmentation is not None:
                 seg = read_volume(ref.segmentation, ref.case_id)
                 check_pair(ref.case_id, vol.header, seg.header)
-            pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device,
-                                  amp=amp, tta=cfg.tta, batch_size=cfg.batch_size,
-                                  case_id=ref.case_id, progress=progress.advance)
-            report.paths.append(write_prediction(pred, ref.imaging,
-                                                 out / prediction_name(ref.case_id, naming)))
+            pred = predict_volume(
+                model,
+                vol,
+                lr.window,
+                lr.size,
+                lr.context,
+                device,
+                amp=amp,
+                tta=cfg.tta,
+                batch_size=cfg.batch_size,
+                case_id=ref.case_id,
+                progress=progress.advance,
+            )
+            report.paths.append(
+                write_prediction(pred, ref.imaging, out / prediction_name(ref.case_id, naming))
+            )
             s = None
             if seg is not None:
-                s = score_case(ref.case_id, pred, seg.data, lr.labels,
-                               voxel_spacing(seg.header.affine))
+                s = score_case(
+                    ref.case_id, pred, seg.data, lr.labels, voxel_spacing(seg.header.affine)
+                )
                 report.scores.append(s)
                 if ref.case_id in trained:
                     report.trained.append(ref.case_id)
@@ -207,10 +238,18 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
                 p = pred.transpose(axes)
                 k = overlay_slice(truth, p, lr.labels)
                 title = overlay_title(s) if s is not None else f"{ref.case_id}  (no truth)"
-                report.overlays.append(case_overlay(
-                    display_slice(vol, axes, k, lr.window), None if truth is None else truth[k],
-                    p[k], f"{title}  (slice {k})", Path(cfg.overlays) / f"{ref.case_id}.png",
-                    lr.labels, vmin=lr.window.lo, vmax=lr.window.hi))
+                report.overlays.append(
+                    case_overlay(
+                        display_slice(vol, axes, k, lr.window),
+                        None if truth is None else truth[k],
+                        p[k],
+                        f"{title}  (slice {k})",
+                        Path(cfg.overlays) / f"{ref.case_id}.png",
+                        lr.labels,
+                        vmin=lr.window.lo,
+                        vmax=lr.window.hi,
+                    )
+                )
             if s is not None:
                 detail = case_line(s)
             else:

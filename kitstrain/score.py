@@ -97,27 +97,29 @@ def definition(ls: LabelSet) -> str:
     regions = "; ".join(f"{r.name}: labels {', '.join(map(str, r.labels))}" for r in ls.regions)
     tols = ", ".join(f"{r.name} {surface_tolerance(ls, r):.3f} mm" for r in ls.regions)
     own = all(r.tolerance_mm is not None for r in ls.regions)
-    return (f"{ls.edition}: Dice = 2|P∩G| / (|P|+|G|) per 3D case and region ({regions}); "
-            f"surface Dice at {tols}" + ("" if own else " (KiTS21's: KiTS19 has no official "
-                                         "surface Dice)") +
-            "; both empty scores 1, one empty 0; mean = mean of the regions' Dice")
+    return (
+        f"{ls.edition}: Dice = 2|P∩G| / (|P|+|G|) per 3D case and region ({regions}); "
+        f"surface Dice at {tols}"
+        + ("" if own else " (KiTS21's: KiTS19 has no official surface Dice)")
+        + "; both empty scores 1, one empty 0; mean = mean of the regions' Dice"
+    )
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     """What `kitstrain score` was asked; None means the run's own default."""
 
-    run_dir: Path | None = None     # None: the newest run under runs_root
-    data: Path | None = None        # store override (the run's store moved)
-    cases: str | None = None        # case spec; None: the run's validation cases
-    src: Path | None = None         # score in source geometry against these NIfTI masks
+    run_dir: Path | None = None  # None: the newest run under runs_root
+    data: Path | None = None  # store override (the run's store moved)
+    cases: str | None = None  # case spec; None: the run's validation cases
+    src: Path | None = None  # score in source geometry against these NIfTI masks
     tta: bool = False
-    json: Path | None = None        # also write the report here as JSON
+    json: Path | None = None  # also write the report here as JSON
     overlays: Path | None = None
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     which: str = "best"
-    amp: bool = True                # autocast in the run's training precision
+    amp: bool = True  # autocast in the run's training precision
     runs_root: Path = runlib.RUNS_ROOT
 
 
@@ -129,7 +131,7 @@ class ScoreReport:
     checkpoint: Path
     store: Path | None
     src: Path | None
-    geometry: str                   # "source" or "store 512x512"
+    geometry: str  # "source" or "store 512x512"
     tta: bool
     scores: list[CaseScore]
     mean: CaseScore
@@ -139,7 +141,7 @@ class ScoreReport:
     json_path: Path | None = None
     overlays: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    resized: bool = False           # store-geometry scores of cases the store resized
+    resized: bool = False  # store-geometry scores of cases the store resized
 
     @property
     def flagged(self) -> list[str]:
@@ -155,8 +157,10 @@ class ScoreReport:
             "geometry": self.geometry,
             "tta": self.tta,
             "edition": ls.edition,
-            "regions": [{"name": r.name, "labels": list(r.labels),
-                         "tolerance_mm": surface_tolerance(ls, r)} for r in ls.regions],
+            "regions": [
+                {"name": r.name, "labels": list(r.labels), "tolerance_mm": surface_tolerance(ls, r)}
+                for r in ls.regions
+            ],
             "definition": definition(ls),
             "cases": [score_row(s, ls, s.case in self.trained) for s in self.scores],
             "mean": score_row(self.mean, ls),
@@ -167,9 +171,17 @@ class ScoreReport:
 def score_columns(ls: LabelSet) -> list[str]:
     """The CSV's and JSON's keys, one set for every edition: region Dice, their mean, region
     surface Dice, the accuracies, the flags."""
-    return ["case", *(f"{r.name}_dice" for r in ls.regions), "mean_dice",
-            *(f"{r.name}_surface_dice" for r in ls.regions), "accuracy",
-            "background_accuracy", "background_only", "over_predicts", "trained_on"]
+    return [
+        "case",
+        *(f"{r.name}_dice" for r in ls.regions),
+        "mean_dice",
+        *(f"{r.name}_surface_dice" for r in ls.regions),
+        "accuracy",
+        "background_accuracy",
+        "background_only",
+        "over_predicts",
+        "trained_on",
+    ]
 
 
 def score_row(s: CaseScore, ls: LabelSet, trained: bool = False) -> dict:
@@ -179,9 +191,13 @@ def score_row(s: CaseScore, ls: LabelSet, trained: bool = False) -> dict:
     row.update({f"{r.name}_dice": s.dice.get(r.name) for r in ls.regions})
     row["mean_dice"] = s.mean_dice
     row.update({f"{r.name}_surface_dice": s.surface_dice.get(r.name) for r in ls.regions})
-    row.update(accuracy=s.accuracy, background_accuracy=s.background_accuracy,
-               background_only=s.background_only, over_predicts=s.over_predicts,
-               trained_on=trained)
+    row.update(
+        accuracy=s.accuracy,
+        background_accuracy=s.background_accuracy,
+        background_only=s.background_only,
+        over_predicts=s.over_predicts,
+        trained_on=trained,
+    )
     return row
 
 
@@ -195,7 +211,7 @@ class LoadedRun:
     run_dir: Path
     config: dict
     context: int
-    store: StoreInfo | None      # None only where a store is optional (predict, moved)
+    store: StoreInfo | None  # None only where a store is optional (predict, moved)
     window: Window
     size: int
     checkpoint: Path
@@ -250,8 +266,14 @@ def _recorded_size(config: dict) -> int | None:
     return int(size) if size is not None else None
 
 
-def load_run(run_dir: Path | None, data: Path | None, *, which: str = "best",
-             runs_root: Path = runlib.RUNS_ROOT, store_required: bool = True) -> LoadedRun:
+def load_run(
+    run_dir: Path | None,
+    data: Path | None,
+    *,
+    which: str = "best",
+    runs_root: Path = runlib.RUNS_ROOT,
+    store_required: bool = True,
+) -> LoadedRun:
     """Resolve a run directory, its checkpoint and the store it trained on (or `data`).
 
     A store given with `--data` must have the run's preprocessing (window and slice size;
@@ -260,17 +282,23 @@ def load_run(run_dir: Path | None, data: Path | None, *, which: str = "best",
     same preprocessing is legitimate."""
     run_dir = Path(run_dir) if run_dir is not None else runlib.newest_run(runs_root)
     if not run_dir.is_dir():
-        raise KitsError(f"run directory {run_dir} does not exist; pass a folder written by "
-                        "`kitstrain fit` (runs/<timestamp>)")
+        raise KitsError(
+            f"run directory {run_dir} does not exist; pass a folder written by "
+            "`kitstrain fit` (runs/<timestamp>)"
+        )
     config = runlib.read_config(run_dir)
     if "model" not in config:
-        raise KitsError(f"{run_dir}/{runlib.CONFIG} has no model section; the run directory is "
-                        "damaged or from another tool, pass one written by `kitstrain fit`")
+        raise KitsError(
+            f"{run_dir}/{runlib.CONFIG} has no model section; the run directory is "
+            "damaged or from another tool, pass one written by `kitstrain fit`"
+        )
     checkpoint = _checkpoint_used(run_dir, which)
     if not checkpoint.is_file():
         hint = "" if which == "last" else ", or pass --checkpoint last"
-        raise KitsError(f"{run_dir} has no {which} checkpoint ({checkpoint} is missing); "
-                        f"let `kitstrain fit` run to its first validation{hint}")
+        raise KitsError(
+            f"{run_dir} has no {which} checkpoint ({checkpoint} is missing); "
+            f"let `kitstrain fit` run to its first validation{hint}"
+        )
     context = int(config.get("context", 0))
     warnings: list[str] = []
     recorded = config.get("store")
@@ -281,42 +309,57 @@ def load_run(run_dir: Path | None, data: Path | None, *, which: str = "best",
     elif recorded_path is not None and recorded_path.is_file():
         info = open_store(recorded_path)
     elif store_required or _recorded_window(config) is None or _recorded_size(config) is None:
-        where = f"the store this run trained on, {recorded_path}," if recorded_path else \
-            "the store this run trained on"
-        raise KitsError(f"{where} is missing (moved or deleted); pass --data FILE.h5 with "
-                        "its new location, or rebuild it with `kitsprep build`")
+        where = (
+            f"the store this run trained on, {recorded_path},"
+            if recorded_path
+            else "the store this run trained on"
+        )
+        raise KitsError(
+            f"{where} is missing (moved or deleted); pass --data FILE.h5 with "
+            "its new location, or rebuild it with `kitsprep build`"
+        )
 
     want_window = _recorded_window(config)
     want_size = _recorded_size(config)
-    if data is not None and (want_window is None or want_size is None) and \
-            recorded_path is not None and recorded_path.is_file() and \
-            recorded_path.resolve() != Path(data).resolve():
+    if (
+        data is not None
+        and (want_window is None or want_size is None)
+        and recorded_path is not None
+        and recorded_path.is_file()
+        and recorded_path.resolve() != Path(data).resolve()
+    ):
         original = open_store(recorded_path)
         want_window = want_window or original.window
         want_size = want_size if want_size is not None else original.size
     if info is not None:
         if want_window is not None and want_window != info.window:
-            raise KitsError(f"{info.path} was built with window {info.window.to_json()}, but "
-                            f"the run trained on {want_window.to_json()}; score with the store "
-                            "the run trained on, or rebuild with its --window")
+            raise KitsError(
+                f"{info.path} was built with window {info.window.to_json()}, but "
+                f"the run trained on {want_window.to_json()}; score with the store "
+                "the run trained on, or rebuild with its --window"
+            )
         if want_size is not None and int(want_size) != info.size:
-            raise KitsError(f"{info.path} holds {info.size}x{info.size} slices, but the run "
-                            f"trained on {want_size}x{want_size}; score with the store the run "
-                            f"trained on, or rebuild with --size {want_size}")
+            raise KitsError(
+                f"{info.path} holds {info.size}x{info.size} slices, but the run "
+                f"trained on {want_size}x{want_size}; score with the store the run "
+                f"trained on, or rebuild with --size {want_size}"
+            )
         fingerprint = config.get("store_fingerprint")
         if fingerprint is not None and fingerprint != info.fingerprint:
             warnings.append(
                 f"warning: {info.path} (fingerprint {info.fingerprint}) is not the store the "
                 f"run trained on (fingerprint {fingerprint}): same preprocessing, other "
-                "content; check that the scored cases were not used for training")
+                "content; check that the scored cases were not used for training"
+            )
         window, size, labels = info.window, info.size, info.labels
     else:
         window, size = want_window, want_size  # predict with the store gone
         labels = _recorded_labels(config)
-        warnings.append(f"warning: the run's store {recorded_path} is missing; using the "
-                        "window and size recorded in the run's config")
-    return LoadedRun(run_dir, config, context, info, window, size, checkpoint, warnings,
-                     labels)
+        warnings.append(
+            f"warning: the run's store {recorded_path} is missing; using the "
+            "window and size recorded in the run's config"
+        )
+    return LoadedRun(run_dir, config, context, info, window, size, checkpoint, warnings, labels)
 
 
 def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module:
@@ -326,9 +369,11 @@ def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module
     expected = 1 + 2 * lr.context
     got = getattr(getattr(model, "cfg", None), "in_channels", expected)
     if got != expected:
-        raise KitsError(f"{lr.run_dir}: the model takes {got} input channel(s) but the config "
-                        f"says context {lr.context} ({expected} channels); the run directory "
-                        "is inconsistent, retrain or fix config.json")
+        raise KitsError(
+            f"{lr.run_dir}: the model takes {got} input channel(s) but the config "
+            f"says context {lr.context} ({expected} channels); the run directory "
+            "is inconsistent, retrain or fix config.json"
+        )
     return model
 
 
@@ -356,8 +401,10 @@ def _default_cases(lr: LoadedRun) -> list[str]:
     split = runlib.read_split(lr.run_dir)
     val = list(split.get("val") or [])
     if not val:
-        raise KitsError(f"{lr.run_dir} has no validation cases in {runlib.SPLIT}; name the "
-                        "cases to score with --cases")
+        raise KitsError(
+            f"{lr.run_dir} has no validation cases in {runlib.SPLIT}; name the "
+            "cases to score with --cases"
+        )
     return val
 
 
@@ -375,9 +422,11 @@ def _store_cases(lr: LoadedRun, spec: str | None) -> list[str]:
         cases = _default_cases(lr)
         missing = [c for c in cases if c not in info.cases]
         if missing:
-            raise KitsError(f"the run's validation cases {', '.join(missing[:5])} are not in "
-                            f"the store {info.path}; pass --data with the store the run "
-                            "trained on, or choose cases with --cases")
+            raise KitsError(
+                f"the run's validation cases {', '.join(missing[:5])} are not in "
+                f"the store {info.path}; pass --data with the store the run "
+                "trained on, or choose cases with --cases"
+            )
     for cid in cases:
         require_scorable(info, cid)
     return cases
@@ -391,15 +440,19 @@ def _src_cases(lr: LoadedRun, src: Path, spec: str | None) -> list[CaseRef]:
         ids = _default_cases(lr)
         missing = [c for c in ids if c not in refs]
         if missing:
-            raise KitsError(f"the run's validation cases {', '.join(missing[:5])} are not in "
-                            f"--src {src}; point --src at the data the store was built from, "
-                            "or choose cases with --cases")
+            raise KitsError(
+                f"the run's validation cases {', '.join(missing[:5])} are not in "
+                f"--src {src}; point --src at the data the store was built from, "
+                "or choose cases with --cases"
+            )
     chosen = [refs[c] for c in ids]
     for ref in chosen:
         if ref.segmentation is None:
-            raise KitsError(f"{ref.case_id} in {src} has no segmentation.nii.gz, so it cannot "
-                            "be scored; leave it out of --cases, or segment it with "
-                            "`kitstrain predict`")
+            raise KitsError(
+                f"{ref.case_id} in {src} has no segmentation.nii.gz, so it cannot "
+                "be scored; leave it out of --cases, or segment it with "
+                "`kitstrain predict`"
+            )
     return chosen
 
 
@@ -417,16 +470,18 @@ def store_spacing(info: StoreInfo, case_id: str) -> tuple[float, float, float]:
     return (m.spacing[0], m.spacing[1] * p.src_h / p.new_h, m.spacing[2] * p.src_w / p.new_w)
 
 
-def display_slice(volume: Volume, axes: tuple[int, int, int], index: int, window: Window
-                  ) -> np.ndarray:
+def display_slice(
+    volume: Volume, axes: tuple[int, int, int], index: int, window: Window
+) -> np.ndarray:
     """One axial slice of the raw volume in HU, clipped to the window, for display."""
     raw = np.asarray(volume.data.transpose(axes)[index], np.float32)
     hu = raw * np.float32(volume.header.slope) + np.float32(volume.header.inter)
     return np.clip(hu, window.lo, window.hi)
 
 
-def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.device,
-                 progress: Progress) -> tuple[list[CaseScore], list[Path], bool]:
+def _score_store(
+    lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.device, progress: Progress
+) -> tuple[list[CaseScore], list[Path], bool]:
     info = lr.store
     cases = _store_cases(lr, cfg.cases)
     progress.start(sum(info.cases[c].slices for c in cases), "score")
@@ -436,9 +491,18 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
     sm = SliceMap(info.path, info.size, info.case_ids)
     try:
         for cid in cases:
-            pred = predict_store_case(model, info, sm, cid, lr.context, device, amp=amp,
-                                      tta=cfg.tta, batch_size=cfg.batch_size,
-                                      progress=progress.advance)
+            pred = predict_store_case(
+                model,
+                info,
+                sm,
+                cid,
+                lr.context,
+                device,
+                amp=amp,
+                tta=cfg.tta,
+                batch_size=cfg.batch_size,
+                progress=progress.advance,
+            )
             rows, cols = store_box(info, cid)
             truth = read_store_labels(sm, info, cid)[:, rows, cols]
             pred = pred[:, rows, cols]
@@ -448,18 +512,27 @@ def _score_store(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torc
                 k = overlay_slice(truth, pred, info.labels)
                 image = sm.image(info.rows(cid)[k])[rows, cols]
                 w = info.window
-                pictures.append(case_overlay(
-                    image, truth[k], pred[k], f"{overlay_title(s)}  (stored slice {k})",
-                    Path(cfg.overlays) / f"{cid}.png", info.labels, vmin=w.normalise(w.lo),
-                    vmax=w.normalise(w.hi)))
+                pictures.append(
+                    case_overlay(
+                        image,
+                        truth[k],
+                        pred[k],
+                        f"{overlay_title(s)}  (stored slice {k})",
+                        Path(cfg.overlays) / f"{cid}.png",
+                        info.labels,
+                        vmin=w.normalise(w.lo),
+                        vmax=w.normalise(w.hi),
+                    )
+                )
             progress.case_done(cid, case_line(s))
     finally:
         sm.close()
     return scores, pictures, resized
 
 
-def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.device,
-               progress: Progress) -> tuple[list[CaseScore], list[Path]]:
+def _score_src(
+    lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.device, progress: Progress
+) -> tuple[list[CaseScore], list[Path]]:
     refs = _src_cases(lr, Path(cfg.src), cfg.cases)
     total = 0
     for ref in refs:
@@ -472,20 +545,37 @@ def _score_src(lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.
         vol = read_volume(ref.imaging, ref.case_id)
         seg = read_volume(ref.segmentation, ref.case_id)
         check_pair(ref.case_id, vol.header, seg.header)
-        pred = predict_volume(model, vol, lr.window, lr.size, lr.context, device, amp=amp,
-                              tta=cfg.tta, batch_size=cfg.batch_size, case_id=ref.case_id,
-                              progress=progress.advance)
-        s = score_case(ref.case_id, pred, seg.data, lr.labels,
-                       voxel_spacing(seg.header.affine))
+        pred = predict_volume(
+            model,
+            vol,
+            lr.window,
+            lr.size,
+            lr.context,
+            device,
+            amp=amp,
+            tta=cfg.tta,
+            batch_size=cfg.batch_size,
+            case_id=ref.case_id,
+            progress=progress.advance,
+        )
+        s = score_case(ref.case_id, pred, seg.data, lr.labels, voxel_spacing(seg.header.affine))
         scores.append(s)
         if cfg.overlays is not None:
             axes = axial_axes(vol.header.affine)
             truth, p = seg.data.transpose(axes), pred.transpose(axes)
             k = overlay_slice(truth, p, lr.labels)
-            pictures.append(case_overlay(
-                display_slice(vol, axes, k, lr.window), truth[k], p[k],
-                f"{overlay_title(s)}  (slice {k})", Path(cfg.overlays) / f"{ref.case_id}.png",
-                lr.labels, vmin=lr.window.lo, vmax=lr.window.hi))
+            pictures.append(
+                case_overlay(
+                    display_slice(vol, axes, k, lr.window),
+                    truth[k],
+                    p[k],
+                    f"{overlay_title(s)}  (slice {k})",
+                    Path(cfg.overlays) / f"{ref.case_id}.png",
+                    lr.labels,
+                    vmin=lr.window.lo,
+                    vmax=lr.window.hi,
+                )
+            )
         progress.case_done(ref.case_id, case_line(s))
         del vol, seg, pred
     return scores, pictures
@@ -503,8 +593,13 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
     """Score a run's checkpoint per case; writes <run>/score.csv, and the JSON and overlays
     when asked. Raises KitsError for anything the user can fix."""
     # In source geometry the store only lends its preprocessing, which the run also records.
-    lr = load_run(cfg.run_dir, cfg.data, which=cfg.which, runs_root=cfg.runs_root,
-                  store_required=cfg.src is None)
+    lr = load_run(
+        cfg.run_dir,
+        cfg.data,
+        which=cfg.which,
+        runs_root=cfg.runs_root,
+        store_required=cfg.src is None,
+    )
     device = resolve_device(cfg.device)
     progress = progress if progress is not None else Progress()
     model = load_run_model(lr, cfg.which, device)
@@ -518,13 +613,21 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
     finally:
         progress.close()
     report = ScoreReport(
-        run_dir=lr.run_dir, checkpoint=lr.checkpoint,
+        run_dir=lr.run_dir,
+        checkpoint=lr.checkpoint,
         store=lr.store.path if lr.store is not None else None,
-        src=None if cfg.src is None else Path(cfg.src), geometry=geometry, tta=cfg.tta,
-        scores=scores, mean=mean_score(scores), labels=lr.labels,
+        src=None if cfg.src is None else Path(cfg.src),
+        geometry=geometry,
+        tta=cfg.tta,
+        scores=scores,
+        mean=mean_score(scores),
+        labels=lr.labels,
         csv_path=lr.run_dir / SCORE_CSV,
-        overlays=pictures, warnings=list(lr.warnings), resized=resized,
-        trained=[s.case for s in scores if s.case in set(training_cases(lr.run_dir))])
+        overlays=pictures,
+        warnings=list(lr.warnings),
+        resized=resized,
+        trained=[s.case for s in scores if s.case in set(training_cases(lr.run_dir))],
+    )
     write_csv(report, report.csv_path)
     if cfg.json is not None:
         report.json_path = Path(cfg.json)
@@ -571,14 +674,26 @@ def format_table(report: ScoreReport) -> str:
     numbers mean."""
     ls = report.labels
     names = [r.name for r in ls.regions]
-    head = ["case", *(f"Dice {n}" for n in names), "mean",
-            *(f"surface {n}" for n in names), "acc %", "bg-acc %", ""]
+    head = [
+        "case",
+        *(f"Dice {n}" for n in names),
+        "mean",
+        *(f"surface {n}" for n in names),
+        "acc %",
+        "bg-acc %",
+        "",
+    ]
 
     def cells(s: CaseScore) -> list[str]:
-        return [s.case, *(f"{s.dice[n]:.4f}" for n in names), f"{s.mean_dice:.4f}",
-                *(f"{s.surface_dice[n]:.4f}" if n in s.surface_dice else "-" for n in names),
-                f"{100 * s.accuracy:.3f}", f"{100 * s.background_accuracy:.3f}",
-                ", ".join(s.flags + ([TRAINED_FLAG] if s.case in report.trained else []))]
+        return [
+            s.case,
+            *(f"{s.dice[n]:.4f}" for n in names),
+            f"{s.mean_dice:.4f}",
+            *(f"{s.surface_dice[n]:.4f}" if n in s.surface_dice else "-" for n in names),
+            f"{100 * s.accuracy:.3f}",
+            f"{100 * s.background_accuracy:.3f}",
+            ", ".join(s.flags + ([TRAINED_FLAG] if s.case in report.trained else [])),
+        ]
 
     rows = [cells(s) for s in report.scores]
     mean_row = cells(report.mean)
@@ -593,26 +708,38 @@ def format_table(report: ScoreReport) -> str:
 
     rule = "-" * len(line([*head[:last], ""]))
     lines = [line(head), rule, *(line(r) for r in rows), rule, line(mean_row), ""]
-    lines.append(f"{report.run_dir}  checkpoint {report.checkpoint.name}  "
-                 f"geometry: {report.geometry}" + ("  tta: flips" if report.tta else ""))
+    lines.append(
+        f"{report.run_dir}  checkpoint {report.checkpoint.name}  "
+        f"geometry: {report.geometry}" + ("  tta: flips" if report.tta else "")
+    )
     lines += textwrap.wrap(definition(ls), 96, subsequent_indent="  ")
     lines += textwrap.wrap(
         f"{BACKGROUND_FLAG}: the truth has foreground and the prediction under "
         f"{MIN_FOREGROUND_SHARE:.0%} of its volume; {OVERPREDICT_FLAG}: accuracy more than "
-        f"{100 * OVERPREDICT_MARGIN:g} point below predicting background everywhere", 96,
-        subsequent_indent="  ")
+        f"{100 * OVERPREDICT_MARGIN:g} point below predicting background everywhere",
+        96,
+        subsequent_indent="  ",
+    )
     if report.resized:
-        lines.append("scored on the store's resized labels; for the official numbers score "
-                     "in source geometry with --src DIR")
+        lines.append(
+            "scored on the store's resized labels; for the official numbers score "
+            "in source geometry with --src DIR"
+        )
     blind = [s.case for s in report.scores if s.background_only]
     over = [s.case for s in report.scores if s.over_predicts]
     if blind:
-        lines.append(f"{len(blind)} of {len(report.scores)} case(s) look like a model that "
-                     "predicts background everywhere: its accuracy means nothing")
+        lines.append(
+            f"{len(blind)} of {len(report.scores)} case(s) look like a model that "
+            "predicts background everywhere: its accuracy means nothing"
+        )
     if over:
-        lines.append(f"{len(over)} of {len(report.scores)} case(s) paint foreground where "
-                     "there is none: accuracy far below predicting nothing")
+        lines.append(
+            f"{len(over)} of {len(report.scores)} case(s) paint foreground where "
+            "there is none: accuracy far below predicting nothing"
+        )
     if report.trained:
-        lines.append(f"{len(report.trained)} of {len(report.scores)} case(s) were in the run's "
-                     "training split: their scores say nothing about new patients")
+        lines.append(
+            f"{len(report.trained)} of {len(report.scores)} case(s) were in the run's "
+            "training split: their scores say nothing about new patients"
+        )
     return "\n".join(lines)

@@ -23,13 +23,34 @@ def test_synth_build_fit_score_predict(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the default run root is ./runs
     r = CliRunner()
     ok(r.invoke(kitsprep, ["synth", "--out", "cohort", "--cases", "5", "--size", "32"]))
-    ok(r.invoke(kitsprep, ["build", "--src", "cohort", "--out", "s.h5", "--size", "32",
-                           "--workers", "1"]))
+    ok(
+        r.invoke(
+            kitsprep,
+            ["build", "--src", "cohort", "--out", "s.h5", "--size", "32", "--workers", "1"],
+        )
+    )
     info = json.loads(ok(r.invoke(kitsprep, ["info", "s.h5", "--json"])))
     assert info["cases"] == 5 and info["unlabelled_cases"] == 1 and info["size"] == 32
     ok(r.invoke(kitsprep, ["verify", "s.h5", "--src", "cohort"]))
-    out = ok(r.invoke(kitstrain, ["fit", "s.h5", "--max-steps", "4", "--workers", "0",
-                                  "--batch-size", "4", "--width", "4", "--depth", "2"]))
+    out = ok(
+        r.invoke(
+            kitstrain,
+            [
+                "fit",
+                "s.h5",
+                "--max-steps",
+                "4",
+                "--workers",
+                "0",
+                "--batch-size",
+                "4",
+                "--width",
+                "4",
+                "--depth",
+                "2",
+            ],
+        )
+    )
     assert "done (max_steps) after 4 steps" in out
     run_dir = next(Path("runs").iterdir())
     table = ok(r.invoke(kitstrain, ["score", "--json", "score.json", "--overlays", "ov"]))
@@ -42,8 +63,21 @@ def test_synth_build_fit_score_predict(tmp_path: Path, monkeypatch) -> None:
     for case in split["val"]:
         assert case in text
     unlabelled = "case_00004"
-    ok(r.invoke(kitstrain, ["predict", str(run_dir), "--src", "cohort", "--out", "pred",
-                            "--cases", f"1,{unlabelled}"]))
+    ok(
+        r.invoke(
+            kitstrain,
+            [
+                "predict",
+                str(run_dir),
+                "--src",
+                "cohort",
+                "--out",
+                "pred",
+                "--cases",
+                f"1,{unlabelled}",
+            ],
+        )
+    )
     for cid in ("case_00001", unlabelled):
         src = nib.load(f"cohort/{cid}/imaging.nii.gz")
         pred = nib.load(f"pred/prediction_{cid[5:]}.nii.gz")
@@ -72,12 +106,34 @@ def test_kits23_build_fit_score_predict(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     r = CliRunner()
     kits23_cohort(Path("cohort"))
-    out = ok(r.invoke(kitsprep, ["build", "--src", "cohort", "--out", "s.h5", "--size", "32",
-                                 "--workers", "1"]))
+    out = ok(
+        r.invoke(
+            kitsprep,
+            ["build", "--src", "cohort", "--out", "s.h5", "--size", "32", "--workers", "1"],
+        )
+    )
     assert "kits23" in out  # auto: a mask holds label 3
-    out = ok(r.invoke(kitstrain, ["fit", "s.h5", "--max-steps", "3", "--workers", "0",
-                                  "--batch-size", "4", "--width", "4", "--depth", "2",
-                                  "--out", "runs/k23"]))
+    out = ok(
+        r.invoke(
+            kitstrain,
+            [
+                "fit",
+                "s.h5",
+                "--max-steps",
+                "3",
+                "--workers",
+                "0",
+                "--batch-size",
+                "4",
+                "--width",
+                "4",
+                "--depth",
+                "2",
+                "--out",
+                "runs/k23",
+            ],
+        )
+    )
     val = [json.loads(line) for line in Path("runs/k23/metrics.jsonl").read_text().splitlines()]
     val = [v for v in val if v.get("kind") == "val"][-1]
     assert val["regions"] == ["kidney_and_mass", "mass", "tumor"]
@@ -90,14 +146,21 @@ def test_kits23_build_fit_score_predict(tmp_path: Path, monkeypatch) -> None:
     report = json.loads(Path("score.json").read_text())
     assert report["edition"] == "kits23"
     assert [g["tolerance_mm"] for g in report["regions"]] == [
-        1.0330772532390826, 1.1328796488598762, 1.1498198361434828]
+        1.0330772532390826,
+        1.1328796488598762,
+        1.1498198361434828,
+    ]
     for row in [*report["cases"], report["mean"]]:
         for name in ("kidney_and_mass", "mass", "tumor"):
             assert 0.0 <= row[f"{name}_dice"] <= 1.0
             assert 0.0 <= row[f"{name}_surface_dice"] <= 1.0
 
-    out = ok(r.invoke(kitstrain, ["predict", "runs/k23", "--src", "cohort", "--out", "pred",
-                                  "--device", "cpu"]))
+    out = ok(
+        r.invoke(
+            kitstrain,
+            ["predict", "runs/k23", "--src", "cohort", "--out", "pred", "--device", "cpu"],
+        )
+    )
     split = json.loads(Path("runs/k23/split.json").read_text())
     assert f"{len(split['train'])} of 4 case(s) were in the run's training split" in out
     for i in range(4):
@@ -106,6 +169,21 @@ def test_kits23_build_fit_score_predict(tmp_path: Path, monkeypatch) -> None:
         assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
         assert pred.get_data_dtype() == np.uint8
     assert not list(Path("pred").glob("prediction_*"))
-    r2 = r.invoke(kitstrain, ["predict", "runs/k23", "--src", "cohort", "--out", "p19",
-                              "--naming", "kits19", "--cases", "0", "--device", "cpu"])
+    r2 = r.invoke(
+        kitstrain,
+        [
+            "predict",
+            "runs/k23",
+            "--src",
+            "cohort",
+            "--out",
+            "p19",
+            "--naming",
+            "kits19",
+            "--cases",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r2.exit_code == 0 and Path("p19/prediction_00000.nii.gz").is_file()

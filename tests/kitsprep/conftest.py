@@ -16,19 +16,29 @@ from kitsprep.window import WINDOW_PRESETS
 
 def kits_affine(thickness: float = 2.5, pixel: float = 0.8) -> np.ndarray:
     """The KiTS19 anti-diagonal affine: (slices, rows, cols) -> I, P, L."""
-    return np.array([[0.0, 0.0, -pixel, 0.0],
-                     [0.0, -pixel, 0.0, 0.0],
-                     [-thickness, 0.0, 0.0, 0.0],
-                     [0.0, 0.0, 0.0, 1.0]])
+    return np.array(
+        [
+            [0.0, 0.0, -pixel, 0.0],
+            [0.0, -pixel, 0.0, 0.0],
+            [-thickness, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
 
 
 def case_id(case: int | str) -> str:
     return case if isinstance(case, str) else f"case_{case:05d}"
 
 
-def nifti_bytes(data: np.ndarray, affine: np.ndarray, dtype=None, slope: float | None = None,
-                inter: float | None = None, qform_only: bool = False,
-                endian: str = "<") -> bytes:
+def nifti_bytes(
+    data: np.ndarray,
+    affine: np.ndarray,
+    dtype=None,
+    slope: float | None = None,
+    inter: float | None = None,
+    qform_only: bool = False,
+    endian: str = "<",
+) -> bytes:
     """Uncompressed NIfTI-1 bytes of `data` stored as `dtype`, with the raw scale/intercept
     patched into the header: nibabel would otherwise rescale on save, and the point of the
     int16 fixtures is to control the stored integers and the scaling exactly. `endian=">"`
@@ -46,54 +56,86 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray, dtype=None, slope: float |
         img.set_qform(None, code=0)
     raw = bytearray(img.to_bytes())
     if slope is not None or inter is not None:
-        struct.pack_into(f"{endian}ff", raw, 112, 1.0 if slope is None else slope,
-                         0.0 if inter is None else inter)
+        struct.pack_into(
+            f"{endian}ff",
+            raw,
+            112,
+            1.0 if slope is None else slope,
+            0.0 if inter is None else inter,
+        )
     return bytes(raw)
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = nifti_bytes(data, affine, **kw)
-    path.write_bytes(gzip.compress(raw, compresslevel=1, mtime=0)
-                     if path.name.endswith(".gz") else raw)
+    path.write_bytes(
+        gzip.compress(raw, compresslevel=1, mtime=0) if path.name.endswith(".gz") else raw
+    )
     return path
 
 
-def write_case(root: Path, case: int | str, image: np.ndarray, seg: np.ndarray | None = None,
-               affine: np.ndarray | None = None, img_dtype=np.float32,
-               slope: float | None = None, inter: float | None = None, mask_dtype=np.uint8,
-               qform_only: bool = False, seg_affine: np.ndarray | None = None,
-               endian: str = "<") -> Path:
+def write_case(
+    root: Path,
+    case: int | str,
+    image: np.ndarray,
+    seg: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    img_dtype=np.float32,
+    slope: float | None = None,
+    inter: float | None = None,
+    mask_dtype=np.uint8,
+    qform_only: bool = False,
+    seg_affine: np.ndarray | None = None,
+    endian: str = "<",
+) -> Path:
     """`root/case_XXXXX/imaging.nii.gz` (+ `segmentation.nii.gz` when `seg` is given).
     `image` is the stored (raw) array; with `slope`/`inter` the HU are raw*slope+inter.
     `qform_only` writes the mask the way KiTS19's uint16 masks are written."""
     affine = kits_affine() if affine is None else affine
     folder = Path(root) / case_id(case)
-    write_nifti(folder / "imaging.nii.gz", image, affine, dtype=img_dtype, slope=slope,
-                inter=inter, endian=endian)
+    write_nifti(
+        folder / "imaging.nii.gz",
+        image,
+        affine,
+        dtype=img_dtype,
+        slope=slope,
+        inter=inter,
+        endian=endian,
+    )
     if seg is not None:
-        write_nifti(folder / "segmentation.nii.gz", seg,
-                    affine if seg_affine is None else seg_affine, dtype=mask_dtype,
-                    qform_only=qform_only)
+        write_nifti(
+            folder / "segmentation.nii.gz",
+            seg,
+            affine if seg_affine is None else seg_affine,
+            dtype=mask_dtype,
+            qform_only=qform_only,
+        )
     return folder
 
 
-def random_case(rng: np.random.Generator, slices: int = 5, rows: int = 24, cols: int = 24,
-                labelled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def random_case(
+    rng: np.random.Generator, slices: int = 5, rows: int = 24, cols: int = 24, labelled: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     """HU spread across and beyond the mlperf window, and labels 0..2 in blobs."""
     image = rng.uniform(-1100, 1200, (slices, rows, cols)).astype(np.float32)
     if not labelled:
         return image, None
     seg = np.zeros((slices, rows, cols), np.uint8)
-    seg[:, rows // 4: rows // 2, cols // 4: cols // 2] = 1
-    seg[:, rows // 3: rows // 2, cols // 3: cols // 2] = 2
+    seg[:, rows // 4 : rows // 2, cols // 4 : cols // 2] = 1
+    seg[:, rows // 3 : rows // 2, cols // 3 : cols // 2] = 2
     seg[0] = 0  # one slice without foreground
     seg &= rng.integers(0, 2, seg.shape, dtype=np.uint8) * 3  # ragged edges, still 0..2
     return image, seg
 
 
-def write_cohort(root: Path, n: int = 3, seed: int = 0, unlabelled: tuple[int, ...] = (),
-                 shapes: dict[int, tuple[int, int, int]] | None = None) -> Path:
+def write_cohort(
+    root: Path,
+    n: int = 3,
+    seed: int = 0,
+    unlabelled: tuple[int, ...] = (),
+    shapes: dict[int, tuple[int, int, int]] | None = None,
+) -> Path:
     """A few small labelled cases with varied dtypes and slice thickness."""
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -101,9 +143,18 @@ def write_cohort(root: Path, n: int = 3, seed: int = 0, unlabelled: tuple[int, .
         image, seg = random_case(rng, *shape, labelled=i not in unlabelled)
         aff = kits_affine(thickness=1.0 + i, pixel=0.7 + 0.05 * i)
         if i % 2 == 1:  # int16 with a scale/intercept, like part of KiTS19
-            write_case(root, i, np.round((image + 1024) / 2).astype(np.int16), seg, aff,
-                       img_dtype=np.int16, slope=2.0, inter=-1024.0,
-                       mask_dtype=np.uint16, qform_only=True)
+            write_case(
+                root,
+                i,
+                np.round((image + 1024) / 2).astype(np.int16),
+                seg,
+                aff,
+                img_dtype=np.int16,
+                slope=2.0,
+                inter=-1024.0,
+                mask_dtype=np.uint16,
+                qform_only=True,
+            )
         else:
             write_case(root, i, image, seg, aff)
     return root
@@ -114,12 +165,14 @@ def read_store(path: Path, volatile: tuple[str, ...] = ()) -> dict:
     name, for whole-store comparisons."""
     out: dict = {}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
             for k, v in obj.attrs.items():
                 if k not in volatile:
                     out[f"{name}@{k}"] = v
             if isinstance(obj, h5py.Dataset):
                 out[name] = obj[...]
+
         for k, v in f.attrs.items():
             if k not in volatile:
                 out[f"/@{k}"] = v
@@ -145,8 +198,14 @@ def build(src: Path, out: Path, size: int = 32, window: str = "mlperf", **kw):
     """build_store with test defaults: tiny size, one worker, no fsync (speed only)."""
     from kitsprep.build import BuildConfig, build_store
 
-    cfg = BuildConfig(src=Path(src), out=Path(out), window=WINDOW_PRESETS[window], size=size,
-                      fsync=kw.pop("fsync", False), **kw)
+    cfg = BuildConfig(
+        src=Path(src),
+        out=Path(out),
+        window=WINDOW_PRESETS[window],
+        size=size,
+        fsync=kw.pop("fsync", False),
+        **kw,
+    )
     return build_store(cfg)
 
 
@@ -207,8 +266,9 @@ def write_bad_source(kind: str, src: Path) -> str:
     seg = np.zeros((4, 16, 16), np.uint8)
     if kind == "missing_imaging":
         (src / "case_00001").mkdir()
-        (src / "case_00001" / "segmentation.nii.gz").write_bytes(gzip.compress(
-            nifti_bytes(seg, kits_affine())))
+        (src / "case_00001" / "segmentation.nii.gz").write_bytes(
+            gzip.compress(nifti_bytes(seg, kits_affine()))
+        )
     elif kind == "truncated":
         truncate(write_case(src, 1, image, seg) / "imaging.nii.gz")
     elif kind == "corrupt":
@@ -236,5 +296,17 @@ def write_bad_source(kind: str, src: Path) -> str:
     return "case_00001"
 
 
-BAD_KINDS = ["empty", "not_kits", "missing_imaging", "truncated", "corrupt", "truncated_mask",
-             "shape", "affine", "nan", "float_mask", "label_300", "not_nifti"]
+BAD_KINDS = [
+    "empty",
+    "not_kits",
+    "missing_imaging",
+    "truncated",
+    "corrupt",
+    "truncated_mask",
+    "shape",
+    "affine",
+    "nan",
+    "float_mask",
+    "label_300",
+    "not_nifti",
+]

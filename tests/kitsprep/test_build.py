@@ -53,24 +53,25 @@ def assert_store_matches_source(out: Path, src: Path, size: int, window) -> None
                 folder = src / cid
                 seg_path = folder / "segmentation.nii.gz"
                 img, lab, counts, plane, axes = expected_case(
-                    folder / "imaging.nii.gz", seg_path if seg_path.exists() else None,
-                    size, window)
+                    folder / "imaging.nii.gz", seg_path if seg_path.exists() else None, size, window
+                )
                 g = f["cases"][cid]
                 meta = info.cases[cid]
                 rows = info.rows(cid)
                 assert meta.row_start == row and meta.slices == img.shape[0] == len(rows)
                 row += meta.slices
-                np.testing.assert_array_equal(g["image"][...].view(np.uint16),
-                                              img.view(np.uint16))
+                np.testing.assert_array_equal(g["image"][...].view(np.uint16), img.view(np.uint16))
                 assert (rows["case"] == pos).all()
                 np.testing.assert_array_equal(rows["slice"], np.arange(meta.slices))
                 assert meta.in_plane == plane and meta.axes == axes
                 np.testing.assert_array_equal(
                     rows["image_offset"],
-                    [g["image"].id.get_chunk_info(i).byte_offset for i in range(meta.slices)])
+                    [g["image"].id.get_chunk_info(i).byte_offset for i in range(meta.slices)],
+                )
                 for i, r in enumerate(rows):
-                    np.testing.assert_array_equal(smap.image(r).view(np.uint16),
-                                                  img[i].view(np.uint16))
+                    np.testing.assert_array_equal(
+                        smap.image(r).view(np.uint16), img[i].view(np.uint16)
+                    )
                 if lab is None:
                     assert not meta.labelled and not g.attrs["labelled"]
                     assert "label" not in g
@@ -82,10 +83,10 @@ def assert_store_matches_source(out: Path, src: Path, size: int, window) -> None
                 stored = g["label"][...]
                 np.testing.assert_array_equal(stored, lab)
                 for v in range(info.num_classes):
-                    np.testing.assert_array_equal(rows["counts"][:, v],
-                                                  (stored == v).sum((1, 2)))
-                np.testing.assert_array_equal(rows["counts"][:, 1:],
-                                              counts[:, :info.num_classes - 1])
+                    np.testing.assert_array_equal(rows["counts"][:, v], (stored == v).sum((1, 2)))
+                np.testing.assert_array_equal(
+                    rows["counts"][:, 1:], counts[:, : info.num_classes - 1]
+                )
                 assert (rows["label_offset"] > 0).all() and (rows["label_nbytes"] > 0).all()
                 for i, r in enumerate(rows):
                     np.testing.assert_array_equal(smap.label(r), stored[i])
@@ -175,10 +176,12 @@ def test_a_kits21_layout_builds_with_labels(tmp_path):
     seg[2, :3, :3] = 3
     write_case(src, 0, image, seg)
     (src / "case_00000" / "segmentation.nii.gz").rename(
-        src / "case_00000" / "aggregated_MAJ_seg.nii.gz")
+        src / "case_00000" / "aggregated_MAJ_seg.nii.gz"
+    )
     write_case(src, 1, image, (seg == 1).astype(np.uint8))
     (src / "case_00001" / "segmentation.nii.gz").rename(
-        src / "case_00001" / "aggregated_MAJ_seg.nii.gz")
+        src / "case_00001" / "aggregated_MAJ_seg.nii.gz"
+    )
     write_case(src, 2, image)
     report = build(src, tmp_path / "o.h5", size=16)
     assert report.edition == "kits21" and "aggregated_MAJ_seg" in report.edition_reason
@@ -186,19 +189,23 @@ def test_a_kits21_layout_builds_with_labels(tmp_path):
     assert info.labels == EDITIONS["kits21"] and info.edition_reason == report.edition_reason
     assert info.labelled_cases == ["case_00000", "case_00001"]
     assert info.label_pixels("cyst", info.rows("case_00000")).tolist() == [0, 0, 9]
-    np.testing.assert_array_equal(info.label_pixels("tumour", info.rows("case_00000")),
-                                  (seg == 2).sum((1, 2)))
+    np.testing.assert_array_equal(
+        info.label_pixels("tumour", info.rows("case_00000")), (seg == 2).sum((1, 2))
+    )
     assert info.cases["case_00002"].unlabelled_reason == (
-        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz")
+        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz"
+    )
     assert info.cases["case_00000"].unlabelled_reason == ""
     assert verify_store(tmp_path / "o.h5", src).ok
     seg[2, 0, 0] = 2  # a cyst voxel of the source turns tumour after the build
     write_case(src, 0, image, seg)
     (src / "case_00000" / "segmentation.nii.gz").replace(
-        src / "case_00000" / "aggregated_MAJ_seg.nii.gz")
+        src / "case_00000" / "aggregated_MAJ_seg.nii.gz"
+    )
     problems = verify_store(tmp_path / "o.h5", src).problems
-    assert any("label 3 (cyst) differ from the source mask (9 vs 8 pixels)" in p
-               for p in problems), problems
+    assert any(
+        "label 3 (cyst) differ from the source mask (9 vs 8 pixels)" in p for p in problems
+    ), problems
 
 
 def test_kits23_json_makes_a_kits23_store_without_a_cyst(tmp_path):
@@ -222,8 +229,7 @@ def test_a_label_outside_the_edition_is_refused_naming_the_case(tmp_path, editio
     refused = rf"case_00000: segmentation holds label value\(s\) {value}"
     with pytest.raises(KitsError, match=refused):
         build(src, tmp_path / "o.h5", size=16, edition=edition)
-    report = build(src, tmp_path / "o.h5", size=16, edition=edition, skip_bad=True,
-                   overwrite=True)
+    report = build(src, tmp_path / "o.h5", size=16, edition=edition, skip_bad=True, overwrite=True)
     assert list(report.bad_cases) == ["case_00000"] and report.cases == 1
 
 
@@ -245,8 +251,7 @@ def test_ras_stored_volume_is_sliced_along_its_axial_axis(tmp_path):
         assert set(np.unique(f["cases/case_00000/label"][...])) <= {0, 1}
 
 
-@pytest.mark.parametrize("dtype,slope,inter", [(np.float32, None, None),
-                                                (np.int16, 0.5, -1024.0)])
+@pytest.mark.parametrize("dtype,slope,inter", [(np.float32, None, None), (np.int16, 0.5, -1024.0)])
 def test_big_endian_imaging_builds_like_little_endian(tmp_path, dtype, slope, inter):
     """Big-endian NIfTI is valid NIfTI. The numba kernels read memory as native-endian, so
     unconverted big-endian int16 would be silently wrong HU, and float32 garbage/NaN."""
@@ -255,14 +260,16 @@ def test_big_endian_imaging_builds_like_little_endian(tmp_path, dtype, slope, in
     if dtype == np.int16:
         image = np.round((image + 1024) * 2).astype(np.int16)
     for endian, name in (("<", "le"), (">", "be")):
-        write_case(tmp_path / name, 0, image, seg, img_dtype=dtype, slope=slope, inter=inter,
-                   endian=endian)
+        write_case(
+            tmp_path / name, 0, image, seg, img_dtype=dtype, slope=slope, inter=inter, endian=endian
+        )
         build(tmp_path / name, tmp_path / f"{name}.h5", size=16)
     a, b = read_store(tmp_path / "le.h5"), read_store(tmp_path / "be.h5")
     for k in a:
         if "@" not in k:
-            np.testing.assert_array_equal(np.asarray(a[k]).view(np.uint8),
-                                          np.asarray(b[k]).view(np.uint8), err_msg=k)
+            np.testing.assert_array_equal(
+                np.asarray(a[k]).view(np.uint8), np.asarray(b[k]).view(np.uint8), err_msg=k
+            )
 
 
 def test_workers_1_and_2_give_identical_stores(tmp_path):
@@ -386,8 +393,9 @@ def _interrupt_after(monkeypatch, n: int) -> None:
 
 
 def _records(out: Path) -> list[Path]:
-    return [p for p in (partial_dir(out) / "cases").glob("*.npz")
-            if not p.name.endswith(".tmp.npz")]
+    return [
+        p for p in (partial_dir(out) / "cases").glob("*.npz") if not p.name.endswith(".tmp.npz")
+    ]
 
 
 @pytest.fixture
@@ -493,8 +501,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         image, seg = random_case(rng, 24, 64, 64, labelled=c != 5)
         write_case(src, c, image, seg, kits_affine(1.0 + c % 3, 0.8))
     out = tmp_path / "out.h5"
-    cmd = [sys.executable, "-m", "kitsprep.cli", "build", "--src", str(src), "--out", str(out),
-           "--workers", "1", "--size", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kitsprep.cli",
+        "build",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--size",
+        "64",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     try:
@@ -523,7 +543,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
                 cid = info.case_ids[r["case"]]
                 np.testing.assert_array_equal(
                     smap.image(r).view(np.uint16),
-                    f["cases"][cid]["image"][r["slice"]].view(np.uint16))
+                    f["cases"][cid]["image"][r["slice"]].view(np.uint16),
+                )
     finally:
         smap.close()
     assert verify_store(out, src).ok

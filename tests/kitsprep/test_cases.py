@@ -27,14 +27,17 @@ from tests.kitsprep.conftest import kits_affine, write_case, write_nifti
 # --------------------------------------------------------------------------- case specs
 
 
-@pytest.mark.parametrize("spec,want", [
-    ("0-19,50-54", [*range(20), *range(50, 55)]),
-    ("case_00003", [3]),
-    ("3", [3]),
-    (" 5 , 2-3 ,2 ", [2, 3, 5]),
-    ("case_00001-case_00002", [1, 2]),
-    ("7-7", [7]),
-])
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("0-19,50-54", [*range(20), *range(50, 55)]),
+        ("case_00003", [3]),
+        ("3", [3]),
+        (" 5 , 2-3 ,2 ", [2, 3, 5]),
+        ("case_00001-case_00002", [1, 2]),
+        ("7-7", [7]),
+    ],
+)
 def test_parse_case_spec(spec, want):
     assert parse_case_spec(spec) == [f"case_{n:05d}" for n in want]
 
@@ -45,15 +48,18 @@ def test_parse_case_spec_from_file(tmp_path):
     assert parse_case_spec(f"@{f}") == [f"case_{n:05d}" for n in (50, 51, 52, 53)]
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("abc", "abc"),
-    ("1,x2", "x2"),
-    ("case_3a", "case_3a"),
-    ("-3", "-3"),
-    ("5-2", "backwards"),
-    ("", "empty"),
-    (" , ", "empty"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("abc", "abc"),
+        ("1,x2", "x2"),
+        ("case_3a", "case_3a"),
+        ("-3", "-3"),
+        ("5-2", "backwards"),
+        ("", "empty"),
+        (" , ", "empty"),
+    ],
+)
 def test_parse_case_spec_rejects(spec, needle):
     with pytest.raises(KitsError) as exc:
         parse_case_spec(spec)
@@ -108,13 +114,20 @@ def test_kits21_masks_are_read_and_a_case_without_a_mask_says_why(tmp_path):
     shutil.copy(both / "segmentation.nii.gz", both / "aggregated_MAJ_seg.nii.gz")
     _tiny(tmp_path, 1)
     (tmp_path / "case_00001" / "segmentation.nii.gz").rename(
-        tmp_path / "case_00001" / "aggregated_MAJ_seg.nii.gz")
+        tmp_path / "case_00001" / "aggregated_MAJ_seg.nii.gz"
+    )
     _tiny(tmp_path, 2, labelled=False)
     refs = find_cases(tmp_path)
     assert [r.segmentation.name if r.segmentation else None for r in refs] == [
-        "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", None]
+        "segmentation.nii.gz",
+        "aggregated_MAJ_seg.nii.gz",
+        None,
+    ]
     assert [r.unlabelled_reason for r in refs] == [
-        "", "", "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz"]
+        "",
+        "",
+        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz",
+    ]
     edition, why = folder_edition(tmp_path, refs)
     assert edition == "kits21" and "case_00001" in why and "aggregated_MAJ_seg" in why
     assert folder_edition(tmp_path, [refs[0], refs[2]]) is None  # KiTS19 layout: no word
@@ -179,8 +192,7 @@ def test_read_volume_big_endian_gives_native_values(tmp_path, dtype):
     """The kernels read memory as native-endian: a big-endian file must come out swapped
     to native order with the same values nibabel reads."""
     raw = np.random.default_rng(5).integers(0, 3000, (3, 4, 5)).astype(dtype)
-    path = write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", raw, kits_affine(),
-                       endian=">")
+    path = write_nifti(tmp_path / "case_00000" / "imaging.nii.gz", raw, kits_affine(), endian=">")
     assert nib.load(path).header.endianness == ">"
     vol = read_volume(path)
     assert vol.data.dtype.isnative and vol.data.dtype == np.dtype(dtype)
@@ -202,8 +214,15 @@ def test_qform_only_uint16_mask_pairs_with_sform_imaging(tmp_path):
     aff = kits_affine(thickness=3.0, pixel=0.705)
     seg = np.zeros((3, 8, 8), np.uint16)
     seg[1, 2:4, 2:5] = 2
-    folder = write_case(tmp_path, 15, np.zeros((3, 8, 8), np.float32), seg, aff,
-                        mask_dtype=np.uint16, qform_only=True)
+    folder = write_case(
+        tmp_path,
+        15,
+        np.zeros((3, 8, 8), np.float32),
+        seg,
+        aff,
+        mask_dtype=np.uint16,
+        qform_only=True,
+    )
     img_h = read_header(folder / "imaging.nii.gz", "case_00015")
     seg_h = read_header(folder / "segmentation.nii.gz", "case_00015")
     assert (seg_h.qform_code, seg_h.sform_code) == (1, 0)
@@ -256,8 +275,9 @@ def test_crc_mismatch_names_the_case(tmp_path):
 
 def test_gzip_of_short_nifti_payload(tmp_path):
     """Valid gzip, valid header, but fewer voxels than the header claims."""
-    raw = (write_nifti(tmp_path / "x.nii", np.zeros((4, 8, 8), np.float32), kits_affine())
-           .read_bytes())
+    raw = write_nifti(
+        tmp_path / "x.nii", np.zeros((4, 8, 8), np.float32), kits_affine()
+    ).read_bytes()
     path = tmp_path / "case_00007" / "imaging.nii.gz"
     path.parent.mkdir()
     path.write_bytes(gzip.compress(raw[:-100]))
@@ -276,8 +296,11 @@ def test_not_nifti_names_the_file(tmp_path):
 
 
 def test_read_header_rejects_4d(tmp_path):
-    path = write_nifti(tmp_path / "case_00009" / "imaging.nii.gz",
-                       np.zeros((2, 3, 4, 2), np.float32), kits_affine())
+    path = write_nifti(
+        tmp_path / "case_00009" / "imaging.nii.gz",
+        np.zeros((2, 3, 4, 2), np.float32),
+        kits_affine(),
+    )
     with pytest.raises(KitsError, match="3D"):
         read_header(path, "case_00009")
 
@@ -285,14 +308,18 @@ def test_read_header_rejects_4d(tmp_path):
 def test_check_pair_refuses_mismatches(tmp_path):
     img = np.zeros((3, 8, 8), np.float32)
     a = write_case(tmp_path, 0, img, np.zeros((3, 8, 9), np.uint8))
-    b = write_case(tmp_path, 1, img, np.zeros((3, 8, 8), np.uint8),
-                   seg_affine=kits_affine(pixel=0.9))
+    b = write_case(
+        tmp_path, 1, img, np.zeros((3, 8, 8), np.uint8), seg_affine=kits_affine(pixel=0.9)
+    )
     c = write_case(tmp_path, 2, img, np.zeros((3, 8, 8), np.float32), mask_dtype=np.float32)
     for folder, needle in [(a, "shape"), (b, "affines differ"), (c, "dtype")]:
         cid = folder.name
         with pytest.raises(KitsError, match=f"{cid}.*{needle}"):
-            check_pair(cid, read_header(folder / "imaging.nii.gz"),
-                       read_header(folder / "segmentation.nii.gz"))
+            check_pair(
+                cid,
+                read_header(folder / "imaging.nii.gz"),
+                read_header(folder / "segmentation.nii.gz"),
+            )
 
 
 # --------------------------------------------------------------------------- geometry

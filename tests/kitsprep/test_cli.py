@@ -41,8 +41,9 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     src = write_cohort(root / "src", n=3, unlabelled=(2,))
     out = root / "s.h5"
-    result = run("build", "--src", src, "--out", out, "--size", "32", "--workers", "1",
-                 "--no-fsync")
+    result = run(
+        "build", "--src", src, "--out", out, "--size", "32", "--workers", "1", "--no-fsync"
+    )
     assert result.exit_code == 0, result.output
     return src, out, result
 
@@ -55,8 +56,17 @@ def test_help(cmd):
 
 def test_help_lists_build_options():
     out = run("build", "--help").output
-    for opt in ("--src", "--out", "--size", "--window", "--window-range", "--workers",
-                "--cases", "--resume", "--overwrite"):
+    for opt in (
+        "--src",
+        "--out",
+        "--size",
+        "--window",
+        "--window-range",
+        "--workers",
+        "--cases",
+        "--resume",
+        "--overwrite",
+    ):
         assert opt in out
 
 
@@ -75,8 +85,11 @@ def test_build_info_verify(built):
 
     info = run("info", out)
     assert info.exit_code == 0, info.output
-    assert ("3 (2 labelled, 1 unlabelled: no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz)"
-            in info.output and "mlperf" in info.output)
+    assert (
+        "3 (2 labelled, 1 unlabelled: no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz)"
+        in info.output
+        and "mlperf" in info.output
+    )
     assert "kits19 (no mask holds a label beyond kidney and tumour): 0 background" in info.output
 
     js = run("info", out, "--json")
@@ -85,7 +98,8 @@ def test_build_info_verify(built):
     assert summary["cases"] == 3 and summary["slices"] == 4 + 5 + 6
     assert summary["size"] == 32 and summary["window"]["name"] == "mlperf"
     assert summary["unlabelled_reasons"] == {
-        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz": 1}
+        "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz": 1
+    }
     assert summary["per_case"]["case_00002"]["unlabelled_reason"].startswith("no seg")
 
     ver = run("verify", out)
@@ -96,27 +110,61 @@ def test_build_info_verify(built):
 
 def test_build_with_two_workers(tmp_path):
     src = write_cohort(tmp_path / "src", n=3)
-    result = run("build", "--src", src, "--out", tmp_path / "o.h5", "--size", "16",
-                 "--workers", "2", "--no-fsync")
+    result = run(
+        "build",
+        "--src",
+        src,
+        "--out",
+        tmp_path / "o.h5",
+        "--size",
+        "16",
+        "--workers",
+        "2",
+        "--no-fsync",
+    )
     assert result.exit_code == 0, result.output
     assert run("verify", tmp_path / "o.h5", "--src", src).exit_code == 0
 
 
-@pytest.mark.parametrize("args,want", [
-    (["--window", "abdomen"], {"name": "abdomen", "lo": -175.0, "hi": 250.0,
-                               "offset": -175.0, "divisor": 425.0}),
-    (["--window-range", "-100", "200"], {"lo": -100.0, "hi": 200.0, "offset": -100.0,
-                                         "divisor": 300.0}),
-    (["--window", "mlperf", "--window-range", "-50", "250"],
-     {"lo": -50.0, "hi": 250.0, "offset": 101.0, "divisor": 76.9}),
-    (["--window", "abdomen", "--window-range", "-200", "300"],
-     {"lo": -200.0, "hi": 300.0, "offset": -200.0, "divisor": 500.0}),
-])
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        (
+            ["--window", "abdomen"],
+            {"name": "abdomen", "lo": -175.0, "hi": 250.0, "offset": -175.0, "divisor": 425.0},
+        ),
+        (
+            ["--window-range", "-100", "200"],
+            {"lo": -100.0, "hi": 200.0, "offset": -100.0, "divisor": 300.0},
+        ),
+        (
+            ["--window", "mlperf", "--window-range", "-50", "250"],
+            {"lo": -50.0, "hi": 250.0, "offset": 101.0, "divisor": 76.9},
+        ),
+        (
+            ["--window", "abdomen", "--window-range", "-200", "300"],
+            {"lo": -200.0, "hi": 300.0, "offset": -200.0, "divisor": 500.0},
+        ),
+    ],
+)
 def test_window_options_reach_the_store(tmp_path, built, args, want):
     src, _, _ = built
     out = tmp_path / "w.h5"
-    result = run("build", "--src", src, "--out", out, "--size", "16", "--workers", "1",
-                 "--no-fsync", "--cases", "0", *args)
+    result = run(
+        "build",
+        "--src",
+        src,
+        "--out",
+        out,
+        "--size",
+        "16",
+        "--workers",
+        "1",
+        "--no-fsync",
+        "--cases",
+        "0",
+        *args,
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as f:
         stored = json.loads(f.attrs["window"])
@@ -132,19 +180,23 @@ def test_build_bad_input(tmp_path, kind):
     src = tmp_path / "src"
     needle = write_bad_source(kind, src)
     out = tmp_path / "o.h5"
-    result = run("build", "--src", src, "--out", out, "--size", "16", "--workers", "1",
-                 "--no-fsync")
+    result = run(
+        "build", "--src", src, "--out", out, "--size", "16", "--workers", "1", "--no-fsync"
+    )
     assert_user_error(result, needle)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--window", "bogus"], "bogus"),
-    (["--window-range", "250", "-175"], "HI > LO"),
-    (["--cases", "0-1,9"], "case_00009"),
-    (["--cases", "x"], "'x'"),
-    (["--cases", "3-1"], "backwards"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--window", "bogus"], "bogus"),
+        (["--window-range", "250", "-175"], "HI > LO"),
+        (["--cases", "0-1,9"], "case_00009"),
+        (["--cases", "x"], "'x'"),
+        (["--cases", "3-1"], "backwards"),
+    ],
+)
 def test_build_bad_options(tmp_path, built, args, needle):
     src, _, _ = built
     out = tmp_path / "o.h5"
@@ -155,11 +207,13 @@ def test_build_bad_options(tmp_path, built, args, needle):
 
 def test_build_missing_src_and_existing_out(tmp_path, built):
     src, out, _ = built
-    assert_user_error(run("build", "--src", tmp_path / "none", "--out", tmp_path / "o.h5"),
-                      str(tmp_path / "none"))
+    assert_user_error(
+        run("build", "--src", tmp_path / "none", "--out", tmp_path / "o.h5"), str(tmp_path / "none")
+    )
     before = out.read_bytes()
-    assert_user_error(run("build", "--src", src, "--out", out, "--workers", "1"),
-                      str(out), "--overwrite")
+    assert_user_error(
+        run("build", "--src", src, "--out", out, "--workers", "1"), str(out), "--overwrite"
+    )
     assert out.read_bytes() == before
 
 
@@ -216,8 +270,9 @@ def test_verify_detects_flipped_image_bytes(tmp_path, built):
 def test_verify_detects_damaged_label_chunk(tmp_path, built):
     """A damaged deflate stream in a label chunk: a reported problem, not a traceback."""
     src, out, _ = built
-    copy = _damaged_copy(out, tmp_path, "label_offset", _labelled_fg_row(out),
-                         lambda d: d ^ np.uint8(0xFF))
+    copy = _damaged_copy(
+        out, tmp_path, "label_offset", _labelled_fg_row(out), lambda d: d ^ np.uint8(0xFF)
+    )
     result = run("verify", copy)
     assert_user_error(result, "problem")
     assert "FAIL case_00000" in result.output
@@ -250,11 +305,11 @@ def test_synth_cohort_builds_and_verifies(tmp_path):
     cohort = tmp_path / "cohort"
     result = run("synth", "--out", cohort, "--cases", "3", "--size", "32", "--seed", "1")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in cohort.iterdir()) == ["case_00000", "case_00001",
-                                                       "case_00002"]
+    assert sorted(p.name for p in cohort.iterdir()) == ["case_00000", "case_00001", "case_00002"]
     out = tmp_path / "s.h5"
-    result = run("build", "--src", cohort, "--out", out, "--size", "32", "--workers", "1",
-                 "--no-fsync")
+    result = run(
+        "build", "--src", cohort, "--out", out, "--size", "32", "--workers", "1", "--no-fsync"
+    )
     assert result.exit_code == 0, result.output
     assert run("verify", out, "--src", cohort).exit_code == 0
     assert open_store(out).cases["case_00000"].axcodes == "IPL"

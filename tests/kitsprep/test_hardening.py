@@ -78,9 +78,27 @@ def test_resume_after_a_kill_during_finalize(built, tmp_path: Path) -> None:
         from kitsprep.cli import main
         main(sys.argv[1:])
     """)
-    p = subprocess.run([sys.executable, "-c", script, "build", "--src", str(src), "--out",
-                        str(out), "--size", "32", "--workers", "1", "--no-fsync"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "build",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--workers",
+            "1",
+            "--no-fsync",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == -9, p.stderr
     partial = tmp_path / "k.h5.partial" / "store.h5"
     assert store_mod._superblock(partial)[0][11] != 0  # left "open for write"
@@ -96,11 +114,11 @@ def test_clearing_the_write_flags_redoes_the_superblock_checksum(tmp_path: Path)
     with h5py.File(path, "w", libver=("v110", "latest")) as f:
         f.attrs["a"] = 1
     raw, body = store_mod._superblock(path)
-    assert store_mod._lookup3(bytes(raw[:body])) == int.from_bytes(raw[body:body + 4], "little")
+    assert store_mod._lookup3(bytes(raw[:body])) == int.from_bytes(raw[body : body + 4], "little")
     assert not store_mod.clear_write_flags(path)  # closed cleanly: nothing to clear
     raw[11] = 1
-    raw[body:body + 4] = store_mod._lookup3(bytes(raw[:body])).to_bytes(4, "little")
-    path.write_bytes(bytes(raw[:body + 4]) + path.read_bytes()[body + 4:])
+    raw[body : body + 4] = store_mod._lookup3(bytes(raw[:body])).to_bytes(4, "little")
+    path.write_bytes(bytes(raw[: body + 4]) + path.read_bytes()[body + 4 :])
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(path, "r")
     assert store_mod.clear_write_flags(path)
@@ -172,8 +190,9 @@ def test_a_huge_case_range_is_checked_not_expanded() -> None:
                 print(exc)
         print(parse_case_spec("1-3,0", [f"case_{i:05d}" for i in range(5)]))
     """)
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0, p.stderr[-500:]
     lines = p.stdout.splitlines()
     assert "names 999999999998 case(s) that are not there" in lines[0]
@@ -198,8 +217,13 @@ def _failed_build(tmp_path: Path) -> tuple[Path, Path]:
 def test_resume_refuses_a_repaired_case_of_another_slice_count(tmp_path: Path) -> None:
     src, out = _failed_build(tmp_path)
     rng = np.random.default_rng(1)
-    write_case(src, 2, rng.uniform(-100, 100, (9, 24, 24)), np.zeros((9, 24, 24), np.uint8),
-               kits_affine(3.0, 0.8))
+    write_case(
+        src,
+        2,
+        rng.uniform(-100, 100, (9, 24, 24)),
+        np.zeros((9, 24, 24), np.uint8),
+        kits_affine(3.0, 0.8),
+    )
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1, "--resume")
     assert_user_error(r, "case_00002 changed", "now has 9 slices", "--overwrite")
 
@@ -207,8 +231,13 @@ def test_resume_refuses_a_repaired_case_of_another_slice_count(tmp_path: Path) -
 def test_resume_redoes_a_committed_case_whose_source_changed(tmp_path: Path) -> None:
     src, out = _failed_build(tmp_path)
     rng = np.random.default_rng(2)
-    write_case(src, 2, rng.uniform(-100, 100, (6, 24, 24)), np.zeros((6, 24, 24), np.uint8),
-               kits_affine(3.0, 0.8))  # repaired, same slice count as planned
+    write_case(
+        src,
+        2,
+        rng.uniform(-100, 100, (6, 24, 24)),
+        np.zeros((6, 24, 24), np.uint8),
+        kits_affine(3.0, 0.8),
+    )  # repaired, same slice count as planned
     image = rng.uniform(-100, 100, (4, 24, 24)).astype(np.float32)
     write_case(src, 0, image, np.ones((4, 24, 24), np.uint8), kits_affine(1.0, 0.7))
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1, "--resume")
@@ -236,8 +265,9 @@ def test_an_unwritable_out_is_one_line(built, tmp_path: Path, where: str) -> Non
     assert_user_error(run("build", "--src", src, "--out", out, "--size", 32), str(out))
 
 
-def test_a_full_disk_is_one_line_and_resume_then_works(built, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_is_one_line_and_resume_then_works(
+    built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kitsprep.build as build_mod
 
     src, _ = built
@@ -258,8 +288,7 @@ def test_a_full_disk_is_one_line_and_resume_then_works(built, tmp_path: Path,
 
 
 def test_a_volume_with_no_slices_is_one_line(tmp_path: Path) -> None:
-    write_case(tmp_path / "src", 0, np.zeros((0, 8, 8), np.float32),
-               np.zeros((0, 8, 8), np.uint8))
+    write_case(tmp_path / "src", 0, np.zeros((0, 8, 8), np.float32), np.zeros((0, 8, 8), np.uint8))
     r = run("build", "--src", tmp_path / "src", "--out", tmp_path / "z.h5", "--size", 32)
     assert_user_error(r, "case_00000", "empty volume")
 
@@ -268,8 +297,9 @@ def test_a_negative_label_is_named_as_such(tmp_path: Path) -> None:
     seg = np.zeros((3, 8, 8), np.int16)
     seg[1, 2, 2] = -1
     write_case(tmp_path / "src", 0, np.zeros((3, 8, 8), np.float32), seg, mask_dtype=np.int16)
-    r = run("build", "--src", tmp_path / "src", "--out", tmp_path / "n.h5", "--size", 32,
-            "--workers", 1)
+    r = run(
+        "build", "--src", tmp_path / "src", "--out", tmp_path / "n.h5", "--size", 32, "--workers", 1
+    )
     assert_user_error(r, "case_00000", "holds label value(s) -1,")
 
 
@@ -290,13 +320,35 @@ def test_misnamed_case_folders_are_listed_once(built, tmp_path: Path) -> None:
 
 def test_a_size_the_default_unet_cannot_halve_warns_at_build(built, tmp_path: Path) -> None:
     src, _ = built
-    r = run("build", "--src", src, "--out", tmp_path / "w.h5", "--size", 40, "--workers", 1,
-            "--cases", "0")
+    r = run(
+        "build",
+        "--src",
+        src,
+        "--out",
+        tmp_path / "w.h5",
+        "--size",
+        40,
+        "--workers",
+        1,
+        "--cases",
+        "0",
+    )
     assert r.exit_code == 0, r.output
     assert "warning: --size 40 cannot be halved 4 times" in r.output
     assert "use a multiple of 16" in r.output
-    r = run("build", "--src", src, "--out", tmp_path / "v.h5", "--size", 32, "--workers", 1,
-            "--cases", "0")
+    r = run(
+        "build",
+        "--src",
+        src,
+        "--out",
+        tmp_path / "v.h5",
+        "--size",
+        32,
+        "--workers",
+        1,
+        "--cases",
+        "0",
+    )
     assert "cannot be halved" not in r.output
 
 
@@ -311,19 +363,40 @@ def test_the_kernels_are_warmed_with_the_builds_own_specialisations(tmp_path: Pa
     build_mod._warm_kernels(find_cases(src), WINDOW_PRESETS["mlperf"])
     dispatchers = (kernels._window_resample, kernels._labels_resample, kernels._count_nonfinite)
     before = [len(k.signatures) for k in dispatchers]
-    r = run("build", "--src", src, "--out", tmp_path / "s.h5", "--size", 32, "--workers", 1,
-            "--no-fsync")
+    r = run(
+        "build",
+        "--src",
+        src,
+        "--out",
+        tmp_path / "s.h5",
+        "--size",
+        32,
+        "--workers",
+        1,
+        "--no-fsync",
+    )
     assert r.exit_code == 0, r.output
     assert [len(k.signatures) for k in dispatchers] == before
 
 
-def test_compile_time_is_reported_apart_from_the_rate(built, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_time_is_reported_apart_from_the_rate(
+    built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kitsprep import build as build_mod
 
     src, _ = built
     monkeypatch.setattr(build_mod, "_warm_kernels", lambda refs, window: 7.5)
-    r = run("build", "--src", src, "--out", tmp_path / "c.h5", "--size", 32, "--workers", 1,
-            "--no-fsync")
+    r = run(
+        "build",
+        "--src",
+        src,
+        "--out",
+        tmp_path / "c.h5",
+        "--size",
+        32,
+        "--workers",
+        1,
+        "--no-fsync",
+    )
     assert r.exit_code == 0, r.output
     assert "plus 7.5s compiling the kernels" in r.output

@@ -48,16 +48,20 @@ def ref_bilinear(win: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
 
 def ref_nearest(seg: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     def idx(n_src, n_new):
-        return np.minimum(np.floor((np.arange(n_new) + 0.5) * (n_src / n_new)).astype(np.int64),
-                          n_src - 1)
+        return np.minimum(
+            np.floor((np.arange(n_new) + 0.5) * (n_src / n_new)).astype(np.int64), n_src - 1
+        )
+
     return seg[:, idx(seg.shape[1], new_h)][:, :, idx(seg.shape[2], new_w)]
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Distance in float16 ulps (bit patterns mapped onto a monotone integer line)."""
+
     def line(x):
         bits = x.view(np.uint16).astype(np.int32)
         return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+
     return np.abs(line(a) - line(b))
 
 
@@ -105,14 +109,18 @@ def test_window_clips_to_the_range_ends(mlperf):
 # --------------------------------------------------------------------------- bilinear
 
 
-@pytest.mark.parametrize("shape,size", [((4, 16, 16), 40), ((4, 48, 48), 16),
-                                        ((3, 17, 29), 23), ((2, 64, 40), 32)])
+@pytest.mark.parametrize(
+    "shape,size", [((4, 16, 16), 40), ((4, 48, 48), 16), ((3, 17, 29), 23), ((2, 64, 40), 32)]
+)
 def test_bilinear_within_one_f16_ulp(rng, mlperf, shape, size):
     vol = np.asfortranarray(rng.uniform(-200, 400, shape).astype(np.float32))
     plane = fit_in_plane(shape[1], shape[2], size)
     out = window_resample(vol, 1.0, 0.0, mlperf, plane)
-    box = out[:, plane.pad_top:plane.pad_top + plane.new_h,
-              plane.pad_left:plane.pad_left + plane.new_w]
+    box = out[
+        :,
+        plane.pad_top : plane.pad_top + plane.new_h,
+        plane.pad_left : plane.pad_left + plane.new_w,
+    ]
     want = ref_bilinear(ref_window(vol, 1, 0, mlperf), plane.new_h, plane.new_w)
     assert ulp_distance(box, want).max() <= 1
 
@@ -129,23 +137,27 @@ def test_constant_image_stays_constant_after_resample(mlperf):
     vol = np.full((2, 13, 31), 40.0, np.float32, order="F")
     plane = fit_in_plane(13, 31, 32)
     out = window_resample(vol, 1.0, 0.0, mlperf, plane)
-    box = out[:, plane.pad_top:plane.pad_top + plane.new_h, :]
+    box = out[:, plane.pad_top : plane.pad_top + plane.new_h, :]
     assert (box == np.float16(mlperf.normalise(40.0))).all()
 
 
 # --------------------------------------------------------------------------- labels
 
 
-@pytest.mark.parametrize("shape,size", [((5, 16, 16), 16), ((5, 16, 16), 40),
-                                        ((4, 50, 50), 16), ((3, 21, 37), 32)])
+@pytest.mark.parametrize(
+    "shape,size", [((5, 16, 16), 16), ((5, 16, 16), 40), ((4, 50, 50), 16), ((3, 21, 37), 32)]
+)
 def test_labels_nearest_exact_and_counts(rng, shape, size):
     seg = np.asfortranarray(rng.integers(0, 4, shape).astype(np.uint8))
     plane = fit_in_plane(shape[1], shape[2], size)
     counts = np.zeros((shape[0], 3), np.int64)
     out, top = labels_resample(seg, plane, counts)
     assert out.dtype == np.uint8 and out.shape == (shape[0], size, size)
-    box = out[:, plane.pad_top:plane.pad_top + plane.new_h,
-              plane.pad_left:plane.pad_left + plane.new_w]
+    box = out[
+        :,
+        plane.pad_top : plane.pad_top + plane.new_h,
+        plane.pad_left : plane.pad_left + plane.new_w,
+    ]
     np.testing.assert_array_equal(box, ref_nearest(seg, plane.new_h, plane.new_w))
     assert top == seg.max()
     want = np.stack([(out == 1).sum((1, 2)), (out == 2).sum((1, 2)), (out >= 3).sum((1, 2))], 1)
@@ -185,8 +197,12 @@ def test_padding_box_for_non_square(rng, mlperf):
     pad16 = np.float16(mlperf.pad_value)
     assert (img[:, ~inside] == pad16).all()
     assert (lab[:, ~inside] == 0).all() and (lab[:, inside] == 1).all()
-    assert ulp_distance(img[:, inside].reshape(3, 19, 32),
-                        ref_bilinear(ref_window(vol, 1, 0, mlperf), 19, 32)).max() <= 1
+    assert (
+        ulp_distance(
+            img[:, inside].reshape(3, 19, 32), ref_bilinear(ref_window(vol, 1, 0, mlperf), 19, 32)
+        ).max()
+        <= 1
+    )
 
 
 def test_padding_tall_input_pads_left_and_right(rng, mlperf):
@@ -209,10 +225,12 @@ def test_real_512x796_geometry(rng, mlperf):
     counts = np.zeros((2, 3), np.int64)
     lab, _ = labels_resample(seg, plane, counts)
     pad16 = np.float16(mlperf.pad_value)
-    assert (img[:, :91] == pad16).all() and (img[:, 91 + 329:] == pad16).all()
-    assert (lab[:, :91] == 0).all() and (lab[:, 91 + 329:] == 0).all()
-    assert ulp_distance(img[:, 91:420], ref_bilinear(ref_window(vol, 1, 0, mlperf),
-                                                     329, 512)).max() <= 1
+    assert (img[:, :91] == pad16).all() and (img[:, 91 + 329 :] == pad16).all()
+    assert (lab[:, :91] == 0).all() and (lab[:, 91 + 329 :] == 0).all()
+    assert (
+        ulp_distance(img[:, 91:420], ref_bilinear(ref_window(vol, 1, 0, mlperf), 329, 512)).max()
+        <= 1
+    )
     np.testing.assert_array_equal(lab[:, 91:420], ref_nearest(seg, 329, 512))
     np.testing.assert_array_equal(counts[:, 0], (lab == 1).sum((1, 2)))
     np.testing.assert_array_equal(counts[:, 1], (lab == 2).sum((1, 2)))
@@ -236,15 +254,20 @@ def test_memory_order_does_not_change_results(rng, mlperf, size):
     base = rng.uniform(-300, 400, (5, 16, 16)).astype(np.float32)
     seg = rng.integers(0, 3, (5, 16, 16)).astype(np.uint8)
     plane = fit_in_plane(16, 16, size)
-    variants = [np.ascontiguousarray(base), np.asfortranarray(base),
-                np.ascontiguousarray(base.transpose(2, 0, 1)).transpose(1, 2, 0),
-                np.asfortranarray(base[:, ::-1])[:, ::-1]]
-    seg_variants = [np.ascontiguousarray(seg), np.asfortranarray(seg),
-                    np.ascontiguousarray(seg.transpose(1, 2, 0)).transpose(2, 0, 1)]
+    variants = [
+        np.ascontiguousarray(base),
+        np.asfortranarray(base),
+        np.ascontiguousarray(base.transpose(2, 0, 1)).transpose(1, 2, 0),
+        np.asfortranarray(base[:, ::-1])[:, ::-1],
+    ]
+    seg_variants = [
+        np.ascontiguousarray(seg),
+        np.asfortranarray(seg),
+        np.ascontiguousarray(seg.transpose(1, 2, 0)).transpose(2, 0, 1),
+    ]
     want = window_resample(variants[0], 1.0, 0.0, mlperf, plane)
     for v in variants[1:]:
-        np.testing.assert_array_equal(bits(window_resample(v, 1.0, 0.0, mlperf, plane)),
-                                      bits(want))
+        np.testing.assert_array_equal(bits(window_resample(v, 1.0, 0.0, mlperf, plane)), bits(want))
     c0 = np.zeros((5, 3), np.int64)
     want_lab, _ = labels_resample(seg_variants[0], plane, c0)
     for v in seg_variants[1:]:
@@ -257,17 +280,45 @@ def test_memory_order_does_not_change_results(rng, mlperf, size):
 
 
 def test_f32_to_f16_bits_matches_numpy(rng):
-    tiny = np.float32(2.0 ** -24)  # smallest float16 subnormal
-    special = np.array([
-        0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 65504.0, 65519.0, 65520.0, 1e6, -1e6,
-        tiny, tiny / 2, tiny * 0.75, tiny * 1.5, tiny * 2.5, 6.1e-5, 2.0 ** -14, 1e-45,
-        1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 2049.0, 2051.0, -2049.0, 0.1, 1 / 3,
-    ], np.float32)
-    rand = np.concatenate([
-        rng.standard_normal(20000).astype(np.float32) * 100,
-        (rng.uniform(-1, 1, 20000) * 2.0 ** -14).astype(np.float32),  # f16 subnormal range
-        rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32),
-    ])
+    tiny = np.float32(2.0**-24)  # smallest float16 subnormal
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -np.nan,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e6,
+            -1e6,
+            tiny,
+            tiny / 2,
+            tiny * 0.75,
+            tiny * 1.5,
+            tiny * 2.5,
+            6.1e-5,
+            2.0**-14,
+            1e-45,
+            1.0 + 2.0**-11,
+            1.0 + 3 * 2.0**-11,
+            2049.0,
+            2051.0,
+            -2049.0,
+            0.1,
+            1 / 3,
+        ],
+        np.float32,
+    )
+    rand = np.concatenate(
+        [
+            rng.standard_normal(20000).astype(np.float32) * 100,
+            (rng.uniform(-1, 1, 20000) * 2.0**-14).astype(np.float32),  # f16 subnormal range
+            rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        ]
+    )
     src = np.concatenate([special, rand])
     out = np.empty(src.shape, np.uint16)
     f32_to_f16_bits(src, out)

@@ -41,11 +41,27 @@ def real(tmp_path_factory):
         shutil.copy(mask_path, src / cid / "segmentation.nii.gz")
         img = nib.load(mask_path)
         masks[cid] = np.asarray(img.dataobj)
-        write_nifti(src / cid / "imaging.nii.gz", np.full(img.shape, 40.0, np.float32),
-                    img.header.get_best_affine())
+        write_nifti(
+            src / cid / "imaging.nii.gz",
+            np.full(img.shape, 40.0, np.float32),
+            img.header.get_best_affine(),
+        )
     out = root / "real23.h5"
-    result = CliRunner().invoke(main, ["build", "--src", str(src), "--out", str(out),
-                                       "--size", "512", "--workers", "1", "--no-fsync"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--size",
+            "512",
+            "--workers",
+            "1",
+            "--no-fsync",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return src, out, masks, result.output
 
@@ -66,8 +82,9 @@ def test_per_label_counts_equal_the_real_masks(real):
         rows = info.rows(cid)
         assert info.cases[cid].in_plane.is_identity and info.cases[cid].slices == seg.shape[0]
         for name, value in info.labels.labels:
-            np.testing.assert_array_equal(info.label_pixels(name, rows),
-                                          (seg == value).sum((1, 2)), err_msg=f"{cid} {name}")
+            np.testing.assert_array_equal(
+                info.label_pixels(name, rows), (seg == value).sum((1, 2)), err_msg=f"{cid} {name}"
+            )
         np.testing.assert_array_equal(rows["counts"][:, 0], (seg == 0).sum((1, 2)))
 
 

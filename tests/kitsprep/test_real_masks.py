@@ -42,8 +42,11 @@ def real(tmp_path_factory):
         shutil.copy(mask_path, src / cid / "segmentation.nii.gz")
         img = nib.load(mask_path)
         masks[cid] = (np.asarray(img.dataobj), img.header)
-        write_nifti(src / cid / "imaging.nii.gz", np.full(img.shape, HU, np.float32),
-                    img.header.get_best_affine())
+        write_nifti(
+            src / cid / "imaging.nii.gz",
+            np.full(img.shape, HU, np.float32),
+            img.header.get_best_affine(),
+        )
     out = root / "real.h5"
     build(src, out, size=512)
     return src, out, masks
@@ -69,8 +72,7 @@ def test_index_counts_equal_the_real_masks(real):
         assert meta.labelled and meta.source_shape == seg.shape
         assert meta.slices == seg.shape[0] and meta.axcodes == "IPL" and meta.axes == (0, 1, 2)
         assert meta.in_plane.is_identity
-        assert meta.spacing == pytest.approx(tuple(float(z) for z in hdr.get_zooms()),
-                                             rel=1e-5)
+        assert meta.spacing == pytest.approx(tuple(float(z) for z in hdr.get_zooms()), rel=1e-5)
         np.testing.assert_array_equal(info.label_pixels("kidney", rows), (seg == 1).sum((1, 2)))
         np.testing.assert_array_equal(info.label_pixels("tumour", rows), (seg == 2).sum((1, 2)))
         assert info.labels.edition == "kits19"
@@ -79,8 +81,9 @@ def test_index_counts_equal_the_real_masks(real):
         for cid, (seg, _) in masks.items():
             k = seg.shape[0] // 2
             np.testing.assert_array_equal(f["cases"][cid]["label"][k], seg[k])
-            assert (f["cases"][cid]["image"][k]
-                    == np.float16(WINDOW_PRESETS["mlperf"].normalise(HU))).all()
+            assert (
+                f["cases"][cid]["image"][k] == np.float16(WINDOW_PRESETS["mlperf"].normalise(HU))
+            ).all()
     fp = info.cases["case_00015"].fingerprint
     assert fp["segmentation_dtype"] == "uint16"
 

@@ -108,10 +108,13 @@ def test_summarise(store):
     assert s["edition"] == "kits19" and s["labels"] == {"kidney": 1, "tumour": 2}
     assert s["bad_cases"] == {} and s["format_version"] == FORMAT_VERSION
     no_mask = "no segmentation.nii.gz or aggregated_MAJ_seg.nii.gz"
-    assert s["per_case"]["case_00002"] == {"slices": 6, "labelled": False,
-                                           "unlabelled_reason": no_mask,
-                                           "source_shape": [6, 24, 24],
-                                           "spacing": pytest.approx([3.0, 0.8, 0.8])}
+    assert s["per_case"]["case_00002"] == {
+        "slices": 6,
+        "labelled": False,
+        "unlabelled_reason": no_mask,
+        "source_shape": [6, 24, 24],
+        "spacing": pytest.approx([3.0, 0.8, 0.8]),
+    }
     assert s["unlabelled_reasons"] == {no_mask: 1}
     assert s["edition_reason"] == "no mask holds a label beyond kidney and tumour"
     assert s["per_case"]["case_00001"]["labelled"] is True
@@ -136,12 +139,12 @@ def test_slicemap_reads_equal_h5py_and_pickle_by_path(store):
                 cid = info.case_ids[r["case"]]
                 want = f["cases"][cid]["image"][r["slice"]]
                 for m in (smap, clone):
-                    np.testing.assert_array_equal(m.image(r).view(np.uint16),
-                                                  want.view(np.uint16))
+                    np.testing.assert_array_equal(m.image(r).view(np.uint16), want.view(np.uint16))
                 assert smap.image(r, out=out) is out
                 if info.cases[cid].labelled:
-                    np.testing.assert_array_equal(clone.label(r),
-                                                  f["cases"][cid]["label"][r["slice"]])
+                    np.testing.assert_array_equal(
+                        clone.label(r), f["cases"][cid]["label"][r["slice"]]
+                    )
                 else:
                     with pytest.raises(KitsError, match="unlabelled"):
                         smap.label(r)
@@ -178,8 +181,11 @@ def test_a_damaged_chunk_is_one_line_naming_store_case_slice_and_the_fix(store, 
     m = SliceMap(path, info.size, info.case_ids)
     for read, row, what in ((m.image, img_row, "CRC-32"), (m.label, lab_row, "label chunk")):
         case = info.case_ids[row["case"]]
-        with pytest.raises(KitsError, match=rf"{path}: {case} slice {row['slice']}: .*{what}"
-                                            rf".*kitsprep verify {path}.*rebuild") as e:
+        with pytest.raises(
+            KitsError,
+            match=rf"{path}: {case} slice {row['slice']}: .*{what}"
+            rf".*kitsprep verify {path}.*rebuild",
+        ) as e:
             read(row)
         assert "\n" not in str(e.value)
     # verify reads without the check, to report every problem itself
@@ -202,8 +208,9 @@ def test_adjacent_chunks_read_in_one_call_equal_single_reads(store, monkeypatch)
     want = np.stack([m.image(r) for r in stack])
     calls = []
     real = os.preadv
-    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(len(bufs))
-                        or real(fd, bufs, off))
+    monkeypatch.setattr(
+        os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off)
+    )
     got = m.images(stack, np.empty((5, info.size, info.size), np.float16))
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
     assert calls == [1, 1, 3]  # slice 0 three times, then slices 0-2 back to back

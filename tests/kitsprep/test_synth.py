@@ -216,8 +216,12 @@ def test_paint_imaging_on_a_real_kits19_mask() -> None:
 # the imaging, which goes through a BLAS matmul whose rounding varies between CPUs, is pinned by
 # its per-case mean and standard deviation.
 KITS19_MASKS_SHA256 = "9d3975df32dff6b5eab6c23a38b6dd150eebf966f339e89241454bfb045d4a89"
-KITS19_IMAGING_STATS = [(-765.3453, 401.8775), (-670.1005, 444.0181), (-580.0532, 449.6974),
-                        (-702.2607, 426.4949)]
+KITS19_IMAGING_STATS = [
+    (-765.3453, 401.8775),
+    (-670.1005, 444.0181),
+    (-580.0532, 449.6974),
+    (-702.2607, 426.4949),
+]
 
 
 def test_a_kits19_cohort_is_unchanged_by_the_cysts() -> None:
@@ -231,8 +235,11 @@ def test_a_kits19_cohort_is_unchanged_by_the_cysts() -> None:
         c = make_case(i, cfg)
         seg = c.segmentation if c.segmentation is not None else np.zeros(0)
         h.update(np.ascontiguousarray(seg).tobytes())
-        h.update(repr((c.imaging.shape, np.round(c.affine, 6).tolist(), c.imaging_dtype,
-                       c.mask_dtype)).encode())
+        h.update(
+            repr(
+                (c.imaging.shape, np.round(c.affine, 6).tolist(), c.imaging_dtype, c.mask_dtype)
+            ).encode()
+        )
         hu = c.imaging.astype(np.float64)
         stats.append((hu.mean(), hu.std()))
     assert h.hexdigest() == KITS19_MASKS_SHA256

@@ -79,17 +79,20 @@ def test_flips_are_exact():
 def test_warp_identity_and_quarter_turn():
     img, lab = sample(c=2, h=33, w=33)
     f32 = img.astype(np.float32)
-    same, same_lab = warp(f32, lab, warp_matrix(lab.shape, Draw(False, False, 0.0, 1.0,
-                                                                 1.0, 0.0, 0.0)))
+    same, same_lab = warp(
+        f32, lab, warp_matrix(lab.shape, Draw(False, False, 0.0, 1.0, 1.0, 0.0, 0.0))
+    )
     assert np.array_equal(same, f32) and np.array_equal(same_lab, lab)
     # +90 degrees turns the slice counter-clockwise as displayed, like np.rot90
-    turned, turned_lab = warp(f32, lab, warp_matrix(lab.shape, Draw(False, False, math.pi / 2,
-                                                                     1.0, 1.0, 0.0, 0.0)))
+    turned, turned_lab = warp(
+        f32, lab, warp_matrix(lab.shape, Draw(False, False, math.pi / 2, 1.0, 1.0, 0.0, 0.0))
+    )
     assert np.allclose(turned, np.rot90(f32, 1, axes=(1, 2)), atol=1e-5)
     assert np.array_equal(turned_lab, np.rot90(lab, 1))
     # flips folded into the warp match the strided flips
-    flipped, flipped_lab = warp(f32, lab, warp_matrix(lab.shape, Draw(True, True, 0.0, 1.0,
-                                                                       1.0, 0.0, 0.0)))
+    flipped, flipped_lab = warp(
+        f32, lab, warp_matrix(lab.shape, Draw(True, True, 0.0, 1.0, 1.0, 0.0, 0.0))
+    )
     assert np.array_equal(flipped, f32[:, ::-1, ::-1])
     assert np.array_equal(flipped_lab, lab[::-1, ::-1])
 
@@ -98,8 +101,9 @@ def test_zoom_out_fills_with_minimum_and_background():
     img, lab = sample(c=2)
     lab[:] = 1
     f32 = img.astype(np.float32)
-    out, out_lab = warp(f32, lab, warp_matrix(lab.shape, Draw(False, False, 0.3, 0.5, 1.0,
-                                                               0.0, 0.0)))
+    out, out_lab = warp(
+        f32, lab, warp_matrix(lab.shape, Draw(False, False, 0.3, 0.5, 1.0, 0.0, 0.0))
+    )
     for c in range(2):
         assert out[c, 0, 0] == f32[c].min() and out[c, -1, -1] == f32[c].min()
     assert out_lab[0, 0] == 0 and out_lab[lab.shape[0] // 2, lab.shape[1] // 2] == 1
@@ -120,8 +124,9 @@ def test_intensity_is_gain_and_offset():
 def test_noise_has_the_drawn_sigma():
     img = np.zeros((1, 256, 256), np.float16)
     lab = np.zeros((256, 256), np.uint8)
-    cfg = AugmentConfig(p_flip=0.0, p_rotate=0.0, p_scale=0.0, p_intensity=0.0, p_noise=1.0,
-                        noise_std=0.5)
+    cfg = AugmentConfig(
+        p_flip=0.0, p_rotate=0.0, p_scale=0.0, p_intensity=0.0, p_noise=1.0, noise_std=0.5
+    )
     d = draw(np.random.default_rng(4), cfg)
     out, _ = augment_slice(img, lab, np.random.default_rng(4), cfg)
     assert abs(float(out.astype(np.float32).std()) - d.noise) < 0.05 * d.noise + 1e-3
@@ -142,9 +147,12 @@ def test_float16_casts_match_numpy_bit_for_bit():
     bits = bits[~np.isnan(bits)]
     assert np.array_equal(_cast(bits, np.float32), bits.astype(np.float32))
     rng = np.random.default_rng(0)
-    f = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10,
-                        np.array([65504, 65520, 1e6, -1e6, 6e-8, 3e-8, 1e-5, 0.0, -0.0],
-                                 np.float32)])
+    f = np.concatenate(
+        [
+            rng.standard_normal(10000).astype(np.float32) * 10,
+            np.array([65504, 65520, 1e6, -1e6, 6e-8, 3e-8, 1e-5, 0.0, -0.0], np.float32),
+        ]
+    )
     with np.errstate(over="ignore"):  # 1e6 -> inf is the point of the case
         expect = f.astype(np.float16)
     assert np.array_equal(_cast(f, np.float16).view(np.uint16), expect.view(np.uint16))
@@ -161,7 +169,7 @@ def test_window_is_warped_about_its_centre_from_the_whole_slice():
     img, lab = sample(c=2, h=48, w=40)
     f32 = img.astype(np.float32)
     top, left, n = 9, 7, 17
-    crop, crop_lab = f32[:, top:top + n, left:left + n], lab[top:top + n, left:left + n]
+    crop, crop_lab = f32[:, top : top + n, left : left + n], lab[top : top + n, left : left + n]
     turn = Draw(False, False, math.pi / 2, 1.0, 1.0, 0.0, 0.0)
     m = warp_matrix((n, n), turn)
     m[:, 2] += (top, left)
@@ -177,16 +185,19 @@ def test_rotated_window_shows_the_slice_around_it_not_fill():
     img[0, 8:56, 8:56] = 1.0  # tissue well beyond the window's rotated corners
     lab = np.zeros((64, 64), np.uint8)
     lab[8:56, 8:56] = 1
-    cfg = AugmentConfig(p_flip=0.0, p_rotate=1.0, max_rotate_deg=45.0, p_scale=0.0,
-                        p_intensity=0.0, p_noise=0.0)
+    cfg = AugmentConfig(
+        p_flip=0.0, p_rotate=1.0, max_rotate_deg=45.0, p_scale=0.0, p_intensity=0.0, p_noise=0.0
+    )
     for seed in range(5):
-        out, out_lab = augment_slice(img, lab, np.random.default_rng(seed), cfg,
-                                     window=(16, 16, 32, 32))
+        out, out_lab = augment_slice(
+            img, lab, np.random.default_rng(seed), cfg, window=(16, 16, 32, 32)
+        )
         assert out.shape == (1, 32, 32) and out.dtype == np.float16
         assert (out == 1.0).all() and (out_lab == 1).all()  # no blank corners
     # the same rotation of the cut-out window alone has to fill its corners
-    alone, alone_lab = augment_slice(img[:, 16:48, 16:48], lab[16:48, 16:48],
-                                     np.random.default_rng(0), cfg)
+    alone, alone_lab = augment_slice(
+        img[:, 16:48, 16:48], lab[16:48, 16:48], np.random.default_rng(0), cfg
+    )
     if draw(np.random.default_rng(0), cfg).angle != 0.0:
         assert (alone_lab == 0).any()
 
@@ -194,12 +205,12 @@ def test_rotated_window_shows_the_slice_around_it_not_fill():
 def test_window_without_a_warp_is_the_crop_flipped():
     img, lab = sample(c=2, h=40, w=40)
     flips = AugmentConfig(p_flip=1.0, p_rotate=0.0, p_scale=0.0, p_intensity=0.0, p_noise=0.0)
-    out, out_lab = augment_slice(img, lab, np.random.default_rng(0), flips,
-                                 window=(3, 5, 16, 16))
+    out, out_lab = augment_slice(img, lab, np.random.default_rng(0), flips, window=(3, 5, 16, 16))
     assert np.array_equal(out, img[:, 3:19, 5:21][:, ::-1, ::-1])
     assert np.array_equal(out_lab, lab[3:19, 5:21][::-1, ::-1])
-    off, off_lab = augment_slice(img, lab, np.random.default_rng(0), AugmentConfig.off(),
-                                 window=(3, 5, 16, 16))
+    off, off_lab = augment_slice(
+        img, lab, np.random.default_rng(0), AugmentConfig.off(), window=(3, 5, 16, 16)
+    )
     assert np.array_equal(off, img[:, 3:19, 5:21]) and np.array_equal(off_lab, lab[3:19, 5:21])
     with pytest.raises(ValueError, match="does not fit"):
         augment_slice(img, lab, np.random.default_rng(0), flips, window=(30, 30, 16, 16))

@@ -73,8 +73,9 @@ def test_dataset_items_equal_the_store(loader_store, info):
             assert lab.dtype == torch.uint8 and lab.shape == (info.size, info.size)
             cid = info.case_ids[int(ds.rows["case"][i])]
             s = int(ds.rows["slice"][i])
-            assert np.array_equal(img[0].numpy().view(np.uint16),
-                                  h5_image(f, cid, s).view(np.uint16))
+            assert np.array_equal(
+                img[0].numpy().view(np.uint16), h5_image(f, cid, s).view(np.uint16)
+            )
             assert np.array_equal(lab.numpy(), f["cases"][cid]["label"][s])
 
 
@@ -144,8 +145,16 @@ def test_resident_memory_stays_flat_while_reading(tmp_path):
     hu = np.random.default_rng(1).uniform(-300, 500, shape).astype(np.float32)
     write_kits_case(tmp_path / "src", "case_00000", hu, blob_labels(shape, 1), gz=False)
     out = tmp_path / "big.h5"
-    build_store(BuildConfig(src=tmp_path / "src", out=out, window=WINDOW_PRESETS["mlperf"],
-                            size=256, workers=1, fsync=False))
+    build_store(
+        BuildConfig(
+            src=tmp_path / "src",
+            out=out,
+            window=WINDOW_PRESETS["mlperf"],
+            size=256,
+            workers=1,
+            fsync=False,
+        )
+    )
     shutil.rmtree(tmp_path / "src")
     info = open_store(out)
     ds = SliceDataset(out, info, info.labelled_cases)
@@ -184,12 +193,15 @@ def test_explicit_split_and_the_rest(info):
     assert only_val.train == tuple(f"case_{i:05d}" for i in range(5))
 
 
-@pytest.mark.parametrize("train, val, message", [
-    ("0-3", "3-4", "both"),
-    ("0-2", "6", "no segmentation"),
-    ("0-2", "42", "not there"),
-    ("0-5", None, "validation split is empty"),
-])
+@pytest.mark.parametrize(
+    "train, val, message",
+    [
+        ("0-3", "3-4", "both"),
+        ("0-2", "6", "no segmentation"),
+        ("0-2", "42", "not there"),
+        ("0-5", None, "validation split is empty"),
+    ],
+)
 def test_bad_splits_fail_loudly(info, train, val, message):
     with pytest.raises(KitsError, match=message) as exc:
         make_split(info, train, val)
@@ -276,14 +288,18 @@ def test_label_weights_by_name_against_the_edition():
 
 def test_rank_shards_are_disjoint_and_equal():
     rows = fake_rows(120)
-    shards = [idx(ForegroundSampler(rows, 120, fg_fraction=0.0, seed=5, rank=r,
-                                     world_size=3)) for r in range(3)]
+    shards = [
+        idx(ForegroundSampler(rows, 120, fg_fraction=0.0, seed=5, rank=r, world_size=3))
+        for r in range(3)
+    ]
     assert [len(x) for x in shards] == [40, 40, 40]
     assert sorted(sum(shards, [])) == list(range(120))  # each slice on exactly one rank
     rows = fake_rows(1000)
     fg = rows["counts"][:, 1:].sum(1) > 0
-    samplers = [ForegroundSampler(rows, 999, fg_fraction=0.4, seed=5, rank=r, world_size=2)
-                for r in range(2)]
+    samplers = [
+        ForegroundSampler(rows, 999, fg_fraction=0.4, seed=5, rank=r, world_size=2)
+        for r in range(2)
+    ]
     stream = samplers[0].global_stream(0)
     for r, s in enumerate(samplers):
         got = np.array(idx(s))
@@ -302,9 +318,17 @@ def test_sampler_without_foreground_falls_back_to_uniform():
 @pytest.mark.parametrize("workers, context", [(0, None), (2, "fork"), (2, "spawn")])
 def test_val_loader_yields_every_slice_in_order(loader_store, info, workers, context):
     cases = info.labelled_cases
-    loader = make_val_loader(loader_store, info, cases, batch_size=4, workers=workers,
-                             context=1, pin_memory=False, persistent_workers=False,
-                             multiprocessing_context=context)
+    loader = make_val_loader(
+        loader_store,
+        info,
+        cases,
+        batch_size=4,
+        workers=workers,
+        context=1,
+        pin_memory=False,
+        persistent_workers=False,
+        multiprocessing_context=context,
+    )
     ref = SliceDataset(loader_store, info, cases, context=1)
     rows = []
     for img, lab, row in loader:
@@ -321,10 +345,23 @@ def test_val_loader_yields_every_slice_in_order(loader_store, info, workers, con
 def test_train_loader_is_repeatable_for_a_seed_with_workers(loader_store, info):
     def batches(seed: int, rank: int = 0, world: int = 1):
         loader = make_train_loader(
-            loader_store, info, info.labelled_cases, batch_size=4, workers=2, context=1,
-            augment=AugmentConfig(), fg_fraction=0.5, label_weights={2: 2.0}, seed=seed,
-            rank=rank, world_size=world, samples_per_epoch=24, pin_memory=False,
-            persistent_workers=False, multiprocessing_context="fork")
+            loader_store,
+            info,
+            info.labelled_cases,
+            batch_size=4,
+            workers=2,
+            context=1,
+            augment=AugmentConfig(),
+            fg_fraction=0.5,
+            label_weights={2: 2.0},
+            seed=seed,
+            rank=rank,
+            world_size=world,
+            samples_per_epoch=24,
+            pin_memory=False,
+            persistent_workers=False,
+            multiprocessing_context="fork",
+        )
         return [(img.clone(), lab.clone()) for img, lab in loader]
 
     a, b, other = batches(0), batches(0), batches(1)
@@ -339,17 +376,31 @@ def test_train_loader_is_repeatable_for_a_seed_with_workers(loader_store, info):
     assert fg_slices >= 12  # at least the forced half of 24 draws shows foreground
 
 
-@pytest.mark.parametrize("samples, batch, world", [(20, 4, 1), (22, 4, 1), (21, 4, 2),
-                                                   (3, 4, 1), (30, 8, 3)])
-def test_steps_per_epoch_equal_the_batches_the_loader_yields(loader_store, info, samples,
-                                                             batch, world):
+@pytest.mark.parametrize(
+    "samples, batch, world", [(20, 4, 1), (22, 4, 1), (21, 4, 2), (3, 4, 1), (30, 8, 3)]
+)
+def test_steps_per_epoch_equal_the_batches_the_loader_yields(
+    loader_store, info, samples, batch, world
+):
     """The schedule counts batches_per_epoch; a loader that yields fewer (drop_last) would
     end every epoch before the schedule thinks it does."""
     for rank in range(world):
         loader = make_train_loader(
-            loader_store, info, info.labelled_cases, batch_size=batch, workers=0, context=0,
-            augment=None, fg_fraction=0.0, label_weights=None, seed=0, rank=rank,
-            world_size=world, samples_per_epoch=samples, pin_memory=False)
+            loader_store,
+            info,
+            info.labelled_cases,
+            batch_size=batch,
+            workers=0,
+            context=0,
+            augment=None,
+            fg_fraction=0.0,
+            label_weights=None,
+            seed=0,
+            rank=rank,
+            world_size=world,
+            samples_per_epoch=samples,
+            pin_memory=False,
+        )
         assert len(list(loader.sampler)) > 0
         assert sum(1 for _ in loader) == batches_per_epoch(samples, batch, world)
 
@@ -358,9 +409,21 @@ def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info)
     """Built once for the run, resumed at the last batch of an epoch (2 draws left of 22,
     fewer than a batch): that epoch yields nothing more, the next ones whole epochs."""
     loader = make_train_loader(
-        loader_store, info, info.labelled_cases, batch_size=4, workers=0, context=0,
-        augment=None, fg_fraction=0.0, label_weights=None, seed=0, samples_per_epoch=22,
-        pin_memory=False, epoch=3, start_batch=5)
+        loader_store,
+        info,
+        info.labelled_cases,
+        batch_size=4,
+        workers=0,
+        context=0,
+        augment=None,
+        fg_fraction=0.0,
+        label_weights=None,
+        seed=0,
+        samples_per_epoch=22,
+        pin_memory=False,
+        epoch=3,
+        start_batch=5,
+    )
     counts = []
     for epoch in (3, 4, 5):
         counts.append(sum(1 for _ in loader))
@@ -371,9 +434,21 @@ def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info)
 def test_resume_mid_epoch_draws_the_rest_of_that_epoch(loader_store, info):
     def batches(epoch: int, start_batch: int = 0):
         loader = make_train_loader(
-            loader_store, info, info.labelled_cases, batch_size=4, workers=0, context=0,
-            augment=None, fg_fraction=0.33, label_weights={2: 2.0}, seed=3, samples_per_epoch=20,
-            pin_memory=False, epoch=epoch, start_batch=start_batch)
+            loader_store,
+            info,
+            info.labelled_cases,
+            batch_size=4,
+            workers=0,
+            context=0,
+            augment=None,
+            fg_fraction=0.33,
+            label_weights={2: 2.0},
+            seed=3,
+            samples_per_epoch=20,
+            pin_memory=False,
+            epoch=epoch,
+            start_batch=start_batch,
+        )
         return [img for img, _ in loader]
 
     full, resumed, next_epoch = batches(1), batches(1, start_batch=2), batches(2)
@@ -415,8 +490,16 @@ def test_real_mask_reads_back_equal_through_the_map(tmp_path):
     img.set_data_dtype(np.float32)
     nib.save(img, src / "imaging.nii")
     out = tmp_path / "real.h5"
-    build_store(BuildConfig(src=tmp_path / "src", out=out, window=WINDOW_PRESETS["mlperf"],
-                            size=512, workers=1, fsync=False))
+    build_store(
+        BuildConfig(
+            src=tmp_path / "src",
+            out=out,
+            window=WINDOW_PRESETS["mlperf"],
+            size=512,
+            workers=1,
+            fsync=False,
+        )
+    )
     info = open_store(out)
     meta = info.cases[case_id]
     assert meta.in_plane.is_identity, "the shortest KiTS19 case is 512x512"

@@ -30,8 +30,18 @@ from tests.conftest import blob_labels, write_kits_case
 
 SIZE = 32
 # a tiny model so that CPU steps take milliseconds
-TINY = ["--workers", "0", "--batch-size", "4", "--samples-per-epoch", "16", "--width", "4",
-        "--depth", "2"]
+TINY = [
+    "--workers",
+    "0",
+    "--batch-size",
+    "4",
+    "--samples-per-epoch",
+    "16",
+    "--width",
+    "4",
+    "--depth",
+    "2",
+]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -40,8 +50,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fit")
     write_cohort(SynthConfig(cases=6, size=SIZE, seed=3), root / "src")
     out = root / "s.h5"
-    build_store(BuildConfig(src=root / "src", out=out, window=WINDOW_PRESETS["mlperf"],
-                            size=SIZE, workers=1))
+    build_store(
+        BuildConfig(
+            src=root / "src", out=out, window=WINDOW_PRESETS["mlperf"], size=SIZE, workers=1
+        )
+    )
     return out
 
 
@@ -54,8 +67,9 @@ def tiny_args(store: Path, out: Path, *extra: str) -> list[str]:
     return [str(store), "--out", str(out), *TINY, *extra]
 
 
-def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_few_steps_write_a_self_describing_run(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "6", "--val-every", "3"))
     assert r.exit_code == 0, r.output
@@ -87,11 +101,25 @@ def test_a_few_steps_write_a_self_describing_run(store: Path, tmp_path: Path,
     assert not (out / "lock").exists()
 
 
-def test_patches_train_and_an_epoch_covers_the_training_pixels(store: Path,
-                                                               tmp_path: Path) -> None:
+def test_patches_train_and_an_epoch_covers_the_training_pixels(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "patched"
-    r = fit_cli(str(store), "--out", str(out), "--workers", "0", "--batch-size", "4",
-                "--width", "4", "--depth", "2", "--patch", "auto", "--max-steps", "3")
+    r = fit_cli(
+        str(store),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--patch",
+        "auto",
+        "--max-steps",
+        "3",
+    )
     assert r.exit_code == 0, r.output
     assert "of 16x16 patches" in r.output
     config = json.loads((out / "config.json").read_text())
@@ -108,19 +136,66 @@ def test_patches_train_and_an_epoch_covers_the_training_pixels(store: Path,
 
 def test_every_preset_field_has_a_flag_that_overrides_it(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "flags"
-    r = fit_cli(*tiny_args(store, out, "--max-steps", "1", "--optimizer", "sgd",
-                           "--weight-decay", "0.001", "--schedule", "poly", "--warmup", "0.1",
-                           "--loss", "ce", "--fg-fraction", "0.5",
-                           "--label-weights", "tumour=3, kidney=0.5",
-                           "--no-augment", "--grad-clip", "5", "--log-every", "7",
-                           "--norm", "group", "--patch", "full"))
+    r = fit_cli(
+        *tiny_args(
+            store,
+            out,
+            "--max-steps",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--weight-decay",
+            "0.001",
+            "--schedule",
+            "poly",
+            "--warmup",
+            "0.1",
+            "--loss",
+            "ce",
+            "--fg-fraction",
+            "0.5",
+            "--label-weights",
+            "tumour=3, kidney=0.5",
+            "--no-augment",
+            "--grad-clip",
+            "5",
+            "--log-every",
+            "7",
+            "--norm",
+            "group",
+            "--patch",
+            "full",
+        )
+    )
     assert r.exit_code == 0, r.output
     t = json.loads((out / "config.json").read_text())["train"]
-    assert (t["optimizer"], t["weight_decay"], t["schedule"], t["warmup"], t["loss"],
-            t["fg_fraction"], t["label_weights"], t["augment"], t["grad_clip"],
-            t["log_every"], t["norm"], t["patch"]) == (
-        "sgd", 0.001, "poly", 0.1, "ce", 0.5, {"tumour": 3.0, "kidney": 0.5}, False, 5.0, 7,
-        "group", "full")
+    assert (
+        t["optimizer"],
+        t["weight_decay"],
+        t["schedule"],
+        t["warmup"],
+        t["loss"],
+        t["fg_fraction"],
+        t["label_weights"],
+        t["augment"],
+        t["grad_clip"],
+        t["log_every"],
+        t["norm"],
+        t["patch"],
+    ) == (
+        "sgd",
+        0.001,
+        "poly",
+        0.1,
+        "ce",
+        0.5,
+        {"tumour": 3.0, "kidney": 0.5},
+        False,
+        5.0,
+        7,
+        "group",
+        "full",
+    )
     from dataclasses import fields
 
     from kitstrain.cli import fit as fit_command
@@ -131,20 +206,43 @@ def test_every_preset_field_has_a_flag_that_overrides_it(store: Path, tmp_path: 
     assert not missing, f"TrainConfig fields without a fit flag: {missing}"
 
 
-def test_seed_preset_is_the_origin_setup(store: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seed_preset_is_the_origin_setup(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "seed"
-    r = fit_cli(str(store), "--out", str(out), "--preset", "seed", "--workers", "0",
-                "--max-steps", "3", "--width", "4", "--depth", "2")
+    r = fit_cli(
+        str(store),
+        "--out",
+        str(out),
+        "--preset",
+        "seed",
+        "--workers",
+        "0",
+        "--max-steps",
+        "3",
+        "--width",
+        "4",
+        "--depth",
+        "2",
+    )
     assert r.exit_code == 0, r.output
     t = json.loads((out / "config.json").read_text())["train"]
-    assert (t["optimizer"], t["lr"], t["batch_size"], t["epochs"], t["loss"], t["norm"],
-            t["fg_fraction"], t["augment"], t["patch"]) == (
-        "adam", 0.002, 4, 1, "ce", "none", 0.0, False, "full")
+    assert (
+        t["optimizer"],
+        t["lr"],
+        t["batch_size"],
+        t["epochs"],
+        t["loss"],
+        t["norm"],
+        t["fg_fraction"],
+        t["augment"],
+        t["patch"],
+    ) == ("adam", 0.002, 4, 1, "ce", "none", 0.0, False, "full")
 
 
 def test_injected_oom_halves_the_micro_batch_and_carries_on(
-        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kitstrain.fit as fitmod
 
     monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "2")
@@ -170,11 +268,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(store: Path, tmp_path: P
     cmd = [sys.executable, "-m", "kitstrain", "fit"]
     env = ENV
     ref = tmp_path / "ref"
-    subprocess.run([*cmd, *common, "--out", str(ref)], check=True, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [*cmd, *common, "--out", str(ref)], check=True, env=env, capture_output=True, timeout=300
+    )
     run_dir = tmp_path / "killed"
-    p = subprocess.Popen([*cmd, *common, "--out", str(run_dir)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [*cmd, *common, "--out", str(run_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         recs = runlib.read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
@@ -185,8 +288,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(store: Path, tmp_path: P
     p.wait()
     recs = runlib.read_metrics(run_dir)
     assert recs[-1]["kind"] != "end", "the run finished before it could be killed"
-    r = subprocess.run([*cmd, *common, "--out", str(run_dir), "--resume"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, *common, "--out", str(run_dir), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "resuming at step" in r.stderr
     end = runlib.read_metrics(run_dir)[-1]
@@ -197,8 +305,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(store: Path, tmp_path: P
         assert torch.equal(a[k], b[k]), k
 
 
-def test_time_limit_stops_cleanly(store: Path, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_time_limit_stops_cleanly(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "timed"
     r = fit_cli(*tiny_args(store, out, "--time-limit", "2s", "--epochs", "1000"))
     assert r.exit_code == 0, r.output
@@ -208,25 +317,29 @@ def test_time_limit_stops_cleanly(store: Path, tmp_path: Path,
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
-@pytest.mark.parametrize("make_args, expected", [
-    (lambda s, t: [str(t / "nope.h5")], "does not exist"),
-    (lambda s, t: [str(s), "--train-cases", "0-2", "--val-cases", "2-3"], "both"),
-    (lambda s, t: [str(s), "--train-cases", "0-3", "--val-cases", "99"], "not there"),
-    (lambda s, t: [str(s), "--train-cases", "0-5"], "unlabelled"),
-    (lambda s, t: [str(s), "--batch-size", "zero"], "--batch-size"),
-    (lambda s, t: [str(s), "--time-limit", "ten minutes"], "duration"),
-    (lambda s, t: [str(s), "--patch", "half"], "--patch"),
-    (lambda s, t: [str(s), "--patch", "24"], "multiple of 16"),
-    (lambda s, t: [str(s), "--patch", "64"], "larger than"),
-    (lambda s, t: [str(s), "--device", "cpu", "--precision", "fp16"], "needs a CUDA device"),
-    (lambda s, t: [str(s), "--depth", "2", "--deep-supervision", "2"], "within 0..depth-1"),
-    (lambda s, t: [str(s), "--label-weights", "tumour4"], "label=weight pairs"),
-    (lambda s, t: [str(s), "--label-weights", "tumour=-1"], "positive weights"),
-    (lambda s, t: [str(s), "--label-weights", "tumour=2,tumour=3"], "distinct"),
-    (lambda s, t: [str(s), "--label-weights", "cyst=2"], "its label names: kidney, tumour"),
-])
-def test_bad_input_is_one_line_and_exit_1(store: Path, tmp_path: Path, make_args,
-                                          expected: str) -> None:
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda s, t: [str(t / "nope.h5")], "does not exist"),
+        (lambda s, t: [str(s), "--train-cases", "0-2", "--val-cases", "2-3"], "both"),
+        (lambda s, t: [str(s), "--train-cases", "0-3", "--val-cases", "99"], "not there"),
+        (lambda s, t: [str(s), "--train-cases", "0-5"], "unlabelled"),
+        (lambda s, t: [str(s), "--batch-size", "zero"], "--batch-size"),
+        (lambda s, t: [str(s), "--time-limit", "ten minutes"], "duration"),
+        (lambda s, t: [str(s), "--patch", "half"], "--patch"),
+        (lambda s, t: [str(s), "--patch", "24"], "multiple of 16"),
+        (lambda s, t: [str(s), "--patch", "64"], "larger than"),
+        (lambda s, t: [str(s), "--device", "cpu", "--precision", "fp16"], "needs a CUDA device"),
+        (lambda s, t: [str(s), "--depth", "2", "--deep-supervision", "2"], "within 0..depth-1"),
+        (lambda s, t: [str(s), "--label-weights", "tumour4"], "label=weight pairs"),
+        (lambda s, t: [str(s), "--label-weights", "tumour=-1"], "positive weights"),
+        (lambda s, t: [str(s), "--label-weights", "tumour=2,tumour=3"], "distinct"),
+        (lambda s, t: [str(s), "--label-weights", "cyst=2"], "its label names: kidney, tumour"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(
+    store: Path, tmp_path: Path, make_args, expected: str
+) -> None:
     r = fit_cli(*make_args(store, tmp_path), "--out", str(tmp_path / "r"), "--workers", "0")
     assert r.exit_code == 1, r.output
     assert expected in r.output and "Traceback" not in r.output
@@ -252,17 +365,31 @@ def test_not_a_store_and_unknown_version(store: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("regions", [False, True])
 def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(
-        store: Path, tmp_path: Path, regions: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Path, tmp_path: Path, regions: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kitstrain.score as scoremod
 
     used = []
     real = scoremod.predict_store_case
-    monkeypatch.setattr(scoremod, "predict_store_case",
-                        lambda *a, **k: used.append(k["amp"]) or real(*a, **k))
+    monkeypatch.setattr(
+        scoremod, "predict_store_case", lambda *a, **k: used.append(k["amp"]) or real(*a, **k)
+    )
     out = tmp_path / "bf16"
-    r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--device", "cpu",
-                           "--precision", "bf16", "--deep-supervision", "1",
-                           "--regions" if regions else "--classes"))
+    r = fit_cli(
+        *tiny_args(
+            store,
+            out,
+            "--max-steps",
+            "3",
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            "--deep-supervision",
+            "1",
+            "--regions" if regions else "--classes",
+        )
+    )
     assert r.exit_code == 0, r.output
     assert "bfloat16" in r.output.splitlines()[0]
     config = json.loads((out / "config.json").read_text())
@@ -284,8 +411,9 @@ def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(
     final = [x for x in runlib.read_metrics(out) if x["kind"] == "val"][-1]
     assert final["final"] and cases
     for c in cases:
-        assert [round(c["kidney_dice"], 4), round(c["tumour_dice"], 4)] == \
-            final["per_case"][c["case"]], c["case"]
+        assert [round(c["kidney_dice"], 4), round(c["tumour_dice"], 4)] == final["per_case"][
+            c["case"]
+        ], c["case"]
 
 
 @pytest.fixture(scope="module")
@@ -299,21 +427,32 @@ def kits23_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seg[2, 20:24, 20:24] = 3
         if i == 0:
             seg[0, 4:8, 4:8] = 3  # a cyst-only slice
-        write_kits_case(root / "src", f"case_{i:05d}",
-                        rng.uniform(-300, 500, seg.shape).astype(np.float32), seg)
+        write_kits_case(
+            root / "src", f"case_{i:05d}", rng.uniform(-300, 500, seg.shape).astype(np.float32), seg
+        )
     out = root / "s23.h5"
-    build_store(BuildConfig(src=root / "src", out=out, window=WINDOW_PRESETS["mlperf"],
-                            size=SIZE, workers=1, fsync=False))
+    build_store(
+        BuildConfig(
+            src=root / "src",
+            out=out,
+            window=WINDOW_PRESETS["mlperf"],
+            size=SIZE,
+            workers=1,
+            fsync=False,
+        )
+    )
     return out
 
 
 @pytest.mark.parametrize("regions, outputs", [(True, 3), (False, 4)])
-def test_a_kits23_store_trains_over_its_regions_or_classes(kits23_store: Path, tmp_path: Path,
-                                                          regions: bool, outputs: int) -> None:
+def test_a_kits23_store_trains_over_its_regions_or_classes(
+    kits23_store: Path, tmp_path: Path, regions: bool, outputs: int
+) -> None:
     assert open_store(kits23_store).labels.edition == "kits23"
     out = tmp_path / "k23"
-    r = fit_cli(*tiny_args(kits23_store, out, "--max-steps", "2",
-                           "--regions" if regions else "--classes"))
+    r = fit_cli(
+        *tiny_args(kits23_store, out, "--max-steps", "2", "--regions" if regions else "--classes")
+    )
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
     assert config["store_attrs"]["labels"]["edition"] == "kits23"
@@ -322,13 +461,15 @@ def test_a_kits23_store_trains_over_its_regions_or_classes(kits23_store: Path, t
     assert config["label_weights_applied"] == {"tumour": 4.0, "cyst": 2.0}
     assert _weights(out)["head.weight"].shape[0] == outputs
     model, _ = runlib.load_model(out, "last")
-    labels = predict_store_case(model, open_store(kits23_store), None, "case_00000", 2,
-                                torch.device("cpu"), amp=False)
+    labels = predict_store_case(
+        model, open_store(kits23_store), None, "case_00000", 2, torch.device("cpu"), amp=False
+    )
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
 
 
-def test_runs_of_another_edition_or_version_are_refused(store: Path, kits23_store: Path,
-                                                        tmp_path: Path) -> None:
+def test_runs_of_another_edition_or_version_are_refused(
+    store: Path, kits23_store: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "k19"
     assert fit_cli(*tiny_args(store, out, "--max-steps", "1")).exit_code == 0
     r = fit_cli(*tiny_args(kits23_store, out, "--max-steps", "2", "--resume"))
@@ -369,8 +510,9 @@ def test_run_directory_in_use_is_refused(store: Path, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "in use by process" in r.output
 
 
-def test_existing_run_needs_resume(store: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_existing_run_needs_resume(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "once"
     assert fit_cli(*tiny_args(store, out, "--max-steps", "1")).exit_code == 0
     r = fit_cli(*tiny_args(store, out, "--max-steps", "2"))
@@ -411,11 +553,26 @@ def test_presets_are_data_and_flags_override() -> None:
 def test_two_process_gloo_run(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kitstrain", "fit",
-           str(store), "--out", str(out), *TINY, "--max-steps", "4", "--val-every", "2",
-           "--device", "cpu"]
-    r = subprocess.run(cmd, env={**ENV}, capture_output=True,
-                       text=True, timeout=300)
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kitstrain",
+        "fit",
+        str(store),
+        "--out",
+        str(out),
+        *TINY,
+        "--max-steps",
+        "4",
+        "--val-every",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(cmd, env={**ENV}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["env"]["world_size"] == 2
@@ -452,8 +609,7 @@ def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> 
     from kitstrain.model import UNetConfig, build_model
 
     torch.manual_seed(0)
-    model = build_model(UNetConfig(in_channels=1, num_classes=3, width=4, depth=2,
-                                   norm="batch"))
+    model = build_model(UNetConfig(in_channels=1, num_classes=3, width=4, depth=2, norm="batch"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
@@ -467,8 +623,7 @@ def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> 
     first.register_forward_hook(hook)
     tc = TrainConfig(width=4, depth=2, context=0)
     loss_fn = make_loss("ce", EDITIONS["kits19"])
-    found = search_batch_size(model, loss_fn, tc, 16, 3, torch.device("cpu"), None,
-                              cap=8, steps=1)
+    found = search_batch_size(model, loss_fn, tc, 16, 3, torch.device("cpu"), None, cap=8, steps=1)
     assert found["batch_size"] == 2 and found["tried"][-1] == {"batch": 4, "result": "oom"}
     after = model.state_dict()
     for k, v in before.items():
@@ -477,15 +632,17 @@ def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> 
 
 
 def test_resume_restores_each_rank_s_own_device_rng_with_fewer_gpus_visible(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from kitstrain import fit as fitmod
 
     saved = fitmod.rng_state(torch.device("cpu"))
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state",
-                        lambda s, device: calls.append((int(s[0]), device)))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda s, device: calls.append((int(s[0]), device))
+    )
     # rank 0's checkpoint from an 8-GPU machine, before per-rank states: 8 device states
     legacy = {**saved, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
     torch.manual_seed(123)
@@ -493,8 +650,9 @@ def test_resume_restores_each_rank_s_own_device_rng_with_fewer_gpus_visible(
     assert calls == [(0, torch.device("cuda", 0))]
     assert torch.equal(torch.get_rng_state(), saved["torch"])
     # per-rank states of 8 ranks, resumed on 2 GPUs: rank 1 (on its device 1) takes its own
-    ranks = {"ranks": [{**saved, "cuda": torch.full((16,), r, dtype=torch.uint8)}
-                       for r in range(8)]}
+    ranks = {
+        "ranks": [{**saved, "cuda": torch.full((16,), r, dtype=torch.uint8)} for r in range(8)]
+    }
     calls.clear()
     fitmod.set_rng_state(ranks, 1, torch.device("cuda", 1))
     assert calls == [(1, torch.device("cuda", 1))]
@@ -522,13 +680,33 @@ def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path:
         port = _free_port()
         out = tmp_path / fault
         for rank in (0, 1):
-            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "KITS_INJECT_RANK": "1", f"KITS_INJECT_{fault}_AT_STEP": "2"}
+            env = {
+                **ENV,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "KITS_INJECT_RANK": "1",
+                f"KITS_INJECT_{fault}_AT_STEP": "2",
+            }
             jobs[fault, rank] = subprocess.Popen(
-                [sys.executable, "-m", "kitstrain", "fit", *tiny_args(store, out),
-                 "--max-steps", "8", "--device", "cpu"], env=env, text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                [
+                    sys.executable,
+                    "-m",
+                    "kitstrain",
+                    "fit",
+                    *tiny_args(store, out),
+                    "--max-steps",
+                    "8",
+                    "--device",
+                    "cpu",
+                ],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
     results = {}
     try:
         for key, p in jobs.items():
@@ -552,9 +730,9 @@ def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path:
 def test_validation_costs_a_bounded_share_and_the_time_limit_counts_it() -> None:
     from kitstrain.fit import estimate_val_seconds, validation_due
 
-    assert validation_due(trained_s=0.0, last_val_s=0.0)   # none yet: validate
+    assert validation_due(trained_s=0.0, last_val_s=0.0)  # none yet: validate
     assert not validation_due(trained_s=50.0, last_val_s=10.0)  # would be 17 % of the time
-    assert validation_due(trained_s=90.0, last_val_s=10.0)      # 10 %
+    assert validation_due(trained_s=90.0, last_val_s=10.0)  # 10 %
     # 100 whole 256x256 slices, trained on 128x128 patches at 400 patches/s
     assert estimate_val_seconds(100, 256, 128, 400.0) == pytest.approx(100 * 4 * 0.5 / 400)
 
@@ -570,16 +748,27 @@ def test_a_damaged_label_chunk_stops_fit_with_one_line(store: Path, tmp_path: Pa
         for row in info.index[info.index["label_nbytes"] > 0]:
             f.seek(int(row["label_offset"]))
             f.write(b"\x00" * 4)  # no longer a zlib header: every labelled chunk fails
-    r = fit_cli(str(damaged), "--out", str(tmp_path / "run"), *TINY[2:], "--workers", "1",
-                "--max-steps", "2", "--fg-fraction", "1")
+    r = fit_cli(
+        str(damaged),
+        "--out",
+        str(tmp_path / "run"),
+        *TINY[2:],
+        "--workers",
+        "1",
+        "--max-steps",
+        "2",
+        "--fg-fraction",
+        "1",
+    )
     assert r.exit_code == 1
     err = r.output.strip().splitlines()[-1]
     assert "label chunk does not inflate" in err and "kitsprep verify" in err, r.output
     assert "Traceback" not in r.output
 
 
-def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(store: Path,
-                                                                   tmp_path: Path) -> None:
+def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(
+    store: Path, tmp_path: Path
+) -> None:
     """What the DDP OOM message promises: `--resume` picks up the recorded micro-batch."""
     out = tmp_path / "oom-resume"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "2"))

@@ -23,8 +23,20 @@ from kitstrain import run as runlib
 from kitstrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--device", "cpu", "--workers", "0", "--batch-size", "4", "--samples-per-epoch", "16",
-        "--width", "4", "--depth", "2"]
+TINY = [
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--batch-size",
+    "4",
+    "--samples-per-epoch",
+    "16",
+    "--width",
+    "4",
+    "--depth",
+    "2",
+]
 
 
 def cli(*args) -> object:
@@ -63,17 +75,30 @@ def copy_run(trained: Path, tmp_path: Path) -> Path:
 
 
 def test_a_diverging_run_stops_in_one_line_and_no_checkpoint_holds_nan(
-        loader_store: Path, tmp_path: Path) -> None:
+    loader_store: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "nan"
-    r = cli("fit", loader_store, "--out", out, *TINY, "--lr", "1e6", "--max-steps", 30,
-            "--val-every", 5, "--log-every", 1)
+    r = cli(
+        "fit",
+        loader_store,
+        "--out",
+        out,
+        *TINY,
+        "--lr",
+        "1e6",
+        "--max-steps",
+        30,
+        "--val-every",
+        5,
+        "--log-every",
+        1,
+    )
     assert_user_error(r, "diverged", "lower --lr")
     for ckpt in (out / "checkpoints").glob("*.pt"):
         runlib.load_checkpoint(ckpt)  # every checkpoint left is finite
 
 
-def test_a_checkpoint_with_nan_weights_is_refused_by_score(trained: Path,
-                                                            tmp_path: Path) -> None:
+def test_a_checkpoint_with_nan_weights_is_refused_by_score(trained: Path, tmp_path: Path) -> None:
     run_dir = copy_run(trained, tmp_path)
     path = runlib.checkpoint_path(run_dir, "best")
     ckpt = torch.load(path, weights_only=True)
@@ -88,7 +113,8 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_score(trained: Path,
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(
-        loader_store: Path, tmp_path: Path) -> None:
+    loader_store: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "k"
     script = textwrap.dedent("""
         import os, signal, sys
@@ -97,10 +123,25 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(
         from kitstrain.cli import main
         main(sys.argv[1:])
     """)
-    p = subprocess.run([sys.executable, "-c", script, "fit", str(loader_store), "--out",
-                        str(out), *TINY, "--max-steps", "3"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "fit",
+            str(loader_store),
+            "--out",
+            str(out),
+            *TINY,
+            "--max-steps",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == -9, p.stderr
     assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
     r = cli("fit", loader_store, "--out", out, *TINY, "--max-steps", 3, "--resume")
@@ -108,8 +149,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(
     assert "no checkpoint yet" in r.output and "done (max_steps) after 3 steps" in r.output
 
 
-def test_resuming_a_finished_run_trains_no_step(trained: Path, loader_store: Path,
-                                                tmp_path: Path) -> None:
+def test_resuming_a_finished_run_trains_no_step(
+    trained: Path, loader_store: Path, tmp_path: Path
+) -> None:
     run_dir = copy_run(trained, tmp_path)
     before = (run_dir / "metrics.jsonl").read_text()
     r = cli("fit", loader_store, "--out", run_dir, *TINY, "--max-steps", 4, "--resume")
@@ -124,13 +166,17 @@ def test_resuming_a_finished_run_trains_no_step(trained: Path, loader_store: Pat
 # --------------------------------------------------------------------------- item 8, 10
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--time-limit", "0"], "--time-limit must be longer than 0"),
-    (["--lr", "nan"], "--lr must be a finite number"),
-    (["--patch", "30"], "--patch 30"),
-])
-def test_refused_options_leave_no_run_directory(loader_store: Path, tmp_path: Path, args,
-                                                needle: str) -> None:
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--time-limit", "0"], "--time-limit must be longer than 0"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--patch", "30"], "--patch 30"),
+    ],
+)
+def test_refused_options_leave_no_run_directory(
+    loader_store: Path, tmp_path: Path, args, needle: str
+) -> None:
     out = tmp_path / "runs" / "x"
     assert_user_error(cli("fit", loader_store, "--out", out, *TINY, *args), needle)
     assert not out.exists()
@@ -151,14 +197,18 @@ def test_a_bad_checkpoint_is_one_line(trained: Path, tmp_path: Path, kind: str) 
     assert_user_error(cli("score", run_dir), str(path))
 
 
-@pytest.mark.parametrize("name, text", [
-    ("config.json", "{bad"),
-    ("split.json", "[1"),
-    ("split.json", '{"train": 1, "val": ["case_00004"], "mode": "x", "seed": 0}'),
-    ("config.json", None),  # an unknown field in the train section
-])
-def test_damaged_run_files_are_one_line(trained: Path, loader_store: Path, tmp_path: Path,
-                                        name: str, text: str | None) -> None:
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("config.json", "{bad"),
+        ("split.json", "[1"),
+        ("split.json", '{"train": 1, "val": ["case_00004"], "mode": "x", "seed": 0}'),
+        ("config.json", None),  # an unknown field in the train section
+    ],
+)
+def test_damaged_run_files_are_one_line(
+    trained: Path, loader_store: Path, tmp_path: Path, name: str, text: str | None
+) -> None:
     run_dir = copy_run(trained, tmp_path)
     if text is None:
         config = json.loads((run_dir / name).read_text())
@@ -174,7 +224,8 @@ def test_score_json_into_a_folder_is_one_line(trained: Path, tmp_path: Path) -> 
 
 
 def test_a_full_disk_during_fit_is_one_line_and_resume_works(
-        loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "full"
 
     def full(fd):
@@ -190,18 +241,24 @@ def test_a_full_disk_during_fit_is_one_line_and_resume_works(
 
 
 def test_predict_refuses_an_out_inside_a_case_and_an_empty_volume(
-        trained: Path, loader_store: Path, tmp_path: Path) -> None:
+    trained: Path, loader_store: Path, tmp_path: Path
+) -> None:
     src = loader_store.parent / "src"
-    assert_user_error(cli("predict", trained, "--src", src, "--out", src / "case_00000"),
-                      "is the source folder or a case in it")
-    assert_user_error(cli("predict", trained, "--src", src, "--out",
-                          src / "case_00000" / "imaging.nii.gz"), "is a file")
+    assert_user_error(
+        cli("predict", trained, "--src", src, "--out", src / "case_00000"),
+        "is the source folder or a case in it",
+    )
+    assert_user_error(
+        cli("predict", trained, "--src", src, "--out", src / "case_00000" / "imaging.nii.gz"),
+        "is a file",
+    )
     from tests.conftest import write_kits_case
 
     empty = tmp_path / "empty"
     write_kits_case(empty, "case_00000", np.zeros((0, 32, 32), np.float32), None)
-    assert_user_error(cli("predict", trained, "--src", empty, "--out", tmp_path / "p"),
-                      "empty volume")
+    assert_user_error(
+        cli("predict", trained, "--src", empty, "--out", tmp_path / "p"), "empty volume"
+    )
 
 
 # --------------------------------------------------------------------------- newcomer
@@ -232,8 +289,9 @@ def test_the_build_time_depth_warning_matches_the_default_preset() -> None:
     assert resolve("default", {}).depth == DEFAULT_DEPTH
 
 
-def test_a_missing_tensorboard_is_said_once(trained: Path, loader_store: Path,
-                                            tmp_path: Path) -> None:
+def test_a_missing_tensorboard_is_said_once(
+    trained: Path, loader_store: Path, tmp_path: Path
+) -> None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -246,8 +304,9 @@ def test_a_missing_tensorboard_is_said_once(trained: Path, loader_store: Path,
 
 
 @pytest.mark.parametrize("kind", ["config_json", "model_field"])
-def test_score_of_a_run_with_a_damaged_config_is_one_line(trained: Path, tmp_path: Path,
-                                                          kind: str) -> None:
+def test_score_of_a_run_with_a_damaged_config_is_one_line(
+    trained: Path, tmp_path: Path, kind: str
+) -> None:
     run_dir = copy_run(trained, tmp_path)
     config = run_dir / "config.json"
     if kind == "config_json":
@@ -259,15 +318,18 @@ def test_score_of_a_run_with_a_damaged_config_is_one_line(trained: Path, tmp_pat
     assert_user_error(cli("score", run_dir), str(config))
 
 
-def test_an_unwritable_out_for_fit_and_predict_is_one_line(trained: Path, loader_store: Path,
-                                                           tmp_path: Path) -> None:
+def test_an_unwritable_out_for_fit_and_predict_is_one_line(
+    trained: Path, loader_store: Path, tmp_path: Path
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_user_error(cli("fit", loader_store, "--out", blocker / "run", *TINY),
-                      "cannot create the run directory")
+    assert_user_error(
+        cli("fit", loader_store, "--out", blocker / "run", *TINY), "cannot create the run directory"
+    )
     src = loader_store.parent / "src"
-    assert_user_error(cli("predict", trained, "--src", src, "--out", blocker / "p"),
-                      "is a file, not a folder")
+    assert_user_error(
+        cli("predict", trained, "--src", src, "--out", blocker / "p"), "is a file, not a folder"
+    )
 
 
 def test_scaled_fp16_runs_tolerate_skipped_steps_but_not_a_persistent_run() -> None:

@@ -48,10 +48,10 @@ RAS_AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
 # (shape as (slices, rows, cols), imaging dtype, labelled, slices last)
 COHORT = {
     "case_00000": ((6, 32, 32), "float32", True, False),
-    "case_00001": ((5, 24, 40), "float32", True, False),   # non-square
-    "case_00002": ((4, 32, 32), "int16", True, False),     # raw = HU + 1024, scl_inter -1024
+    "case_00001": ((5, 24, 40), "float32", True, False),  # non-square
+    "case_00002": ((4, 32, 32), "int16", True, False),  # raw = HU + 1024, scl_inter -1024
     "case_00003": ((4, 20, 20), "float32", False, False),  # unlabelled
-    "case_00004": ((5, 32, 32), "float32", True, True),    # slices-last orientation
+    "case_00004": ((5, 32, 32), "float32", True, True),  # slices-last orientation
 }
 LABELLED = [c for c, v in COHORT.items() if v[2]]
 
@@ -78,13 +78,13 @@ def paint(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     Dice is neither 0 nor 1."""
     s, h, w = shape
     hu = np.full(shape, -1000.0, np.float32)
-    hu[:, h // 8:h - h // 8, w // 8:w - w // 8] = 40.0
+    hu[:, h // 8 : h - h // 8, w // 8 : w - w // 8] = 40.0
     r0, c0, hk, wk = h // 4, w // 4, h // 3, w // 3
-    hu[1:s - 1, r0:r0 + hk, c0:c0 + wk] = 150.0
-    hu[2:s - 1, r0 + 1:r0 + 1 + hk // 2, c0 + 1:c0 + 1 + wk // 2] = 250.0
+    hu[1 : s - 1, r0 : r0 + hk, c0 : c0 + wk] = 150.0
+    hu[2 : s - 1, r0 + 1 : r0 + 1 + hk // 2, c0 + 1 : c0 + 1 + wk // 2] = 250.0
     seg = np.zeros(shape, np.uint8)
-    seg[1:s - 1, r0 + 1:r0 + 1 + hk, c0:c0 + wk] = 1
-    seg[2:s - 1, r0 + 1:r0 + 1 + hk // 2, c0 + 2:c0 + 2 + wk // 2] = 2
+    seg[1 : s - 1, r0 + 1 : r0 + 1 + hk, c0 : c0 + wk] = 1
+    seg[2 : s - 1, r0 + 1 : r0 + 1 + hk // 2, c0 + 2 : c0 + 2 + wk // 2] = 2
     return hu, seg
 
 
@@ -114,8 +114,7 @@ def make_cohort(root: Path) -> Path:
 
 
 def make_store(src: Path, out: Path, size: int = SIZE) -> Path:
-    build_store(BuildConfig(src=src, out=out, window=WINDOW, size=size, workers=1,
-                            fsync=False))
+    build_store(BuildConfig(src=src, out=out, window=WINDOW, size=size, workers=1, fsync=False))
     return out
 
 
@@ -128,19 +127,34 @@ def constant_unet(cls: int) -> UNet:
     return model.eval()
 
 
-def make_run(run_dir: Path, store: Path, model: UNet, *, val: list[str],
-             train: list[str] | None = None, context: int = 0) -> Path:
+def make_run(
+    run_dir: Path,
+    store: Path,
+    model: UNet,
+    *,
+    val: list[str],
+    train: list[str] | None = None,
+    context: int = 0,
+) -> Path:
     """A run directory as `kitstrain fit` leaves it, with `model` as the best checkpoint."""
     run_dir.mkdir(parents=True)
     info = open_store(store)
-    runlib.write_json(run_dir / runlib.CONFIG, {
-        "store": str(store), "store_fingerprint": info.fingerprint,
-        "store_attrs": {"window": asdict(info.window), "size": info.size,
-                        "num_classes": info.num_classes},
-        "context": context, "model": asdict(model.cfg)})
+    runlib.write_json(
+        run_dir / runlib.CONFIG,
+        {
+            "store": str(store),
+            "store_fingerprint": info.fingerprint,
+            "store_attrs": {
+                "window": asdict(info.window),
+                "size": info.size,
+                "num_classes": info.num_classes,
+            },
+            "context": context,
+            "model": asdict(model.cfg),
+        },
+    )
     runlib.write_json(run_dir / runlib.SPLIT, {"train": train or [], "val": val})
-    runlib.save_checkpoint(runlib.checkpoint_path(run_dir, "best"),
-                           {"model": model.state_dict()})
+    runlib.save_checkpoint(runlib.checkpoint_path(run_dir, "best"), {"model": model.state_dict()})
     return run_dir
 
 
@@ -154,9 +168,13 @@ class ThresholdModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[1] // 2
-        c = x[:, k:k + 1].float()
-        return torch.cat([c < T_KIDNEY, (c >= T_KIDNEY) & (c < T_TUMOUR), c >= T_TUMOUR],
-                         dim=1).float() + 0 * self.anchor
+        c = x[:, k : k + 1].float()
+        return (
+            torch.cat(
+                [c < T_KIDNEY, (c >= T_KIDNEY) & (c < T_TUMOUR), c >= T_TUMOUR], dim=1
+            ).float()
+            + 0 * self.anchor
+        )
 
 
 def threshold_labels(normalised: np.ndarray) -> np.ndarray:
@@ -207,8 +225,7 @@ def test_predict_slices_batches_and_averages_flips() -> None:
     x = torch.zeros(7, 1, 4, 6, dtype=torch.float16)
     plain = predict_slices(Ramp(), x, CPU, amp=True, tta=False, batch_size=3)
     assert plain.dtype == torch.float32 and plain.shape == (7, 2, 4, 6)
-    assert torch.equal(plain, predict_slices(Ramp(), x, CPU, amp=False, tta=False,
-                                             batch_size=7))
+    assert torch.equal(plain, predict_slices(Ramp(), x, CPU, amp=False, tta=False, batch_size=7))
     tta = predict_slices(Ramp(), x, CPU, amp=False, tta=True, batch_size=3)
     # Each flip is undone on the output, so a ramp averages with its mirror: the centre.
     assert torch.allclose(tta[:, 0], torch.full((7, 4, 6), 2.5))
@@ -245,8 +262,9 @@ def test_predict_store_case_is_the_model_applied_to_the_stored_slices(cohort) ->
     try:
         for cid in info.case_ids:
             images = read_store_images(sm, info, cid)
-            pred = predict_store_case(ThresholdModel(), info, sm, cid, 0, CPU, amp=False,
-                                      tta=True, batch_size=4)
+            pred = predict_store_case(
+                ThresholdModel(), info, sm, cid, 0, CPU, amp=False, tta=True, batch_size=4
+            )
             assert pred.dtype == np.uint8 and pred.shape == (info.cases[cid].slices, SIZE, SIZE)
             np.testing.assert_array_equal(pred, threshold_labels(images))
     finally:
@@ -257,8 +275,17 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
     _, store = cohort
     info = open_store(store)
     done: list[int] = []
-    scores = score_store_cases(ThresholdModel(), info, LABELLED, 1, CPU, amp=True, tta=False,
-                               batch_size=3, progress=done.append)
+    scores = score_store_cases(
+        ThresholdModel(),
+        info,
+        LABELLED,
+        1,
+        CPU,
+        amp=True,
+        tta=False,
+        batch_size=3,
+        progress=done.append,
+    )
     assert [s.case for s in scores] == LABELLED
     assert sum(done) == sum(info.cases[c].slices for c in LABELLED)
     sm = SliceMap(store, info.size)
@@ -301,8 +328,9 @@ def test_predict_volume_inverts_the_store_geometry_exactly(cohort, cid: str) -> 
     with an intercept)."""
     src, _ = cohort
     vol = read_volume(src / cid / "imaging.nii.gz")
-    pred = predict_volume(ThresholdModel(), vol, WINDOW, SIZE, 1, CPU, amp=False, tta=False,
-                          batch_size=2)
+    pred = predict_volume(
+        ThresholdModel(), vol, WINDOW, SIZE, 1, CPU, amp=False, tta=False, batch_size=2
+    )
     hu = np.asarray(vol.data, np.float32) * vol.header.slope + vol.header.inter
     assert pred.shape == vol.data.shape and pred.dtype == np.uint8
     np.testing.assert_array_equal(pred, threshold_labels(window_reference(hu)))
@@ -314,8 +342,9 @@ def test_predict_volume_resamples_back_to_the_source_grid(cohort, cid: str) -> N
     bilinear way back may move an edge by a voxel, never more."""
     src, _ = cohort
     vol = read_volume(src / cid / "imaging.nii.gz")
-    pred = predict_volume(ThresholdModel(), vol, WINDOW, SIZE, 0, CPU, amp=False, tta=False,
-                          batch_size=4)
+    pred = predict_volume(
+        ThresholdModel(), vol, WINDOW, SIZE, 0, CPU, amp=False, tta=False, batch_size=4
+    )
     hu = np.asarray(vol.data, np.float32) * vol.header.slope + vol.header.inter
     ref = threshold_labels(window_reference(hu))
     assert pred.shape == vol.data.shape and pred.dtype == np.uint8
@@ -328,9 +357,9 @@ def test_region_logits_decode_in_write_back_order() -> None:
     from kitstrain.infer import logits_to_labels
 
     logits = torch.full((1, 2, 2, 3), -5.0)
-    logits[0, 0, 0, 1:] = 5.0      # kidney+tumour region at (0,1), (0,2)
-    logits[0, 1, 0, 2] = 5.0       # tumour at (0,2)
-    logits[0, 1, 1, 0] = 5.0       # tumour outside the kidney region still reads tumour
+    logits[0, 0, 0, 1:] = 5.0  # kidney+tumour region at (0,1), (0,2)
+    logits[0, 1, 0, 2] = 5.0  # tumour at (0,2)
+    logits[0, 1, 1, 0] = 5.0  # tumour outside the kidney region still reads tumour
     labels = logits_to_labels(logits, tuple(r.writes for r in EDITIONS["kits19"].regions))
     assert labels.dtype == torch.uint8
     assert labels[0].tolist() == [[0, 1, 2], [2, 0, 0]]
@@ -349,11 +378,13 @@ def test_decoding_perfect_region_logits_gives_the_labels_back(edition: str) -> N
 
     ls = EDITIONS[edition]
     labels = torch.from_numpy(
-        np.random.default_rng(1).integers(0, ls.num_classes, (2, 6, 7))).long()
+        np.random.default_rng(1).integers(0, ls.num_classes, (2, 6, 7))
+    ).long()
     perfect = 10.0 * (2 * region_targets(labels, region_lut(ls)) - 1)
     writes = tuple(r.writes for r in ls.regions)
     assert torch.equal(logits_to_labels(perfect, writes), labels.to(torch.uint8))
     # a model carries what decoding needs: the same labels through its config
-    cfg = UNetConfig(num_classes=ls.num_classes, width=4, depth=2, regions=True,
-                     region_writes=writes)
+    cfg = UNetConfig(
+        num_classes=ls.num_classes, width=4, depth=2, regions=True, region_writes=writes
+    )
     assert torch.equal(torch.from_numpy(_labels_u8(UNet(cfg), perfect)), labels.to(torch.uint8))

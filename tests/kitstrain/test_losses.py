@@ -151,8 +151,10 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_scales() -> None:
     target = make_target()
     outputs = [torch.randn(2, C, 16, 16), torch.randn(2, C, 8, 8), torch.randn(2, C, 4, 4)]
     loss = make_loss("ce+dice", KITS19)
-    expected = sum(w * ce_dice_loss(o, downsample_labels(target, o.shape[-2:]), C)
-                   for w, o in zip([4 / 7, 2 / 7, 1 / 7], outputs, strict=True))
+    expected = sum(
+        w * ce_dice_loss(o, downsample_labels(target, o.shape[-2:]), C)
+        for w, o in zip([4 / 7, 2 / 7, 1 / 7], outputs, strict=True)
+    )
     torch.testing.assert_close(loss(outputs, target), expected)
     # one tensor is the plain loss, as before
     torch.testing.assert_close(loss(outputs[0], target), ce_dice_loss(outputs[0], target, C))
@@ -170,7 +172,8 @@ def test_region_targets_are_the_scored_regions() -> None:
 def test_region_targets_equal_the_label_sets_region_masks(edition: str) -> None:
     ls = EDITIONS[edition]
     target = torch.from_numpy(
-        np.random.default_rng(0).integers(0, ls.num_classes, (3, 8, 8))).long()
+        np.random.default_rng(0).integers(0, ls.num_classes, (3, 8, 8))
+    ).long()
     got = region_targets(target, region_lut(ls))
     assert got.shape == (3, len(ls.regions), 8, 8)
     want = np.moveaxis(region_masks(target.numpy(), ls), 0, 1)  # (N, regions, H, W)

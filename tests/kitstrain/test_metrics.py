@@ -289,15 +289,18 @@ def surface_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
     shape = (9, 14, 16)
     one = np.zeros(shape, bool)
     one[4, 6, 7] = True
-    cases = [("one voxel", one, one.copy()),
-             ("one voxel, next slice", np.roll(one, 1, 0), one),
-             ("one voxel, next column", np.roll(one, 1, 2), one)]
+    cases = [
+        ("one voxel", one, one.copy()),
+        ("one voxel, next slice", np.roll(one, 1, 0), one),
+        ("one voxel, next column", np.roll(one, 1, 2), one),
+    ]
     edge = np.zeros(shape, bool)
     edge[:3, :, :5] = True  # touches five faces of the volume
     cases.append(("edge", edge, np.roll(edge, 1, 2)))
     cases.append(("everything vs edge", np.ones(shape, bool), edge))
-    cases.append(("corner voxel", np.pad(np.ones((1, 1, 1), bool), ((0, 8), (0, 13), (0, 15))),
-                  edge))
+    cases.append(
+        ("corner voxel", np.pad(np.ones((1, 1, 1), bool), ((0, 8), (0, 13), (0, 15))), edge)
+    )
     for seed in range(4):
         t = blob((12, 20, 18), seed)
         cases.append((f"blob {seed} dilated", ndimage.binary_dilation(t), t))
@@ -330,8 +333,9 @@ def test_score_case_surface_dice_per_region_equals_the_official_evaluator() -> N
     pred = np.roll(truth, 1, axis=2)
     s = score_case("c", pred, truth, K23, ANISO)
     for r in K23.regions:
-        ref = official_surface_dice(np.isin(pred, r.labels), np.isin(truth, r.labels), ANISO,
-                                    r.tolerance_mm)
+        ref = official_surface_dice(
+            np.isin(pred, r.labels), np.isin(truth, r.labels), ANISO, r.tolerance_mm
+        )
         assert s.surface_dice[r.name] == pytest.approx(ref, abs=1e-4), r.name
     assert 0.0 < s.surface_dice["kidney_and_mass"] < 1.0
 

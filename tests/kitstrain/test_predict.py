@@ -35,11 +35,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("predict")
     src = make_cohort(root)
     store = make_store(src, root / "slices.h5")
-    return {"root": root, "src": src, "store": store,
-            "kidney": make_run(root / "runs" / "kidney", store, constant_unet(1),
-                               val=["case_00000"], train=["case_00001", "case_00002"]),
-            "random": make_run(root / "runs" / "random", store, UNet(UNET).eval(),
-                               val=["case_00000"], context=0)}
+    return {
+        "root": root,
+        "src": src,
+        "store": store,
+        "kidney": make_run(
+            root / "runs" / "kidney",
+            store,
+            constant_unet(1),
+            val=["case_00000"],
+            train=["case_00001", "case_00002"],
+        ),
+        "random": make_run(
+            root / "runs" / "random", store, UNet(UNET).eval(), val=["case_00000"], context=0
+        ),
+    }
 
 
 def test_prediction_name() -> None:
@@ -52,9 +62,17 @@ def test_predictions_have_the_imaging_geometry(setup, tmp_path: Path) -> None:
     """Non-square, int16-with-intercept, unlabelled and slices-last cases: shape, affine,
     sform/qform codes as the imaging's; uint8 without scaling; overlays for every case."""
     out = tmp_path / "pred"
-    report = predict_run(PredictConfig(run_dir=setup["random"], src=setup["src"], out=out,
-                                       device="cpu", batch_size=3, overlays=tmp_path / "png"),
-                         QUIET)
+    report = predict_run(
+        PredictConfig(
+            run_dir=setup["random"],
+            src=setup["src"],
+            out=out,
+            device="cpu",
+            batch_size=3,
+            overlays=tmp_path / "png",
+        ),
+        QUIET,
+    )
     assert sorted(p.name for p in report) == [prediction_name(c) for c in COHORT]
     assert len(report) == len(COHORT)
     for cid in COHORT:
@@ -74,12 +92,15 @@ def test_predictions_have_the_imaging_geometry(setup, tmp_path: Path) -> None:
 
 def test_labelled_cases_are_scored_with_the_official_formula(setup, tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    report = predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"], out=out,
-                                       cases="0-3", device="cpu", tta=True), QUIET)
+    report = predict_run(
+        PredictConfig(
+            run_dir=setup["kidney"], src=setup["src"], out=out, cases="0-3", device="cpu", tta=True
+        ),
+        QUIET,
+    )
     assert [s.case for s in report.scores] == ["case_00000", "case_00001", "case_00002"]
     for s in report.scores:
-        truth = np.asanyarray(nib.load(str(setup["src"] / s.case /
-                                           "segmentation.nii.gz")).dataobj)
+        truth = np.asanyarray(nib.load(str(setup["src"] / s.case / "segmentation.nii.gz")).dataobj)
         pred = np.asanyarray(nib.load(str(out / prediction_name(s.case))).dataobj)
         assert (pred == 1).all()
         kidney, tumour = official_dice(pred, truth)
@@ -91,23 +112,42 @@ def test_labelled_cases_are_scored_with_the_official_formula(setup, tmp_path: Pa
     assert "case_00003" not in table and "mean" in table
     lines = {line.split()[0]: line for line in table.splitlines() if line.startswith("case_")}
     assert TRAINED_FLAG not in lines["case_00000"]
-    assert lines["case_00001"].endswith(TRAINED_FLAG) and lines["case_00002"].endswith(
-        TRAINED_FLAG)
+    assert lines["case_00001"].endswith(TRAINED_FLAG) and lines["case_00002"].endswith(TRAINED_FLAG)
     assert "2 of 3 case(s) were in the run's training split" in table
 
 
 def test_naming_follows_the_store_edition_or_the_option(setup, tmp_path: Path) -> None:
-    report = predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"],
-                                       out=tmp_path / "a", cases="3", device="cpu"), QUIET)
+    report = predict_run(
+        PredictConfig(
+            run_dir=setup["kidney"], src=setup["src"], out=tmp_path / "a", cases="3", device="cpu"
+        ),
+        QUIET,
+    )
     assert [p.name for p in report] == ["prediction_00003.nii.gz"]  # a KiTS19 store
-    report = predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"],
-                                       out=tmp_path / "b", cases="3", device="cpu",
-                                       naming="kits23"), QUIET)
+    report = predict_run(
+        PredictConfig(
+            run_dir=setup["kidney"],
+            src=setup["src"],
+            out=tmp_path / "b",
+            cases="3",
+            device="cpu",
+            naming="kits23",
+        ),
+        QUIET,
+    )
     assert [p.name for p in report] == ["case_00003.nii.gz"]
     with pytest.raises(KitsError, match="unknown KiTS edition 'kits20'"):
-        predict_run(PredictConfig(run_dir=setup["kidney"], src=setup["src"],
-                                  out=tmp_path / "c", cases="3", device="cpu",
-                                  naming="kits20"), QUIET)
+        predict_run(
+            PredictConfig(
+                run_dir=setup["kidney"],
+                src=setup["src"],
+                out=tmp_path / "c",
+                cases="3",
+                device="cpu",
+                naming="kits20",
+            ),
+            QUIET,
+        )
 
 
 def test_predict_survives_a_moved_store_and_names_user_errors(setup, tmp_path: Path) -> None:
@@ -116,19 +156,28 @@ def test_predict_survives_a_moved_store_and_names_user_errors(setup, tmp_path: P
     config = runlib.read_config(run)
     runlib.write_json(run / runlib.CONFIG, {**config, "store": str(tmp_path / "gone.h5")})
     # The window and size recorded in the run are all that preprocessing needs.
-    report = predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p",
-                                       cases="3", device="cpu"), QUIET)
+    report = predict_run(
+        PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p", cases="3", device="cpu"),
+        QUIET,
+    )
     assert len(report) == 1 and "missing" in report.warnings[0]
 
     (tmp_path / "file").write_text("")
     with pytest.raises(KitsError, match="is a file"):
-        predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "file",
-                                  device="cpu"), QUIET)
+        predict_run(
+            PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "file", device="cpu"), QUIET
+        )
     with pytest.raises(KitsError, match="not there"):
-        predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p",
-                                  cases="42", device="cpu"), QUIET)
-    runlib.write_json(run / runlib.CONFIG, {k: v for k, v in config.items()
-                                            if k not in ("store", "store_attrs")})
+        predict_run(
+            PredictConfig(
+                run_dir=run, src=setup["src"], out=tmp_path / "p", cases="42", device="cpu"
+            ),
+            QUIET,
+        )
+    runlib.write_json(
+        run / runlib.CONFIG, {k: v for k, v in config.items() if k not in ("store", "store_attrs")}
+    )
     with pytest.raises(KitsError, match="pass --data"):
-        predict_run(PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p",
-                                  device="cpu"), QUIET)
+        predict_run(
+            PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p", device="cpu"), QUIET
+        )

@@ -46,7 +46,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = make_store(src, root / "slices.h5")
     runs = root / "runs"
     return {
-        "root": root, "src": src, "store": store,
+        "root": root,
+        "src": src,
+        "store": store,
         "kidney": make_run(runs / "a_kidney", store, constant_unet(1), val=VAL),
         "background": make_run(runs / "b_background", store, constant_unet(0), val=VAL),
     }
@@ -65,8 +67,7 @@ def store_truth(store: Path, cid: str) -> np.ndarray:
 
 def test_store_scores_equal_the_official_formula(setup, tmp_path: Path) -> None:
     """A model that calls everything kidney: Dice = 2|G| / (N + |G|), per the reference."""
-    cfg = ScoreConfig(run_dir=setup["kidney"], device="cpu", batch_size=4,
-                      json=tmp_path / "s.json")
+    cfg = ScoreConfig(run_dir=setup["kidney"], device="cpu", batch_size=4, json=tmp_path / "s.json")
     report = score_run(cfg, QUIET)
     assert [s.case for s in report.scores] == VAL
     for s in report.scores:
@@ -77,8 +78,10 @@ def test_store_scores_equal_the_official_formula(setup, tmp_path: Path) -> None:
         assert s.mean_dice == pytest.approx((kidney + tumour) / 2)
         # a prediction that fills the volume: its surface is the volume's edge
         spacing = store_spacing(open_store(setup["store"]), s.case)
-        assert s.surface_dice["kidney"] == pytest.approx(official_surface_dice(
-            np.ones(truth.shape, bool), truth > 0, spacing, KIDNEY_TOL), abs=1e-4)
+        assert s.surface_dice["kidney"] == pytest.approx(
+            official_surface_dice(np.ones(truth.shape, bool), truth > 0, spacing, KIDNEY_TOL),
+            abs=1e-4,
+        )
         assert s.surface_dice["tumour"] == 0.0
         assert s.accuracy == pytest.approx(np.mean(truth == 1))
         assert s.background_accuracy == pytest.approx(np.mean(truth == 0))
@@ -90,8 +93,14 @@ def test_store_scores_equal_the_official_formula(setup, tmp_path: Path) -> None:
     assert [r["case"] for r in rows] == [*VAL, "mean"]
     assert float(rows[0]["kidney_dice"]) == report.scores[0].dice["kidney"]
     assert float(rows[0]["tumour_surface_dice"]) == report.scores[0].surface_dice["tumour"]
-    assert list(rows[0])[:6] == ["case", "kidney_dice", "tumour_dice", "mean_dice",
-                                 "kidney_surface_dice", "tumour_surface_dice"]
+    assert list(rows[0])[:6] == [
+        "case",
+        "kidney_dice",
+        "tumour_dice",
+        "mean_dice",
+        "kidney_surface_dice",
+        "tumour_surface_dice",
+    ]
     data = json.loads((tmp_path / "s.json").read_text())
     assert [c["case"] for c in data["cases"]] == VAL
     assert data["mean"]["kidney_dice"] == pytest.approx(report.mean.dice["kidney"])
@@ -102,10 +111,16 @@ def test_store_scores_equal_the_official_formula(setup, tmp_path: Path) -> None:
     assert not any(c["trained_on"] for c in data["cases"])
 
 
-def test_source_scores_equal_the_official_formula_at_source_resolution(setup,
-                                                                       tmp_path: Path) -> None:
-    cfg = ScoreConfig(run_dir=setup["kidney"], src=setup["src"], device="cpu", batch_size=4,
-                      overlays=tmp_path / "png")
+def test_source_scores_equal_the_official_formula_at_source_resolution(
+    setup, tmp_path: Path
+) -> None:
+    cfg = ScoreConfig(
+        run_dir=setup["kidney"],
+        src=setup["src"],
+        device="cpu",
+        batch_size=4,
+        overlays=tmp_path / "png",
+    )
     report = score_run(cfg, QUIET)
     assert report.geometry == "source" and not report.resized
     for s in report.scores:
@@ -118,8 +133,9 @@ def test_source_scores_equal_the_official_formula_at_source_resolution(setup,
 
 
 def test_a_background_model_is_flagged(setup, tmp_path: Path) -> None:
-    cfg = ScoreConfig(run_dir=setup["background"], device="cpu", overlays=tmp_path / "png",
-                      tta=True)
+    cfg = ScoreConfig(
+        run_dir=setup["background"], device="cpu", overlays=tmp_path / "png", tta=True
+    )
     report = score_run(cfg, QUIET)
     assert all(s.dice["kidney"] == 0.0 and s.background_only for s in report.scores)
     assert not any(s.over_predicts for s in report.scores)
@@ -132,10 +148,23 @@ def test_a_background_model_is_flagged(setup, tmp_path: Path) -> None:
 
 
 def test_table_flags_only_the_rows_that_need_it(tmp_path: Path) -> None:
-    def case(cid: str, kidney: float, acc: float, bg: float, fg_pred: int, fg_true: int,
-             ) -> CaseScore:
-        return CaseScore(cid, {"kidney": kidney, "tumour": 0.5}, acc, bg, fg_pred, fg_true,
-                         {"kidney": 0.9, "tumour": 0.4})
+    def case(
+        cid: str,
+        kidney: float,
+        acc: float,
+        bg: float,
+        fg_pred: int,
+        fg_true: int,
+    ) -> CaseScore:
+        return CaseScore(
+            cid,
+            {"kidney": kidney, "tumour": 0.5},
+            acc,
+            bg,
+            fg_pred,
+            fg_true,
+            {"kidney": 0.9, "tumour": 0.4},
+        )
 
     good = case("case_00050", 0.95, 0.9990, 0.9852, 1000, 1000)
     # the newcomer's case: accuracy within 0.2 points of the baseline, a weak model not a
@@ -144,14 +173,24 @@ def test_table_flags_only_the_rows_that_need_it(tmp_path: Path) -> None:
     blind = case("case_00052", 0.05, 0.9000, 0.9000, 40, 1000)  # almost no foreground
     over = case("case_00053", 0.30, 0.4200, 0.9960, 58000, 400)  # foreground everywhere
     scores = [good, weak, blind, over]
-    report = ScoreReport(run_dir=tmp_path, checkpoint=tmp_path / "best.pt", store=None,
-                         src=None, geometry="source", tta=False, scores=scores,
-                         mean=mean_score(scores), trained=["case_00050"])
+    report = ScoreReport(
+        run_dir=tmp_path,
+        checkpoint=tmp_path / "best.pt",
+        store=None,
+        src=None,
+        geometry="source",
+        tta=False,
+        scores=scores,
+        mean=mean_score(scores),
+        trained=["case_00050"],
+    )
     table = format_table(report)
     lines = {line.split()[0]: line for line in table.splitlines() if line}
     assert lines["case_00050"].endswith(TRAINED_FLAG)
-    assert not any(f in lines["case_00050"] or f in lines["case_00051"]
-                   for f in (BACKGROUND_FLAG, OVERPREDICT_FLAG))
+    assert not any(
+        f in lines["case_00050"] or f in lines["case_00051"]
+        for f in (BACKGROUND_FLAG, OVERPREDICT_FLAG)
+    )
     assert lines["case_00052"].endswith(BACKGROUND_FLAG)
     assert lines["case_00053"].endswith(OVERPREDICT_FLAG)
     assert BACKGROUND_FLAG not in lines["case_00053"]
@@ -180,8 +219,9 @@ def test_user_errors_are_one_line_kits_errors(setup, tmp_path: Path) -> None:
     fails("config.json is missing", run_dir=tmp_path / "empty")
     fails("not in store|not there", run_dir=setup["kidney"], cases="7")
     fails("case_00003 is unlabelled", run_dir=setup["kidney"], cases="3")
-    fails("case_00003 in .* has no segmentation", run_dir=setup["kidney"], cases="3",
-          src=setup["src"])
+    fails(
+        "case_00003 in .* has no segmentation", run_dir=setup["kidney"], cases="3", src=setup["src"]
+    )
 
     # The store moved: name the fix, and accept it. Same content: no warning.
     moved = tmp_path / "moved.h5"
