@@ -34,7 +34,7 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +103,12 @@ class BuildConfig:
 
     @property
     def allowed_labels(self) -> LabelSet:
-        """The labels a mask may hold: the edition's, or under auto the widest edition's."""
+        """The labels a mask may hold: the edition's, or under auto the widest edition's
+        (named so that a refusal says no edition has the value)."""
         if self.edition != "auto":
             return EDITIONS[self.edition]
-        return max(EDITIONS.values(), key=lambda ls: ls.num_classes)
+        widest = max(EDITIONS.values(), key=lambda ls: ls.num_classes)
+        return replace(widest, edition="any KiTS edition")
 
 
 @dataclass(frozen=True)
