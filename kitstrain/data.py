@@ -205,7 +205,7 @@ class SliceDataset(Dataset):
         )
         self.rows = info.index[self.row_ids]  # a copy: what samplers read
         # slices whose index counts say "all background": no label chunk to inflate
-        self._background = self.rows["counts"][:, 1:].sum(1) == 0
+        self._background = info.foreground_pixels(self.rows) == 0
         # Neighbours as positions into self.rows: the K slices either side, clamped at the
         # case's ends (a case's rows are contiguous here, so position = own - slice + k)
         first = np.repeat(np.cumsum(counts) - counts, counts)
