@@ -66,7 +66,7 @@ def _progress(total: int, unit: str, desc: str):
     return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
-# kitstrain's default U-Net halves the slice this many times (kitstrain/presets.py); kitsprep
+# kitstrain's default U-Net halves the slice this many times (kitstrain/model/presets.py); kitsprep
 # does not import kitstrain, so the build-time warning keeps its own copy
 COMPILE_NOTE_S = 2.0  # kernel compile time worth a mention (loading the cache takes less)
 DEFAULT_DEPTH = 4

@@ -13,7 +13,7 @@ import click
 from kitsprep.cli import KitsGroup
 from kitsprep.errors import KitsError
 from kitstrain import __version__
-from kitstrain.patches import PATCH_CHOICES
+from kitstrain.data.patches import PATCH_CHOICES
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -213,9 +213,9 @@ def fit(
     log_every,
 ) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
-    from kitstrain.fit import FitConfig
-    from kitstrain.fit import fit as run_fit
-    from kitstrain.presets import resolve
+    from kitstrain.model.presets import resolve
+    from kitstrain.train.fit import FitConfig
+    from kitstrain.train.fit import fit as run_fit
 
     overrides = {
         "epochs": epochs,
@@ -274,7 +274,7 @@ def fit(
 def _show_preset_defaults(command: click.Command) -> click.Command:
     """`fit --help` shows the `default` preset's value beside each preset field's flag (the
     options default to None so that only given flags override the preset)."""
-    from kitstrain.presets import FIELD_NAMES, resolve
+    from kitstrain.model.presets import FIELD_NAMES, resolve
 
     preset = resolve("default", {})
     names = (FIELD_NAMES - {"preset"}) | {"compile_"}
@@ -335,8 +335,8 @@ def score(
 ) -> None:
     """Official Dice and surface Dice of every region of the store's KiTS edition, per case
     and mean, beside the all-background accuracy."""
-    from kitstrain.run import newest_run
-    from kitstrain.score import ScoreConfig, format_table, score_run
+    from kitstrain.report.score import ScoreConfig, format_table, score_run
+    from kitstrain.train.rundir import newest_run
 
     _writable_file(json_path, "--json")
     run_dir = run_dir or newest_run()
@@ -399,8 +399,8 @@ def predict(
 ) -> None:
     """Predictions in the source geometry, named for the edition's official evaluator."""
     from kitsprep.cli import _warn_misnamed
-    from kitstrain.predict import PredictConfig, check_predict_out, predict_run
-    from kitstrain.score import format_table
+    from kitstrain.infer.predict import PredictConfig, check_predict_out, predict_run
+    from kitstrain.report.score import format_table
 
     check_predict_out(src, out)
     _warn_misnamed(src)
@@ -432,8 +432,8 @@ def predict(
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 def plot(run_dir: Path | None) -> None:
     """Loss and validation Dice curves of a run, as a PNG."""
-    from kitstrain.plots import plot_curves
-    from kitstrain.run import newest_run, read_config
+    from kitstrain.report.plots import plot_curves
+    from kitstrain.train.rundir import newest_run, read_config
 
     run_dir = run_dir or newest_run()
     read_config(run_dir)
@@ -450,8 +450,8 @@ def plot(run_dir: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_loader(store, batch_size, workers, seconds, augment, context, as_json) -> None:
     """Loader throughput against an in-RAM ceiling, and per-worker peak memory."""
-    from kitstrain.bench import bench_loader as run_bench
-    from kitstrain.bench import format_bench
+    from kitstrain.data.bench import bench_loader as run_bench
+    from kitstrain.data.bench import format_bench
 
     result = run_bench(
         store,

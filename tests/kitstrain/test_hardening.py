@@ -19,8 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kitstrain import run as runlib
 from kitstrain.cli import main
+from kitstrain.train import rundir as runlib
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -118,7 +118,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(
     out = tmp_path / "k"
     script = textwrap.dedent("""
         import os, signal, sys
-        import kitstrain.fit as f
+        import kitstrain.train.fit as f
         f.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         from kitstrain.cli import main
         main(sys.argv[1:])
@@ -274,7 +274,7 @@ def test_best_weights_are_exported_as_safetensors(trained: Path) -> None:
 
 
 def test_fit_help_shows_the_default_presets_values() -> None:
-    from kitstrain.presets import PRESETS
+    from kitstrain.model.presets import PRESETS
 
     text = " ".join(cli("fit", "--help").output.split())
     assert f"[default preset: {PRESETS['default']['lr']}]" in text
@@ -284,7 +284,7 @@ def test_fit_help_shows_the_default_presets_values() -> None:
 
 def test_the_build_time_depth_warning_matches_the_default_preset() -> None:
     from kitsprep.cli import DEFAULT_DEPTH
-    from kitstrain.presets import resolve
+    from kitstrain.model.presets import resolve
 
     assert resolve("default", {}).depth == DEFAULT_DEPTH
 
@@ -333,8 +333,8 @@ def test_an_unwritable_out_for_fit_and_predict_is_one_line(
 
 
 def test_scaled_fp16_runs_tolerate_skipped_steps_but_not_a_persistent_run() -> None:
-    from kitstrain.fit import DIVERGED_STEPS, Divergence
-    from kitstrain.presets import resolve
+    from kitstrain.model.presets import resolve
+    from kitstrain.train.fit import DIVERGED_STEPS, Divergence
 
     tc = resolve("default", {})
     d = Divergence(torch.device("cpu"), tolerate=True)

@@ -1,0 +1,53 @@
+"""The one way kits writes a file that something else may read: to a temporary name beside
+it, then renamed over it, so a reader or a crash sees the old file or the new one, never
+half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's (or a directory's entries') data to the disk: a rename is durable only
+    once its directory is synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for any writer that takes a path (h5py,
+    nibabel, torch.save, savefig); on success rename it over `path`. On failure remove it and
+    name `path` in the OSError (a full disk says which file). `fsync` makes the new file and
+    the rename durable before returning (checkpoints, manifests a resume trusts)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+        if fsync:
+            fsync_path(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+
+
+def write_atomic(path: Path | str, data: str | bytes, *, fsync: bool = False) -> Path:
+    """Write text or bytes to `path` atomically (see `atomic_path`); returns the path."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return Path(path)

@@ -1,0 +1,1 @@
+"""Store reader -> splits, samplers, augmentation -> training and validation loaders."""

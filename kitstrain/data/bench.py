@@ -1,0 +1,305 @@
+"""`kitstrain bench-loader`: how fast the store loader delivers, against a ceiling.
+
+The ceiling is the same DataLoader (batch size, workers, sampler, collate, pinning,
+augmentation) over slices already held in one shared-memory tensor, so the ratio isolates
+what reading from the store costs. Peak RSS is read per worker process (VmHWM), because a
+loader whose workers grow with the store would fail on the full data set long before any
+throughput figure mattered.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kitsprep.errors import KitsError
+from kitsprep.store import CRC_ON_READ, SliceMap, crc32, open_store
+from kitstrain.data.augment import AugmentConfig, compile_kernels
+from kitstrain.data.dataset import SliceDataset
+from kitstrain.data.loaders import close_loader, train_loader_for
+
+
+class InRamDataset(SliceDataset):
+    """A SliceDataset whose slices are already in memory: everything but the reading is
+    shared with the real one (augmentation, seeding, tensor conversion)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        rows: np.ndarray,
+        augment: AugmentConfig | None,
+        seed: int = 0,
+    ):
+        self.images = images.share_memory_()  # workers see it, under fork or spawn
+        self.labels = labels.share_memory_()
+        self.rows = rows
+        self._background = np.zeros(len(rows), bool)
+        self.row_ids = np.arange(len(rows), dtype=np.int64)
+        self.size = images.shape[-1]
+        self.patch = self.size
+        self.context = (images.shape[1] - 1) // 2
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.seed = seed
+        self.return_row = False
+        self._map = None
+        self._rng = None
+        self._pid = None
+
+    def _open(self) -> None:
+        self._seed_rng()
+
+    def _read_into(self, i: int, img: np.ndarray, lab: np.ndarray) -> None:
+        img[...] = self.images[i].numpy()
+        lab[...] = self.labels[i].numpy()
+
+
+def _proc_kb(pid: int, key: str, name: str = "status") -> float | None:
+    """A `key: N kB` line of /proc/<pid>/<name>, in kB; None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _mb(kb: float | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 1)
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process has used (from /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device | None) -> dict:
+    """Slices/s after `warmup` batches (worker start, kernel load, full prefetch queues);
+    then each worker's peak RSS, read while the workers are still alive."""
+    it = iter(loader)
+    pids = [w.pid for w in getattr(it, "_workers", [])]
+
+    def batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:  # an epoch ended: persistent workers carry on
+            it = iter(loader)
+            return next(it)
+
+    try:
+        for _ in range(warmup):
+            batch()
+        slices = batches = 0
+        procs = [os.getpid(), *pids]
+        cpu0 = [_cpu_s(p) for p in procs]
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or batches == 0:
+            img, lab = batch()[:2]
+            if device is not None:  # what the training loop does with each batch
+                img = img.to(device, non_blocking=True)
+                lab = lab.to(device, non_blocking=True)
+            slices += img.shape[0]
+            batches += 1
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        # share of one core each process used while timed: shows which side is the limit
+        busy = [
+            None if a is None or b is None else round((b - a) / elapsed, 2)
+            for a, b in zip(cpu0, [_cpu_s(p) for p in procs], strict=True)
+        ]
+        rss = [_mb(_proc_kb(pid, "VmHWM")) for pid in pids]
+        pss = [_mb(_proc_kb(pid, "Pss", "smaps_rollup")) for pid in pids]
+    finally:
+        close_loader(loader)
+    return {
+        "slices": slices,
+        "batches": batches,
+        "seconds": elapsed,
+        "slices_per_s": slices / elapsed,
+        "worker_peak_rss_mb": rss,
+        "worker_pss_mb": pss,
+        "main_cpu": busy[0],
+        "worker_cpu": busy[1:],
+    }
+
+
+def bench_loader(
+    store_path: Path | str,
+    batch_size: int = 16,
+    workers: int = 2,
+    seconds: float = 10.0,
+    augment: bool = False,
+    context: int = 0,
+    in_ram_slices: int = 512,
+    prefetch_factor: int = 4,
+    multiprocessing_context: str | None = None,
+) -> dict:
+    """Measure the training loader on a store, then the in-RAM ceiling with the same
+    settings. Uniform sampling over every labelled slice; `mb_per_s` counts bytes read
+    from the store (image chunks of all context channels + deflated label chunks).
+    Targets (2 cores, 512x512, batch 16, 2 workers): ratio >= 1.0 without augmentation,
+    >= 1,000 slices/s with it, worker peak RSS < 400 MB whatever the store's size."""
+    store_path = Path(store_path)
+    info = open_store(store_path)
+    cases = info.labelled_cases
+    if not cases:
+        raise KitsError(
+            f"{store_path} holds no labelled case; the loader benchmark reads "
+            "training slices, build a store with segmentations"
+        )
+    aug = AugmentConfig() if augment else None
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else None
+    seed = 0
+    ds = SliceDataset(store_path, info, cases, context=context, augment=aug, seed=seed)
+    # enough draws per epoch that an epoch boundary does not fall inside a short run
+    settings = dict(
+        batch_size=batch_size,
+        workers=workers,
+        fg_fraction=0.0,
+        label_weights=None,
+        seed=seed,
+        samples_per_epoch=max(len(ds), 50_000),
+        pin_memory=cuda,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=True,
+        multiprocessing_context=multiprocessing_context,
+    )
+    warmup = max(4, 2 * workers * prefetch_factor)
+    if aug is not None and multiprocessing_context in (None, "fork"):
+        compile_kernels()  # once here, before forking, not per worker
+
+    # The store first: workers fork from a parent that holds no in-RAM copy yet.
+    mapped = _run(train_loader_for(ds, **settings), seconds, warmup, device)
+    main_peak = _mb(_proc_kb(os.getpid(), "VmHWM"))
+
+    positions = np.unique(np.linspace(0, len(ds) - 1, min(in_ram_slices, len(ds))).astype(int))
+    images = torch.empty((len(positions), ds.channels, info.size, info.size), dtype=torch.float16)
+    labels = torch.empty((len(positions), info.size, info.size), dtype=torch.uint8)
+    reader = SliceDataset(store_path, info, cases, context=context)
+    for j, pos in enumerate(positions):
+        img, lab = reader[int(pos)]
+        images[j], labels[j] = img, lab
+    ram_ds = InRamDataset(images, labels, ds.rows[positions], aug, seed=seed)
+    ceiling = _run(train_loader_for(ram_ds, **settings), seconds, warmup, device)
+    del ram_ds, images, labels
+
+    crc_us = _crc_us_per_slice(store_path, info, ds.rows)
+    # share of the store path's worker time that checking each read's CRC-32 costs
+    crc_share = (
+        crc_us * 1e-6 * ds.channels * mapped["slices_per_s"] / max(1, workers)
+        if CRC_ON_READ
+        else 0.0
+    )
+    # all-background labels are zero-filled from the index, not read
+    read_bytes = ds.channels * info.size * info.size * 2 + float(
+        np.mean(np.where(ds._background, 0, ds.rows["label_nbytes"]))
+    )
+    return {
+        "store": str(store_path),
+        "slices_per_s": mapped["slices_per_s"],
+        "mb_per_s": mapped["slices_per_s"] * read_bytes / 1e6,
+        "in_ram_slices_per_s": ceiling["slices_per_s"],
+        "ratio": mapped["slices_per_s"] / ceiling["slices_per_s"],
+        "crc_checked": CRC_ON_READ,
+        "crc_us_per_slice": crc_us,
+        "crc_share": crc_share,
+        "worker_peak_rss_mb": mapped["worker_peak_rss_mb"],
+        "worker_pss_mb": mapped["worker_pss_mb"],
+        "main_peak_rss_mb": main_peak,
+        "batches": mapped["batches"],
+        "seconds": mapped["seconds"],
+        "main_cpu": mapped["main_cpu"],
+        "worker_cpu": mapped["worker_cpu"],
+        "in_ram": {
+            k: ceiling[k]
+            for k in ("batches", "seconds", "worker_peak_rss_mb", "main_cpu", "worker_cpu")
+        },
+        "settings": {
+            "batch_size": batch_size,
+            "workers": workers,
+            "seconds": seconds,
+            "augment": bool(augment),
+            "context": context,
+            "channels": ds.channels,
+            "size": info.size,
+            "store_slices": len(ds),
+            "store_bytes": store_path.stat().st_size,
+            "in_ram_slices": len(positions),
+            "prefetch_factor": prefetch_factor,
+            "persistent_workers": True,
+            "pin_memory": cuda,
+            "device": str(device or "cpu"),
+            "multiprocessing_context": multiprocessing_context or "default",
+            "sampler": "uniform (ForegroundSampler, fg_fraction 0)",
+            "warmup_batches": warmup,
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+def _crc_us_per_slice(store_path: Path, info, rows: np.ndarray, n: int = 64) -> float:
+    """Microseconds one image slice's CRC-32 takes here (ISA-L's where installed), right
+    after its read as in the loader: the bytes are still in the CPU's cache."""
+    m = SliceMap(store_path, info.size, info.case_ids, check_crc=False)
+    out = np.empty((info.size, info.size), np.float16)
+    seconds = 0.0
+    try:
+        pick = rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
+        for row in pick:
+            m.image(row, out=out)
+            t0 = time.perf_counter()
+            crc32(out)
+            seconds += time.perf_counter() - t0
+    finally:
+        m.close()
+    return seconds / len(pick) * 1e6
+
+
+def format_bench(result: dict) -> str:
+    """The human-readable table for `kitstrain bench-loader`."""
+    s = result["settings"]
+    rss = result["worker_peak_rss_mb"]
+    rss_text = ", ".join(f"{v:.0f}" for v in rss if v is not None) or "n/a (no workers)"
+    lines = [
+        f"loader bench: {result['store']}",
+        f"  {s['store_slices']} slices of {s['size']}x{s['size']}, {s['channels']} channel(s), "
+        f"batch {s['batch_size']}, {s['workers']} worker(s), prefetch {s['prefetch_factor']}, "
+        f"augmentation {'on' if s['augment'] else 'off'}, pin_memory {s['pin_memory']}, "
+        f"{s['cpus']} CPUs",
+        f"  {'':24}{'slices/s':>10}{'MB/s':>10}",
+        f"  {'store (preadv)':24}{result['slices_per_s']:>10.0f}{result['mb_per_s']:>10.0f}",
+        f"  {'in-RAM ceiling':24}{result['in_ram_slices_per_s']:>10.0f}"
+        f"  ({s['in_ram_slices']} slices in one tensor)",
+        f"  {'ratio store / in-RAM':24}{result['ratio']:>10.2f}  (target >= 1.00)",
+        "  CRC-32 of every read: "
+        + (
+            f"on, {result['crc_us_per_slice']:.1f} us per slice, "
+            f"{100 * result['crc_share']:.1f}% of the workers' time"
+            if result["crc_checked"]
+            else "off (no ISA-L; `kitsprep verify` is the check)"
+        ),
+        f"  worker peak RSS (MB): {rss_text}",
+        f"  main peak RSS (MB): {result['main_peak_rss_mb']}",
+        f"  CPU busy (cores): main {result['main_cpu']}, workers "
+        f"{', '.join(str(v) for v in result['worker_cpu']) or '-'}; "
+        f"in-RAM run: main {result['in_ram']['main_cpu']}, workers "
+        f"{', '.join(str(v) for v in result['in_ram']['worker_cpu']) or '-'}",
+        f"  timed {result['batches']} batches in {result['seconds']:.1f} s after "
+        f"{s['warmup_batches']} warm-up batches",
+    ]
+    return "\n".join(lines)

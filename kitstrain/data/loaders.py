@@ -1,0 +1,246 @@
+"""Training and validation DataLoaders: one place for their settings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kitsprep.errors import KitsError
+from kitsprep.store import StoreInfo
+from kitstrain.data.augment import AugmentConfig
+from kitstrain.data.dataset import SliceDataset, collate_slices, worker_init_fn
+from kitstrain.data.samplers import ForegroundSampler
+
+# Why these settings:
+# - persistent_workers: workers (and their maps, numba kernels, RNG streams) live across
+#   epochs; restarting them costs seconds per epoch under spawn and reseeds the streams.
+# - prefetch_factor up to 4 per worker: with 2 workers, 8 batches in flight cover the
+#   jitter of a step (validation, logging, a slow augmented batch) without holding much
+#   memory (512x512 batch of 16: 8 MB image + 4 MB label); `fit` lowers it for large
+#   batches (`prefetch_for`) so that shared memory stays bounded.
+# - pin_memory only when the batches go to CUDA: pinned host memory is what makes
+#   `.to(device, non_blocking=True)` asynchronous; on CPU it only costs a copy.
+# - drop_last for training: equal batch sizes (batch-norm statistics) and an equal number
+#   of steps on every DDP rank, which all-reduce would otherwise deadlock on.
+# - a seeded generator: torch derives each worker's seed from it, so augmentation streams
+#   repeat for a seed.
+
+
+def _loader_kwargs(
+    workers: int, prefetch_factor: int | None, persistent_workers: bool, multiprocessing_context
+) -> dict:
+    if workers <= 0:
+        return {"num_workers": 0}
+    return {
+        "num_workers": workers,
+        "prefetch_factor": prefetch_factor,
+        "persistent_workers": persistent_workers,
+        "worker_init_fn": worker_init_fn,
+        "multiprocessing_context": multiprocessing_context,
+    }
+
+
+def make_train_loader(
+    store_path: Path | str,
+    info: StoreInfo,
+    cases: Sequence[str],
+    *,
+    batch_size: int,
+    workers: int,
+    context: int,
+    augment: AugmentConfig | None,
+    fg_fraction: float,
+    label_weights: Mapping[int, float] | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    samples_per_epoch: int | None = None,
+    pin_memory: bool,
+    prefetch_factor: int = 4,
+    persistent_workers: bool = True,
+    multiprocessing_context=None,
+    epoch: int = 0,
+    start_batch: int = 0,
+    patch: int | None = None,
+) -> DataLoader:
+    """Training batches (image float16 (B, 1+2K, P, P), label uint8 (B, P, P)) drawn by a
+    ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks. P is
+    `patch` (see `kitstrain.data.patches.patch_origin`), the whole slice when None.
+
+    `epoch` fixes the sampler's order and the augmentation streams (each draw is seeded by
+    (seed, rank, epoch, draw)), so one loader for a whole run (`loader.sampler.set_epoch`
+    at each epoch's end, what `fit` does) varies per epoch; `start_batch` resumes
+    mid-epoch on the same slices with the same augmentations."""
+    ds = SliceDataset(
+        store_path,
+        info,
+        cases,
+        context=context,
+        augment=augment,
+        seed=_stream_seed(seed, rank),
+        patch=patch,
+    )
+    return train_loader_for(
+        ds,
+        batch_size=batch_size,
+        workers=workers,
+        fg_fraction=fg_fraction,
+        label_weights=label_weights,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        samples_per_epoch=samples_per_epoch,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=persistent_workers,
+        multiprocessing_context=multiprocessing_context,
+        epoch=epoch,
+        start_batch=start_batch,
+    )
+
+
+def _stream_seed(seed: int, rank: int) -> int:
+    """Augmentation seed per (seed, rank): ranks differ; the epoch and the draw come with
+    each sampled item (`Drawn`), so the seed need not change when the epoch does."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def batches_per_epoch(samples_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: what a training loader yields per rank (drop_last
+    on each rank's ceil(samples / world) draws, one short batch when fewer than a batch).
+    Schedules count these, so a cosine ends where the data does."""
+    per_rank = math.ceil(samples_per_epoch / world_size)
+    return per_rank // batch_size if per_rank >= batch_size else 1
+
+
+# In-flight batches (workers x prefetch) a rank may hold in shared memory: prefetch shrinks
+# for large batches rather than filling /dev/shm (16 workers x 4 of 700 MB is 44 GB).
+PREFETCH_BYTES = 2 * 2**30
+
+
+def prefetch_for(batch_bytes: int, workers: int, budget: int = PREFETCH_BYTES) -> int:
+    """Batches each worker prepares ahead: 4 where they are small (covers a slow step's
+    jitter), down to 1 where workers x 4 batches would pass `budget`."""
+    return max(1, min(4, budget // max(1, workers * batch_bytes)))
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop persistent workers now rather than at garbage collection."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+def train_loader_for(
+    ds: SliceDataset,
+    *,
+    batch_size: int,
+    workers: int,
+    fg_fraction: float,
+    label_weights: Mapping[int, float] | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    samples_per_epoch: int | None = None,
+    pin_memory: bool,
+    prefetch_factor: int = 4,
+    persistent_workers: bool = True,
+    multiprocessing_context=None,
+    epoch: int = 0,
+    start_batch: int = 0,
+) -> DataLoader:
+    """The training DataLoader around any dataset with `rows`: one place for the settings,
+    so the loader benchmark's in-RAM ceiling runs exactly what training runs."""
+    sampler = ForegroundSampler(
+        ds.rows,
+        samples_per_epoch or len(ds),
+        fg_fraction=fg_fraction,
+        label_weights=label_weights,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    sampler.set_epoch(epoch)
+    sampler.skip_next(start_batch * batch_size)
+    # workers' seeds derive from this generator (base_seed + worker id)
+    generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
+    # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
+    # serves later epochs too (batches_per_epoch counts the same way)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=sampler.per_rank >= batch_size,
+        pin_memory=pin_memory,
+        generator=generator,
+        collate_fn=collate_slices,
+        **_loader_kwargs(workers, prefetch_factor, persistent_workers, multiprocessing_context),
+    )
+
+
+def next_batch(it: Iterator) -> tuple | None:
+    """The loader's next batch, None at the epoch's end. A KitsError raised in a worker
+    (a damaged slice) arrives wrapped in the worker's traceback: unwrap it to its one line."""
+    try:
+        return next(it, None)
+    except KitsError as exc:
+        text = str(exc).strip()
+        marker = "KitsError: "
+        raise KitsError(
+            text[text.rindex(marker) + len(marker) :] if marker in text else text
+        ) from None
+
+
+def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """This rank's cases: whole cases (so per-case 3D Dice needs no gathering of slices),
+    balanced by slice count (largest first onto the lightest rank), deterministic."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise KitsError(f"rank {rank} is outside world size {world_size}")
+    load = [0] * world_size
+    mine = []
+    for c in sorted(cases, key=lambda c: (-info.cases[c].slices, c)):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        load[r] += info.cases[c].slices
+        if r == rank:
+            mine.append(c)
+    return sorted(mine)
+
+
+def make_val_loader(
+    store_path: Path | str,
+    info: StoreInfo,
+    cases: Sequence[str],
+    *,
+    batch_size: int,
+    workers: int,
+    context: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch_factor: int = 2,
+    persistent_workers: bool = True,
+    multiprocessing_context=None,
+) -> DataLoader:
+    """Every slice of this rank's cases, case by case in slice order, never augmented.
+    Yields (image, label, row): `row` is the global index row of each slice, so
+    `info.index[row]["case"]` (a position in `info.case_ids`) and `["slice"]` place it.
+    Workers persist so repeated validations do not restart them."""
+    mine = shard_cases(info, cases, rank, world_size)
+    ds = SliceDataset(store_path, info, mine, context=context, augment=None, return_row=True)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        pin_memory=pin_memory,
+        collate_fn=collate_slices,
+        **_loader_kwargs(
+            workers if len(ds) else 0, prefetch_factor, persistent_workers, multiprocessing_context
+        ),
+    )

@@ -1,0 +1,1 @@
+"""The network, its losses, and the presets that configure training."""

@@ -1,0 +1,1 @@
+"""Scores as tables, CSV and JSON; overlays and training curves."""

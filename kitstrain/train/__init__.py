@@ -1,0 +1,1 @@
+"""The training loop, the run directory, GPU memory and the distributed context."""
