@@ -10,7 +10,6 @@ Samplers read only the index.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from kitsprep.errors import KitsError
 from kitsprep.store import SliceMap, StoreInfo
 from kitstrain.data.augment import AugmentConfig, augment_slice
+from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
 from kitstrain.data.patches import patch_origin, uniform_origin
 from kitstrain.data.samplers import Drawn
 from kitstrain.data.splits import shown_cases
@@ -96,6 +96,7 @@ class SliceDataset(Dataset):
         self._map: SliceMap | None = None
         self._rng: np.random.Generator | None = None
         self._pid: int | None = None
+        self.pool: BatchPool | None = None  # a pooled training loader's slots
 
     @property
     def channels(self) -> int:
@@ -184,34 +185,34 @@ class SliceDataset(Dataset):
             return images[0], labels[0], int(self.row_ids[i])
         return images[0], labels[0]
 
-    def __getitems__(self, indices: list[int]) -> list[tuple]:
-        """A whole batch read straight into one tensor per field, in shared memory inside a
-        worker, so neither a per-slice allocation nor collate's stacking copy happens and
-        the batch crosses to the main process without another copy. Items are views of
-        those tensors: `collate_slices` hands the tensors on as they are, and any other
-        collate still works (it stacks the views)."""
-        images, labels = self._batch_tensors(len(indices), shared=get_worker_info() is not None)
+    def __getitems__(self, indices: list[int]) -> list[tuple] | PooledBatch:
+        """A whole batch read straight into one tensor per field, so neither a per-slice
+        allocation nor collate's stacking copy happens. Inside a worker of a pooled loader
+        (`pool`, set by `train_loader_for`) the tensors are a slot of the pool and the batch
+        crosses to the main process as the slot's number (`PooledBatch`); otherwise they are
+        fresh (shared memory in a worker) and items are views of them: `collate_slices` hands
+        the tensors on as they are, and any other collate still works (it stacks the views).
+        """
+        worker = get_worker_info()
+        slot = None
+        if worker is not None and self.pool is not None and not self.return_row:
+            slot = self.pool.take(worker.id, len(indices))
+        if slot is not None:
+            number, images, labels = slot
+            self._fill(indices, images, labels)
+            return PooledBatch(self.pool.token, number, len(indices))
+        images, labels = self._batch_tensors(len(indices), shared=worker is not None)
         self._fill(indices, images, labels)
         if self.return_row:
             return [(images[j], labels[j], int(self.row_ids[i])) for j, i in enumerate(indices)]
         return [(images[j], labels[j]) for j in range(len(indices))]
 
     def _batch_tensors(self, n: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh batch tensors; in shared memory when they will cross processes (as
+        default_collate does: moving them there later would copy them)."""
         s = self.patch
-        return (
-            _empty((n, self.channels, s, s), torch.float16, shared),
-            _empty((n, s, s), torch.uint8, shared),
-        )
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, allocated in shared memory when it will cross processes
-    (as default_collate does: moving it there later would copy it)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    elem = torch.empty(0, dtype=dtype)
-    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
-    return elem.new(storage).resize_(shape)
+        empty = shared_empty if shared else lambda shape, dtype: torch.empty(shape, dtype=dtype)
+        return empty((n, self.channels, s, s), torch.float16), empty((n, s, s), torch.uint8)
 
 
 def _views_of_one_batch(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -232,9 +233,12 @@ def _views_of_one_batch(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.new_empty(0).set_(storage, 0, (len(parts), *first.shape))
 
 
-def collate_slices(batch: list[tuple]) -> tuple:
-    """Collate for SliceDataset: batches that `__getitems__` already laid out in one tensor
-    per field pass through without a copy; anything else goes to torch's default_collate."""
+def collate_slices(batch: list[tuple] | PooledBatch) -> tuple | PooledBatch:
+    """Collate for SliceDataset: pooled batches and batches that `__getitems__` already laid
+    out in one tensor per field pass through without a copy; anything else goes to torch's
+    default_collate."""
+    if isinstance(batch, PooledBatch):
+        return batch
     fields = list(zip(*batch, strict=True))
     out = []
     for parts in fields:

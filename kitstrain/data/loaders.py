@@ -1,7 +1,8 @@
-"""Training and validation DataLoaders: one place for their settings."""
+"""The training DataLoader: one place for its settings; and how validation shards cases."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from kitsprep.errors import KitsError
 from kitsprep.store import StoreInfo
 from kitstrain.data.augment import AugmentConfig
+from kitstrain.data.batch_pool import BatchPool, ReleasingIterator
 from kitstrain.data.dataset import SliceDataset, collate_slices, worker_init_fn
 from kitstrain.data.samplers import ForegroundSampler
 
@@ -123,10 +125,17 @@ def batches_per_epoch(samples_per_epoch: int, batch_size: int, world_size: int =
 PREFETCH_BYTES = 2 * 2**30
 
 
+# Pool slots per worker beyond its prefetched batches: the batch in the training step, and
+# one spare so a worker never waits for the step to hand a slot back
+POOL_SPARE_SLOTS = 2
+
+
 def prefetch_for(batch_bytes: int, workers: int, budget: int = PREFETCH_BYTES) -> int:
     """Batches each worker prepares ahead: 4 where they are small (covers a slow step's
-    jitter), down to 1 where workers x 4 batches would pass `budget`."""
-    return max(1, min(4, budget // max(1, workers * batch_bytes)))
+    jitter), down to 1 where the pool (workers x (prefetch + spare) batches) would pass
+    `budget`."""
+    fits = budget // max(1, workers * batch_bytes) - POOL_SPARE_SLOTS
+    return max(1, min(4, fits))
 
 
 def close_loader(loader: DataLoader) -> None:
@@ -172,8 +181,21 @@ def train_loader_for(
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
     # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
     # serves later epochs too (batches_per_epoch counts the same way)
-    return DataLoader(
+    pool = None
+    if workers > 0:
+        # a copy: the pool belongs to this loader's workers, whatever else uses `ds`
+        ds = copy.copy(ds)
+        ds.pool = pool = BatchPool(
+            batch_size=batch_size,
+            channels=ds.channels,
+            patch=ds.patch,
+            workers=workers,
+            slots_per_worker=prefetch_factor + POOL_SPARE_SLOTS,
+            multiprocessing_context=multiprocessing_context,
+        )
+    return TrainLoader(
         ds,
+        pool=pool,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=sampler.per_rank >= batch_size,
@@ -182,6 +204,19 @@ def train_loader_for(
         collate_fn=collate_slices,
         **_loader_kwargs(workers, prefetch_factor, persistent_workers, multiprocessing_context),
     )
+
+
+class TrainLoader(DataLoader):
+    """A DataLoader whose workers write batches into `pool`'s reused slots (see
+    `kitstrain.data.batch_pool`); iterating it yields (image, label) tensors as any
+    DataLoader does, and hands each slot back when the next batch is asked for."""
+
+    def __init__(self, *args, pool: BatchPool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = pool
+
+    def __iter__(self):
+        return ReleasingIterator(super().__iter__())
 
 
 def next_batch(it: Iterator) -> tuple | None:
@@ -210,37 +245,3 @@ def shard_cases(info: StoreInfo, cases: Sequence[str], rank: int, world_size: in
         if r == rank:
             mine.append(c)
     return sorted(mine)
-
-
-def make_val_loader(
-    store_path: Path | str,
-    info: StoreInfo,
-    cases: Sequence[str],
-    *,
-    batch_size: int,
-    workers: int,
-    context: int,
-    pin_memory: bool,
-    rank: int = 0,
-    world_size: int = 1,
-    prefetch_factor: int = 2,
-    persistent_workers: bool = True,
-    multiprocessing_context=None,
-) -> DataLoader:
-    """Every slice of this rank's cases, case by case in slice order, never augmented.
-    Yields (image, label, row): `row` is the global index row of each slice, so
-    `info.index[row]["case"]` (a position in `info.case_ids`) and `["slice"]` place it.
-    Workers persist so repeated validations do not restart them."""
-    mine = shard_cases(info, cases, rank, world_size)
-    ds = SliceDataset(store_path, info, mine, context=context, augment=None, return_row=True)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
-        pin_memory=pin_memory,
-        collate_fn=collate_slices,
-        **_loader_kwargs(
-            workers if len(ds) else 0, prefetch_factor, persistent_workers, multiprocessing_context
-        ),
-    )

@@ -21,6 +21,7 @@ def test_bench_reports_throughput_ceiling_and_memory(loader_store, workers, augm
     )
     assert r["slices_per_s"] > 0 and r["in_ram_slices_per_s"] > 0 and r["mb_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["slices_per_s"] / r["in_ram_slices_per_s"])
+    assert r["ratio_plain"] == pytest.approx(r["slices_per_s"] / r["plain_in_ram_slices_per_s"])
     assert r["batches"] >= 1 and r["main_peak_rss_mb"] > 0
     assert len(r["worker_peak_rss_mb"]) == workers
     assert all(0 < v < 4000 for v in r["worker_peak_rss_mb"])
@@ -28,7 +29,8 @@ def test_bench_reports_throughput_ceiling_and_memory(loader_store, workers, augm
     json.dumps(r)  # `--json` prints it as is
     text = format_bench(r)
     assert "in-RAM ceiling" in text and "worker peak RSS" in text
-    assert "ratio store / in-RAM" in text and "CRC-32 of every read" in text
+    assert "store / plain in-RAM" in text and "store / in-RAM ceiling" in text
+    assert "CRC-32 of every read" in text
     assert r["crc_checked"] and 0 < r["crc_us_per_slice"] and 0 <= r["crc_share"] < 1
 
 

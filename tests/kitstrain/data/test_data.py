@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
@@ -17,11 +18,14 @@ from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceMap, index_dtype, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.data.augment import AugmentConfig
+from kitstrain.data.batch_pool import PooledBatch
 from kitstrain.data.dataset import SliceDataset, collate_slices
 from kitstrain.data.loaders import (
+    POOL_SPARE_SLOTS,
+    PREFETCH_BYTES,
     batches_per_epoch,
     make_train_loader,
-    make_val_loader,
+    prefetch_for,
     shard_cases,
 )
 from kitstrain.data.samplers import ForegroundSampler, label_weights_by_value, slice_weights
@@ -310,31 +314,57 @@ def test_sampler_without_foreground_falls_back_to_uniform():
 # --------------------------------------------------------------------------- loaders
 
 
-@pytest.mark.parametrize("workers, context", [(0, None), (2, "fork"), (2, "spawn")])
-def test_val_loader_yields_every_slice_in_order(loader_store, info, workers, context):
-    cases = info.labelled_cases
-    loader = make_val_loader(
-        loader_store,
-        info,
-        cases,
+def _train_loader(loader_store, info, **kw):
+    settings = dict(
         batch_size=4,
-        workers=workers,
+        workers=2,
         context=1,
+        augment=AugmentConfig(),
+        fg_fraction=0.5,
+        label_weights={2: 2.0},
+        seed=0,
+        samples_per_epoch=40,
         pin_memory=False,
         persistent_workers=False,
-        multiprocessing_context=context,
+        multiprocessing_context="fork",
     )
-    ref = SliceDataset(loader_store, info, cases, context=1)
-    rows = []
-    for img, lab, row in loader:
-        assert img.dtype == torch.float16 and img.shape[1:] == (3, info.size, info.size)
-        for j, r in enumerate(row.tolist()):
-            i = len(rows)
-            assert r == int(ref.row_ids[i])
-            want = ref[i]
-            assert torch.equal(img[j], want[0]) and torch.equal(lab[j], want[1])
-            rows.append(r)
-    assert rows == ref.row_ids.tolist()
+    settings.update(kw)
+    return make_train_loader(loader_store, info, info.labelled_cases, **settings)
+
+
+@pytest.mark.parametrize("mp_context", ["fork", "spawn"])
+def test_pooled_batches_equal_batches_read_in_the_main_process(loader_store, info, mp_context):
+    """Workers write into reused pool slots (more batches than slots, so every slot is
+    reused); each batch equals the one read without workers, and every slot comes back."""
+    pooled = _train_loader(loader_store, info, multiprocessing_context=mp_context)
+    assert pooled.pool is not None
+    slots = pooled.pool.images.shape[0]
+    got = [(img.clone(), lab.clone()) for img, lab in pooled]
+    want = list(_train_loader(loader_store, info, workers=0))
+    assert len(got) == len(want) == 10 > slots // 2
+    for (gi, gl), (wi, wl) in zip(got, want, strict=True):
+        assert torch.equal(gi, wi) and torch.equal(gl, wl)
+    free = sorted(
+        s for q in pooled.pool.free for s in iter(lambda q=q: None if q.empty() else q.get(), None)
+    )
+    assert free == list(range(slots))
+
+
+def test_workers_fill_pool_slots_and_fall_back_when_none_is_free(loader_store, info):
+    """A consumer that never hands slots back (keeps every batch) still gets every batch
+    right: once a worker's slots are all held it allocates fresh ones."""
+    loader = _train_loader(loader_store, info, prefetch_factor=1)
+    raw = list(DataLoader.__iter__(loader))  # no hand-back
+    pooled = [b for b in raw if isinstance(b, PooledBatch)]
+    assert len(pooled) == loader.pool.images.shape[0]  # each worker used all its slots
+    assert len(raw) - len(pooled) == 10 - len(pooled)
+    want = list(_train_loader(loader_store, info, workers=0))
+    for b, (wi, wl) in zip(raw, want, strict=True):
+        img, lab = b.tensors() if isinstance(b, PooledBatch) else b
+        assert torch.equal(img, wi) and torch.equal(lab, wl)
+    for b in pooled:
+        b.release()
+        b.release()  # idempotent: a slot is handed back once
 
 
 def test_train_loader_is_repeatable_for_a_seed_with_workers(loader_store, info):
@@ -504,3 +534,14 @@ def test_real_mask_reads_back_equal_through_the_map(tmp_path):
         _, lab = ds[i]
         assert np.array_equal(lab.numpy(), expect[i])
     assert int((expect == 2).sum()) == int(info.label_pixels("tumour", info.rows(case_id)).sum())
+
+
+def test_prefetch_keeps_the_whole_pool_within_its_budget():
+    mb = 2**20
+    assert prefetch_for(12 * mb, workers=2) == 4  # 512x512 batch of 16: 4 ahead
+    for batch_bytes, workers in [(92 * mb, 16), (40 * mb, 8), (300 * mb, 1)]:
+        p = prefetch_for(batch_bytes, workers)
+        assert 1 <= p <= 4
+        pool = workers * (p + POOL_SPARE_SLOTS) * batch_bytes
+        assert pool <= PREFETCH_BYTES or p == 1
+    assert prefetch_for(700 * mb, workers=16) == 1  # never below one batch ahead
