@@ -20,9 +20,11 @@ import numpy as np
 from kitsprep.errors import KitsError
 
 __all__ = [
+    "ANY_EDITION",
     "EDITIONS",
     "LabelSet",
     "Region",
+    "any_edition_labels",
     "decode_regions",
     "edition",
     "region_masks",
@@ -161,6 +163,16 @@ EDITIONS: dict[str, LabelSet] = {
     "kits21": _kits2x("kits21"),
     "kits23": _kits2x("kits23"),
 }
+
+
+# How a message names the labels of every edition together (a value none of them has).
+ANY_EDITION = "any KiTS edition"
+
+
+def any_edition_labels() -> tuple[tuple[str, int], ...]:
+    """Every foreground (name, value) some edition has, by value: what a mask may hold
+    before its edition is known."""
+    return tuple(sorted({lv for ls in EDITIONS.values() for lv in ls.labels}, key=lambda x: x[1]))
 
 
 def edition(name: str) -> LabelSet:

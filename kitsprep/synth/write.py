@@ -8,12 +8,15 @@ import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 
 from kitsprep.files import write_atomic
 from kitsprep.synth.case import SynthCase, SynthConfig, check_config, make_case
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 try:  # isal is a project dependency and several times faster than zlib at the same ratio
     from isal import igzip as _gzip
@@ -86,6 +89,8 @@ def _set_geometry(img: nib.Nifti1Image, affine: np.ndarray, style: str) -> None:
 
 
 def _imaging_image(case: SynthCase) -> nib.Nifti1Image:
+    import nibabel as nib  # here: `kitsprep --help` need not load it (the CLI reads this package)
+
     if case.imaging_dtype == "int16":
         raw = (case.imaging - INT16_INTERCEPT).astype(np.int16)  # HU is integer, no rounding
         img = nib.Nifti1Image(raw, None)
@@ -100,6 +105,8 @@ def _imaging_image(case: SynthCase) -> nib.Nifti1Image:
 
 
 def _mask_image(case: SynthCase) -> nib.Nifti1Image:
+    import nibabel as nib
+
     assert case.segmentation is not None  # encode_case writes a mask only for labelled cases
     img = nib.Nifti1Image(case.segmentation.astype(case.mask_dtype), None)
     img.header.set_data_dtype(case.mask_dtype)
