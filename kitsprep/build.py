@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from kitsprep import __version__
 from kitsprep.cases import (
@@ -163,10 +164,12 @@ class BuildReport:
 
     @property
     def slices_per_s(self) -> float:
+        """The build's rate, kernel compilation excluded (what a rerun would see)."""
         return self.slices / self.seconds if self.seconds > 0 else float("inf")
 
 
 def partial_dir(out: Path) -> Path:
+    """Where a build of ``out`` lives until it is complete (and where --resume finds it)."""
     return out.with_name(out.name + ".partial")
 
 
@@ -257,7 +260,7 @@ def _slab_len(n_slices: int, size: int) -> int:
 _buffers = threading.local()  # one process_case at a time per thread
 
 
-def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+def _buffer(name: str, shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
     """An uninitialised array on a cache-line boundary (the kernels' row segments are then
     whole lines), kept per thread and reused by the next case: no page faults per case."""
     dtype = np.dtype(dtype)

@@ -27,7 +27,8 @@ class KitsGroup(click.Group):
     """Turns KitsError, and the machine's refusals (full disk, no permission), into one
     line and exit code 1, never a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the command; a user error or the machine's refusal ends in one line."""
         try:
             return super().invoke(ctx)
         except KitsError as exc:

@@ -69,6 +69,7 @@ class LabelSet:
 
     @property
     def region_names(self) -> tuple[str, ...]:
+        """Region names, in write-back order."""
         return tuple(r.name for r in self.regions)
 
     def value(self, name: str) -> int:
@@ -81,6 +82,7 @@ class LabelSet:
         )
 
     def region(self, name: str) -> Region:
+        """A region by name; a one-line error lists the edition's regions."""
         for r in self.regions:
             if r.name == name:
                 return r
@@ -99,6 +101,7 @@ class LabelSet:
         return self.prediction_name.format(int(case_id.rsplit("_", 1)[-1]))
 
     def to_json(self) -> str:
+        """The label set as the store's ``labels`` attribute keeps it."""
         return json.dumps(
             {
                 "edition": self.edition,
@@ -118,6 +121,7 @@ class LabelSet:
 
     @classmethod
     def from_json(cls, text: str) -> LabelSet:
+        """The label set a store recorded (`to_json`)."""
         d = json.loads(text)
         return cls(
             edition=str(d["edition"]),

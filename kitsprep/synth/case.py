@@ -57,6 +57,8 @@ class SynthCase:
 
     @property
     def labelled(self) -> bool:
+        """Whether the case has a mask (the cohort's last case has none, like KiTS19's test
+        cases)."""
         return self.segmentation is not None
 
 
