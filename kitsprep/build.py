@@ -34,10 +34,11 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from kitsprep import __version__
 from kitsprep.cases import (
@@ -52,6 +53,7 @@ from kitsprep.cases import (
     source_fingerprint,
 )
 from kitsprep.errors import KitsError
+from kitsprep.files import atomic_path, fsync_path, write_atomic
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
 from kitsprep.kernels import (
     NEGATIVE_LABEL,
@@ -59,7 +61,7 @@ from kitsprep.kernels import (
     labels_resample,
     window_resample,
 )
-from kitsprep.labels import EDITIONS, LabelSet
+from kitsprep.labels import ANY_EDITION, EDITIONS, LabelSet, any_edition_labels
 from kitsprep.store import (
     CaseMeta,
     CasePlan,
@@ -77,6 +79,20 @@ from kitsprep.window import Window
 # to 128 slices a call. The kernels read each column's run of slices in one go, so longer
 # slabs are faster (kernels.py); this bounds the memory it costs.
 SLAB_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class AllowedLabels:
+    """The label values a case's mask may hold, and the name a refusal gives them: an
+    edition's labels, or under ``--edition auto`` (edition not known yet) any edition's."""
+
+    name: str  # an edition, or labels.ANY_EDITION
+    labels: tuple[tuple[str, int], ...]  # (name, value) of the foreground labels
+
+    def unknown_values(self, present: list[int]) -> list[int]:
+        """Values among ``present`` that are neither background nor one of these labels."""
+        allowed = {0, *(v for _, v in self.labels)}
+        return sorted(int(v) for v in present if int(v) not in allowed)
 
 
 @dataclass(frozen=True)
@@ -102,13 +118,12 @@ class BuildConfig:
         }
 
     @property
-    def allowed_labels(self) -> LabelSet:
-        """The labels a mask may hold: the edition's, or under auto the widest edition's
-        (named so that a refusal says no edition has the value)."""
-        if self.edition != "auto":
-            return EDITIONS[self.edition]
-        widest = max(EDITIONS.values(), key=lambda ls: ls.num_classes)
-        return replace(widest, edition="any KiTS edition")
+    def allowed_labels(self) -> AllowedLabels:
+        """The labels a mask may hold: the edition's; under auto, a value no edition has is
+        refused now and the edition is decided once every case is read (`decide_labels`)."""
+        if self.edition == "auto":
+            return AllowedLabels(ANY_EDITION, any_edition_labels())
+        return AllowedLabels(self.edition, EDITIONS[self.edition].labels)
 
 
 @dataclass(frozen=True)
@@ -120,7 +135,7 @@ class CaseJob:
     window: Window
     record: Path
     fsync: bool
-    labels: LabelSet  # values outside it stop the case
+    labels: AllowedLabels  # values outside it stop the case
 
 
 @dataclass(frozen=True)
@@ -149,10 +164,12 @@ class BuildReport:
 
     @property
     def slices_per_s(self) -> float:
+        """The build's rate, kernel compilation excluded (what a rerun would see)."""
         return self.slices / self.seconds if self.seconds > 0 else float("inf")
 
 
 def partial_dir(out: Path) -> Path:
+    """Where a build of ``out`` lives until it is complete (and where --resume finds it)."""
     return out.with_name(out.name + ".partial")
 
 
@@ -243,7 +260,7 @@ def _slab_len(n_slices: int, size: int) -> int:
 _buffers = threading.local()  # one process_case at a time per thread
 
 
-def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+def _buffer(name: str, shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
     """An uninitialised array on a cache-line boundary (the kernels' row segments are then
     whole lines), kept per thread and reused by the next case: no page faults per case."""
     dtype = np.dtype(dtype)
@@ -353,14 +370,14 @@ def present_values(counts: np.ndarray, top: int) -> list[int]:
     return sorted(found)
 
 
-def _check_label_values(case_id: str, counts: np.ndarray, top: int, ls: LabelSet) -> None:
-    unknown = ls.unknown_values(present_values(counts, top))
+def _check_label_values(case_id: str, counts: np.ndarray, top: int, allowed: AllowedLabels) -> None:
+    unknown = allowed.unknown_values(present_values(counts, top))
     if unknown:
         shown = ", ".join(str(v) for v in unknown)
-        names = ", ".join(f"{v} {n}" for n, v in ls.labels)
+        names = ", ".join(f"{v} {n}" for n, v in allowed.labels)
         raise KitsError(
             f"{case_id}: segmentation holds label value(s) {shown}, outside the labels of "
-            f"{ls.edition} (0 background, {names}); fix the mask, choose another --edition, "
+            f"{allowed.name} (0 background, {names}); fix the mask, choose another --edition, "
             "or pass --skip-bad to leave the case out"
         )
 
@@ -393,18 +410,18 @@ def _save_record(path: Path, w: CaseWritten) -> None:
     chunks = w.label_chunks or []
     lengths = np.array([len(c) for c in chunks], np.int64)
     blob = np.frombuffer(b"".join(chunks), np.uint8)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        meta=json.dumps(meta),
-        counts=w.counts,
-        lengths=lengths,
-        blob=blob,
-        labelled=w.label_chunks is not None,
-        top=w.max_label,
-        crc=w.image_crc,
-    )
-    os.replace(tmp, path)
+    # The record is the case's commit: atomic, so --resume never trusts half of one.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            meta=json.dumps(meta),
+            counts=w.counts,
+            lengths=lengths,
+            blob=blob,
+            labelled=w.label_chunks is not None,
+            top=w.max_label,
+            crc=w.image_crc,
+        )
 
 
 def _load_record(path: Path) -> CaseWritten:
@@ -495,9 +512,7 @@ def _prepare(
         "plans": [asdict(p) for p in plans],
         "bad": bad,
     }
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
     return store, plans, offsets
 
 
@@ -637,9 +652,10 @@ def _build_locked(
         raise KitsError(f"every case in {cfg.src} was bad: " + "; ".join(bad.values()))
     labels, why = decide_labels(cfg.edition, written, folder_edition(cfg.src, refs))
     finalize(store, written, bad, labels, why)
-    _fsync_path(store)
+    # Not `atomic_path`: the store was built in OUT.partial, where --resume finds it.
+    fsync_path(store)
     os.replace(store, cfg.out)
-    _fsync_path(cfg.out.parent)
+    fsync_path(cfg.out.parent)
     shutil.rmtree(work, ignore_errors=True)
     return BuildReport(
         out=cfg.out,
@@ -936,11 +952,3 @@ def _reuse_freed_memory() -> Iterator[None]:
     finally:
         if tuned:
             _tune_malloc(False)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

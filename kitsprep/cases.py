@@ -53,6 +53,7 @@ class CaseRef:
 
     @property
     def labelled(self) -> bool:
+        """Whether the case has a mask (the KiTS test cases have none)."""
         return self.segmentation is not None
 
 
@@ -77,6 +78,7 @@ class Volume:
 
 
 def case_number(case_id: str) -> int:
+    """42 for ``case_00042``; a one-line error for anything else."""
     m = CASE_RE.match(case_id)
     if not m:
         raise KitsError(f"expected a case id like case_00042, found {case_id!r}")
@@ -84,6 +86,7 @@ def case_number(case_id: str) -> int:
 
 
 def case_name(number: int) -> str:
+    """``case_00042`` for 42: the KiTS folder name."""
     return f"case_{number:05d}"
 
 
@@ -228,6 +231,7 @@ def _summarise(ids: list[str]) -> str:
 
 
 def select_cases(cases: list[CaseRef], spec: str | None) -> list[CaseRef]:
+    """The cases a ``--cases`` spec names (all without one), in folder order."""
     if spec is None:
         return cases
     wanted = set(parse_case_spec(spec, [c.case_id for c in cases]))

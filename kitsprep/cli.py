@@ -13,6 +13,9 @@ import click
 from kitsprep import __version__
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
+from kitsprep.progress import Progress
+from kitsprep.synth import SYNTH_EDITIONS
+from kitsprep.window import DEFAULT_WINDOW, WINDOW_PRESETS
 
 
 def _fail(exc: Exception) -> None:
@@ -24,7 +27,8 @@ class KitsGroup(click.Group):
     """Turns KitsError, and the machine's refusals (full disk, no permission), into one
     line and exit code 1, never a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the command; a user error or the machine's refusal ends in one line."""
         try:
             return super().invoke(ctx)
         except KitsError as exc:
@@ -57,13 +61,14 @@ def os_error(exc: OSError) -> KitsError:
     return KitsError(f"{where}{exc.strerror or exc}; {_OS_FIXES.get(exc.errno, 'check the path')}")
 
 
-def _progress(total: int, unit: str, desc: str):
-    """A tqdm bar on a terminal; None (plain lines) otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
+def _window_help() -> str:
+    """The --window help, from the presets themselves."""
+    shown = []
+    for name, w in WINDOW_PRESETS.items():
+        style = "-> [0,1]" if w.offset == w.lo else "z-score"
+        default = "default: " if name == DEFAULT_WINDOW else ""
+        shown.append(f"{name} ({default}clip {w.lo:g}..{w.hi:g}, {style})")
+    return "HU window preset: " + " or ".join(shown) + "."
 
 
 # kitstrain's default U-Net halves the slice this many times (kitstrain/model/presets.py); kitsprep
@@ -112,8 +117,8 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--edition",
-    type=click.Choice(["kits19", "kits23"]),
-    default="kits19",
+    type=click.Choice(SYNTH_EDITIONS),
+    default=SYNTH_EDITIONS[0],
     show_default=True,
     help="kits23 adds renal cysts (label 3) and writes kits23.json beside the cases.",
 )
@@ -123,19 +128,18 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
 
     if out.exists() and any(out.glob("case_*")):
         raise KitsError(f"{out} already holds case folders; choose an empty --out or delete it")
-    bar = _progress(cases, "case", "synth")
+    progress = Progress(sys.stderr).start(cases, "synth", unit="case")
 
     def on_case(cid: str) -> None:
-        if bar is not None:
-            bar.update(1)
-        else:
-            click.echo(f"synth {cid}", err=True)
+        progress.item_done(f"synth {cid}")
+        progress.advance(1)
 
-    ids = write_cohort(
-        SynthConfig(cases=cases, size=size, seed=seed, edition=edition), out, on_case=on_case
-    )
-    if bar is not None:
-        bar.close()
+    try:
+        ids = write_cohort(
+            SynthConfig(cases=cases, size=size, seed=seed, edition=edition), out, on_case=on_case
+        )
+    finally:
+        progress.close()
     click.echo(f"wrote {len(ids)} cases to {out}")
 
 
@@ -158,8 +162,7 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
     "--window",
     "window_name",
     default=None,
-    help="HU window preset: mlperf (default: clip -79..304, z-score) or abdomen "
-    "(-175..250 -> [0,1]).",
+    help=_window_help(),
 )
 @click.option(
     "--window-range",
@@ -210,7 +213,7 @@ def build(
     edition: str,
 ) -> None:
     """Build one chunked HDF5 slice store from every NIfTI case in --src."""
-    from kitsprep.build import BuildConfig, build_store
+    from kitsprep.build import BuildConfig, CaseEvent, build_store
     from kitsprep.window import resolve_window
 
     window = resolve_window(window_name, tuple(window_range) if window_range else None)
@@ -237,33 +240,28 @@ def build(
         fsync=not no_fsync,
         edition=edition,
     )
-    state: dict = {}
+    progress = Progress(sys.stderr)
+    cases = {"total": 0, "done": 0}
 
     def on_start(n_cases: int, n_slices: int) -> None:
-        state["bar"] = _progress(n_slices, "slice", "build")
-        state["cases"], state["done"] = n_cases, 0
+        cases["total"] = n_cases
+        progress.start(n_slices, "build", unit="slice")
 
-    def on_case(ev) -> None:
-        bar = state.get("bar")
-        state["done"] = state.get("done", 0) + 1
-        if bar is not None:
-            bar.set_postfix_str(f"{state['done']}/{state['cases']} cases", refresh=False)
-            bar.update(ev.slices)
-            if ev.error:
-                bar.write(f"skipped {ev.case_id}: {ev.error}")
-            return
+    def on_case(ev: CaseEvent) -> None:
+        cases["done"] += 1
         if ev.error:
-            click.echo(f"skipped {ev.case_id}: {ev.error}", err=True)
+            progress.note(f"skipped {ev.case_id}: {ev.error}")
         elif ev.resumed:
-            click.echo(f"{ev.case_id}: done in an earlier run", err=True)
+            progress.item_done(f"{ev.case_id}: done in an earlier run")
         else:
-            click.echo(f"{ev.case_id}: {ev.slices} slices in {ev.seconds:.2f}s", err=True)
+            progress.item_done(f"{ev.case_id}: {ev.slices} slices in {ev.seconds:.2f}s")
+        # After item_done: on a terminal the bar's postfix counts cases.
+        progress.advance(ev.slices, postfix=f"{cases['done']}/{cases['total']} cases")
 
     try:
         report = build_store(cfg, on_case=on_case, on_start=on_start)
     finally:
-        if state.get("bar") is not None:
-            state["bar"].close()
+        progress.close()
     click.echo(
         f"built {report.out}: {report.cases} cases, {report.slices} slices, "
         f"{report.bytes / 2**20:.1f} MiB in {report.seconds:.1f}s "

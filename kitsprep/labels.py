@@ -20,9 +20,11 @@ import numpy as np
 from kitsprep.errors import KitsError
 
 __all__ = [
+    "ANY_EDITION",
     "EDITIONS",
     "LabelSet",
     "Region",
+    "any_edition_labels",
     "decode_regions",
     "edition",
     "region_masks",
@@ -67,6 +69,7 @@ class LabelSet:
 
     @property
     def region_names(self) -> tuple[str, ...]:
+        """Region names, in write-back order."""
         return tuple(r.name for r in self.regions)
 
     def value(self, name: str) -> int:
@@ -79,6 +82,7 @@ class LabelSet:
         )
 
     def region(self, name: str) -> Region:
+        """A region by name; a one-line error lists the edition's regions."""
         for r in self.regions:
             if r.name == name:
                 return r
@@ -97,6 +101,7 @@ class LabelSet:
         return self.prediction_name.format(int(case_id.rsplit("_", 1)[-1]))
 
     def to_json(self) -> str:
+        """The label set as the store's ``labels`` attribute keeps it."""
         return json.dumps(
             {
                 "edition": self.edition,
@@ -116,6 +121,7 @@ class LabelSet:
 
     @classmethod
     def from_json(cls, text: str) -> LabelSet:
+        """The label set a store recorded (`to_json`)."""
         d = json.loads(text)
         return cls(
             edition=str(d["edition"]),
@@ -161,6 +167,16 @@ EDITIONS: dict[str, LabelSet] = {
     "kits21": _kits2x("kits21"),
     "kits23": _kits2x("kits23"),
 }
+
+
+# How a message names the labels of every edition together (a value none of them has).
+ANY_EDITION = "any KiTS edition"
+
+
+def any_edition_labels() -> tuple[tuple[str, int], ...]:
+    """Every foreground (name, value) some edition has, by value: what a mask may hold
+    before its edition is known."""
+    return tuple(sorted({lv for ls in EDITIONS.values() for lv in ls.labels}, key=lambda x: x[1]))
 
 
 def edition(name: str) -> LabelSet:

@@ -3,10 +3,13 @@ that an interrupted build resumes to exactly the contents of an uninterrupted on
 
 from __future__ import annotations
 
+import io
 import json
+import multiprocessing
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,8 @@ import kitsprep.build as build_mod
 from kitsprep.build import partial_dir
 from kitsprep.errors import KitsError
 from kitsprep.geometry import fit_in_plane
-from kitsprep.labels import EDITIONS
+from kitsprep.labels import ANY_EDITION, EDITIONS, any_edition_labels
+from kitsprep.progress import Progress
 from kitsprep.store import FORMAT, FORMAT_VERSION, SliceMap, open_store
 from kitsprep.verify import verify_store
 from kitsprep.window import WINDOW_PRESETS
@@ -226,7 +230,7 @@ def test_a_label_outside_the_edition_is_refused_naming_the_case(tmp_path, editio
     seg[0, 8:, 8:] = 1
     write_case(src, 0, np.zeros((2, 16, 16), np.float32), seg)
     write_case(src, 1, np.zeros((2, 16, 16), np.float32), (seg == 1).astype(np.uint8))
-    named = "any KiTS edition" if edition == "auto" else edition
+    named = ANY_EDITION if edition == "auto" else edition
     refused = (
         rf"case_00000: segmentation holds label value\(s\) {value}, outside the labels of {named}"
     )
@@ -396,9 +400,8 @@ def _interrupt_after(monkeypatch, n: int) -> None:
 
 
 def _records(out: Path) -> list[Path]:
-    return [
-        p for p in (partial_dir(out) / "cases").glob("*.npz") if not p.name.endswith(".tmp.npz")
-    ]
+    # Commit records only: a record being written has a hidden temporary name.
+    return list((partial_dir(out) / "cases").glob("case_*.npz"))
 
 
 @pytest.fixture
@@ -479,7 +482,7 @@ def test_resume_after_interrupt_between_finalize_and_rename(tmp_path, monkeypatc
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "_fsync_path", interrupted)
+    monkeypatch.setattr(build_mod, "fsync_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(src, out)
     monkeypatch.undo()
@@ -551,3 +554,35 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     finally:
         smap.close()
     assert verify_store(out, src).ok
+
+
+def test_auto_allows_every_label_some_edition_has():
+    """Under --edition auto the edition is decided after the cases are read: until then a
+    mask may hold any edition's labels, and only a value no edition has is refused."""
+    cfg = build_mod.BuildConfig(Path("s"), Path("o.h5"), WINDOW_PRESETS["mlperf"])
+    allowed = cfg.allowed_labels
+    assert allowed.name == ANY_EDITION
+    assert allowed.labels == any_edition_labels() == EDITIONS["kits23"].labels
+    assert allowed.unknown_values([0, 1, 2, 3, 4, 7]) == [4, 7]
+    kits19 = build_mod.BuildConfig(Path("s"), Path("o.h5"), cfg.window, edition="kits19")
+    assert kits19.allowed_labels.unknown_values([0, 1, 2, 3]) == [3]
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform"
+)
+def test_a_progress_bar_does_not_rule_out_forked_workers(monkeypatch):
+    """The CLI's bar (tqdm) starts a monitor thread, which would make forking unsafe; the
+    pool stops it, so the workers still start by fork."""
+    import tqdm
+
+    if threading.active_count() != 1:
+        pytest.skip("another thread runs in this test process")
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 10)
+    progress = Progress(io.StringIO(), bar=True).start(10, "build")
+    try:
+        assert threading.active_count() == 2  # tqdm's monitor
+        assert build_mod._pool_context().get_start_method() == "fork"
+        assert threading.active_count() == 1
+    finally:
+        progress.close()

@@ -1,60 +1,19 @@
-"""The synthetic cohort: KiTS19 layout, geometry and storage variants, labels, determinism."""
+"""One synthetic case in memory: shapes, labels, anatomy, determinism, kits23 cysts,
+and painting around a given mask."""
 
 from __future__ import annotations
 
-import gzip
-import io
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from kitsprep.synth import SynthConfig, encode_case, make_case, paint_imaging, write_cohort
-from tests.kitsprep.conftest import build
+from kitsprep.errors import KitsError
+from kitsprep.synth import SynthConfig, encode_case, make_case, paint_imaging
 
-SHARED_MASKS = Path(__file__).resolve().parents[2].parent / "shared" / "kits19-masks"
+SHARED_MASKS = Path(__file__).resolve().parents[3].parent / "shared" / "kits19-masks"
 CFG = SynthConfig(cases=10, size=64, seed=7)
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
-    """One cohort on disk for the whole module (writing it takes a fraction of a second)."""
-    out = tmp_path_factory.mktemp("synth")
-    seen: list[str] = []
-    ids = write_cohort(CFG, out, on_case=seen.append)
-    return out, ids, seen
-
-
-def raw_header(path: Path) -> nib.Nifti1Header:
-    """The header exactly as stored (nibabel's loaded header moves the scaling elsewhere)."""
-    with gzip.open(path, "rb") as f:
-        return nib.Nifti1Header.from_fileobj(io.BytesIO(f.read(352)))
-
-
-def test_layout_and_progress(cohort: tuple[Path, list[str], list[str]]) -> None:
-    out, ids, seen = cohort
-    assert ids == [f"case_{i:05d}" for i in range(CFG.cases)]
-    assert seen == ids  # on_case once per case, in order
-    assert sorted(p.name for p in out.iterdir()) == ids
-    for cid in ids[:-1]:
-        assert sorted(p.name for p in (out / cid).iterdir()) == [
-            "imaging.nii.gz",
-            "segmentation.nii.gz",
-        ]
-    # The last case is unlabelled, like the KiTS19 test cases.
-    assert [p.name for p in (out / ids[-1]).iterdir()] == ["imaging.nii.gz"]
-    assert not list(out.rglob("*.partial"))
-
-
-def test_files_are_byte_identical_across_runs(
-    cohort: tuple[Path, list[str], list[str]], tmp_path: Path
-) -> None:
-    out, ids, _ = cohort
-    write_cohort(CFG, tmp_path)
-    for cid in ids:
-        for f in sorted((out / cid).iterdir()):
-            assert (tmp_path / cid / f.name).read_bytes() == f.read_bytes(), f"{cid}/{f.name}"
 
 
 def test_make_case_is_deterministic_and_seed_dependent() -> None:
@@ -66,44 +25,6 @@ def test_make_case_is_deterministic_and_seed_dependent() -> None:
     other = make_case(2, SynthConfig(cases=10, size=64, seed=8))
     assert other.imaging.shape != a.imaging.shape or not np.array_equal(other.imaging, a.imaging)
     assert not a.imaging.flags.writeable  # frozen case, frozen arrays
-
-
-def test_geometry_and_storage_variants(cohort: tuple[Path, list[str], list[str]]) -> None:
-    out, ids, _ = cohort
-    for index, cid in enumerate(ids):
-        case = make_case(index, CFG)
-        img = nib.load(out / cid / "imaging.nii.gz")
-        assert nib.aff2axcodes(img.affine) == ("I", "P", "L")
-        lin = img.affine[:3, :3]
-        # KiTS19 anti-diagonal: only (0,2), (1,1), (2,0) set, all negative.
-        assert np.count_nonzero(lin) == 3
-        px, thick = -lin[0, 2], -lin[2, 0]
-        assert lin[1, 1] == lin[0, 2] and 0.6 <= px <= 1.0 and 0.5 <= thick <= 5.0
-        assert np.array_equal(img.affine, case.affine)
-        assert case.spacing == (thick, px, px)
-
-        qform = index % 5 == 4
-        hdr = raw_header(out / cid / "imaging.nii.gz")
-        assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == ((0, 1) if qform else (2, 0))
-        if index % 2:  # int16 with intercept: a reader that ignores scl_inter is off by 1024
-            assert hdr.get_data_dtype() == np.int16
-            assert (float(hdr["scl_slope"]), float(hdr["scl_inter"])) == (1.0, -1024.0)
-            raw = np.asarray(img.dataobj.get_unscaled())
-            assert np.array_equal(raw.astype(np.float32) - 1024, case.imaging)
-        else:
-            assert hdr.get_data_dtype() == np.float32
-        hu = img.get_fdata(dtype=np.float32)
-        assert np.array_equal(hu, case.imaging)  # scale/intercept honoured -> exact HU
-
-        if case.segmentation is None:
-            continue
-        seg_path = out / cid / "segmentation.nii.gz"
-        shdr = raw_header(seg_path)
-        assert shdr.get_data_dtype() == (np.uint16 if qform else np.uint8)
-        assert (int(shdr["sform_code"]), int(shdr["qform_code"])) == ((0, 1) if qform else (2, 0))
-        seg = nib.load(seg_path)
-        assert np.array_equal(seg.affine, img.affine)
-        assert np.array_equal(np.asarray(seg.dataobj), case.segmentation)
 
 
 def test_shapes_slice_counts_and_the_non_square_case() -> None:
@@ -153,19 +74,13 @@ def test_small_cohorts_and_bad_configs() -> None:
             case = make_case(index, cfg)
             assert case.segmentation is not None  # no room for an unlabelled case
             assert case.imaging.shape[1] == case.imaging.shape[2] == 32
-    with pytest.raises(ValueError):
+    with pytest.raises(KitsError, match="cases must be at least 1"):
         make_case(0, SynthConfig(cases=0))
-    with pytest.raises(ValueError):
+    with pytest.raises(KitsError, match="size must be at least 16"):
         make_case(0, SynthConfig(size=8))
-    with pytest.raises(ValueError):
+    with pytest.raises(KitsError, match=r"case index 10 outside 0\.\.9"):
         make_case(10, SynthConfig(cases=10))
     assert make_case(0, SynthConfig(cases=1, size=16, seed=-3)).imaging.shape[1] == 16
-
-
-def test_write_cohort_removes_a_stale_mask(tmp_path: Path) -> None:
-    write_cohort(SynthConfig(cases=5, size=16), tmp_path)
-    write_cohort(SynthConfig(cases=3, size=16), tmp_path)
-    assert not (tmp_path / "case_00002" / "segmentation.nii.gz").exists()
 
 
 def hand_made_mask() -> np.ndarray:
@@ -190,8 +105,10 @@ def test_paint_imaging_on_a_hand_made_mask() -> None:
         np.zeros((4, 32, 40), np.uint16), (5.0, 1.0, 1.0), np.random.default_rng(2)
     )
     assert empty.shape == (4, 32, 40) and np.isfinite(empty).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(KitsError, match="non-empty 3D array"):
         paint_imaging(seg[0], (3.0, 0.8, 0.8), np.random.default_rng(3))
+    with pytest.raises(KitsError, match="three positive numbers"):
+        paint_imaging(seg, (3.0, 0.0, 0.8), np.random.default_rng(3))
 
 
 @pytest.mark.skipif(not SHARED_MASKS.is_dir(), reason="real KiTS19 masks not present")
@@ -274,7 +191,7 @@ def test_kits23_cases_have_cysts_on_kidneys_with_and_without_tumours() -> None:
     assert np.array_equal(again.segmentation, make_case(2, cfg).segmentation)
     assert encode_case(again) == encode_case(make_case(2, cfg))
     assert make_case(4, cfg).segmentation is None  # the unlabelled last case stays
-    with pytest.raises(ValueError, match="edition"):
+    with pytest.raises(KitsError, match="edition must be one of kits19, kits23"):
         make_case(0, SynthConfig(edition="kits21"))
 
 
@@ -289,14 +206,3 @@ def test_cysts_are_water_dense_and_homogeneous() -> None:
         hu = paint_imaging(seg, (3.0, 0.8, 0.8), np.random.default_rng(k))
         means.append(hu[inner].mean())
     assert all(-5 < m < 25 for m in means), means
-
-
-def test_write_cohort_kits23_writes_kits23_json_and_builds_as_kits23(tmp_path: Path) -> None:
-    import json
-
-    cfg = SynthConfig(cases=3, size=32, seed=1, edition="kits23")
-    ids = write_cohort(cfg, tmp_path / "src")
-    entries = json.loads((tmp_path / "src" / "kits23.json").read_text())
-    assert [e["case_id"] for e in entries] == ids
-    report = build(tmp_path / "src", tmp_path / "o.h5", size=32)
-    assert report.edition == "kits23" and "kits23.json" in report.edition_reason
