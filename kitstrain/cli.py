@@ -353,7 +353,7 @@ def score(
         which=checkpoint,
     )
     report = score_run(cfg)
-    for w in getattr(report, "warnings", []):
+    for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(format_table(report))
     if report.csv_path:

@@ -36,7 +36,7 @@ Pure numpy so that scoring needs no torch and runs anywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -261,14 +261,15 @@ def foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
 # --------------------------------------------------------------------------- counts
 
 
-@dataclass
+@dataclass(eq=False)
 class DiceCounts:
     """Voxel counts behind the Dice of every region of one case, accumulable slice by slice.
 
     Adding slices one at a time gives exactly the 3D per-case Dice without the volume in
-    memory; adding two counts (``merge`` or ``+``) reduces partial counts, e.g. across DDP
-    ranks via ``as_array`` / ``from_array``. Counts are int64, because a 512x512x1000 volume
-    overflows int32. Surface Dice needs whole volumes and is not counted here.
+    memory; `score_case` counts the foreground box of a whole case in one `add`. Counts are
+    int64, because a 512x512x1000 volume overflows int32. Under DDP nothing here is
+    all-reduced: validation scores each case whole on one rank and the ranks gather the
+    finished `CaseScore`s (`train.fit`). Surface Dice needs whole volumes and is not counted.
     """
 
     labels: LabelSet
@@ -299,52 +300,6 @@ class DiceCounts:
         self.total += int(true_labels.size)
         self.foreground_pred += int(np.count_nonzero(pred_labels))
         self.foreground_true += int(np.count_nonzero(true_labels))
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, DiceCounts)
-            and other.labels == self.labels
-            and np.array_equal(self.as_array(), other.as_array())
-        )
-
-    def merge(self, other: DiceCounts) -> DiceCounts:
-        """A new DiceCounts holding the sum of both; neither operand changes."""
-        if other.labels != self.labels:
-            raise ValueError(
-                f"cannot add {other.labels.edition} counts to {self.labels.edition} counts"
-            )
-        return DiceCounts.from_array(self.as_array() + other.as_array(), self.labels)
-
-    __add__ = merge
-
-    def as_array(self) -> np.ndarray:
-        """The counts as one int64 vector, ready for an all-reduce (sum)."""
-        scalars = [self.correct, self.total, self.foreground_pred, self.foreground_true]
-        return np.concatenate(
-            [self.inter, self.pred, self.true, np.array(scalars, np.int64)]
-        ).astype(np.int64)
-
-    @classmethod
-    def from_array(cls, arr: np.ndarray, labels: LabelSet) -> DiceCounts:
-        """Inverse of :meth:`as_array` for counts of ``labels``' regions."""
-        values = np.asarray(arr, np.int64).reshape(-1)
-        n = len(labels.regions)
-        if values.shape[0] != 3 * n + 4:
-            raise ValueError(
-                f"DiceCounts.from_array: expected {3 * n + 4} values for {labels.edition}; "
-                f"found {values.shape[0]}. Fix: pass the vector made by DiceCounts.as_array()."
-            )
-        c, t, fp, ft = (int(v) for v in values[3 * n :])
-        return cls(
-            labels,
-            values[:n].copy(),
-            values[n : 2 * n].copy(),
-            values[2 * n : 3 * n].copy(),
-            c,
-            t,
-            fp,
-            ft,
-        )
 
 
 # --------------------------------------------------------------------------- scores
@@ -438,21 +393,13 @@ def score_case(
         if boxes
         else tuple(slice(0, 0) for _ in range(true_labels.ndim))
     )
-    n_fg_p, n_fg_t = int(np.count_nonzero(pred_labels)), int(np.count_nonzero(true_labels))
     counts = DiceCounts(ls)
     counts.add(pred_labels[box], true_labels[box])
-    wrong = counts.total - counts.correct
-    s = CaseScore(
-        case=case,
-        dice={
-            r.name: _dice_from(int(counts.inter[k]), int(counts.pred[k]), int(counts.true[k]))
-            for k, r in enumerate(ls.regions)
-        },
-        accuracy=(true_labels.size - wrong) / true_labels.size,
-        background_accuracy=(true_labels.size - n_fg_t) / true_labels.size,
-        foreground_pred=n_fg_p,
-        foreground_true=n_fg_t,
-    )
+    # outside the box both are background: every voxel right, none foreground
+    outside = true_labels.size - counts.total
+    counts.correct += outside
+    counts.total += outside
+    s = score_from_counts(case, counts)
     if spacing is None:
         return s
     p, t = pred_labels[box], true_labels[box]
@@ -462,9 +409,7 @@ def score_case(
         )
         for r in ls.regions
     }
-    return CaseScore(
-        s.case, s.dice, s.accuracy, s.background_accuracy, s.foreground_pred, s.foreground_true, sd
-    )
+    return replace(s, surface_dice=sd)
 
 
 def mean_score(scores: Sequence[CaseScore]) -> CaseScore:

@@ -1,1 +1,6 @@
-"""Predictions: per case, on store cases or source volumes, for validation, score and predict."""
+"""Predictions, one path for validation, `score`, `predict` and the Python API.
+
+engine: a model applied to slices in batches, in store or source geometry; cases: the
+per-case loop over store cases or NIfTI volumes; loaded: a run directory resolved for
+inference; predict: `kitstrain predict`'s files.
+"""

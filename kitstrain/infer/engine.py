@@ -21,10 +21,8 @@ uint8 labels.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
 
 import numpy as np
 import torch
@@ -37,15 +35,12 @@ from kitsprep.geometry import axial_axes, fit_in_plane
 from kitsprep.kernels import count_nonfinite, window_resample
 from kitsprep.store import SliceMap, StoreInfo
 from kitsprep.window import Window
-from kitstrain.metrics import CaseScore, DiceCounts, score_from_counts
+from kitstrain.metrics import CaseScore, score_case
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
-    "Progress",
     "SliceProgress",
-    "count_store_cases",
     "logits_to_labels",
-    "predict_slices",
     "predict_store_case",
     "predict_volume",
     "read_store_images",
@@ -173,37 +168,6 @@ def _logit_batches(
             progress(s1 - s0)
 
 
-def predict_slices(
-    model: nn.Module,
-    images: np.ndarray | Tensor,
-    device: torch.device,
-    *,
-    amp: Amp = True,
-    tta: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: SliceProgress | None = None,
-) -> Tensor:
-    """float32 logits (N, classes, H, W) on the CPU for (N, C, H, W) inputs, in batches.
-    The model must already be on `device`; `amp=True` is float16 autocast on CUDA only, a
-    dtype (a run's training precision) autocasts on any device."""
-    outs = []
-    with _eval_mode(model):
-        for _, _, logits in _logit_batches(
-            model,
-            lambda a, b: images[a:b],
-            len(images),
-            device,
-            amp=amp,
-            tta=tta,
-            batch_size=batch_size,
-            progress=progress,
-        ):
-            outs.append(logits.cpu())
-    if not outs:
-        raise ValueError("predict_slices: found no slices; pass at least one")
-    return torch.cat(outs)
-
-
 def logits_to_labels(logits: Tensor, region_writes: Sequence[int] = ()) -> Tensor:
     """uint8 labels (N, H, W) from logits (N, C, H, W): the argmax over classes or, given
     the label each region writes back (region logits, `UNetConfig.region_writes`), each
@@ -314,52 +278,6 @@ def predict_store_case(
     return out
 
 
-def count_store_cases(
-    model: nn.Module,
-    info: StoreInfo,
-    cases: Sequence[str],
-    context: int,
-    device: torch.device,
-    *,
-    amp: Amp = True,
-    tta: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    slice_map: SliceMap | None = None,
-    progress: SliceProgress | None = None,
-) -> dict[str, DiceCounts]:
-    """Per-case voxel counts in store geometry (inside `store_box`): what DDP ranks sum
-    (DiceCounts.as_array) before `metrics.score_from_counts` turns them into 3D per-case
-    scores."""
-    for cid in cases:
-        require_scorable(info, cid)  # fail before any inference, not after hours of it
-    own = slice_map is None
-    sm = SliceMap(info.path, info.size, info.case_ids) if own else slice_map
-    counts: dict[str, DiceCounts] = {}
-    try:
-        for cid in cases:
-            pred = predict_store_case(
-                model,
-                info,
-                sm,
-                cid,
-                context,
-                device,
-                amp=amp,
-                tta=tta,
-                batch_size=batch_size,
-                progress=progress,
-            )
-            rows, cols = store_box(info, cid)
-            c = DiceCounts(info.labels)
-            for i, row in enumerate(info.rows(cid)):
-                c.add(pred[i, rows, cols], sm.label(row)[rows, cols])
-            counts[cid] = c
-    finally:
-        if own:
-            sm.close()
-    return counts
-
-
 def score_store_cases(
     model: nn.Module,
     info: StoreInfo,
@@ -373,21 +291,19 @@ def score_store_cases(
     slice_map: SliceMap | None = None,
     progress: SliceProgress | None = None,
 ) -> list[CaseScore]:
-    """Per-case 3D Dice of every region of the store's label set, in store geometry
-    (validation)."""
-    counts = count_store_cases(
-        model,
-        info,
-        cases,
-        context,
-        device,
-        amp=amp,
-        tta=tta,
-        batch_size=batch_size,
-        slice_map=slice_map,
-        progress=progress,
-    )
-    return [score_from_counts(cid, c) for cid, c in counts.items()]
+    """Per-case 3D Dice of every region of the store's label set, in store geometry, inside
+    `store_box` (validation): the cases of `infer.cases.store_predictions`, scored without
+    spacing (no surface Dice), so `fit` logs what `kitstrain score` computes."""
+    # cases builds on this module; `fit` imports validation from here
+    from kitstrain.infer.cases import Inference, store_predictions
+
+    inference = Inference(model, context, device, amp=amp, tta=tta, batch_size=batch_size)
+    return [
+        score_case(case.case_id, case.pred, case.truth, info.labels)
+        for case in store_predictions(
+            inference, info, cases, slice_map=slice_map, progress=progress
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- source geometry
@@ -448,46 +364,3 @@ def predict_volume(
                 logits = box
             out[s0:s1] = _labels_u8(model, logits)
     return out.transpose(np.argsort(axes))
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """SPEC §2 progress on stderr: a bar with rate and ETA when it is a terminal, a plain
-    line per case otherwise. `enabled=False` silences it (tests, library use)."""
-
-    def __init__(
-        self, stream: TextIO | None = None, *, bar: bool | None = None, enabled: bool = True
-    ) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", lambda: False)
-        self.bar = isatty() if bar is None else bar
-        self.enabled = enabled
-        self._tqdm = None
-
-    def start(self, total_slices: int, desc: str) -> None:
-        if self.enabled and self.bar:
-            from tqdm import tqdm
-
-            self._tqdm = tqdm(
-                total=total_slices, desc=desc, unit="slice", file=self.stream, dynamic_ncols=True
-            )
-
-    def advance(self, slices: int) -> None:
-        if self._tqdm is not None:
-            self._tqdm.update(slices)
-
-    def case_done(self, case_id: str, detail: str = "") -> None:
-        if not self.enabled:
-            return
-        line = f"{case_id}  {detail}".rstrip()
-        if self._tqdm is not None:
-            self._tqdm.set_postfix_str(line, refresh=False)
-        else:
-            print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-            self._tqdm = None

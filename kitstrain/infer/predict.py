@@ -2,7 +2,7 @@
 
 Each `case_XXXXX/imaging.nii.gz` under `--src` (labelled or not; the 90 KiTS19 test cases
 have no masks) is preprocessed with the window and slice size recorded in the store the
-model trained on, predicted through `infer.predict_volume`, mapped back through the
+model trained on, predicted through `infer.cases.source_predictions`, mapped back through the
 recorded in-plane fit and orientation, and written uint8 with the imaging's shape, affine
 and sform/qform codes. The file name is the one the edition's evaluator expects
 (`LabelSet.prediction_file`: KiTS19 `prediction_XXXXX.nii.gz`, KiTS21/23 `case_XXXXX.nii.gz`
@@ -13,40 +13,35 @@ the run's training split are marked: their scores say nothing about new patients
 
 from __future__ import annotations
 
+import gzip
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from kitsprep.cases import (
-    check_pair,
-    find_cases,
-    read_header,
-    read_volume,
-    select_cases,
-)
+from kitsprep.cases import find_cases, select_cases
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes, voxel_spacing
+from kitsprep.files import atomic_path
 from kitsprep.labels import EDITIONS, LabelSet, edition
-from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, Progress, predict_volume, resolve_device
+from kitsprep.progress import Progress
+from kitstrain.infer.cases import source_predictions, source_slices
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, resolve_device
+from kitstrain.infer.loaded import load_run, run_inference, training_cases
 from kitstrain.metrics import CaseScore, mean_score, score_case
-from kitstrain.report.plots import case_overlay, overlay_slice
-from kitstrain.report.score import (
-    TRAINED_FLAG,
-    ScoreReport,
-    case_line,
-    display_slice,
-    inference_amp,
-    load_run,
-    load_run_model,
-    overlay_title,
-    training_cases,
-)
+from kitstrain.report.plots import prediction_overlay
+from kitstrain.report.score import TRAINED_FLAG, ScoreReport, case_line, overlay_title
 
-__all__ = ["PredictConfig", "PredictReport", "prediction_name", "predict_run", "write_prediction"]
+__all__ = [
+    "PredictConfig",
+    "PredictReport",
+    "check_predict_out",
+    "prediction_image",
+    "prediction_name",
+    "predict_run",
+    "write_prediction",
+]
 
 
 @dataclass(frozen=True)
@@ -74,24 +69,13 @@ class PredictReport:
     run_dir: Path
     checkpoint: Path
     out: Path
-    paths: list[Path]
+    labels: LabelSet
+    paths: list[Path] = field(default_factory=list)
     tta: bool = False
     scores: list[CaseScore] = field(default_factory=list)
     overlays: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    labels: LabelSet = EDITIONS["kits19"]
     trained: list[str] = field(default_factory=list)  # predicted cases of the training split
-
-    # Iterating the report iterates the written files, so callers that expect the list of
-    # paths keep working.
-    def __iter__(self) -> Iterator[Path]:
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Path:
-        return self.paths[i]
 
     @property
     def mean(self) -> CaseScore | None:
@@ -121,14 +105,13 @@ def prediction_name(case_id: str, naming: LabelSet = EDITIONS["kits19"]) -> str:
     return naming.prediction_file(case_id)
 
 
-def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
-    """Write `labels` as uint8 NIfTI in the imaging's geometry: its header is copied (shape,
-    affine, sform/qform codes, units), with the data type set to uint8, no scaling, and no
-    CT display range. Written under a temporary name and renamed."""
-    src = nib.load(str(imaging))
-    if tuple(labels.shape) != tuple(src.shape):
-        raise ValueError(f"prediction shape {labels.shape} differs from imaging {src.shape}")
-    hdr = src.header.copy()
+def prediction_image(labels: np.ndarray, imaging: nib.Nifti1Image) -> nib.Nifti1Image:
+    """`labels` as a uint8 NIfTI image in the imaging's geometry: its header is copied
+    (shape, affine, sform/qform codes, units), with the data type set to uint8, no scaling,
+    and no CT display range, so the evaluator reads the masks on the imaging's grid."""
+    if tuple(labels.shape) != tuple(imaging.shape):
+        raise ValueError(f"prediction shape {labels.shape} differs from imaging {imaging.shape}")
+    hdr = imaging.header.copy()
     hdr.set_data_dtype(np.uint8)
     hdr.set_slope_inter(1.0, 0.0)
     hdr["cal_min"] = 0.0
@@ -136,16 +119,18 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     hdr["descrip"] = b"kitstrain prediction"
     # The header's best affine is the image's: nibabel then keeps the copied sform/qform
     # (and their codes) instead of re-deriving them.
-    img = nib.Nifti1Image(np.asarray(labels, np.uint8), hdr.get_best_affine(), header=hdr)
+    return nib.Nifti1Image(np.asarray(labels, np.uint8), hdr.get_best_affine(), header=hdr)
+
+
+def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
+    """Write `labels` as `prediction_image` of the imaging at `path` (.nii.gz), atomically:
+    a full disk or a kill leaves no half-written mask for the evaluator to read."""
+    img = prediction_image(labels, nib.load(str(imaging)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.partial.nii.gz")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:  # a full disk leaves no half-written file
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    # nibabel picks the format from the name; the temporary name has none, so gzip here
+    # (level 1, nibabel's own for .nii.gz)
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=1) as f:
+        img.to_file_map({"image": nib.FileHolder(fileobj=f)})
     return path
 
 
@@ -178,86 +163,45 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
     check_predict_out(cfg.src, out)
-    lr = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
-    naming = lr.labels if cfg.naming is None else edition(cfg.naming)
-    trained = set(training_cases(lr.run_dir))
+    run = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
+    naming = run.labels if cfg.naming is None else edition(cfg.naming)
+    trained = set(training_cases(run.run_dir))
     refs = select_cases(find_cases(Path(cfg.src)), cfg.cases)
-    device = resolve_device(cfg.device)
-    model = load_run_model(lr, cfg.which, device)
-    amp = inference_amp(lr, device) if cfg.amp else False
+    inference = run_inference(
+        run, resolve_device(cfg.device), amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size
+    )
     out.mkdir(parents=True, exist_ok=True)
     progress = progress if progress is not None else Progress()
-    total = 0
-    for ref in refs:
-        hdr = read_header(ref.imaging, ref.case_id)
-        total += hdr.shape[axial_axes(hdr.affine)[0]]
     report = PredictReport(
-        run_dir=lr.run_dir,
-        checkpoint=lr.checkpoint,
+        run_dir=run.run_dir,
+        checkpoint=run.checkpoint,
         out=out,
-        paths=[],
+        labels=run.labels,
         tta=cfg.tta,
-        warnings=list(lr.warnings),
-        labels=lr.labels,
+        warnings=list(run.warnings),
     )
-    progress.start(total, "predict")
+    progress.start(source_slices(refs), "predict")
     try:
-        for ref in refs:
-            vol = read_volume(ref.imaging, ref.case_id)
-            seg = None
-            if ref.segmentation is not None:
-                seg = read_volume(ref.segmentation, ref.case_id)
-                check_pair(ref.case_id, vol.header, seg.header)
-            pred = predict_volume(
-                model,
-                vol,
-                lr.window,
-                lr.size,
-                lr.context,
-                device,
-                amp=amp,
-                tta=cfg.tta,
-                batch_size=cfg.batch_size,
-                case_id=ref.case_id,
-                progress=progress.advance,
-            )
-            report.paths.append(
-                write_prediction(pred, ref.imaging, out / prediction_name(ref.case_id, naming))
-            )
+        for case in source_predictions(
+            inference, refs, run.window, run.size, progress=progress.advance
+        ):
+            name = prediction_name(case.case_id, naming)
+            report.paths.append(write_prediction(case.pred, case.imaging, out / name))
             s = None
-            if seg is not None:
-                s = score_case(
-                    ref.case_id, pred, seg.data, lr.labels, voxel_spacing(seg.header.affine)
-                )
+            if case.truth is not None:
+                s = score_case(case.case_id, case.pred, case.truth, run.labels, case.spacing)
                 report.scores.append(s)
-                if ref.case_id in trained:
-                    report.trained.append(ref.case_id)
+                if case.case_id in trained:
+                    report.trained.append(case.case_id)
             if cfg.overlays is not None:
-                axes = axial_axes(vol.header.affine)
-                truth = seg.data.transpose(axes) if seg is not None else None
-                p = pred.transpose(axes)
-                k = overlay_slice(truth, p, lr.labels)
-                title = overlay_title(s) if s is not None else f"{ref.case_id}  (no truth)"
-                report.overlays.append(
-                    case_overlay(
-                        display_slice(vol, axes, k, lr.window),
-                        None if truth is None else truth[k],
-                        p[k],
-                        f"{title}  (slice {k})",
-                        Path(cfg.overlays) / f"{ref.case_id}.png",
-                        lr.labels,
-                        vmin=lr.window.lo,
-                        vmax=lr.window.hi,
-                    )
-                )
-            if s is not None:
-                detail = case_line(s)
-            else:
-                detail = "written (no segmentation to score)"
-            if ref.case_id in trained:
+                title = overlay_title(s) if s is not None else f"{case.case_id}  (no truth)"
+                path = Path(cfg.overlays) / f"{case.case_id}.png"
+                report.overlays.append(prediction_overlay(case, title, path, run.labels))
+            detail = case_line(s) if s is not None else "written (no segmentation to score)"
+            if case.case_id in trained:
                 detail += f"  {TRAINED_FLAG}"
-            progress.case_done(ref.case_id, detail)
-            del vol, seg, pred
+            progress.item_done(case.case_id, detail)
+            del case  # one source volume in memory at a time, not two
     finally:
         progress.close()
     return report

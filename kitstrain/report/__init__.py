@@ -1,1 +1,2 @@
-"""Scores as tables, CSV and JSON; overlays and training curves."""
+"""Reports of predictions. score: per-case tables, CSV and JSON (`kitstrain score`); plots:
+overlays and training curves (`--overlays`, `kitstrain plot`)."""

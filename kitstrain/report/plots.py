@@ -9,18 +9,29 @@ order; the first two take the colours of the official KiTS19 starter code
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kitsprep.errors import KitsError
+from kitsprep.files import atomic_path
 from kitsprep.labels import LabelSet, region_masks
 from kitstrain.train import rundir as runlib
 
-__all__ = ["case_overlay", "dice_curves", "overlay_slice", "plot_curves", "region_colours"]
+if TYPE_CHECKING:
+    from kitstrain.infer.cases import CasePrediction
+
+__all__ = [
+    "case_overlay",
+    "dice_curves",
+    "overlay_slice",
+    "plot_curves",
+    "prediction_overlay",
+    "region_colours",
+]
 
 _MIDDLE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:orange")
 
@@ -38,10 +49,9 @@ def _save(fig: Figure, path: Path) -> Path:
     """PNG written under a temporary name and renamed: a reader never sees half an image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -119,11 +129,30 @@ def case_overlay(
     return _save(fig, Path(path))
 
 
+def prediction_overlay(case: CasePrediction, title: str, path: Path | str, ls: LabelSet) -> Path:
+    """The overlay of one predicted case (`infer.cases`): the axial slice `overlay_slice`
+    picks, truth beside prediction, titled with the slice's index."""
+    truth = None if case.truth is None else case.truth.transpose(case.axes)
+    pred = case.pred.transpose(case.axes)
+    k = overlay_slice(truth, pred, ls)
+    lo, hi = case.display_range
+    return case_overlay(
+        case.slice_image(k),
+        None if truth is None else truth[k],
+        pred[k],
+        f"{title}  ({case.slice_name} {k})",
+        path,
+        ls,
+        vmin=lo,
+        vmax=hi,
+    )
+
+
 def dice_curves(val: list[dict]) -> list[tuple[str, str, str]]:
     """(metrics key, legend label, colour) of each validation curve: one per region the run
-    logged (KiTS19: kidney, tumour; KiTS21/23: the three HECs; runs from before editions
-    logged no region list and were KiTS19), then the mean."""
-    regions = next((r["regions"] for r in reversed(val) if r.get("regions")), ["kidney", "tumour"])
+    logged in its validation records (KiTS19: kidney, tumour; KiTS21/23: the three HECs),
+    then the mean."""
+    regions = next((r["regions"] for r in reversed(val) if r.get("regions")), [])
     return [
         (f"{name}_dice", name, colour)
         for name, colour in zip(regions, region_colours(len(regions)), strict=True)

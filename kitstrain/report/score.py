@@ -13,48 +13,38 @@ baseline).
 
 Two geometries. By default the run's store: fast, but its labels were resized
 (nearest neighbour) to the store's square. With `--src DIR` each case is predicted from
-its NIfTI imaging through `infer.predict_volume` and scored against its own mask at source
-resolution, with the header's spacing: the official setting whenever the store was resized.
-In store geometry the spacing is the source's, scaled by the recorded in-plane resize.
+its NIfTI imaging and scored against its own mask at source resolution, with the header's
+spacing: the official setting whenever the store was resized. In store geometry the spacing is
+the source's, scaled by the recorded in-plane resize.
+
+Predictions come from `kitstrain.infer` (the run from `infer.loaded`, the cases from
+`infer.cases`, the loop validation and `predict` use too); this module scores them and writes
+the table, the CSV and the JSON.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
-from kitsprep.cases import (
-    CaseRef,
-    Volume,
-    check_pair,
-    find_cases,
-    parse_case_spec,
-    read_header,
-    read_volume,
-)
+from kitsprep.cases import CaseRef, find_cases, parse_case_spec
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes, voxel_spacing
-from kitsprep.labels import EDITIONS, LabelSet
-from kitsprep.store import SliceMap, StoreInfo, open_store
-from kitsprep.window import Window
-from kitstrain.infer.engine import (
-    DEFAULT_BATCH_SIZE,
-    Amp,
-    Progress,
-    predict_store_case,
-    predict_volume,
-    read_store_labels,
-    require_scorable,
-    resolve_device,
-    store_box,
+from kitsprep.files import write_atomic
+from kitsprep.labels import LabelSet
+from kitsprep.progress import Progress
+from kitstrain.infer.cases import (
+    CasePrediction,
+    source_predictions,
+    source_slices,
+    store_predictions,
 )
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, require_scorable, resolve_device
+from kitstrain.infer.loaded import LoadedRun, default_cases, load_run, run_inference, training_cases
 from kitstrain.metrics import (
     BACKGROUND_FLAG,
     MIN_FOREGROUND_SHARE,
@@ -65,10 +55,8 @@ from kitstrain.metrics import (
     score_case,
     surface_tolerance,
 )
-from kitstrain.model.unet import pad_input_channels
-from kitstrain.report.plots import case_overlay, overlay_slice
+from kitstrain.report.plots import prediction_overlay
 from kitstrain.train import rundir as runlib
-from kitstrain.train.memory import amp_dtype
 
 __all__ = [
     "BACKGROUND_FLAG",
@@ -76,15 +64,14 @@ __all__ = [
     "TRAINED_FLAG",
     "ScoreConfig",
     "ScoreReport",
-    "display_slice",
-    "format_table",
-    "load_run",
-    "load_run_model",
-    "overlay_title",
-    "score_run",
+    "case_line",
     "definition",
+    "format_table",
+    "overlay_title",
+    "score_cases",
     "score_columns",
-    "training_cases",
+    "score_row",
+    "score_run",
     "write_csv",
 ]
 
@@ -135,7 +122,7 @@ class ScoreReport:
     tta: bool
     scores: list[CaseScore]
     mean: CaseScore
-    labels: LabelSet = EDITIONS["kits19"]
+    labels: LabelSet
     trained: list[str] = field(default_factory=list)  # scored cases the run trained on
     csv_path: Path | None = None
     json_path: Path | None = None
@@ -201,225 +188,19 @@ def score_row(s: CaseScore, ls: LabelSet, trained: bool = False) -> dict:
     return row
 
 
-# --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class LoadedRun:
-    """A run directory resolved to what inference needs."""
-
-    run_dir: Path
-    config: dict
-    context: int
-    store: StoreInfo | None  # None only where a store is optional (predict, moved)
-    window: Window
-    size: int
-    checkpoint: Path
-    warnings: list[str]
-    labels: LabelSet = EDITIONS["kits19"]  # the store's; recorded in the run when it is gone
-
-
-def _checkpoint_used(run_dir: Path, which: str) -> Path:
-    # Mirrors run.load_model's fallback, so reports name the file actually used.
-    path = runlib.checkpoint_path(run_dir, which)
-    if not path.is_file() and which == "best":
-        last = runlib.checkpoint_path(run_dir, "last")
-        if last.is_file():
-            return last
-    return path
-
-
-def _store_attrs(config: dict) -> dict:
-    """The preprocessing `fit` recorded from its store (config["store_attrs"])."""
-    attrs = config.get("store_attrs")
-    return attrs if isinstance(attrs, dict) else {}
-
-
-def _recorded_window(config: dict) -> Window | None:
-    w = _store_attrs(config).get("window")
-    if isinstance(w, str):
-        try:
-            w = json.loads(w)
-        except ValueError:
-            return None
-    if isinstance(w, dict):
-        try:
-            return Window(**w)
-        except TypeError:
-            return None
-    return None
-
-
-def _recorded_labels(config: dict) -> LabelSet:
-    """The label set `fit` recorded from its store; runs from before editions were KiTS19."""
-    labels = _store_attrs(config).get("labels")
-    if isinstance(labels, dict):
-        try:
-            return LabelSet.from_json(json.dumps(labels))
-        except (KeyError, TypeError, ValueError):
-            pass
-    return EDITIONS["kits19"]
-
-
-def _recorded_size(config: dict) -> int | None:
-    size = _store_attrs(config).get("size")
-    return int(size) if size is not None else None
-
-
-def load_run(
-    run_dir: Path | None,
-    data: Path | None,
-    *,
-    which: str = "best",
-    runs_root: Path = runlib.RUNS_ROOT,
-    store_required: bool = True,
-) -> LoadedRun:
-    """Resolve a run directory, its checkpoint and the store it trained on (or `data`).
-
-    A store given with `--data` must have the run's preprocessing (window and slice size;
-    otherwise: error, the model would see inputs it never trained on). Other differences in
-    content (cases added, rebuilt from other files) only warn: scoring other cases with the
-    same preprocessing is legitimate."""
-    run_dir = Path(run_dir) if run_dir is not None else runlib.newest_run(runs_root)
-    if not run_dir.is_dir():
-        raise KitsError(
-            f"run directory {run_dir} does not exist; pass a folder written by "
-            "`kitstrain fit` (runs/<timestamp>)"
-        )
-    config = runlib.read_config(run_dir)
-    if "model" not in config:
-        raise KitsError(
-            f"{run_dir}/{runlib.CONFIG} has no model section; the run directory is "
-            "damaged or from another tool, pass one written by `kitstrain fit`"
-        )
-    checkpoint = _checkpoint_used(run_dir, which)
-    if not checkpoint.is_file():
-        hint = "" if which == "last" else ", or pass --checkpoint last"
-        raise KitsError(
-            f"{run_dir} has no {which} checkpoint ({checkpoint} is missing); "
-            f"let `kitstrain fit` run to its first validation{hint}"
-        )
-    context = int(config.get("context", 0))
-    warnings: list[str] = []
-    recorded = config.get("store")
-    recorded_path = Path(recorded) if recorded else None
-    info: StoreInfo | None = None
-    if data is not None:
-        info = open_store(Path(data))
-    elif recorded_path is not None and recorded_path.is_file():
-        info = open_store(recorded_path)
-    elif store_required or _recorded_window(config) is None or _recorded_size(config) is None:
-        where = (
-            f"the store this run trained on, {recorded_path},"
-            if recorded_path
-            else "the store this run trained on"
-        )
-        raise KitsError(
-            f"{where} is missing (moved or deleted); pass --data FILE.h5 with "
-            "its new location, or rebuild it with `kitsprep build`"
-        )
-
-    want_window = _recorded_window(config)
-    want_size = _recorded_size(config)
-    if (
-        data is not None
-        and (want_window is None or want_size is None)
-        and recorded_path is not None
-        and recorded_path.is_file()
-        and recorded_path.resolve() != Path(data).resolve()
-    ):
-        original = open_store(recorded_path)
-        want_window = want_window or original.window
-        want_size = want_size if want_size is not None else original.size
-    if info is not None:
-        if want_window is not None and want_window != info.window:
-            raise KitsError(
-                f"{info.path} was built with window {info.window.to_json()}, but "
-                f"the run trained on {want_window.to_json()}; score with the store "
-                "the run trained on, or rebuild with its --window"
-            )
-        if want_size is not None and int(want_size) != info.size:
-            raise KitsError(
-                f"{info.path} holds {info.size}x{info.size} slices, but the run "
-                f"trained on {want_size}x{want_size}; score with the store the run "
-                f"trained on, or rebuild with --size {want_size}"
-            )
-        fingerprint = config.get("store_fingerprint")
-        if fingerprint is not None and fingerprint != info.fingerprint:
-            warnings.append(
-                f"warning: {info.path} (fingerprint {info.fingerprint}) is not the store the "
-                f"run trained on (fingerprint {fingerprint}): same preprocessing, other "
-                "content; check that the scored cases were not used for training"
-            )
-        window, size, labels = info.window, info.size, info.labels
-    else:
-        window, size = want_window, want_size  # predict with the store gone
-        labels = _recorded_labels(config)
-        warnings.append(
-            f"warning: the run's store {recorded_path} is missing; using the "
-            "window and size recorded in the run's config"
-        )
-    return LoadedRun(run_dir, config, context, info, window, size, checkpoint, warnings, labels)
-
-
-def load_run_model(lr: LoadedRun, which: str, device: torch.device) -> nn.Module:
-    model, _ = runlib.load_model(lr.run_dir, which, device)
-    if device.type == "cuda":
-        pad_input_channels(model)  # as fit trains on CUDA: tensor-core kernels for 5 channels
-    expected = 1 + 2 * lr.context
-    got = getattr(getattr(model, "cfg", None), "in_channels", expected)
-    if got != expected:
-        raise KitsError(
-            f"{lr.run_dir}: the model takes {got} input channel(s) but the config "
-            f"says context {lr.context} ({expected} channels); the run directory "
-            "is inconsistent, retrain or fix config.json"
-        )
-    return model
-
-
-def training_cases(run_dir: Path) -> list[str]:
-    """The run's training split (empty when the run records none)."""
-    return list(runlib.read_split(run_dir).get("train") or [])
-
-
-def inference_amp(lr: LoadedRun, device: torch.device) -> Amp:
-    """Autocast in the precision the run trained and validated in (bf16 where the GPU has
-    it), so `score` and `predict` give the numbers `fit` logged: fp16 would differ, and
-    can overflow at 65,504. fp32 where that precision is unavailable on `device`."""
-    train = lr.config.get("train", {})
-    precision = train.get("precision")
-    if precision is None:  # runs recorded before --precision: a boolean `amp`
-        precision = "auto" if train.get("amp", True) else "fp32"
-    try:
-        dtype = amp_dtype(device, precision)
-    except KitsError:  # e.g. a GPU run's fp16, scored on a CPU
-        dtype = None
-    return dtype if dtype is not None else False
-
-
-def _default_cases(lr: LoadedRun) -> list[str]:
-    split = runlib.read_split(lr.run_dir)
-    val = list(split.get("val") or [])
-    if not val:
-        raise KitsError(
-            f"{lr.run_dir} has no validation cases in {runlib.SPLIT}; name the "
-            "cases to score with --cases"
-        )
-    return val
-
-
 # --------------------------------------------------------------------------- scoring
 
 
-def _store_cases(lr: LoadedRun, spec: str | None) -> list[str]:
-    info = lr.store
+def _store_cases(run: LoadedRun, spec: str | None) -> list[str]:
+    """The store cases to score: `spec`, or the run's validation cases; all labelled."""
+    info = run.store
     if spec is not None:
         try:
             cases = parse_case_spec(spec, info.case_ids)
         except KitsError as exc:
             raise KitsError(f"{exc} (in store {info.path})") from None
     else:
-        cases = _default_cases(lr)
+        cases = default_cases(run)
         missing = [c for c in cases if c not in info.cases]
         if missing:
             raise KitsError(
@@ -432,12 +213,14 @@ def _store_cases(lr: LoadedRun, spec: str | None) -> list[str]:
     return cases
 
 
-def _src_cases(lr: LoadedRun, src: Path, spec: str | None) -> list[CaseRef]:
+def _src_cases(run: LoadedRun, src: Path, spec: str | None) -> list[CaseRef]:
+    """The NIfTI cases under `src` to score: `spec`, or the run's validation cases; each
+    with a segmentation."""
     refs = {r.case_id: r for r in find_cases(src)}
     if spec is not None:
         ids = parse_case_spec(spec, refs)
     else:
-        ids = _default_cases(lr)
+        ids = default_cases(run)
         missing = [c for c in ids if c not in refs]
         if missing:
             raise KitsError(
@@ -462,125 +245,6 @@ def overlay_title(s: CaseScore) -> str:
     return f"{s.case}  Dice {dice}{flag}"
 
 
-def store_spacing(info: StoreInfo, case_id: str) -> tuple[float, float, float]:
-    """Voxel spacing (mm) of a stored case's slices inside `store_box`: the source spacing,
-    in-plane scaled by the recorded resize."""
-    m = info.cases[case_id]
-    p = m.in_plane
-    return (m.spacing[0], m.spacing[1] * p.src_h / p.new_h, m.spacing[2] * p.src_w / p.new_w)
-
-
-def display_slice(
-    volume: Volume, axes: tuple[int, int, int], index: int, window: Window
-) -> np.ndarray:
-    """One axial slice of the raw volume in HU, clipped to the window, for display."""
-    raw = np.asarray(volume.data.transpose(axes)[index], np.float32)
-    hu = raw * np.float32(volume.header.slope) + np.float32(volume.header.inter)
-    return np.clip(hu, window.lo, window.hi)
-
-
-def _score_store(
-    lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.device, progress: Progress
-) -> tuple[list[CaseScore], list[Path], bool]:
-    info = lr.store
-    cases = _store_cases(lr, cfg.cases)
-    progress.start(sum(info.cases[c].slices for c in cases), "score")
-    scores, pictures = [], []
-    resized = any(not info.cases[c].in_plane.is_identity for c in cases)
-    amp = inference_amp(lr, device) if cfg.amp else False
-    sm = SliceMap(info.path, info.size, info.case_ids)
-    try:
-        for cid in cases:
-            pred = predict_store_case(
-                model,
-                info,
-                sm,
-                cid,
-                lr.context,
-                device,
-                amp=amp,
-                tta=cfg.tta,
-                batch_size=cfg.batch_size,
-                progress=progress.advance,
-            )
-            rows, cols = store_box(info, cid)
-            truth = read_store_labels(sm, info, cid)[:, rows, cols]
-            pred = pred[:, rows, cols]
-            s = score_case(cid, pred, truth, info.labels, store_spacing(info, cid))
-            scores.append(s)
-            if cfg.overlays is not None:
-                k = overlay_slice(truth, pred, info.labels)
-                image = sm.image(info.rows(cid)[k])[rows, cols]
-                w = info.window
-                pictures.append(
-                    case_overlay(
-                        image,
-                        truth[k],
-                        pred[k],
-                        f"{overlay_title(s)}  (stored slice {k})",
-                        Path(cfg.overlays) / f"{cid}.png",
-                        info.labels,
-                        vmin=w.normalise(w.lo),
-                        vmax=w.normalise(w.hi),
-                    )
-                )
-            progress.case_done(cid, case_line(s))
-    finally:
-        sm.close()
-    return scores, pictures, resized
-
-
-def _score_src(
-    lr: LoadedRun, model: nn.Module, cfg: ScoreConfig, device: torch.device, progress: Progress
-) -> tuple[list[CaseScore], list[Path]]:
-    refs = _src_cases(lr, Path(cfg.src), cfg.cases)
-    total = 0
-    for ref in refs:
-        hdr = read_header(ref.imaging, ref.case_id)
-        total += hdr.shape[axial_axes(hdr.affine)[0]]
-    progress.start(total, "score --src")
-    scores, pictures = [], []
-    amp = inference_amp(lr, device) if cfg.amp else False
-    for ref in refs:
-        vol = read_volume(ref.imaging, ref.case_id)
-        seg = read_volume(ref.segmentation, ref.case_id)
-        check_pair(ref.case_id, vol.header, seg.header)
-        pred = predict_volume(
-            model,
-            vol,
-            lr.window,
-            lr.size,
-            lr.context,
-            device,
-            amp=amp,
-            tta=cfg.tta,
-            batch_size=cfg.batch_size,
-            case_id=ref.case_id,
-            progress=progress.advance,
-        )
-        s = score_case(ref.case_id, pred, seg.data, lr.labels, voxel_spacing(seg.header.affine))
-        scores.append(s)
-        if cfg.overlays is not None:
-            axes = axial_axes(vol.header.affine)
-            truth, p = seg.data.transpose(axes), pred.transpose(axes)
-            k = overlay_slice(truth, p, lr.labels)
-            pictures.append(
-                case_overlay(
-                    display_slice(vol, axes, k, lr.window),
-                    truth[k],
-                    p[k],
-                    f"{overlay_title(s)}  (slice {k})",
-                    Path(cfg.overlays) / f"{ref.case_id}.png",
-                    lr.labels,
-                    vmin=lr.window.lo,
-                    vmax=lr.window.hi,
-                )
-            )
-        progress.case_done(ref.case_id, case_line(s))
-        del vol, seg, pred
-    return scores, pictures
-
-
 def case_line(s: CaseScore) -> str:
     """The progress line of one scored case."""
     flag = "".join(f"  {f}" for f in s.flags)
@@ -589,66 +253,90 @@ def case_line(s: CaseScore) -> str:
     return f"Dice {dice}" + (f"  surface Dice {sd}" if sd else "") + flag
 
 
+def score_cases(
+    cases: Iterable[CasePrediction],
+    labels: LabelSet,
+    progress: Progress,
+    overlays: Path | None = None,
+) -> tuple[list[CaseScore], list[Path]]:
+    """Score each predicted case against its truth (with surface Dice at its spacing), and
+    draw its overlay into `overlays` when asked."""
+    scores, pictures = [], []
+    for case in cases:
+        s = score_case(case.case_id, case.pred, case.truth, labels, case.spacing)
+        scores.append(s)
+        if overlays is not None:
+            path = Path(overlays) / f"{case.case_id}.png"
+            pictures.append(prediction_overlay(case, overlay_title(s), path, labels))
+        progress.item_done(case.case_id, case_line(s))
+        del case  # one source volume in memory at a time, not two
+    return scores, pictures
+
+
 def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     """Score a run's checkpoint per case; writes <run>/score.csv, and the JSON and overlays
     when asked. Raises KitsError for anything the user can fix."""
     # In source geometry the store only lends its preprocessing, which the run also records.
-    lr = load_run(
+    run = load_run(
         cfg.run_dir,
         cfg.data,
         which=cfg.which,
         runs_root=cfg.runs_root,
         store_required=cfg.src is None,
     )
-    device = resolve_device(cfg.device)
+    if cfg.src is None:
+        info = run.store
+        chosen = _store_cases(run, cfg.cases)
+        total, desc = sum(info.cases[c].slices for c in chosen), "score"
+        resized = any(not info.cases[c].in_plane.is_identity for c in chosen)
+        geometry = f"store {run.size}x{run.size}"
+    else:
+        refs = _src_cases(run, Path(cfg.src), cfg.cases)
+        total, desc = source_slices(refs), "score --src"
+        resized, geometry = False, "source"
+    inference = run_inference(
+        run, resolve_device(cfg.device), amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size
+    )
     progress = progress if progress is not None else Progress()
-    model = load_run_model(lr, cfg.which, device)
+    progress.start(total, desc)
     try:
         if cfg.src is None:
-            scores, pictures, resized = _score_store(lr, model, cfg, device, progress)
-            geometry = f"store {lr.size}x{lr.size}"
+            cases = store_predictions(inference, info, chosen, progress=progress.advance)
         else:
-            scores, pictures = _score_src(lr, model, cfg, device, progress)
-            resized, geometry = False, "source"
+            cases = source_predictions(
+                inference, refs, run.window, run.size, progress=progress.advance
+            )
+        scores, pictures = score_cases(cases, run.labels, progress, cfg.overlays)
     finally:
         progress.close()
+    trained = set(training_cases(run.run_dir))
     report = ScoreReport(
-        run_dir=lr.run_dir,
-        checkpoint=lr.checkpoint,
-        store=lr.store.path if lr.store is not None else None,
+        run_dir=run.run_dir,
+        checkpoint=run.checkpoint,
+        store=run.store.path if run.store is not None else None,
         src=None if cfg.src is None else Path(cfg.src),
         geometry=geometry,
         tta=cfg.tta,
         scores=scores,
         mean=mean_score(scores),
-        labels=lr.labels,
-        csv_path=lr.run_dir / SCORE_CSV,
+        labels=run.labels,
+        csv_path=run.run_dir / SCORE_CSV,
         overlays=pictures,
-        warnings=list(lr.warnings),
+        warnings=list(run.warnings),
         resized=resized,
-        trained=[s.case for s in scores if s.case in set(training_cases(lr.run_dir))],
+        trained=[s.case for s in scores if s.case in trained],
     )
     write_csv(report, report.csv_path)
     if cfg.json is not None:
-        report.json_path = Path(cfg.json)
-        _write_text(report.json_path, json.dumps(report.as_dict(), indent=2) + "\n")
+        report.json_path = _write(Path(cfg.json), json.dumps(report.as_dict(), indent=2) + "\n")
     return report
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_csv(report: ScoreReport, path: Path) -> Path:
     """One row per case plus the mean row, full precision, for spreadsheets and scripts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     cols = score_columns(report.labels)
 
     def cell(v: object) -> str:
@@ -658,14 +346,18 @@ def write_csv(report: ScoreReport, path: Path) -> Path:
             return str(int(v))
         return repr(v) if isinstance(v, float) else str(v)
 
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for s in [*report.scores, report.mean]:
-            row = score_row(s, report.labels, s.case in report.trained)
-            w.writerow([cell(row[c]) for c in cols])
-    tmp.replace(path)
-    return path
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(cols)
+    for s in [*report.scores, report.mean]:
+        row = score_row(s, report.labels, s.case in report.trained)
+        w.writerow([cell(row[c]) for c in cols])
+    return _write(Path(path), text.getvalue())
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, text.encode())  # bytes: the CSV's \r\n stays as written
 
 
 def format_table(report: ScoreReport) -> str:

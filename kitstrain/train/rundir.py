@@ -211,9 +211,7 @@ def load_model(
 ) -> tuple[UNet, dict]:
     """The run's model with weights from `which` ('best', falling back to 'last')."""
     run_dir = Path(run_dir)
-    path = checkpoint_path(run_dir, which)
-    if not path.is_file() and which == "best":
-        path = checkpoint_path(run_dir, "last")
+    path = resolve_checkpoint(run_dir, which)
     ckpt = load_checkpoint(path, map_location=device)
     model = build_model(model_config(run_dir))
     try:
@@ -227,3 +225,14 @@ def load_model(
         ) from None
     model.to(device).to(memory_format=torch.channels_last).eval()  # as trained: NHWC
     return model, ckpt
+
+
+def resolve_checkpoint(run_dir: Path, which: str) -> Path:
+    """The checkpoint file `which` names: 'best', or 'last' while no validation has saved a
+    best yet. One rule, so a report names the file `load_model` actually loaded."""
+    path = checkpoint_path(run_dir, which)
+    if not path.is_file() and which == "best":
+        last = checkpoint_path(run_dir, "last")
+        if last.is_file():
+            return last
+    return path

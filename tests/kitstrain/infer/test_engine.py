@@ -7,6 +7,7 @@ float32, non-square, int16 with an intercept, unlabelled, and slices-last orient
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceMap, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.infer.engine import (
+    _eval_mode,
     _labels_u8,
-    count_store_cases,
-    predict_slices,
+    _logit_batches,
     predict_store_case,
     predict_volume,
     read_store_images,
@@ -35,7 +36,7 @@ from kitstrain.infer.engine import (
     stack_context,
     store_box,
 )
-from kitstrain.metrics import score_from_counts
+from kitstrain.metrics import DiceCounts, score_from_counts
 from kitstrain.model.unet import UNet, UNetConfig
 from kitstrain.train import rundir as runlib
 
@@ -148,7 +149,9 @@ def make_run(
                 "window": asdict(info.window),
                 "size": info.size,
                 "num_classes": info.num_classes,
+                "labels": json.loads(info.labels.to_json()),
             },
+            "train": {"precision": "auto"},
             "context": context,
             "model": asdict(model.cfg),
         },
@@ -221,12 +224,32 @@ class Ramp(nn.Module):
         return torch.cat([cols, rows], dim=1)
 
 
-def test_predict_slices_batches_and_averages_flips() -> None:
+def logits_of(
+    model: nn.Module, images: torch.Tensor, *, amp: bool, tta: bool, batch_size: int
+) -> torch.Tensor:
+    """All logits of `images` through the engine's batching, on the CPU."""
+    with _eval_mode(model):
+        parts = [
+            logits
+            for _, _, logits in _logit_batches(
+                model,
+                lambda a, b: images[a:b],
+                len(images),
+                CPU,
+                amp=amp,
+                tta=tta,
+                batch_size=batch_size,
+            )
+        ]
+    return torch.cat(parts)
+
+
+def test_batches_and_flip_averaging() -> None:
     x = torch.zeros(7, 1, 4, 6, dtype=torch.float16)
-    plain = predict_slices(Ramp(), x, CPU, amp=True, tta=False, batch_size=3)
+    plain = logits_of(Ramp(), x, amp=True, tta=False, batch_size=3)
     assert plain.dtype == torch.float32 and plain.shape == (7, 2, 4, 6)
-    assert torch.equal(plain, predict_slices(Ramp(), x, CPU, amp=False, tta=False, batch_size=7))
-    tta = predict_slices(Ramp(), x, CPU, amp=False, tta=True, batch_size=3)
+    assert torch.equal(plain, logits_of(Ramp(), x, amp=False, tta=False, batch_size=7))
+    tta = logits_of(Ramp(), x, amp=False, tta=True, batch_size=3)
     # Each flip is undone on the output, so a ramp averages with its mirror: the centre.
     assert torch.allclose(tta[:, 0], torch.full((7, 4, 6), 2.5))
     assert torch.allclose(tta[:, 1], torch.full((7, 4, 6), 1.5))
@@ -235,10 +258,10 @@ def test_predict_slices_batches_and_averages_flips() -> None:
 def test_inference_restores_the_training_mode() -> None:
     model = UNet(UNET)
     model.train()
-    predict_slices(model, torch.zeros(2, 1, 8, 8), CPU, amp=False, tta=False, batch_size=1)
+    logits_of(model, torch.zeros(2, 1, 8, 8), amp=False, tta=False, batch_size=1)
     assert model.training
     model.eval()
-    predict_slices(model, torch.zeros(2, 1, 8, 8), CPU, amp=False, tta=False, batch_size=1)
+    logits_of(model, torch.zeros(2, 1, 8, 8), amp=False, tta=False, batch_size=1)
     assert not model.training
 
 
@@ -304,8 +327,18 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
     finally:
         sm.close()
     assert store_box(info, "case_00001") == (slice(6, 25), slice(0, 32))  # 24x40 -> 19x32
-    counts = count_store_cases(ThresholdModel(), info, LABELLED[:2], 1, CPU, batch_size=8)
-    assert [score_from_counts(c, counts[c]) for c in LABELLED[:2]] == scores[:2]
+    # the whole-case score equals counting the stored image slice by slice
+    sm = SliceMap(store, info.size)
+    try:
+        for s in scores[:2]:
+            rows, cols = store_box(info, s.case)
+            pred = predict_store_case(ThresholdModel(), info, sm, s.case, 1, CPU, batch_size=8)
+            counts = DiceCounts(info.labels)
+            for i, row in enumerate(info.rows(s.case)):
+                counts.add(pred[i, rows, cols], sm.label(row)[rows, cols])
+            assert score_from_counts(s.case, counts) == s
+    finally:
+        sm.close()
 
 
 def test_score_store_cases_refuses_unlabelled_and_unknown_cases(cohort) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
-from kitstrain.infer.engine import Progress
+from kitsprep.progress import Progress
 from kitstrain.infer.predict import PredictConfig, predict_run, prediction_name
 from kitstrain.model.unet import UNet
 from kitstrain.report.score import TRAINED_FLAG, format_table
@@ -73,8 +73,8 @@ def test_predictions_have_the_imaging_geometry(setup, tmp_path: Path) -> None:
         ),
         QUIET,
     )
-    assert sorted(p.name for p in report) == [prediction_name(c) for c in COHORT]
-    assert len(report) == len(COHORT)
+    assert sorted(p.name for p in report.paths) == [prediction_name(c) for c in COHORT]
+    assert len(report.paths) == len(COHORT)
     for cid in COHORT:
         img = nib.load(str(setup["src"] / cid / "imaging.nii.gz"))
         pred = nib.load(str(out / prediction_name(cid)))
@@ -123,7 +123,7 @@ def test_naming_follows_the_store_edition_or_the_option(setup, tmp_path: Path) -
         ),
         QUIET,
     )
-    assert [p.name for p in report] == ["prediction_00003.nii.gz"]  # a KiTS19 store
+    assert [p.name for p in report.paths] == ["prediction_00003.nii.gz"]  # a KiTS19 store
     report = predict_run(
         PredictConfig(
             run_dir=setup["kidney"],
@@ -135,7 +135,7 @@ def test_naming_follows_the_store_edition_or_the_option(setup, tmp_path: Path) -
         ),
         QUIET,
     )
-    assert [p.name for p in report] == ["case_00003.nii.gz"]
+    assert [p.name for p in report.paths] == ["case_00003.nii.gz"]
     with pytest.raises(KitsError, match="unknown KiTS edition 'kits20'"):
         predict_run(
             PredictConfig(
@@ -160,7 +160,7 @@ def test_predict_survives_a_moved_store_and_names_user_errors(setup, tmp_path: P
         PredictConfig(run_dir=run, src=setup["src"], out=tmp_path / "p", cases="3", device="cpu"),
         QUIET,
     )
-    assert len(report) == 1 and "missing" in report.warnings[0]
+    assert len(report.paths) == 1 and "missing" in report.warnings[0]
 
     (tmp_path / "file").write_text("")
     with pytest.raises(KitsError, match="is a file"):

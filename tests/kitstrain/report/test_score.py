@@ -12,8 +12,11 @@ import pytest
 
 from kitsprep.cases import read_volume
 from kitsprep.errors import KitsError
+from kitsprep.labels import EDITIONS
+from kitsprep.progress import Progress
 from kitsprep.store import SliceMap, open_store
-from kitstrain.infer.engine import Progress, read_store_labels, store_box
+from kitstrain.infer.cases import store_spacing
+from kitstrain.infer.engine import read_store_labels, store_box
 from kitstrain.metrics import CaseScore, mean_score
 from kitstrain.report.score import (
     BACKGROUND_FLAG,
@@ -23,7 +26,6 @@ from kitstrain.report.score import (
     ScoreReport,
     format_table,
     score_run,
-    store_spacing,
 )
 from kitstrain.train import rundir as runlib
 from tests.kitstrain.infer.test_engine import (
@@ -182,6 +184,7 @@ def test_table_flags_only_the_rows_that_need_it(tmp_path: Path) -> None:
         tta=False,
         scores=scores,
         mean=mean_score(scores),
+        labels=EDITIONS["kits19"],
         trained=["case_00050"],
     )
     table = format_table(report)

@@ -367,7 +367,7 @@ def test_not_a_store_and_unknown_version(store: Path, tmp_path: Path) -> None:
 def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(
     store: Path, tmp_path: Path, regions: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitstrain.report.score as scoremod
+    import kitstrain.infer.cases as scoremod  # the per-case loop score predicts through
 
     used = []
     real = scoremod.predict_store_case
@@ -402,6 +402,7 @@ def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(
     train = [x for x in runlib.read_metrics(out) if x["kind"] == "train"]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in train)
     # inference uses the full-resolution head only
+    used.clear()  # validation predicts through the same loop: count score's calls alone
     scored = CliRunner().invoke(main, ["score", str(out), "--json", str(out / "score.json")])
     assert scored.exit_code == 0, scored.output
     cases = json.loads((out / "score.json").read_text())["cases"]

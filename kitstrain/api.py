@@ -1,0 +1,126 @@
+"""The Python API for notebooks and scripts: a trained run as a function from CT to labels.
+
+`Predictor` wraps what `kitstrain predict` does for one volume at a time, through the same
+code (`infer.loaded` to load the run, `infer.engine.predict_volume` to window, resize, run
+the model and map back), so an array or file predicted here equals the mask the command
+writes. `open_store` and `SliceDataset` give the slice store to a loop of one's own.
+
+Axis convention: arrays are (slices, rows, cols), the axial axis first, as KiTS19 stores its
+volumes (`imaging.nii.gz` of shape (num_slices, 512, 512)). Other layouts go through
+`predict_nifti`, which reads the orientation from the header.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from kitsprep.cases import NiftiHeader, Volume, read_volume
+from kitsprep.errors import KitsError
+from kitsprep.labels import LabelSet
+from kitsprep.store import open_store
+from kitstrain.data.dataset import SliceDataset
+from kitstrain.infer.cases import Inference
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, resolve_device
+from kitstrain.infer.loaded import LoadedRun, load_run, run_inference
+from kitstrain.infer.predict import prediction_image
+
+__all__ = ["Predictor", "SliceDataset", "open_store"]
+
+
+def _slices_first_affine(spacing: Sequence[float]) -> np.ndarray:
+    """An affine whose first voxel axis is the superior-inferior one, as in KiTS19's
+    headers: `geometry.axial_axes` then keeps the array's axis order."""
+    s0, s1, s2 = (float(v) for v in spacing)
+    return np.array([[0, 0, s2, 0], [0, s1, 0, 0], [s0, 0, 0, 0], [0, 0, 0, 1]], np.float64)
+
+
+class Predictor:
+    """A trained run ready to segment CT volumes in memory or on disk.
+
+    >>> predictor = Predictor.from_run("runs/demo", device="cpu")
+    >>> labels = predictor.predict(hu)  # hu: (slices, rows, cols) in HU
+
+    Labels are the values of the edition of the store the run trained on (`labels`; KiTS19:
+    0 background, 1 kidney, 2 tumour). The run's store lends its window and slice size;
+    where it has moved or is gone, the ones the run recorded are used.
+    """
+
+    def __init__(self, run: LoadedRun, inference: Inference) -> None:
+        self.run = run
+        self.inference = inference
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: Path | str,
+        which: str = "best",
+        device: str = "auto",
+        tta: bool = False,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Predictor:
+        """Load `run_dir` (written by `kitstrain fit`) with its `which` checkpoint ("best",
+        falling back to "last" before the first validation, or "last") on `device` ("auto",
+        "cpu", "cuda"); `tta` averages the four flips. KitsError when the run is missing
+        or incomplete."""
+        if which not in ("best", "last"):
+            raise KitsError(f"which={which!r}: expected 'best' or 'last'")
+        run = load_run(Path(run_dir), None, which=which, store_required=False)
+        return cls(run, run_inference(run, resolve_device(device), tta=tta, batch_size=batch_size))
+
+    @property
+    def labels(self) -> LabelSet:
+        """The label set of the run's edition: names, values and scored regions."""
+        return self.run.labels
+
+    def predict(self, volume: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Labels (uint8, the shape of `volume`) of a CT volume in HU, shaped (slices, rows,
+        cols) with the axial axis first (module docstring). `spacing` (mm per axis) is
+        optional and only checked: as in `kitsprep build`, each slice is resized to the
+        store's square whatever its spacing, so spacing does not change the labels."""
+        volume = np.asarray(volume)
+        if volume.ndim != 3 or 0 in volume.shape:
+            raise KitsError(
+                f"Predictor.predict: expected a 3D volume (slices, rows, cols), found "
+                f"shape {volume.shape}; pass one CT volume, axial axis first"
+            )
+        if not (np.issubdtype(volume.dtype, np.number) and not np.iscomplexobj(volume)):
+            raise KitsError(
+                f"Predictor.predict: expected real numbers (HU), found dtype {volume.dtype}; "
+                "pass the image data, e.g. nib.load(path).get_fdata()"
+            )
+        if spacing is None:
+            spacing = (1.0, 1.0, 1.0)
+        elif len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise KitsError(
+                f"Predictor.predict: expected spacing as 3 positive mm values, one per "
+                f"axis, found {tuple(spacing)}; pass e.g. (2.5, 0.8, 0.8) or leave it out"
+            )
+        # float32, the precision the windowing kernel reads a float32 NIfTI in: the labels
+        # equal `kitstrain predict`'s for the same voxels
+        data = np.asarray(volume, np.float32)
+        affine = _slices_first_affine(spacing)
+        header = NiftiHeader(data.shape, affine, data.dtype, 1.0, 0.0, 0, 0)
+        return self._predict(Volume(data, header, ""), "volume")
+
+    def predict_nifti(self, path: Path | str) -> nib.Nifti1Image:
+        """The labels of a CT NIfTI file as a uint8 NIfTI image in its geometry (same shape,
+        affine and sform/qform codes), as `kitstrain predict` writes it; save it with
+        `nib.save(image, "prediction.nii.gz")`."""
+        path = Path(path)
+        if not path.is_file():
+            raise KitsError(
+                f"Predictor.predict_nifti: {path} does not exist or is not a file; "
+                "expected a CT volume such as case_00000/imaging.nii.gz"
+            )
+        volume = read_volume(path, path.parent.name)
+        labels = self._predict(volume, path.parent.name)
+        return prediction_image(labels, nib.load(str(path)))
+
+    def _predict(self, volume: Volume, case_id: str) -> np.ndarray:
+        return self.inference.volume(volume, self.run.window, self.run.size, case_id)

@@ -1,0 +1,250 @@
+"""A run directory resolved for inference: checkpoint, preprocessing, label set, model.
+
+`score`, `predict` and the Python API (`kitstrain.api.Predictor`) all load a run here, so
+they agree on which checkpoint is used, which store lends the preprocessing (the one the run
+trained on, `--data` where it moved, or the window and size the run recorded where it is
+gone) and which precision inference runs in (the run's own, as `fit` validated).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kitsprep.errors import KitsError
+from kitsprep.labels import LabelSet
+from kitsprep.store import StoreInfo, open_store
+from kitsprep.window import Window
+from kitstrain.infer.cases import Inference
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, Amp
+from kitstrain.model.unet import pad_input_channels
+from kitstrain.train import rundir as runlib
+from kitstrain.train.memory import amp_dtype
+
+__all__ = [
+    "LoadedRun",
+    "default_cases",
+    "inference_amp",
+    "load_run",
+    "load_run_model",
+    "run_inference",
+    "training_cases",
+]
+
+
+@dataclass
+class LoadedRun:
+    """A run directory resolved to what inference needs."""
+
+    run_dir: Path
+    config: dict
+    context: int
+    store: StoreInfo | None  # None only where a store is optional (predict, store gone)
+    window: Window
+    size: int
+    labels: LabelSet  # the store's; the run's record of it when the store is gone
+    which: str  # the checkpoint asked for: best or last
+    checkpoint: Path  # the file `which` resolves to (best falls back to last)
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """The preprocessing `fit` recorded from its store (config["store_attrs"])."""
+
+    window: Window | None
+    size: int | None
+    labels: LabelSet | None
+
+    @classmethod
+    def of(cls, run_dir: Path, config: dict) -> _Recorded:
+        attrs = config.get("store_attrs")
+        attrs = attrs if isinstance(attrs, dict) else {}
+
+        def read(key: str, build):
+            if attrs.get(key) is None:
+                return None
+            return runlib.from_record(run_dir, runlib.CONFIG, build, attrs[key])
+
+        return cls(
+            read("window", lambda w: Window(**w)),
+            read("size", int),
+            read("labels", lambda d: LabelSet.from_json(json.dumps(d))),
+        )
+
+
+def load_run(
+    run_dir: Path | None,
+    data: Path | None,
+    *,
+    which: str = "best",
+    runs_root: Path = runlib.RUNS_ROOT,
+    store_required: bool = True,
+) -> LoadedRun:
+    """Resolve a run directory (None: the newest under `runs_root`), its checkpoint and the
+    store it trained on (or `data`).
+
+    A store given with `--data` must have the run's preprocessing (window and slice size;
+    otherwise: error, the model would see inputs it never trained on). Other differences in
+    content (cases added, rebuilt from other files) only warn: scoring other cases with the
+    same preprocessing is legitimate. Without `store_required` a missing store is replaced
+    by the window, size and label set the run recorded."""
+    run_dir = Path(run_dir) if run_dir is not None else runlib.newest_run(runs_root)
+    if not run_dir.is_dir():
+        raise KitsError(
+            f"run directory {run_dir} does not exist; pass a folder written by "
+            "`kitstrain fit` (runs/<timestamp>)"
+        )
+    config = runlib.read_config(run_dir)
+    if "model" not in config:
+        raise KitsError(
+            f"{run_dir}/{runlib.CONFIG} has no model section; the run directory is "
+            "damaged or from another tool, pass one written by `kitstrain fit`"
+        )
+    checkpoint = runlib.resolve_checkpoint(run_dir, which)
+    if not checkpoint.is_file():
+        hint = "" if which == "last" else ", or pass --checkpoint last"
+        raise KitsError(
+            f"{run_dir} has no {which} checkpoint ({checkpoint} is missing); "
+            f"let `kitstrain fit` run to its first validation{hint}"
+        )
+    context = int(config.get("context", 0))
+    recorded = _Recorded.of(run_dir, config)
+    warnings: list[str] = []
+    recorded_path = Path(config["store"]) if config.get("store") else None
+    info: StoreInfo | None = None
+    if data is not None:
+        info = open_store(Path(data))
+    elif recorded_path is not None and recorded_path.is_file():
+        info = open_store(recorded_path)
+    elif store_required or None in (recorded.window, recorded.size, recorded.labels):
+        where = (
+            f"the store this run trained on, {recorded_path},"
+            if recorded_path
+            else "the store this run trained on"
+        )
+        raise KitsError(
+            f"{where} is missing (moved or deleted); pass --data FILE.h5 with "
+            "its new location, or rebuild it with `kitsprep build`"
+        )
+
+    if info is None:  # the store is gone: what the run recorded is all preprocessing needs
+        warnings.append(
+            f"the run's store {recorded_path} is missing; using the window and size "
+            "recorded in the run's config"
+        )
+        return LoadedRun(
+            run_dir,
+            config,
+            context,
+            None,
+            recorded.window,
+            recorded.size,
+            recorded.labels,
+            which,
+            checkpoint,
+            warnings,
+        )
+    want_window, want_size = recorded.window, recorded.size
+    if want_window is not None and want_window != info.window:
+        raise KitsError(
+            f"{info.path} was built with window {info.window.to_json()}, but "
+            f"the run trained on {want_window.to_json()}; score with the store "
+            "the run trained on, or rebuild with its --window"
+        )
+    if want_size is not None and int(want_size) != info.size:
+        raise KitsError(
+            f"{info.path} holds {info.size}x{info.size} slices, but the run "
+            f"trained on {want_size}x{want_size}; score with the store the run "
+            f"trained on, or rebuild with --size {want_size}"
+        )
+    fingerprint = config.get("store_fingerprint")
+    if fingerprint is not None and fingerprint != info.fingerprint:
+        warnings.append(
+            f"{info.path} (fingerprint {info.fingerprint}) is not the store the "
+            f"run trained on (fingerprint {fingerprint}): same preprocessing, other "
+            "content; check that the scored cases were not used for training"
+        )
+    return LoadedRun(
+        run_dir,
+        config,
+        context,
+        info,
+        info.window,
+        info.size,
+        info.labels,
+        which,
+        checkpoint,
+        warnings,
+    )
+
+
+def load_run_model(run: LoadedRun, device: torch.device) -> nn.Module:
+    """The run's model from its resolved checkpoint, on `device`, checked against the
+    context the run recorded (a model fed the wrong number of slices is silently wrong)."""
+    model, _ = runlib.load_model(run.run_dir, run.which, device)
+    if device.type == "cuda":
+        pad_input_channels(model)  # as fit trains on CUDA: tensor-core kernels for 5 channels
+    expected = 1 + 2 * run.context
+    got = getattr(getattr(model, "cfg", None), "in_channels", expected)
+    if got != expected:
+        raise KitsError(
+            f"{run.run_dir}: the model takes {got} input channel(s) but the config "
+            f"says context {run.context} ({expected} channels); the run directory "
+            "is inconsistent, retrain or fix config.json"
+        )
+    return model
+
+
+def inference_amp(run: LoadedRun, device: torch.device) -> Amp:
+    """Autocast in the precision the run trained and validated in (bf16 where the GPU has
+    it), so `score` and `predict` give the numbers `fit` logged: fp16 would differ, and
+    can overflow at 65,504. fp32 where that precision is unavailable on `device`."""
+    precision = runlib.from_record(
+        run.run_dir, runlib.CONFIG, lambda c: str(c["train"]["precision"]), run.config
+    )
+    try:
+        dtype = amp_dtype(device, precision)
+    except KitsError:  # e.g. a GPU run's fp16, scored on a CPU
+        dtype = None
+    return dtype if dtype is not None else False
+
+
+def run_inference(
+    run: LoadedRun,
+    device: torch.device,
+    *,
+    amp: bool = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Inference:
+    """The run's model on `device`, applied as `fit` validated it; `amp=False` forces fp32."""
+    return Inference(
+        load_run_model(run, device),
+        run.context,
+        device,
+        amp=inference_amp(run, device) if amp else False,
+        tta=tta,
+        batch_size=batch_size,
+    )
+
+
+def training_cases(run_dir: Path) -> list[str]:
+    """The run's training split (empty when the run records none): scores of these cases
+    say nothing about new patients."""
+    return list(runlib.read_split(run_dir).get("train") or [])
+
+
+def default_cases(run: LoadedRun) -> list[str]:
+    """The run's validation cases: what `score` scores unless told otherwise."""
+    val = list(runlib.read_split(run.run_dir).get("val") or [])
+    if not val:
+        raise KitsError(
+            f"{run.run_dir} has no validation cases in {runlib.SPLIT}; name the "
+            "cases to score with --cases"
+        )
+    return val
