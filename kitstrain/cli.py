@@ -115,7 +115,11 @@ def main() -> None:
     help="seed: the origin report's setup; default: ours.",
 )
 @click.option("--epochs", type=click.IntRange(1), default=None)
-@click.option("--batch-size", default=None, help="N, or 'auto' (largest that fits on the GPU).")
+@click.option(
+    "--batch-size",
+    default=None,
+    help="N, or 'auto' (on CUDA the batch with the fastest per-sample step; on CPU the preset's).",
+)
 @click.option("--lr", type=float, default=None)
 @click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader workers.")
 @click.option(

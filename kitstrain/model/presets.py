@@ -16,7 +16,7 @@ class TrainConfig:
 
     preset: str = "default"
     epochs: int = 50
-    batch_size: int | str = 16  # an int, or "auto" (largest that fits, CUDA only)
+    batch_size: int | str = 16  # an int, or "auto" (memory.choose_batch_size)
     lr: float = 3e-3
     optimizer: str = "adamw"  # a name in train.optim.OPTIMIZERS
     weight_decay: float = 1e-4
