@@ -44,6 +44,7 @@ class Plan:
     patch: int  # training patch side (the slice side for whole slices)
     batch_size: int  # per rank and step
     val_batch: int  # whole slices per validation batch
+    samples_per_epoch: int  # over all ranks
     steps_per_epoch: int
     total_steps: int
 

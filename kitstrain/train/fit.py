@@ -105,39 +105,16 @@ def _fit(
     model, mcfg = build_training_model(info, tc, device)
     patch = resolve_patch(tc.patch, info.size, mcfg.divisor)
     loss_fn = make_loss(tc.loss, info.labels, regions=tc.regions)
-
-    # ---- batch and learning rate: a resumed run keeps its recorded ones (the steps must
-    # not change), a new one searches (`auto` on CUDA) and scales the lr to the batch
-    if cfg.resume:
-        recorded = rundir.read_config(run_dir)
-        batch_size, batch_info, lr_info = rundir.from_record(
-            run_dir,
-            rundir.CONFIG,
-            lambda r: (int(r["batch_size"]), r["batch"], r["lr_scaling"]),
-            recorded,
-        )
-    else:
-        batch_size, batch_info = choose_batch_size(
-            tc,
-            model,
-            loss_fn,
-            patch,
-            info.num_classes,
-            device,
-            dtype,
-            smallest=lambda n: distributed.smallest(d, device, n),
-        )
-        lr_info = effective_lr(tc, batch_size, d.world, cfg.explicit)
+    batch_size, batch_info, lr_info = batch_and_lr(
+        cfg, run_dir, tc, model, loss_fn, patch, info, device, dtype, d
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peaks from here: not the search's tries
         torch.backends.cudnn.benchmark = True  # shapes are fixed now: choose kernels once
-    run_tc = replace(tc, lr=lr_info["lr"])  # what the optimizer and schedule use
-    # whole slices hold (size/patch)**2 times a patch's pixels: validate with as many
-    # pixels per batch as a training batch, so validation fits wherever training does
-    val_batch = max(1, batch_size * patch * patch // (info.size * info.size))
+    plan = make_plan(run_dir, info, split, tc, lr_info, d, device, dtype, patch, batch_size)
 
     # ---- optimizer and state (restored on --resume), then the DDP and compile wrappers
-    optimizer = make_optimizer(model, run_tc)
+    optimizer = make_optimizer(model, plan.run_tc)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     state = State(micro_batch=batch_size)
     if cfg.resume:
@@ -149,110 +126,26 @@ def _fit(
         # gradient all-reduce overlaps the backward pass
         model = torch.compile(model)
 
-    train_slices = int(sum(info.cases[c].slices for c in split.train))
-    samples = tc.samples_per_epoch or samples_per_epoch(train_slices, info.size, patch)
-    steps_per_epoch = batches_per_epoch(samples, batch_size, d.world)
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    plan = Plan(
-        run_dir=run_dir,
-        info=info,
-        split=split,
-        tc=tc,
-        run_tc=run_tc,
-        d=d,
-        device=device,
-        dtype=dtype,
-        patch=patch,
-        batch_size=batch_size,
-        val_batch=val_batch,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-    )
     if d.main and not cfg.resume:
-        record = {
-            "store": str(Path(cfg.store).resolve()),
-            "store_fingerprint": info.fingerprint,
-            "store_attrs": {
-                "window": json.loads(info.window.to_json()),
-                "size": info.size,
-                "num_classes": info.num_classes,
-                "labels": json.loads(info.labels.to_json()),
-            },
-            "label_weights_applied": {
-                n: label_weights[v] for n, v in info.labels.labels if v in label_weights
-            },
-            "train": asdict(tc),
-            "model": asdict(mcfg),
-            "context": tc.context,
-            "batch": batch_info,
-            "batch_size": batch_size,
-            "patch_size": patch,
-            "lr_scaling": lr_info,
-            "val_batch_size": val_batch,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
-            "device": str(device),
-            "env": environment(device, d),
-        }
-        rundir.write_json(run_dir / rundir.CONFIG, record)
-        rundir.write_json(run_dir / rundir.SPLIT, split.to_json())
+        record_run(plan, cfg, mcfg, label_weights, batch_info, lr_info)
     if d.main:
-        announce(plan, cfg, model, train_slices, batch_info, lr_info, state, echo)
+        announce(plan, cfg, model, batch_info, lr_info, state, echo)
+    done = finished(plan, cfg, state, echo)
+    if done is not None:
+        return done
 
-    # ---- a resumed run that already reached its limit trains no step. The state comes
-    # from the same checkpoint on every rank, so they all agree without a collective
-    done = cfg.resume and (
-        step_limit(state, tc, total_steps)
-        or ("time_limit" if tc.time_limit and state.elapsed >= tc.time_limit else "")
-    )
-    if done:
-        if d.main:
-            echo(
-                f"{run_dir} is finished ({done} reached at step {state.step}); nothing to do. "
-                "Raise --max-steps, --epochs or --time-limit to train it further"
-            )
-        last = rundir.last_validation(run_dir)
-        return FitResult(run_dir, state.step, state.epoch, state.best, last, 0.0, "finished")
-
+    # ---- train
     log = RunLog(
         run_dir,
         main=d.main,
         echo=echo,
         writer=tensorboard_writer(run_dir, echo) if d.main else None,
-        progress=Progress(enabled=show_progress).start(
-            total_steps, "fit", unit="step", initial=state.step
-        )
-        if d.main
-        else None,
+        progress=Progress(enabled=show_progress and d.main).start(
+            plan.total_steps, "fit", unit="step", initial=state.step
+        ),
         unit=plan.unit,
     )
-    # ---- one loader for the whole run: workers, their open store and their kernels
-    # persist across epochs; each epoch is `sampler.set_epoch`, resumable mid-epoch
-    if tc.augment and tc.workers > 0:
-        compile_kernels()  # before the workers fork: they inherit it, none compiles
-    batch_bytes = batch_size * patch * patch * (2 * (1 + 2 * tc.context) + 1)
-    loader = make_train_loader(
-        cfg.store,
-        info,
-        split.train,
-        batch_size=batch_size,
-        workers=tc.workers,
-        context=tc.context,
-        augment=AugmentConfig(enabled=tc.augment),
-        fg_fraction=tc.fg_fraction,
-        label_weights=label_weights,
-        seed=tc.seed,
-        rank=d.rank,
-        world_size=d.world,
-        samples_per_epoch=samples,
-        pin_memory=device.type == "cuda",
-        epoch=state.epoch,
-        start_batch=state.step_in_epoch,
-        patch=patch,
-        prefetch_factor=prefetch_for(batch_bytes, tc.workers),
-    )
+    loader = train_loader(cfg, plan, label_weights, state)
     try:
         return Trainer(plan, model, optimizer, scaler, loss_fn, state, loader, log).run()
     finally:
@@ -385,6 +278,171 @@ def restore_or_restart(
     return fresh
 
 
+def batch_and_lr(
+    cfg: FitConfig,
+    run_dir: Path,
+    tc: TrainConfig,
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    patch: int,
+    info: StoreInfo,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    d: Dist,
+) -> tuple[int, dict, dict]:
+    """The batch size, how it was chosen, and the learning rate for it. A resumed run keeps
+    its recorded ones (the steps must not change); a new one searches (`auto` on CUDA, the
+    same batch on every rank) and scales the lr to the batch."""
+    if cfg.resume:
+        return rundir.from_record(
+            run_dir,
+            rundir.CONFIG,
+            lambda r: (int(r["batch_size"]), r["batch"], r["lr_scaling"]),
+            rundir.read_config(run_dir),
+        )
+    batch_size, batch_info = choose_batch_size(
+        tc,
+        model,
+        loss_fn,
+        patch,
+        info.num_classes,
+        device,
+        dtype,
+        smallest=lambda n: distributed.smallest(d, device, n),
+    )
+    return batch_size, batch_info, effective_lr(tc, batch_size, d.world, cfg.explicit)
+
+
+def make_plan(
+    run_dir: Path,
+    info: StoreInfo,
+    split: Split,
+    tc: TrainConfig,
+    lr_info: dict,
+    d: Dist,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    patch: int,
+    batch_size: int,
+) -> Plan:
+    """The run's fixed numbers: steps per epoch and in all, the validation batch."""
+    train_slices = int(sum(info.cases[c].slices for c in split.train))
+    samples = tc.samples_per_epoch or samples_per_epoch(train_slices, info.size, patch)
+    steps_per_epoch = batches_per_epoch(samples, batch_size, d.world)
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    return Plan(
+        run_dir=run_dir,
+        info=info,
+        split=split,
+        tc=tc,
+        run_tc=replace(tc, lr=lr_info["lr"]),  # what the optimizer and schedule use
+        d=d,
+        device=device,
+        dtype=dtype,
+        patch=patch,
+        batch_size=batch_size,
+        # whole slices hold (size/patch)**2 times a patch's pixels: validate with as many
+        # pixels per batch as a training batch, so validation fits wherever training does
+        val_batch=max(1, batch_size * patch * patch // (info.size * info.size)),
+        samples_per_epoch=samples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def record_run(
+    plan: Plan,
+    cfg: FitConfig,
+    mcfg: UNetConfig,
+    label_weights: dict[int, float],
+    batch_info: dict,
+    lr_info: dict,
+) -> None:
+    """config.json (every resolved option, the store, the environment) and split.json."""
+    info, tc = plan.info, plan.tc
+    record = {
+        "store": str(Path(cfg.store).resolve()),
+        "store_fingerprint": info.fingerprint,
+        "store_attrs": {
+            "window": json.loads(info.window.to_json()),
+            "size": info.size,
+            "num_classes": info.num_classes,
+            "labels": json.loads(info.labels.to_json()),
+        },
+        "label_weights_applied": {
+            n: label_weights[v] for n, v in info.labels.labels if v in label_weights
+        },
+        "train": asdict(tc),
+        "model": asdict(mcfg),
+        "context": tc.context,
+        "batch": batch_info,
+        "batch_size": plan.batch_size,
+        "patch_size": plan.patch,
+        "lr_scaling": lr_info,
+        "val_batch_size": plan.val_batch,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
+        "device": str(plan.device),
+        "env": environment(plan.device, plan.d),
+    }
+    rundir.write_json(plan.run_dir / rundir.CONFIG, record)
+    rundir.write_json(plan.run_dir / rundir.SPLIT, plan.split.to_json())
+
+
+def finished(
+    plan: Plan, cfg: FitConfig, state: State, echo: Callable[[str], None]
+) -> FitResult | None:
+    """Resuming a run that already reached its limit trains no step: it says so. The state
+    comes from the same checkpoint on every rank, so they all agree without a collective."""
+    tc = plan.tc
+    reason = cfg.resume and (
+        step_limit(state, tc, plan.total_steps)
+        or ("time_limit" if tc.time_limit and state.elapsed >= tc.time_limit else "")
+    )
+    if not reason:
+        return None
+    if plan.d.main:
+        echo(
+            f"{plan.run_dir} is finished ({reason} reached at step {state.step}); nothing to "
+            "do. Raise --max-steps, --epochs or --time-limit to train it further"
+        )
+    last = rundir.last_validation(plan.run_dir)
+    return FitResult(plan.run_dir, state.step, state.epoch, state.best, last, 0.0, "finished")
+
+
+def train_loader(
+    cfg: FitConfig, plan: Plan, label_weights: dict[int, float], state: State
+) -> torch.utils.data.DataLoader:
+    """One loader for the whole run: workers, their open store and their kernels persist
+    across epochs; each epoch is `sampler.set_epoch`, resumable mid-epoch."""
+    tc, patch = plan.tc, plan.patch
+    if tc.augment and tc.workers > 0:
+        compile_kernels()  # before the workers fork: they inherit it, none compiles
+    batch_bytes = plan.batch_size * patch * patch * (2 * (1 + 2 * tc.context) + 1)
+    return make_train_loader(
+        cfg.store,
+        plan.info,
+        plan.split.train,
+        batch_size=plan.batch_size,
+        workers=tc.workers,
+        context=tc.context,
+        augment=AugmentConfig(enabled=tc.augment),
+        fg_fraction=tc.fg_fraction,
+        label_weights=label_weights,
+        seed=tc.seed,
+        rank=plan.d.rank,
+        world_size=plan.d.world,
+        samples_per_epoch=plan.samples_per_epoch,
+        pin_memory=plan.device.type == "cuda",
+        epoch=state.epoch,
+        start_batch=state.step_in_epoch,
+        patch=patch,
+        prefetch_factor=prefetch_for(batch_bytes, tc.workers),
+    )
+
+
 def environment(device: torch.device, d: Dist) -> dict:
     """Versions, platform and command line, for config.json: what reproduces the run."""
     import h5py
@@ -412,7 +470,6 @@ def announce(
     plan: Plan,
     cfg: FitConfig,
     model: torch.nn.Module,
-    train_slices: int,
     batch_info: dict,
     lr_info: dict,
     state: State,
@@ -420,6 +477,7 @@ def announce(
 ) -> None:
     """The start-up line: what will train, on what, how."""
     tc, d, p = plan.tc, plan.d, plan.patch
+    train_slices = int(sum(plan.info.cases[c].slices for c in plan.split.train))
     scaled = lr_info["rule"] in ("sqrt", "linear")
     echo(
         f"run {plan.run_dir}: {len(plan.split.train)} train / {len(plan.split.val)} val "

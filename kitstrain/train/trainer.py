@@ -18,14 +18,13 @@ from dataclasses import asdict
 import torch
 
 from kitsprep.errors import KitsError
-from kitsprep.store import StoreInfo
 from kitstrain.data.loaders import next_batch, shard_cases
 from kitstrain.infer.engine import score_store_cases
 from kitstrain.metrics import CaseScore, mean_score
 from kitstrain.model.presets import TrainConfig
 from kitstrain.train import distributed, rundir
 from kitstrain.train.config import FitResult, Plan, State, step_limit
-from kitstrain.train.distributed import Dist, agree
+from kitstrain.train.distributed import agree
 from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
 from kitstrain.train.memory import free_memory, is_oom, peak_memory_mb
 from kitstrain.train.optim import lr_at, progress_of
@@ -67,6 +66,7 @@ class Trainer:
         self.last_checkpoint = time.perf_counter()
         self.trained_since_val = 0.0
         self.step0 = state.step
+        self.t_fetch = self.t_got = time.perf_counter()  # around the last loader wait
         self.val_slices = int(sum(plan.info.cases[c].slices for c in plan.split.val))
 
     # ------------------------------------------------------------------ the loop
@@ -83,9 +83,10 @@ class Trainer:
                 self.end_epoch()
                 if self.state.epoch >= self.tc.epochs:
                     self.stop_reason = "epochs"
-                elif self.epoch_validation_due():
+                    break
+                if self.epoch_validation_due():
                     self.validate()
-                batches = iter(self.loader)
+                batches = iter(self.loader)  # the next epoch's
                 continue
             self.step(batch)
             due = self.clock_decision()
@@ -303,10 +304,7 @@ class Trainer:
         epoch-end validation."""
         state, plan = self.state, self.plan
         t = time.perf_counter()
-        val = evaluate(
-            self.model, plan.info, plan.split.val, self.tc, plan.device, plan.dtype,
-            plan.val_batch, self.d,
-        )  # fmt: skip
+        val = evaluate(self.model, plan)
         state.last_val_seconds = time.perf_counter() - t
         state.elapsed = time.perf_counter() - self.t_run
         improved = val["mean_dice"] > state.best
@@ -377,38 +375,30 @@ class Trainer:
 # --------------------------------------------------------------------------- validation
 
 
-def evaluate(
-    model: torch.nn.Module,
-    info: StoreInfo,
-    cases: list[str],
-    tc: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    batch_size: int,
-    d: Dist,
-) -> dict:
-    """Per-case 3D Dice of every region of the store's label set on `cases`, whole cases
+def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
+    """Per-case 3D Dice of every region of the store's label set on the validation cases,
+    whole cases
     sharded across ranks by slice count (`shard_cases`) and gathered, so every rank sees
     the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here does not
     broadcast buffers each forward, and every rank must score the same model. Keys:
     ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
     mean, what picks the best checkpoint), ``regions`` (the names, in order) and
     ``per_case`` (each case's region Dice, in that order)."""
-    net = unwrap(model)
+    net, d, info = unwrap(model), plan.d, plan.info
     distributed.broadcast_buffers(net, d)
     net.eval()
-    mine = shard_cases(info, cases, d.rank, d.world)
+    mine = shard_cases(info, plan.split.val, d.rank, d.world)
     with torch.no_grad():
         scores = (
             score_store_cases(
                 net,
                 info,
                 mine,
-                tc.context,
-                device,
-                amp=dtype or False,
+                plan.tc.context,
+                plan.device,
+                amp=plan.dtype or False,
                 tta=False,
-                batch_size=batch_size,
+                batch_size=plan.val_batch,
             )
             if mine
             else []

@@ -70,6 +70,7 @@ def make_trainer(store: Path, run_dir: Path, micro_batch: int = BATCH, **options
         patch=PATCH,
         batch_size=BATCH,
         val_batch=1,
+        samples_per_epoch=BATCH * STEPS_PER_EPOCH,
         steps_per_epoch=STEPS_PER_EPOCH,
         total_steps=min(epochs_steps, tc.max_steps or epochs_steps),
     )
