@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class LogWindow:
         self.steps += 1
 
 
-def tensorboard_writer(run_dir: Path, echo: Callable[[str], None] | None = None):
+def tensorboard_writer(run_dir: Path, echo: Callable[[str], None] | None = None) -> Any:
     """TensorBoard event files when tensorboard is installed; otherwise one line says so
     (metrics.jsonl and `kitstrain plot` have the same numbers)."""
     try:
@@ -64,7 +65,7 @@ class RunLog:
         main: bool,
         echo: Callable[[str], None] | None = None,
         progress: Progress | None = None,
-        writer=None,
+        writer: Any = None,  # a SummaryWriter, or None
         unit: str = "slices",
     ) -> None:
         self.run_dir = run_dir

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from kitsprep.errors import KitsError
-from kitstrain.model.presets import PRESETS, TrainConfig
+from kitstrain.model.presets import PRECISIONS, PRESETS, TrainConfig
 
 
 def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -40,7 +40,7 @@ def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
                 "has no bfloat16 support; use --precision fp16 or auto"
             )
         return torch.bfloat16
-    raise KitsError(f"precision must be auto, fp32, bf16 or fp16, found {precision!r}")
+    raise KitsError(f"--precision must be one of {', '.join(PRECISIONS)}, found {precision!r}")
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
+from torch.utils.data import DataLoader
 
 from kitsprep.errors import KitsError
 from kitstrain.data.loaders import next_batch, shard_cases
@@ -50,7 +51,7 @@ class Trainer:
         scaler: torch.amp.GradScaler | None,
         loss_fn: Callable,
         state: State,
-        loader,
+        loader: DataLoader,
         log: RunLog,
     ) -> None:
         self.plan, self.tc, self.d = plan, plan.tc, plan.d
@@ -107,14 +108,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def next_batch(self, batches: Iterator):
+    def next_batch(self, batches: Iterator) -> tuple | None:
         """The loader's next batch (None at the epoch's end), timing the wait for it."""
         self.t_fetch = time.perf_counter()
         batch = next_batch(batches)
         self.t_got = time.perf_counter()
         return batch
 
-    def step(self, batch) -> None:
+    def step(self, batch: tuple) -> None:
         """One optimizer step at the schedule's learning rate, and its bookkeeping."""
         state = self.state
         lr = lr_at(progress_of(state, self.plan.total_steps, self.plan.run_tc), self.plan.run_tc)

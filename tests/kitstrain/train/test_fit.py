@@ -800,3 +800,28 @@ def test_unwrap_peels_compile_and_ddp_style_wrappers_in_either_order() -> None:
     assert unwrap(torch.compile(Wrapper(net))) is net  # compile after the DDP wrap
     assert unwrap(Wrapper(torch.compile(net))) is net
     assert unwrap(net) is net
+
+
+def test_cli_choices_and_the_preset_check_read_the_registries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kitsprep.errors import KitsError
+    from kitstrain.cli import fit as fit_command
+    from kitstrain.model.losses import LOSSES
+    from kitstrain.model.unet import NORMS
+    from kitstrain.train import optim
+
+    params = {p.name: p for p in fit_command.params}
+    for option, registry in (
+        ("loss", LOSSES),
+        ("norm", NORMS),
+        ("optimizer", optim.OPTIMIZERS),
+        ("schedule", optim.SCHEDULES),
+    ):
+        assert list(params[option].type.choices) == sorted(registry), option
+        with pytest.raises(KitsError, match=f"--{option} 'bogus' unknown; expected one of"):
+            resolve("default", {option: "bogus"})
+    # a new entry is a new choice, and a valid preset value, with nothing else to edit
+    monkeypatch.setitem(optim.OPTIMIZERS, "nadam", optim.OPTIMIZERS["adam"])
+    assert "nadam" in params["optimizer"].type.choices
+    assert resolve("default", {"optimizer": "nadam"}).optimizer == "nadam"
