@@ -135,22 +135,21 @@ def _fit(
         return done
 
     # ---- train
-    log = RunLog(
-        run_dir,
-        main=d.main,
-        echo=echo,
-        writer=tensorboard_writer(run_dir, echo) if d.main else None,
-        progress=Progress(enabled=show_progress and d.main).start(
-            plan.total_steps, "fit", unit="step", initial=state.step
-        ),
-        unit=plan.unit,
-    )
     loader = train_loader(cfg, plan, label_weights, state)
     try:
-        return Trainer(plan, model, optimizer, scaler, loss_fn, state, loader, log).run()
+        with RunLog(
+            run_dir,
+            main=d.main,
+            echo=echo,
+            writer=tensorboard_writer(run_dir, echo) if d.main else None,
+            progress=Progress(enabled=show_progress and d.main).start(
+                plan.total_steps, "fit", unit="step", initial=state.step
+            ),
+            unit=plan.unit,
+        ) as log:
+            return Trainer(plan, model, optimizer, scaler, loss_fn, state, loader, log).run()
     finally:
         close_loader(loader)
-        log.close()
 
 
 # --------------------------------------------------------------------------- setup

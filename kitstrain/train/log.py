@@ -152,7 +152,14 @@ class RunLog:
         except Exception:  # noqa: BLE001 - a picture must never stop training
             pass
 
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """End the bar and flush TensorBoard's events."""
         if self.progress is not None:
             self.progress.close()
         if self.writer is not None:
