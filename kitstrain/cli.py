@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -14,6 +15,26 @@ from kitsprep.cli import KitsGroup
 from kitsprep.errors import KitsError
 from kitstrain import __version__
 from kitstrain.data.patches import PATCH_CHOICES
+from kitstrain.model.presets import PRECISIONS, PRESETS
+
+
+class RegistryChoice(click.Choice):
+    """The names of a registry (`--loss` from losses.LOSSES, ...), read when click first
+    needs them: the registries live beside torch code, and importing the CLI (`--help`,
+    `plot`) must not import torch."""
+
+    def __init__(self, module: str, registry: str) -> None:
+        self._registry = (module, registry)
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        module, name = self._registry
+        return tuple(sorted(getattr(importlib.import_module(module), name)))
+
+    @choices.setter
+    def choices(self, value: object) -> None:  # click.Choice.__init__ assigns: ignored
+        pass
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -88,13 +109,17 @@ def main() -> None:
 )
 @click.option(
     "--preset",
-    type=click.Choice(["seed", "default"]),
+    type=click.Choice(sorted(PRESETS)),
     default="default",
     show_default=True,
     help="seed: the origin report's setup; default: ours.",
 )
 @click.option("--epochs", type=click.IntRange(1), default=None)
-@click.option("--batch-size", default=None, help="N, or 'auto' (largest that fits on the GPU).")
+@click.option(
+    "--batch-size",
+    default=None,
+    help="N, or 'auto' (on CUDA the batch with the fastest per-sample step; on CPU the preset's).",
+)
 @click.option("--lr", type=float, default=None)
 @click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader workers.")
 @click.option(
@@ -118,7 +143,7 @@ def main() -> None:
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    type=click.Choice(PRECISIONS),
     default=None,
     help="auto: bf16 (else fp16) on CUDA, fp32 on CPU. bf16 on CPU is ~2x faster "
     "where the CPU has AMX/AVX512-BF16.",
@@ -137,22 +162,24 @@ def main() -> None:
     default=None,
     help="Also supervise N coarser decoder levels (1/2, 1/4, ...) in training.",
 )
-@click.option("--norm", type=click.Choice(["none", "batch", "instance", "group"]), default=None)
+@click.option("--norm", type=RegistryChoice("kitstrain.model.unet", "NORMS"), default=None)
 @click.option(
     "--patch",
     default=None,
     help="Training patch: 'auto' (half the slice side), 'full' or a side in pixels.",
 )
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
+@click.option(
+    "--optimizer", type=RegistryChoice("kitstrain.train.optim", "OPTIMIZERS"), default=None
+)
 @click.option("--weight-decay", type=click.FloatRange(0), default=None)
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "poly"]), default=None)
+@click.option("--schedule", type=RegistryChoice("kitstrain.train.optim", "SCHEDULES"), default=None)
 @click.option(
     "--warmup",
     type=click.FloatRange(0, 1),
     default=None,
     help="Share of the run spent warming the learning rate up.",
 )
-@click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None)
+@click.option("--loss", type=RegistryChoice("kitstrain.model.losses", "LOSSES"), default=None)
 @click.option(
     "--fg-fraction",
     type=click.FloatRange(0, 1),
@@ -274,9 +301,12 @@ def fit(
 def _show_preset_defaults(command: click.Command) -> click.Command:
     """`fit --help` shows the `default` preset's value beside each preset field's flag (the
     options default to None so that only given flags override the preset)."""
-    from kitstrain.model.presets import FIELD_NAMES, resolve
+    from dataclasses import replace
 
-    preset = resolve("default", {})
+    from kitstrain.model.presets import FIELD_NAMES, TrainConfig
+
+    # the preset's fields as data, unchecked: checking imports the registries (and torch)
+    preset = replace(TrainConfig(), **PRESETS["default"])
     names = (FIELD_NAMES - {"preset"}) | {"compile_"}
     for param in command.params:
         if isinstance(param, click.Option) and param.name in names:

@@ -16,15 +16,15 @@ class TrainConfig:
 
     preset: str = "default"
     epochs: int = 50
-    batch_size: int | str = 16  # an int, or "auto" (largest that fits, CUDA only)
+    batch_size: int | str = 16  # an int, or "auto" (memory.choose_batch_size)
     lr: float = 3e-3
-    optimizer: str = "adamw"  # adam | adamw | sgd
+    optimizer: str = "adamw"  # a name in train.optim.OPTIMIZERS
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  # constant | cosine | poly
+    schedule: str = "cosine"  # a name in train.optim.SCHEDULES
     warmup: float = 0.03  # share of the run spent warming the lr up linearly
-    loss: str = "ce+dice"  # ce | ce+dice (binary per region with `regions`)
+    loss: str = "ce+dice"  # a name in losses.LOSSES (binary per region with `regions`)
     regions: bool = False  # a sigmoid per scored region of the store's edition
-    norm: str = "batch"  # none | batch | instance | group
+    norm: str = "batch"  # a name in unet.NORMS
     width: int = 32
     depth: int = 4
     deep_supervision: int = 0  # extra heads at 1/2, 1/4, ... (training only)
@@ -128,10 +128,22 @@ def _check(cfg: TrainConfig) -> None:
         raise KitsError(
             f"--batch-size must be a positive integer or 'auto', found {cfg.batch_size!r}"
         )
-    if cfg.optimizer not in ("adam", "adamw", "sgd"):
-        raise KitsError(f"optimizer {cfg.optimizer!r} unknown; expected adam, adamw or sgd")
-    if cfg.schedule not in ("constant", "cosine", "poly"):
-        raise KitsError(f"schedule {cfg.schedule!r} unknown; expected constant, cosine or poly")
+    # the registries live beside torch code: imported here, so that the CLI's import of
+    # this module (for --help) does not import torch
+    from kitstrain.model.losses import LOSSES
+    from kitstrain.model.unet import NORMS
+    from kitstrain.train.optim import OPTIMIZERS, SCHEDULES
+
+    for option, value, registry in (
+        ("optimizer", cfg.optimizer, OPTIMIZERS),
+        ("schedule", cfg.schedule, SCHEDULES),
+        ("loss", cfg.loss, LOSSES),
+        ("norm", cfg.norm, NORMS),
+    ):
+        if value not in registry:
+            raise KitsError(
+                f"--{option} {value!r} unknown; expected one of {', '.join(sorted(registry))}"
+            )
     if not 0.0 <= cfg.fg_fraction <= 1.0:
         raise KitsError(f"fg_fraction must be within 0..1, found {cfg.fg_fraction}")
     bad = {

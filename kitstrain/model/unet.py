@@ -8,6 +8,7 @@ with a message that says how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +25,23 @@ __all__ = [
     "pad_input_channels",
 ]
 
-NORMS = ("none", "batch", "instance", "group")
-
 # Groups for GroupNorm: at most 8, as asked, but always a divisor of the channel count so
 # that widths that are not powers of two (e.g. 12, 24) still build.
 _MAX_GROUPS = 8
+
+
+def _group_count(channels: int) -> int:
+    return max(g for g in range(1, min(_MAX_GROUPS, channels) + 1) if channels % g == 0)
+
+
+# the normalisation after each convolution, by the name `--norm` and UNetConfig.norm use
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "none": lambda channels: nn.Identity(),
+    "batch": nn.BatchNorm2d,
+    # affine so that instance norm can learn the same per-channel scale as the others
+    "instance": lambda channels: nn.InstanceNorm2d(channels, affine=True),
+    "group": lambda channels: nn.GroupNorm(_group_count(channels), channels),
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class UNetConfig:
     num_classes: int = 3  # background plus the labels: the store's LabelSet.num_classes
     width: int = 32  # features of the first level; doubles per level down
     depth: int = 4  # number of down-sampling steps
-    norm: str = "batch"  # "none" | "batch" | "instance" | "group"
+    norm: str = "batch"  # a name in NORMS
     # extra 1x1 heads on the decoder's next N coarser levels (1/2, 1/4, ...), used in
     # training only; see losses.deep_supervision_weights
     deep_supervision: int = 0
@@ -107,21 +120,6 @@ def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
         )
 
 
-def _group_count(channels: int) -> int:
-    return max(g for g in range(1, min(_MAX_GROUPS, channels) + 1) if channels % g == 0)
-
-
-def _norm_layer(norm: str, channels: int) -> nn.Module:
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "instance":
-        # affine so that instance norm can learn the same per-channel scale as the others.
-        return nn.InstanceNorm2d(channels, affine=True)
-    if norm == "group":
-        return nn.GroupNorm(_group_count(channels), channels)
-    return nn.Identity()
-
-
 class ConvBlock(nn.Sequential):
     """Two 3x3 convolutions, each followed by the normalisation and a ReLU."""
 
@@ -130,7 +128,7 @@ class ConvBlock(nn.Sequential):
         for c_in in (in_channels, out_channels):
             # A bias right before a normalisation is cancelled by its mean subtraction.
             layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1, bias=norm == "none"))
-            layers.append(_norm_layer(norm, out_channels))
+            layers.append(NORMS[norm](out_channels))
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 

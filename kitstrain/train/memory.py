@@ -1,13 +1,16 @@
-"""GPU memory, explicitly: precision choice, batch-size search, out-of-memory detection."""
+"""GPU memory, explicitly: precision choice, out-of-memory detection, the batch-size search
+and choice, and the learning rate for the batch chosen."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
 
 from kitsprep.errors import KitsError
+from kitstrain.model.presets import PRECISIONS, PRESETS, TrainConfig
 
 
 def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -37,21 +40,24 @@ def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
                 "has no bfloat16 support; use --precision fp16 or auto"
             )
         return torch.bfloat16
-    raise KitsError(f"precision must be auto, fp32, bf16 or fp16, found {precision!r}")
+    raise KitsError(f"--precision must be one of {', '.join(PRECISIONS)}, found {precision!r}")
 
 
 def is_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, whichever type the allocator raised it as."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def free_memory(device: torch.device) -> None:
+    """Hand cached blocks back after an OOM, so a retry starts from what is really free."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak GPU memory (MiB) since the last reset; None off CUDA."""
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
@@ -139,3 +145,114 @@ def scale_lr(lr: float, batch: int, reference: int, optimizer: str) -> tuple[flo
     if optimizer == "sgd":
         return lr * batch / reference, "linear"
     return lr * math.sqrt(batch / reference), "sqrt"
+
+
+def reference_batch(tc: TrainConfig) -> int:
+    """The per-step batch the preset's learning rate was tuned for."""
+    ref = PRESETS.get(tc.preset, {}).get("batch_size", TrainConfig.batch_size)
+    return int(ref) if isinstance(ref, int) else int(TrainConfig.batch_size)
+
+
+def effective_lr(tc: TrainConfig, batch_size: int, world: int, explicit: frozenset[str]) -> dict:
+    """The learning rate for this run's effective batch (batch x ranks): the preset's lr
+    is tuned for `reference_batch`; an --lr given on the command line is taken as is."""
+    ref, eff = reference_batch(tc), batch_size * world
+    if "lr" in explicit:
+        lr, rule = tc.lr, "none (--lr given)"
+    else:
+        lr, rule = scale_lr(tc.lr, eff, ref, tc.optimizer)
+    return {
+        "lr": lr,
+        "base_lr": tc.lr,
+        "rule": rule,
+        "reference_batch": ref,
+        "effective_batch": eff,
+    }
+
+
+def choose_batch_size(
+    tc: TrainConfig,
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    patch: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    smallest: Callable[[int], int] = lambda n: n,
+) -> tuple[int, dict]:
+    """`auto` on CUDA: the batch with the fastest per-sample step (`search_batch_size`),
+    the same on every rank (`smallest` of the ranks' finds). On CPU memory is not the
+    limit and throughput is flat: the preset's batch is kept."""
+    if tc.batch_size != "auto":
+        return int(tc.batch_size), {"mode": "fixed"}
+    if device.type != "cuda":
+        bs = reference_batch(tc)
+        return bs, {"mode": "auto", "reason": f"CPU: kept the preset's batch of {bs}"}
+    found = search_batch_size(model, loss_fn, tc, patch, num_classes, device, dtype)
+    bs = smallest(found["batch_size"])
+    return bs, {"mode": "auto", **found, "batch_size": bs}
+
+
+def largest_activation(tc: TrainConfig, patch: int) -> int:
+    """Elements per sample of the U-Net's largest tensor: the full-resolution decoder
+    concatenation (2 x width channels), or the input when that is wider."""
+    return max(2 * tc.width, 1 + 2 * tc.context) * patch * patch
+
+
+def search_batch_size(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    tc: TrainConfig,
+    patch: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    *,
+    cap: int = AUTO_BATCH_CAP,
+    steps: int = 3,
+) -> dict:
+    """Time real forward+backward steps at doubling batches (`find_batch_size`), then put
+    the model back exactly as it was: weights, batch-norm running statistics, no
+    gradients. A try that fails mid-backward leaves partial gradients, and every try's
+    forward moves the running statistics; neither may reach the first real step."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cuda = device.type == "cuda"
+    channels = 1 + 2 * tc.context
+
+    def run_step(n: int) -> tuple[float, int | None]:
+        free_memory(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn(n, channels, patch, patch, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
+        y = torch.randint(0, num_classes, (n, patch, patch), device=device)
+        try:
+            t0 = 0.0
+            for i in range(steps + 1):  # the first is warm-up (kernel choice, allocator)
+                if i == 1:
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                with torch.autocast(
+                    device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                ):
+                    loss = loss_fn(model(x), y)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = max(time.perf_counter() - t0, 1e-9)
+        finally:
+            model.zero_grad(set_to_none=True)
+        return n * steps / seconds, torch.cuda.max_memory_allocated(device) if cuda else None
+
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    try:
+        return find_batch_size(
+            run_step, cap=cap, total_bytes=total, elements_per_sample=largest_activation(tc, patch)
+        )
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+        free_memory(device)

@@ -6,31 +6,45 @@ runs/<name>/config.json     every resolved option, store path and fingerprint, v
             checkpoints/last.pt, best.pt   tensors and JSON strings only, so they
                                            load with torch.load(weights_only=True)
             checkpoints/model.safetensors  best.pt's weights alone, to share
+            oom.json        a DDP rank's OOM: the micro-batch --resume continues with
             lock            pid of the process training in this directory
+
+Every file is written atomically (`kitsprep.files`): a reader, or a kill, sees the old file
+or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-from collections.abc import Iterator
+import random
+import shutil
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kitsprep.errors import KitsError
+from kitsprep.files import atomic_path, write_atomic
 from kitstrain.model.unet import UNet, UNetConfig, build_model
+from kitstrain.train.config import State
 
 RUNS_ROOT = Path("runs")
 CONFIG = "config.json"
 SPLIT = "split.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+OOM_RECORD = "oom.json"
+WEIGHTS_FILE = "model.safetensors"  # weights only, beside best.pt
+LOCK = "lock"
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
+    """checkpoints/<which>.pt: `which` is 'last' or 'best'."""
     return Path(run_dir) / CHECKPOINTS / f"{which}.pt"
 
 
@@ -46,26 +60,91 @@ def newest_run(root: Path = RUNS_ROOT) -> Path:
     return max(runs, key=lambda p: (p / CONFIG).stat().st_mtime)
 
 
-@contextlib.contextmanager
-def _no_half_file(tmp: Path, path: Path) -> Iterator[None]:
-    """A write that fails (a full disk) leaves no half-written temporary behind, and its
-    error names the file."""
-    try:
-        yield
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with _no_half_file(tmp, path):
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- prepare, lock
+
+_created_here: set[Path] = set()  # run directories this process made (see drop_unstarted)
+
+
+def prepare(out: Path | None, resume: bool, main: bool) -> Path:
+    """The run directory: `out`, a new runs/<timestamp>/, or (resume) the newest run. Rank
+    0 creates and locks it; a new run refuses a directory that holds one."""
+    if resume:
+        run_dir = out or newest_run()
+        if not (run_dir / CONFIG).is_file():
+            raise KitsError(
+                f"--resume: {run_dir} holds no run (config.json missing); start a "
+                "new run without --resume"
+            )
+    else:
+        run_dir = out or RUNS_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
+        if (run_dir / CONFIG).is_file():
+            raise KitsError(
+                f"{run_dir} already holds a run; continue it with --resume or choose another --out"
+            )
+    if main:
+        if not run_dir.exists():
+            _created_here.add(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KitsError(
+                f"cannot create the run directory {run_dir} ({exc.strerror}); "
+                "choose an --out in a writable folder"
+            ) from None
+        acquire_lock(run_dir)
+    return run_dir
+
+
+def drop_unstarted(run_dir: Path) -> None:
+    """A run refused before it wrote its config (a bad option, a failed start) leaves no
+    empty runs/<name>/ behind, when this process made the folder."""
+    if run_dir in _created_here and not (run_dir / CONFIG).is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _created_here.discard(run_dir)
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """One training process per run directory; a lock left by a killed run is taken over."""
+    lock = run_dir / LOCK
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except ValueError:
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            raise KitsError(
+                f"{run_dir} is in use by process {pid}; wait for it, stop it, or "
+                "choose another --out"
+            )
+    lock.write_text(str(os.getpid()))
+
+
+def release_lock(run_dir: Path) -> None:
+    """Remove the lock if this process holds it."""
+    lock = run_dir / LOCK
+    if lock.is_file() and lock.read_text().strip() == str(os.getpid()):
+        lock.unlink()
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (state Z in /proc/<pid>/stat): a killed
+    run's pid may linger as a zombie of the shell that started it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split()[2] == "Z")
+
+
+# --------------------------------------------------------------------------- config, split
 
 
 def read_json(run_dir: Path, name: str) -> dict:
@@ -90,7 +169,7 @@ def read_json(run_dir: Path, name: str) -> dict:
     return obj
 
 
-def from_record(run_dir: Path, name: str, build, record):
+def from_record(run_dir: Path, name: str, build: Callable[[Any], Any], record: Any) -> Any:
     """`build(record)` (a dataclass from a recorded section): an unknown or missing field,
     from an edited file or another kits version, becomes one line naming the file."""
     try:
@@ -103,40 +182,66 @@ def from_record(run_dir: Path, name: str, build, record):
 
 
 def read_config(run_dir: Path) -> dict:
+    """config.json, checked to be a JSON object."""
     return read_json(run_dir, CONFIG)
 
 
 def read_split(run_dir: Path) -> dict:
+    """split.json, checked to be a JSON object."""
     return read_json(run_dir, SPLIT)
 
 
 def model_config(run_dir: Path) -> UNetConfig:
+    """The run's U-Net architecture, as recorded."""
     return from_record(run_dir, CONFIG, lambda c: UNetConfig(**c["model"]), read_config(run_dir))
 
 
+# --------------------------------------------------------------------------- metrics
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
+    """One line per event; appended, so a kill loses at most the line being written."""
     with open(Path(run_dir) / METRICS, "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of metrics.jsonl, in order; none before the first."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def last_validation(run_dir: Path) -> dict | None:
+    """The run's latest validation record, if it has one."""
+    vals = [r for r in read_metrics(run_dir) if r.get("kind") == "val"]
+    return vals[-1] if vals else None
+
+
+def last_finite_loss(run_dir: Path) -> str:
+    """'; last logged loss L at step S' for a divergence message, or ''."""
+    logged = [
+        r
+        for r in read_metrics(run_dir)
+        if r.get("kind") == "train"
+        and isinstance(r.get("loss"), float)
+        and math.isfinite(r["loss"])
+    ]
+    if not logged:
+        return ""
+    return f"; last logged loss {logged[-1]['loss']:.4g} at step {logged[-1]['step']}"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write to a temporary name, fsync, rename: a kill at any instant leaves the previous
     checkpoint intact. Payload holds tensors, numbers, strings, lists and dicts only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with _no_half_file(tmp, path):
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def export_weights(path: Path, state_dict: dict) -> None:
@@ -149,10 +254,8 @@ def export_weights(path: Path, state_dict: dict) -> None:
         for k, v in state_dict.items()
         if isinstance(v, torch.Tensor)
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with _no_half_file(tmp, path):
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "kitstrain"})
-        os.replace(tmp, path)
 
 
 def nonfinite_weights(state_dict: dict) -> int:
@@ -164,6 +267,87 @@ def nonfinite_weights(state_dict: dict) -> int:
             if isinstance(v, torch.Tensor) and v.is_floating_point()
         )
     )
+
+
+def refuse_nonfinite(run_dir: Path, weights: dict, step: int) -> None:
+    """No NaN/Inf weight ever reaches a checkpoint: a diverged model stops the run, and the
+    previous checkpoint stays as it was."""
+    bad = nonfinite_weights(weights)
+    if bad:
+        raise KitsError(
+            f"training diverged by step {step}: the model holds {bad} NaN/Inf "
+            f"weights{last_finite_loss(run_dir)}, so no checkpoint was written; start a new "
+            "run with a lower --lr"
+        )
+
+
+def save_training(run_dir: Path, which: list[str], payload: dict) -> None:
+    """A training checkpoint (weights, optimizer, scaler, `State`, every rank's RNG
+    streams) as each of `which`; 'best' also exports its weights as safetensors."""
+    for w in which:
+        save_checkpoint(checkpoint_path(run_dir, w), payload)
+    if "best" in which:
+        export_weights(checkpoint_path(run_dir, "best").with_name(WEIGHTS_FILE), payload["model"])
+
+
+def restore_training(
+    run_dir: Path,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    rank: int,
+    device: torch.device,
+) -> State:
+    """Load last.pt into the model, optimizer, scaler and this rank's RNG streams; the
+    micro-batch a DDP OOM recorded after it (`OOM_RECORD`) wins."""
+    ckpt = load_checkpoint(checkpoint_path(run_dir, "last"), map_location="cpu")
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], rank, device)
+    state = State(**json.loads(ckpt["state"]))
+    oom = run_dir / OOM_RECORD
+    if oom.is_file():  # a rank ran out of memory after that checkpoint: continue smaller
+        state.micro_batch = min(state.micro_batch, int(json.loads(oom.read_text())["micro_batch"]))
+    return state
+
+
+def record_oom(run_dir: Path, step: int, rank: int, micro_batch: int) -> None:
+    """What `--resume` continues with after a DDP rank ran out of memory."""
+    write_json(run_dir / OOM_RECORD, {"step": step, "rank": rank, "micro_batch": micro_batch})
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG streams; on CUDA its own device's only."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": (
+            torch.cuda.get_rng_state(device)
+            if device.type == "cuda"
+            else torch.zeros(0, dtype=torch.uint8)
+        ),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate(), default=list),
+    }
+
+
+def set_rng_state(saved: dict, rank: int, device: torch.device) -> None:
+    """Restore this rank's streams from a checkpoint's per-rank list (`rng_state` of each
+    rank). A rank the saved run did not have keeps its freshly seeded streams."""
+    states = saved["ranks"]
+    if rank >= len(states):
+        return
+    s = states[rank]
+    torch.set_rng_state(s["torch"].cpu())
+    if device.type == "cuda" and s["cuda"].numel():
+        torch.cuda.set_rng_state(s["cuda"].cpu(), device)
+    np.random.set_state(
+        ("MT19937", np.array(json.loads(s["numpy"]), np.uint32), s["numpy_pos"], 0, 0.0)
+    )
+    py = json.loads(s["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

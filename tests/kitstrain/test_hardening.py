@@ -118,8 +118,8 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(
     out = tmp_path / "k"
     script = textwrap.dedent("""
         import os, signal, sys
-        import kitstrain.train.fit as f
-        f.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        from kitstrain.train.trainer import Trainer
+        Trainer.checkpoint = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         from kitstrain.cli import main
         main(sys.argv[1:])
     """)
@@ -231,7 +231,7 @@ def test_a_full_disk_during_fit_is_one_line_and_resume_works(
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runlib.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     r = cli("fit", loader_store, "--out", out, *TINY, "--max-steps", 2)
     assert_user_error(r, "last.pt", "No space left on device", "--resume")
     assert not list(out.rglob("*.tmp"))  # nothing half-written
@@ -334,7 +334,7 @@ def test_an_unwritable_out_for_fit_and_predict_is_one_line(
 
 def test_scaled_fp16_runs_tolerate_skipped_steps_but_not_a_persistent_run() -> None:
     from kitstrain.model.presets import resolve
-    from kitstrain.train.fit import DIVERGED_STEPS, Divergence
+    from kitstrain.train.trainer import DIVERGED_STEPS, Divergence
 
     tc = resolve("default", {})
     d = Divergence(torch.device("cpu"), tolerate=True)

@@ -25,7 +25,8 @@ from kitstrain.cli import main, parse_duration
 from kitstrain.infer.engine import predict_store_case
 from kitstrain.model.presets import PRESETS, TrainConfig, resolve
 from kitstrain.train import rundir as runlib
-from kitstrain.train.fit import State, lr_at, progress_of
+from kitstrain.train.config import State
+from kitstrain.train.optim import lr_at, progress_of
 from tests.conftest import blob_labels, write_kits_case
 
 SIZE = 32
@@ -95,6 +96,7 @@ def test_a_few_steps_write_a_self_describing_run(
     assert val["mean_dice"] == pytest.approx((val["kidney_dice"] + val["tumour_dice"]) / 2)
     assert config["store_attrs"]["labels"]["edition"] == "kits19"
     assert "validation Dice kidney" in r.output
+    assert " parameters, device " in r.output  # the start-up line counts the model's
     for which in ("last", "best"):
         ckpt = torch.load(out / "checkpoints" / f"{which}.pt", weights_only=True)
         assert json.loads(ckpt["state"])["step"] >= 3
@@ -243,10 +245,10 @@ def test_seed_preset_is_the_origin_setup(
 def test_injected_oom_halves_the_micro_batch_and_carries_on(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitstrain.train.fit as fitmod
+    import kitstrain.train.trainer as trainermod
 
     monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "2")
-    monkeypatch.setattr(fitmod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
+    monkeypatch.setattr(trainermod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
     out = tmp_path / "oom"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "5"))
     assert r.exit_code == 0, r.output
@@ -492,15 +494,18 @@ def test_runs_of_another_edition_or_version_are_refused(
     assert "region_writes" in r.output and len(r.output.strip().splitlines()) == 1
 
 
-def test_runs_recorded_with_the_old_amp_flag_resume(store: Path, tmp_path: Path) -> None:
+def test_a_run_recorded_with_the_old_amp_flag_is_refused_in_one_line(
+    store: Path, tmp_path: Path
+) -> None:
+    """No shim reads the pre-0.1 `amp` flag: such a config names the field in one line."""
     out = tmp_path / "legacy"
     assert fit_cli(*tiny_args(store, out, "--max-steps", "2")).exit_code == 0
     config = json.loads((out / "config.json").read_text())
     config["train"]["amp"] = config["train"].pop("precision") == "auto"
     (out / "config.json").write_text(json.dumps(config))
     r = fit_cli(*tiny_args(store, out, "--max-steps", "3", "--resume"))
-    assert r.exit_code == 0, r.output
-    assert "done (max_steps) after 3 steps" in r.output
+    assert r.exit_code == 1 and "amp" in r.output and "config.json" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
 
 
 def test_run_directory_in_use_is_refused(store: Path, tmp_path: Path) -> None:
@@ -588,18 +593,15 @@ def test_two_process_gloo_run(store: Path, tmp_path: Path) -> None:
 
 
 def test_start_up_window_does_not_count_as_loader_stall() -> None:
-    import torch.nn as nn
+    from kitstrain.train.log import LogWindow, RunLog
 
-    from kitstrain.train.fit import Window, flush_window
-
-    opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
-    sums = [0.0, 0.0]
-    start = Window(wait=5.0, slices=4, loss=1.0, steps=1, t0=time.perf_counter() - 6.0)
-    flush_window(start, State(step=1), opt, lambda r: None, None, None, sums, None)
-    assert sums == [0.0, 0.0]  # workers starting and kernels compiling: not steady state
-    steady = Window(wait=1.0, slices=80, loss=2.0, steps=20, t0=time.perf_counter() - 4.0)
-    flush_window(steady, State(step=21), opt, lambda r: None, None, None, sums, None)
-    assert sums[0] == 1.0 and 3.9 < sums[1] < 5.0
+    log = RunLog(None, main=False)
+    start = LogWindow(wait=5.0, slices=4, loss=1.0, steps=1, t0=time.perf_counter() - 6.0)
+    log.flush(start, State(step=1), 0.1)
+    assert (log.stall_wait, log.stall_wall) == (0.0, 0.0)  # workers starting: not steady
+    steady = LogWindow(wait=1.0, slices=80, loss=2.0, steps=20, t0=time.perf_counter() - 4.0)
+    log.flush(steady, State(step=21), 0.1)
+    assert log.stall_wait == 1.0 and 3.9 < log.stall_wall < 5.0
 
 
 def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> None:
@@ -607,7 +609,7 @@ def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> 
     mid-backward (leaving partial gradients) must not reach the first real step."""
     from kitstrain.model.losses import make_loss
     from kitstrain.model.unet import UNetConfig, build_model
-    from kitstrain.train.fit import search_batch_size
+    from kitstrain.train.memory import search_batch_size
 
     torch.manual_seed(0)
     model = build_model(UNetConfig(in_channels=1, num_classes=3, width=4, depth=2, norm="batch"))
@@ -632,34 +634,39 @@ def test_batch_search_leaves_weights_bn_statistics_and_gradients_untouched() -> 
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_resume_restores_each_rank_s_own_device_rng_with_fewer_gpus_visible(
+def test_rng_streams_round_trip_and_each_rank_takes_its_own_device_s(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from kitstrain.train import fit as fitmod
+    import random
 
-    saved = fitmod.rng_state(torch.device("cpu"))
+    from kitstrain.train import rundir
+
+    saved = rundir.rng_state(torch.device("cpu"))
+    expected = (torch.rand(3), np.random.rand(3), random.random())
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(
         torch.cuda, "set_rng_state", lambda s, device: calls.append((int(s[0]), device))
     )
-    # rank 0's checkpoint from an 8-GPU machine, before per-rank states: 8 device states
-    legacy = {**saved, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
-    torch.manual_seed(123)
-    fitmod.set_rng_state(legacy, 0, torch.device("cuda", 0))
-    assert calls == [(0, torch.device("cuda", 0))]
-    assert torch.equal(torch.get_rng_state(), saved["torch"])
-    # per-rank states of 8 ranks, resumed on 2 GPUs: rank 1 (on its device 1) takes its own
     ranks = {
         "ranks": [{**saved, "cuda": torch.full((16,), r, dtype=torch.uint8)} for r in range(8)]
     }
-    calls.clear()
-    fitmod.set_rng_state(ranks, 1, torch.device("cuda", 1))
+    # rank 0 on CPU: torch, NumPy and Python streams continue where they were saved
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    rundir.set_rng_state(ranks, 0, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+    assert calls == []  # no device stream on CPU
+    # per-rank states of 8 ranks, resumed on 2 GPUs: rank 1 (on its device 1) takes its own
+    rundir.set_rng_state(ranks, 1, torch.device("cuda", 1))
     assert calls == [(1, torch.device("cuda", 1))]
     # more ranks than the saved run had: the extra rank keeps its freshly seeded streams
     calls.clear()
-    fitmod.set_rng_state({"ranks": ranks["ranks"][:1]}, 1, torch.device("cuda", 1))
+    rundir.set_rng_state({"ranks": ranks["ranks"][:1]}, 1, torch.device("cuda", 1))
     assert calls == []
 
 
@@ -729,7 +736,7 @@ def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path:
 
 
 def test_validation_costs_a_bounded_share_and_the_time_limit_counts_it() -> None:
-    from kitstrain.train.fit import estimate_val_seconds, validation_due
+    from kitstrain.train.trainer import estimate_val_seconds, validation_due
 
     assert validation_due(trained_s=0.0, last_val_s=0.0)  # none yet: validate
     assert not validation_due(trained_s=50.0, last_val_s=10.0)  # would be 17 % of the time
@@ -782,7 +789,7 @@ def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(
 
 
 def test_unwrap_peels_compile_and_ddp_style_wrappers_in_either_order() -> None:
-    from kitstrain.train.fit import unwrap
+    from kitstrain.train.trainer import unwrap
 
     net = torch.nn.Linear(2, 2)
 
@@ -794,3 +801,28 @@ def test_unwrap_peels_compile_and_ddp_style_wrappers_in_either_order() -> None:
     assert unwrap(torch.compile(Wrapper(net))) is net  # compile after the DDP wrap
     assert unwrap(Wrapper(torch.compile(net))) is net
     assert unwrap(net) is net
+
+
+def test_cli_choices_and_the_preset_check_read_the_registries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kitsprep.errors import KitsError
+    from kitstrain.cli import fit as fit_command
+    from kitstrain.model.losses import LOSSES
+    from kitstrain.model.unet import NORMS
+    from kitstrain.train import optim
+
+    params = {p.name: p for p in fit_command.params}
+    for option, registry in (
+        ("loss", LOSSES),
+        ("norm", NORMS),
+        ("optimizer", optim.OPTIMIZERS),
+        ("schedule", optim.SCHEDULES),
+    ):
+        assert list(params[option].type.choices) == sorted(registry), option
+        with pytest.raises(KitsError, match=f"--{option} 'bogus' unknown; expected one of"):
+            resolve("default", {option: "bogus"})
+    # a new entry is a new choice, and a valid preset value, with nothing else to edit
+    monkeypatch.setitem(optim.OPTIMIZERS, "nadam", optim.OPTIMIZERS["adam"])
+    assert "nadam" in params["optimizer"].type.choices
+    assert resolve("default", {"optimizer": "nadam"}).optimizer == "nadam"

@@ -1,0 +1,84 @@
+"""What a fit is asked to do (`FitConfig`), what it resolved to (`Plan`), where it is
+(`State`, saved in checkpoints) and what it returns (`FitResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kitsprep.store import StoreInfo
+from kitstrain.data.splits import Split
+from kitstrain.model.presets import TrainConfig
+from kitstrain.train.distributed import Dist
+
+# options a --resume may change: limits and loader knobs, never the recipe
+RESUMABLE_OVERRIDES = {"max_steps", "time_limit", "epochs", "workers", "val_every", "log_every"}
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    store: Path
+    train: TrainConfig
+    out: Path | None = None
+    train_cases: str | None = None
+    val_cases: str | None = None
+    device: str = "auto"
+    resume: bool = False
+    explicit: frozenset[str] = frozenset()  # TrainConfig fields given on the command line
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run as resolved at start-up: fixed from the first step to the last."""
+
+    run_dir: Path
+    info: StoreInfo
+    split: Split
+    tc: TrainConfig  # as recorded in config.json
+    run_tc: TrainConfig  # what the optimizer and schedule use (the lr scaled to the batch)
+    d: Dist
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None is fp32
+    patch: int  # training patch side (the slice side for whole slices)
+    batch_size: int  # per rank and step
+    val_batch: int  # whole slices per validation batch
+    samples_per_epoch: int  # over all ranks
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def unit(self) -> str:
+        return "patches" if self.patch < self.info.size else "slices"
+
+
+@dataclass
+class State:
+    """Everything a resumed run needs besides weights and optimizer: saved in checkpoints."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    elapsed: float = 0.0
+    best: float = -1.0
+    micro_batch: int = 0
+    last_val_seconds: float = 0.0
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    steps: int
+    epochs: int
+    best_mean_dice: float
+    last_val: dict | None
+    stall: float
+    stop_reason: str
+
+
+def step_limit(state: State, tc: TrainConfig, total_steps: int) -> str:
+    """The step count ends the run at the same step on every rank: no communication."""
+    if state.step >= total_steps:
+        return "max_steps" if tc.max_steps and state.step >= tc.max_steps else "epochs"
+    return ""

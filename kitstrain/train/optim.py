@@ -1,0 +1,57 @@
+"""The optimizers and learning-rate schedules `--optimizer` and `--schedule` name: registries,
+so the CLI's choices, the preset check and the code that builds them are one list."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kitstrain.model.presets import TrainConfig
+    from kitstrain.train.config import State
+
+Params = Iterable[torch.nn.Parameter]
+
+
+def _sgd(params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # nnU-Net's SGD: Nesterov momentum 0.99
+    return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[Params, float, float], torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": _sgd,
+}
+
+# the learning rate after warm-up as a share of the peak, at progress q (0..1) of the rest
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda q: 1.0,
+    "cosine": lambda q: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * q)),  # ends at 2 %
+    "poly": lambda q: (1 - q) ** 0.9,  # nnU-Net's
+}
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """`tc.optimizer` over the model's parameters at `tc.lr`."""
+    return OPTIMIZERS[tc.optimizer](model.parameters(), tc.lr, tc.weight_decay)
+
+
+def progress_of(state: State, total_steps: int, tc: TrainConfig) -> float:
+    """How far the run is, by whichever limit ends it first: steps or wall time."""
+    p = state.step / max(1, total_steps)
+    if tc.time_limit:
+        p = max(p, state.elapsed / tc.time_limit)
+    return min(1.0, p)
+
+
+def lr_at(p: float, tc: TrainConfig) -> float:
+    """The learning rate at progress `p`: a linear warm-up over `tc.warmup` of the run,
+    then `tc.schedule` over the rest."""
+    if tc.warmup > 0 and p < tc.warmup:
+        return tc.lr * max(p / tc.warmup, 0.01)
+    q = (p - tc.warmup) / max(1e-8, 1 - tc.warmup)
+    return tc.lr * SCHEDULES[tc.schedule](q)

@@ -1,0 +1,509 @@
+"""The training loop: `Trainer.run` reads top to bottom (step until a stop reason, validate
+when due, checkpoint, stop); each piece is a small method below it.
+
+No host sync per step: the step limit is the same count on every rank, and rank 0's clock
+(time limit, periodic checkpoint) is broadcast once per log window, where the logged loss
+syncs anyway."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from torch.utils.data import DataLoader
+
+from kitsprep.errors import KitsError
+from kitstrain.data.loaders import next_batch, shard_cases
+from kitstrain.infer.engine import score_store_cases
+from kitstrain.metrics import CaseScore, mean_score
+from kitstrain.model.presets import TrainConfig
+from kitstrain.train import distributed, rundir
+from kitstrain.train.config import FitResult, Plan, State, step_limit
+from kitstrain.train.distributed import agree
+from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
+from kitstrain.train.memory import free_memory, is_oom, peak_memory_mb
+from kitstrain.train.optim import lr_at, progress_of
+
+CHECKPOINT_EVERY_S = 120.0  # a `last` checkpoint at least this often, besides validations
+VAL_SHARE = 0.10  # epoch-end validations skip while they would cost more than this
+# a validated sample's cost in training samples (forward only, plus reading and counting on
+# the host): estimates the final validation before any has run, so --time-limit holds
+VAL_COST = 0.5
+DIVERGED_STEPS = 20  # non-finite losses in a row that stop an fp16 (scaled) run
+STOP_TIME, CHECKPOINT_DUE = 1, 2  # bits of the decision rank 0 broadcasts per log window
+
+
+class Trainer:
+    """A run's model, optimizer, scaler, loss and `State`, the loader it draws from and the
+    log it writes; `run()` trains it to a stop reason."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        loss_fn: Callable,
+        state: State,
+        loader: DataLoader,
+        log: RunLog,
+    ) -> None:
+        self.plan, self.tc, self.d = plan, plan.tc, plan.d
+        self.model, self.optimizer, self.scaler, self.loss_fn = model, optimizer, scaler, loss_fn
+        self.state, self.loader, self.log = state, loader, log
+        self.divergence = Divergence(plan.device, tolerate=scaler is not None)
+        self.window = LogWindow()
+        self.warned_stall = False
+        self.stop_reason = ""
+        self.last_val: dict | None = None
+        self.peaks: list[float] | None = None  # each rank's peak GPU memory over the run
+        self.t_run = time.perf_counter() - state.elapsed  # the run's clock, across resumes
+        self.last_checkpoint = time.perf_counter()
+        self.trained_since_val = 0.0
+        self.step0 = state.step
+        self.t_fetch = self.t_got = time.perf_counter()  # around the last loader wait
+        self.val_slices = int(sum(plan.info.cases[c].slices for c in plan.split.val))
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> FitResult:
+        """Train until a stop reason: steps or epochs done, or the time limit (which counts
+        the final validation). Validate every --val-every steps and at epoch ends when it
+        costs a bounded share; checkpoint at each validation and every few minutes."""
+        self.model.train()
+        batches = iter(self.loader)
+        while not self.stop_reason:
+            batch = self.next_batch(batches)
+            if batch is None:  # the epoch's batches are done
+                self.end_epoch()
+                if self.state.epoch >= self.tc.epochs:
+                    self.stop_reason = "epochs"
+                    break
+                if self.epoch_validation_due():
+                    self.validate()
+                batches = iter(self.loader)  # the next epoch's
+                continue
+            self.step(batch)
+            due = self.clock_decision()
+            self.stop_reason = step_limit(self.state, self.tc, self.plan.total_steps) or (
+                "time_limit" if due & STOP_TIME else ""
+            )
+            if self.step_validation_due() and not self.stop_reason:
+                self.validate()
+            elif due & CHECKPOINT_DUE:
+                self.checkpoint(["last"])
+        if self.state.step_in_epoch >= self.plan.steps_per_epoch:
+            self.end_epoch()  # the run's last step also ended its epoch
+        if self.window.steps:
+            self.flush_log()
+        self.validate(final=True)
+        self.track_peaks()
+        return self.finish()
+
+    # ------------------------------------------------------------------ one step
+
+    def next_batch(self, batches: Iterator) -> tuple | None:
+        """The loader's next batch (None at the epoch's end), timing the wait for it."""
+        self.t_fetch = time.perf_counter()
+        batch = next_batch(batches)
+        self.t_got = time.perf_counter()
+        return batch
+
+    def step(self, batch: tuple) -> None:
+        """One optimizer step at the schedule's learning rate, and its bookkeeping."""
+        state = self.state
+        lr = lr_at(progress_of(state, self.plan.total_steps, self.plan.run_tc), self.plan.run_tc)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss = self.optimize(batch[0], batch[1])
+        self.divergence.update(loss, state.step + 1)
+        state.step += 1
+        state.step_in_epoch += 1
+        self.window.add(loss, batch[0].shape[0] * self.d.world, self.t_got - self.t_fetch)
+        now = time.perf_counter()
+        self.trained_since_val += now - self.t_fetch
+        state.elapsed = now - self.t_run
+        self.log.stepped()
+        if self.log_due():
+            self.flush_log()
+            self.divergence.check(self.tc)
+            self.warn_stall()
+
+    def optimize(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over the batch, in micro-batches of `state.micro_batch`
+        (gradient accumulation keeps the effective batch). On OOM in one process: halve the
+        micro-batch, log, retry. Under DDP a retry cannot be agreed without a host sync
+        every step, and one rank retrying alone hangs the others in the gradient
+        all-reduce: every rank stops at once instead, and --resume continues with half
+        the micro-batch (`rundir.OOM_RECORD`)."""
+        while True:
+            try:
+                return self.accumulate(images, labels)
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled; the rest re-raise
+                if not is_oom(exc):
+                    raise
+                self.back_off(images.shape[0])
+
+    def back_off(self, batch: int) -> None:
+        """After an OOM: drop the step's gradients and halve the micro-batch (one process),
+        or record the half and stop every rank (DDP)."""
+        state, d = self.state, self.d
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory(self.plan.device)
+        if state.micro_batch <= 1:
+            raise KitsError(
+                "out of GPU memory even with a micro-batch of 1 slice; use a "
+                "smaller --size store, a smaller model, or a larger GPU"
+            ) from None
+        half = state.micro_batch // 2
+        if d.world > 1:
+            rundir.record_oom(self.plan.run_dir, state.step, d.rank, half)
+            raise KitsError(
+                f"rank {d.rank} ran out of GPU memory at step {state.step} with a "
+                f"micro-batch of {state.micro_batch}; every rank stops (one rank "
+                f"retrying alone would hang the others). Continue with micro-batch {half}: "
+                f"the same command with --resume --out {self.plan.run_dir}"
+            ) from None
+        state.micro_batch = half
+        self.log.record(
+            {
+                "kind": "oom",
+                "step": state.step,
+                "micro_batch": half,
+                "accumulation": math.ceil(batch / half),
+            }
+        )
+
+    def accumulate(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward per micro-batch (DDP syncs gradients on the last only),
+        then clip and step; returns the batch's loss, still on the device."""
+        model, scaler, optimizer = self.model, self.scaler, self.optimizer
+        device, dtype, mb = self.plan.device, self.plan.dtype, self.state.micro_batch
+        n = images.shape[0]
+        chunks = list(range(0, n, mb))
+        total = torch.zeros((), device=device)
+        for i, s in enumerate(chunks):
+            _inject_fault(self.state.step, self.d.rank)
+            x = images[s : s + mb].to(device, non_blocking=True)
+            y = labels[s : s + mb].to(device, non_blocking=True).long()
+            x = x.float().contiguous(memory_format=torch.channels_last)
+            sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
+            with model.no_sync() if not sync else nullcontext():
+                with torch.autocast(
+                    device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                ):
+                    loss = self.loss_fn(model(x), y) * (x.shape[0] / n)
+                (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach()
+        if scaler:
+            scaler.unscale_(optimizer)
+        if self.tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # ------------------------------------------------------------------ logging
+
+    def log_due(self) -> bool:
+        return self.state.step % self.tc.log_every == 0 or self.state.step == 1
+
+    def flush_log(self) -> None:
+        self.window = self.log.flush(self.window, self.state, self.optimizer.param_groups[0]["lr"])
+
+    def warn_stall(self) -> None:
+        """Once per run, when the loader holds the model back for long."""
+        if (
+            self.warned_stall
+            or not self.d.main
+            or self.state.step < 5 * self.tc.log_every
+            or self.log.stall <= STALL_WARN
+        ):
+            return
+        self.warned_stall = True
+        what = "GPU" if self.plan.device.type == "cuda" else "model"
+        self.log.say(
+            f"warning: the {what} waited on the loader {100 * self.log.stall:.0f}% of the "
+            f"time; raise --workers (now {self.tc.workers}), or put the store on faster disk"
+        )
+
+    # ------------------------------------------------------------------ decisions
+
+    def clock_decision(self) -> int:
+        """Rank 0's time-limit and checkpoint bits, agreed by every rank once per log window
+        (each step in a single process)."""
+        if not (self.log_due() or self.d.world == 1):
+            return 0
+        local = 0
+        if self.tc.time_limit and self.state.elapsed + self.val_estimate() >= self.tc.time_limit:
+            local |= STOP_TIME
+        if time.perf_counter() - self.last_checkpoint > CHECKPOINT_EVERY_S:
+            local |= CHECKPOINT_DUE
+        return agree(self.d, self.plan.device, local)
+
+    def val_estimate(self) -> float:
+        """The next validation's duration: the last one's, or an estimate before any."""
+        if self.state.last_val_seconds:
+            return self.state.last_val_seconds
+        sps = (
+            (self.state.step - self.step0)
+            * self.loader.batch_size
+            * self.d.world
+            / max(self.state.elapsed, 1e-9)
+        )
+        return estimate_val_seconds(self.val_slices, self.plan.info.size, self.plan.patch, sps)
+
+    def step_validation_due(self) -> bool:
+        return bool(self.tc.val_every) and self.state.step % self.tc.val_every == 0
+
+    def epoch_validation_due(self) -> bool:
+        """A bounded share of the run: rank 0 decides, every rank follows."""
+        due = validation_due(self.trained_since_val, self.state.last_val_seconds)
+        return bool(agree(self.d, self.plan.device, int(due)))
+
+    # ------------------------------------------------------------------ epochs, validation
+
+    def end_epoch(self) -> None:
+        """Count the epoch, move the sampler on, log the epoch's peak memory per rank."""
+        state = self.state
+        state.epoch += 1
+        state.step_in_epoch = 0
+        self.loader.sampler.set_epoch(state.epoch)
+        peaks = self.track_peaks()
+        if peaks is not None:
+            torch.cuda.reset_peak_memory_stats(self.plan.device)  # the next is that epoch's
+        self.log.record(
+            {
+                "kind": "epoch",
+                "epoch": state.epoch,
+                "step": state.step,
+                "peak_memory_mb": max(peaks) if peaks else None,
+                "peak_memory_mb_ranks": peaks,
+            }
+        )
+
+    def track_peaks(self) -> list[float] | None:
+        """Every rank's peak since the last reset, folded into the run's peaks."""
+        peaks = distributed.rank_peaks(self.plan.device, self.d)
+        if peaks is not None:
+            self.peaks = [max(a, b) for a, b in zip(self.peaks or peaks, peaks, strict=True)]
+        return peaks
+
+    def validate(self, final: bool = False) -> dict:
+        """Score the validation cases, log them, checkpoint (`best` too when the mean Dice
+        improved). Its time counts neither as training throughput nor toward the next
+        epoch-end validation."""
+        state, plan = self.state, self.plan
+        t = time.perf_counter()
+        val = evaluate(self.model, plan)
+        state.last_val_seconds = time.perf_counter() - t
+        state.elapsed = time.perf_counter() - self.t_run
+        improved = val["mean_dice"] > state.best
+        if improved:
+            state.best = val["mean_dice"]
+        self.log.record(
+            {
+                "kind": "val",
+                "step": state.step,
+                "epoch": state.epoch,
+                "final": final,
+                "seconds": state.last_val_seconds,
+                "peak_memory_mb": peak_memory_mb(plan.device),
+                **val,
+            }
+        )
+        self.checkpoint(["last", "best"] if improved else ["last"])
+        self.log.validation(val, state.step)
+        self.window.t0 += time.perf_counter() - t  # training throughput excludes validation
+        self.trained_since_val = 0.0
+        self.last_val = val
+        return val
+
+    def checkpoint(self, which: list[str]) -> None:
+        """Every rank calls this at the same point: each one's RNG streams are gathered,
+        rank 0 writes. A diverged model stops the run here on every rank (DDP keeps their
+        weights equal), before any checkpoint holds it."""
+        weights = unwrap(self.model).state_dict()
+        rundir.refuse_nonfinite(self.plan.run_dir, weights, self.state.step)
+        rngs = distributed.gather(self.d, rundir.rng_state(self.plan.device))
+        if self.d.main:
+            payload = {
+                "model": weights,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else {},
+                "state": json.dumps(asdict(self.state)),
+                "rng": {"ranks": rngs},
+            }
+            rundir.save_training(self.plan.run_dir, which, payload)
+        self.last_checkpoint = time.perf_counter()
+
+    def finish(self) -> FitResult:
+        """The `end` record and the result."""
+        state = self.state
+        self.log.record(
+            {
+                "kind": "end",
+                "step": state.step,
+                "epoch": state.epoch,
+                "reason": self.stop_reason,
+                "stall": self.log.stall,
+                "peak_memory_mb": max(self.peaks) if self.peaks else None,
+                "peak_memory_mb_ranks": self.peaks,
+                "elapsed": state.elapsed,
+            }
+        )
+        return FitResult(
+            self.plan.run_dir,
+            state.step,
+            state.epoch,
+            state.best,
+            self.last_val,
+            self.log.stall,
+            self.stop_reason,
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
+    """Per-case 3D Dice of every region of the store's label set on the validation cases,
+    whole cases
+    sharded across ranks by slice count (`shard_cases`) and gathered, so every rank sees
+    the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here does not
+    broadcast buffers each forward, and every rank must score the same model. Keys:
+    ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
+    mean, what picks the best checkpoint), ``regions`` (the names, in order) and
+    ``per_case`` (each case's region Dice, in that order)."""
+    net, d, info = unwrap(model), plan.d, plan.info
+    distributed.broadcast_buffers(net, d)
+    net.eval()
+    mine = shard_cases(info, plan.split.val, d.rank, d.world)
+    with torch.no_grad():
+        scores = (
+            score_store_cases(
+                net,
+                info,
+                mine,
+                plan.tc.context,
+                plan.device,
+                amp=plan.dtype or False,
+                tta=False,
+                batch_size=plan.val_batch,
+            )
+            if mine
+            else []
+        )
+    net.train()
+    if d.world > 1:
+        parts = distributed.gather(d, [asdict(s) for s in scores])
+        scores = [CaseScore(**s) for part in parts for s in part]
+    scores.sort(key=lambda s: s.case)
+    m = mean_score(scores)
+    return {
+        **{f"{name}_dice": v for name, v in m.dice.items()},
+        "mean_dice": m.mean_dice,
+        "accuracy": m.accuracy,
+        "background_accuracy": m.background_accuracy,
+        "background_only": m.background_only,
+        "over_predicts": m.over_predicts,
+        "regions": list(m.dice),
+        "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores},
+    }
+
+
+def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE) -> bool:
+    """Validate at an epoch's end only when the training since the last validation has
+    been long enough for that validation's cost to stay within `share` of the time."""
+    return last_val_s <= 0 or trained_s * share >= last_val_s * (1 - share)
+
+
+def estimate_val_seconds(
+    val_slices: int, size: int, patch: int, train_samples_per_s: float
+) -> float:
+    """A validation's duration before one has run, from the training throughput: whole
+    slices hold (size/patch)**2 patches, each costing `VAL_COST` of a training sample."""
+    if train_samples_per_s <= 0:
+        return 0.0
+    return val_slices * (size / patch) ** 2 * VAL_COST / train_samples_per_s
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain U-Net inside DDP and torch.compile wrappers, in either order."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+class Divergence:
+    """Non-finite losses, counted on the device (no host sync per step) and checked at each
+    log line. Without a gradient scaler one NaN/Inf loss has already spoilt the weights, so
+    it stops the run; with fp16's scaler, skipped steps are normal and only a persistent run
+    of them (DIVERGED_STEPS in a row) stops it."""
+
+    def __init__(self, device: torch.device, tolerate: bool) -> None:
+        self.limit = DIVERGED_STEPS if tolerate else 1
+        z = torch.zeros((), device=device)
+        self.bad_run, self.worst = z.clone(), z.clone()  # non-finite losses in a row
+        self.run_start, self.worst_start = z.clone(), z.clone()  # step each run began
+        self.last_loss, self.last_step = z.clone(), z.clone()
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        ok = torch.isfinite(loss.detach()).to(self.bad_run.dtype)
+        at = torch.full_like(self.run_start, step)
+        self.bad_run = (self.bad_run + 1) * (1 - ok)
+        self.run_start = torch.where(self.bad_run == 1, at, self.run_start)
+        self.worst_start = torch.where(self.bad_run > self.worst, self.run_start, self.worst_start)
+        self.worst = torch.maximum(self.worst, self.bad_run)
+        self.last_loss = torch.where(ok > 0, loss.detach().float(), self.last_loss)
+        self.last_step = torch.where(ok > 0, at, self.last_step)
+
+    def check(self, tc: TrainConfig) -> None:
+        """Stop the run (KitsError) once the non-finite losses reach the limit."""
+        if float(self.worst) < self.limit:
+            return
+        start = int(self.worst_start)
+        last = (
+            f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"
+            if int(self.last_step) > 0
+            else "no finite loss before it"
+        )
+        raise KitsError(
+            f"training diverged: the loss is NaN/Inf from step {start} ({last}); "
+            f"no checkpoint holds the diverged weights. Start a new run with a "
+            f"lower --lr (this one: {tc.lr:g})"
+        )
+
+
+def _inject_fault(step: int, rank: int) -> None:
+    """Fault injection for tests: KITS_INJECT_OOM_AT_STEP=N raises one OOM at step N,
+    KITS_INJECT_ERROR_AT_STEP=N one other error; KITS_INJECT_RANK=R limits either to rank R."""
+    only = os.environ.get("KITS_INJECT_RANK")
+    if only is not None and int(only) != rank:
+        return
+    for var, exc in (
+        (
+            "KITS_INJECT_OOM_AT_STEP",
+            torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)"),
+        ),
+        ("KITS_INJECT_ERROR_AT_STEP", RuntimeError("failure injected for a test")),
+    ):
+        at = os.environ.get(var)
+        if at is not None and int(at) == step and not getattr(_inject_fault, var, False):
+            setattr(_inject_fault, var, True)
+            raise exc

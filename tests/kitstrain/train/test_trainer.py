@@ -1,0 +1,155 @@
+"""The Trainer's pieces on a tiny CPU model: one step, gradient accumulation, the OOM
+back-off, and the loop's stop reasons, epochs, validations and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kitsprep.store import open_store
+from kitstrain.data.splits import make_split
+from kitstrain.model.losses import make_loss
+from kitstrain.model.presets import resolve
+from kitstrain.model.unet import UNetConfig, build_model
+from kitstrain.train import rundir
+from kitstrain.train import trainer as trainermod
+from kitstrain.train.config import Plan, State
+from kitstrain.train.distributed import Dist
+from kitstrain.train.log import RunLog
+from kitstrain.train.optim import lr_at, make_optimizer
+from kitstrain.train.trainer import Trainer
+
+BATCH, PATCH, STEPS_PER_EPOCH = 4, 16, 3
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+
+class Loader:
+    """What the Trainer asks of a DataLoader: batches per epoch, batch_size, sampler."""
+
+    def __init__(self, labels: int) -> None:
+        self.batch_size, self.sampler, self.labels = BATCH, Sampler(), labels
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(len(self.sampler.epochs))
+        for _ in range(STEPS_PER_EPOCH):
+            image = torch.randn(BATCH, 1, PATCH, PATCH, generator=g).half()
+            label = torch.randint(0, self.labels, (BATCH, PATCH, PATCH), generator=g)
+            yield image, label.to(torch.uint8)
+
+
+def make_trainer(store: Path, run_dir: Path, micro_batch: int = BATCH, **options) -> Trainer:
+    info = open_store(store)
+    tc = resolve(
+        "seed",
+        {"optimizer": "sgd", "lr": 0.01, "context": 0, "width": 4, "depth": 2, **options},
+    )
+    torch.manual_seed(0)
+    model = build_model(
+        UNetConfig(in_channels=1, num_classes=info.num_classes, width=4, depth=2, norm="none")
+    )
+    epochs_steps = tc.epochs * STEPS_PER_EPOCH
+    plan = Plan(
+        run_dir=run_dir,
+        info=info,
+        split=make_split(info, None, None, seed=0),
+        tc=tc,
+        run_tc=tc,
+        d=Dist(),
+        device=torch.device("cpu"),
+        dtype=None,
+        patch=PATCH,
+        batch_size=BATCH,
+        val_batch=1,
+        samples_per_epoch=BATCH * STEPS_PER_EPOCH,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        total_steps=min(epochs_steps, tc.max_steps or epochs_steps),
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(
+        plan,
+        model,
+        make_optimizer(model, tc),
+        None,
+        make_loss(tc.loss, info.labels),
+        State(micro_batch=micro_batch),
+        Loader(info.num_classes),
+        RunLog(run_dir, main=True, unit="patches"),
+    )
+
+
+def batch_of(t: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(t.loader))
+
+
+def test_a_step_sets_the_schedule_s_lr_counts_and_logs(loader_store: Path, tmp_path: Path) -> None:
+    t = make_trainer(loader_store, tmp_path / "run", log_every=1)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.next_batch(iter(t.loader))  # starts the loader-wait clock, as run() does
+    t.step(batch_of(t))
+    assert (t.state.step, t.state.step_in_epoch) == (1, 1)
+    assert t.optimizer.param_groups[0]["lr"] == lr_at(0.0, t.plan.run_tc)
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
+    (rec,) = rundir.read_metrics(t.plan.run_dir)
+    assert rec["kind"] == "train" and rec["step"] == 1 and rec["unit"] == "patches"
+    assert t.window.steps == 0  # flushed into the record
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_s_step(
+    loader_store: Path, tmp_path: Path
+) -> None:
+    whole = make_trainer(loader_store, tmp_path / "a")
+    halves = make_trainer(loader_store, tmp_path / "b", micro_batch=2)
+    batch = batch_of(whole)
+    la = whole.accumulate(*batch)
+    lb = halves.accumulate(*batch)
+    assert float(la) == pytest.approx(float(lb), rel=1e-5)
+    for a, b in zip(whole.model.parameters(), halves.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_oom_halves_the_micro_batch_and_the_step_is_retried(
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "0")
+    monkeypatch.setattr(trainermod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
+    t = make_trainer(loader_store, tmp_path / "run")
+    t.optimize(*batch_of(t))
+    assert t.state.micro_batch == BATCH // 2
+    (rec,) = rundir.read_metrics(t.plan.run_dir)
+    assert rec == {**rec, "kind": "oom", "step": 0, "micro_batch": 2, "accumulation": 2}
+
+
+def test_the_loop_stops_at_max_steps_mid_epoch(loader_store: Path, tmp_path: Path) -> None:
+    t = make_trainer(loader_store, tmp_path / "run", epochs=2, max_steps=4, log_every=2)
+    result = t.run()
+    assert (result.stop_reason, result.steps, result.epochs) == ("max_steps", 4, 1)
+    assert t.loader.sampler.epochs == [1]  # the first epoch ended; the second did not
+    records = rundir.read_metrics(t.plan.run_dir)
+    assert [r["kind"] for r in records if r["kind"] in ("epoch", "end")] == ["epoch", "end"]
+    vals = [r for r in records if r["kind"] == "val"]
+    assert vals[-1]["final"] and vals[-1]["step"] == 4
+    last = rundir.load_checkpoint(rundir.checkpoint_path(t.plan.run_dir, "last"))
+    assert json.loads(last["state"])["step"] == 4
+    assert rundir.checkpoint_path(t.plan.run_dir, "best").is_file()
+
+
+def test_the_loop_ends_on_the_last_epoch_s_last_step(loader_store: Path, tmp_path: Path) -> None:
+    t = make_trainer(loader_store, tmp_path / "run", epochs=2)
+    result = t.run()
+    assert (result.stop_reason, result.steps, result.epochs) == ("epochs", 6, 2)
+    assert t.loader.sampler.epochs == [1, 2]
+    epochs = [r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "epoch"]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 3), (2, 6)]
+    assert result.last_val is not None and result.best_mean_dice == max(
+        r["mean_dice"] for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "val"
+    )
