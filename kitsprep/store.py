@@ -18,7 +18,7 @@ Layout (format `kits-slices`, version 2):
                       `counts[v]` is the slice's pixel count of label value v.
 
 Image chunks are raw float16 at recorded byte offsets, so the training loader reads them
-with positioned reads (`SliceMap`, `os.preadv`) without h5py. Label chunks are zlib
+with positioned reads (`SliceReader`, `os.preadv`) without h5py. Label chunks are zlib
 streams (HDF5's deflate filter) at recorded offsets and lengths, read the same way.
 """
 
@@ -47,7 +47,7 @@ from kitsprep.window import Window
 try:
     from isal import isal_zlib as _zlib
 
-    CRC_ON_READ = True  # ISA-L's CRC-32 is cheap enough to check every read (SliceMap)
+    CRC_ON_READ = True  # ISA-L's CRC-32 is cheap enough to check every read (SliceReader)
 except ImportError:
     import zlib as _zlib
 
@@ -492,14 +492,14 @@ def _read_store(path: Path) -> StoreInfo:
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
 
 
-class SliceMap:
+class SliceReader:
     """A store's slices by index row, read without h5py and without mapping anything: one
     positioned read (`os.preadv`) per run of adjacent chunks, straight into the caller's
-    buffer (a DataLoader worker's shared batch tensor). No page of the file is mapped into
+    buffer (a DataLoader worker's batch slot). No page of the file is mapped into
     the process, so a worker's resident memory stays flat however large the store is, and
     a read costs no page faults (the issue-13 measurement: ~1.3x map + copy + MADV_DONTNEED
     per slice). Open one per process (DataLoader worker) after fork/spawn; it pickles as
-    its path. The name is historical (it was a memory map).
+    its path.
 
     Every image read is checked against the index's CRC-32 when ISA-L is installed (a
     dependency): ~10 us per 512x512 slice, about 1 % of a loader worker's time per slice;

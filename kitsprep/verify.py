@@ -12,7 +12,7 @@ import numpy as np
 
 from kitsprep.cases import find_cases, read_volume
 from kitsprep.kernels import labels_resample
-from kitsprep.store import SliceMap, StoreInfo, crc32, open_store
+from kitsprep.store import SliceReader, StoreInfo, crc32, open_store
 
 try:
     from isal.isal_zlib import error as _InflateError
@@ -42,7 +42,7 @@ def verify_store(
     info = open_store(path)
     report = VerifyReport(checked_src=src is not None)
     sources = {c.case_id: c for c in find_cases(src)} if src is not None else {}
-    smap = SliceMap(path, info.size, info.case_ids, check_crc=False)  # reported below
+    smap = SliceReader(path, info.size, info.case_ids, check_crc=False)  # reported below
     try:
         with h5py.File(path, "r") as f:
             for cid, meta in info.cases.items():
@@ -69,7 +69,7 @@ def verify_store(
 
 
 def _verify_case(
-    f: h5py.File, info: StoreInfo, smap: SliceMap, cid: str, report: VerifyReport
+    f: h5py.File, info: StoreInfo, smap: SliceReader, cid: str, report: VerifyReport
 ) -> None:
     meta = info.cases[cid]
     g = f["cases"].get(cid)

@@ -1,8 +1,9 @@
 """The store-backed slice dataset: batches read straight into shared tensors.
 
 The hot path never touches h5py: each DataLoader worker opens the store
-(`kitsprep.store.SliceMap`, lazily in the worker) and reads single slices at the byte
-offsets recorded in the index with positioned reads straight into the batch tensor,
+(`kitsprep.store.SliceReader`, lazily in the worker) and reads single slices at the byte
+offsets recorded in the index with positioned reads straight into the batch's slot of the
+loader's shared pool (`kitstrain.data.batch_pool`),
 checking each one's CRC-32. Nothing is mapped and no whole-case or whole-file read happens
 anywhere, so a worker's memory is the same for a 100 MB store and a store larger than RAM.
 Samplers read only the index.
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from kitsprep.errors import KitsError
-from kitsprep.store import SliceMap, StoreInfo
+from kitsprep.store import SliceReader, StoreInfo
 from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
 from kitstrain.data.patches import patch_origin, uniform_origin
@@ -33,7 +34,7 @@ class SliceDataset(Dataset):
     plus the slice's global index row when `return_row` (validation, to regroup per case).
 
     Float16 keeps the host->GPU copy at half the bytes; the training step casts on device.
-    The store is mapped lazily in whichever process reads first (each DataLoader worker,
+    The store is opened lazily in whichever process reads first (each DataLoader worker,
     after fork or spawn); the dataset pickles as the path plus a few small arrays.
     """
 
@@ -93,7 +94,7 @@ class SliceDataset(Dataset):
         k = np.arange(-self.context, self.context + 1, dtype=np.int64)
         sl = self.rows["slice"].astype(np.int64)[:, None]
         self._neighbours = first[:, None] + np.clip(sl + k, 0, last[:, None])
-        self._map: SliceMap | None = None
+        self._reader: SliceReader | None = None
         self._rng: np.random.Generator | None = None
         self._pid: int | None = None
         self.pool: BatchPool | None = None  # a pooled training loader's slots
@@ -106,12 +107,12 @@ class SliceDataset(Dataset):
         return len(self.rows)
 
     def __getstate__(self) -> dict:
-        # The map and RNG are per process: a worker opens and seeds its own
-        return {**self.__dict__, "_map": None, "_rng": None, "_pid": None}
+        # The reader and RNG are per process: a worker opens and seeds its own
+        return {**self.__dict__, "_reader": None, "_rng": None, "_pid": None}
 
     def _open(self) -> None:
-        """(Re)open the map and RNG in this process: first use, or first use after a fork."""
-        self._map = SliceMap(self.store_path, self.size, self.store_case_ids)
+        """(Re)open the reader and RNG in this process: first use, or first use after a fork."""
+        self._reader = SliceReader(self.store_path, self.size, self.store_case_ids)
         self._seed_rng()
 
     def _seed_rng(self) -> None:
@@ -127,13 +128,13 @@ class SliceDataset(Dataset):
         """Item i's context slices and centre label, read straight into `img` (C, H, W)
         float16 (adjacent chunks in one system call) and `lab` (H, W) uint8."""
         rows = self.rows
-        self._map.images(rows[self._neighbours[i]], img)
+        self._reader.images(rows[self._neighbours[i]], img)
         if self._background[i]:
             # the index counts come from these very labels: zero-fill instead of inflating
             # 256 KB (10 us instead of ~100 us, and most CT slices hold no kidney)
             lab[...] = 0
         else:
-            lab[...] = self._map.label(rows[i])
+            lab[...] = self._reader.label(rows[i])
 
     def _fill(self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor) -> None:
         if self._pid != os.getpid():

@@ -22,7 +22,7 @@ from torch import nn
 
 from kitsprep.cases import CaseRef, Volume, check_pair, read_header, read_volume
 from kitsprep.geometry import axial_axes, voxel_spacing
-from kitsprep.store import SliceMap, StoreInfo
+from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.infer.engine import (
     DEFAULT_BATCH_SIZE,
@@ -63,13 +63,13 @@ class Inference:
     def store_case(
         self,
         info: StoreInfo,
-        slice_map: SliceMap | None,
+        reader: SliceReader | None,
         case_id: str,
         progress: SliceProgress | None = None,
     ) -> np.ndarray:
         """`engine.predict_store_case` with these settings: labels of the whole squares."""
         return predict_store_case(
-            self.model, info, slice_map, case_id, self.context, self.device,
+            self.model, info, reader, case_id, self.context, self.device,
             amp=self.amp, tta=self.tta, batch_size=self.batch_size, progress=progress,
         )  # fmt: skip
 
@@ -119,11 +119,11 @@ def store_spacing(info: StoreInfo, case_id: str) -> Spacing:
 
 
 def _stored_slice(
-    slice_map: SliceMap, info: StoreInfo, case_id: str
+    reader: SliceReader, info: StoreInfo, case_id: str
 ) -> Callable[[int], np.ndarray]:
     rows, cols = store_box(info, case_id)
     case_rows = info.rows(case_id)
-    return lambda k: slice_map.image(case_rows[k])[rows, cols]
+    return lambda k: reader.image(case_rows[k])[rows, cols]
 
 
 def store_predictions(
@@ -131,16 +131,16 @@ def store_predictions(
     info: StoreInfo,
     cases: Sequence[str],
     *,
-    slice_map: SliceMap | None = None,
+    reader: SliceReader | None = None,
     progress: SliceProgress | None = None,
 ) -> Iterator[CasePrediction]:
     """Labelled store cases with their stored labels, inside `store_box` (the padding around
     a resized case is no voxel of it). Every case is checked before any inference, so a bad
-    one fails at once rather than after hours. `slice_map` may be None to open one here."""
+    one fails at once rather than after hours. `reader` may be None to open one here."""
     for case_id in cases:
         require_scorable(info, case_id)
-    own = slice_map is None
-    sm = SliceMap(info.path, info.size, info.case_ids) if own else slice_map
+    own = reader is None
+    sm = SliceReader(info.path, info.size, info.case_ids) if own else reader
     w = info.window
     try:
         for case_id in cases:

@@ -33,7 +33,7 @@ from kitsprep.cases import Volume
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axial_axes, fit_in_plane
 from kitsprep.kernels import count_nonfinite, window_resample
-from kitsprep.store import SliceMap, StoreInfo
+from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.metrics import CaseScore, score_case
 
@@ -197,11 +197,11 @@ def _labels_u8(model: nn.Module, logits: Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- store geometry
 
 
-def read_store_images(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.ndarray:
+def read_store_images(reader: SliceReader, info: StoreInfo, case_id: str) -> np.ndarray:
     """A case's stored float16 slices (slices, size, size), CRC-checked."""
     rows = info.rows(case_id)
     # a case's chunks lie back to back: a few large reads instead of one per slice
-    return slice_map.images(rows, np.empty((len(rows), info.size, info.size), np.float16))
+    return reader.images(rows, np.empty((len(rows), info.size, info.size), np.float16))
 
 
 def store_box(info: StoreInfo, case_id: str) -> tuple[slice, slice]:
@@ -225,20 +225,20 @@ def require_scorable(info: StoreInfo, case_id: str) -> None:
         )
 
 
-def read_store_labels(slice_map: SliceMap, info: StoreInfo, case_id: str) -> np.ndarray:
+def read_store_labels(reader: SliceReader, info: StoreInfo, case_id: str) -> np.ndarray:
     """A labelled case's stored labels (slices, size, size) uint8."""
     require_scorable(info, case_id)
     rows = info.rows(case_id)
     out = np.empty((len(rows), info.size, info.size), np.uint8)
     for i, row in enumerate(rows):
-        out[i] = slice_map.label(row)
+        out[i] = reader.label(row)
     return out
 
 
 def predict_store_case(
     model: nn.Module,
     info: StoreInfo,
-    slice_map: SliceMap | None,
+    reader: SliceReader | None,
     case_id: str,
     context: int,
     device: torch.device,
@@ -249,14 +249,14 @@ def predict_store_case(
     progress: SliceProgress | None = None,
 ) -> np.ndarray:
     """Predicted labels (slices, size, size) uint8 of one stored case, in store geometry.
-    `slice_map` may be None to open (and close) one here."""
+    `reader` may be None to open (and close) one here."""
     if case_id not in info.cases:
         raise KitsError(
             f"{case_id} is not in the store {info.path}; pick cases it holds "
             "(`kitsprep info` lists them)"
         )
-    own = slice_map is None
-    sm = SliceMap(info.path, info.size, info.case_ids) if own else slice_map
+    own = reader is None
+    sm = SliceReader(info.path, info.size, info.case_ids) if own else reader
     try:
         images = read_store_images(sm, info, case_id)
     finally:
@@ -288,7 +288,7 @@ def score_store_cases(
     amp: Amp = True,
     tta: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    slice_map: SliceMap | None = None,
+    reader: SliceReader | None = None,
     progress: SliceProgress | None = None,
 ) -> list[CaseScore]:
     """Per-case 3D Dice of every region of the store's label set, in store geometry, inside
@@ -300,9 +300,7 @@ def score_store_cases(
     inference = Inference(model, context, device, amp=amp, tta=tta, batch_size=batch_size)
     return [
         score_case(case.case_id, case.pred, case.truth, info.labels)
-        for case in store_predictions(
-            inference, info, cases, slice_map=slice_map, progress=progress
-        )
+        for case in store_predictions(inference, info, cases, reader=reader, progress=progress)
     ]
 
 

@@ -23,7 +23,7 @@ from kitsprep.errors import KitsError
 from kitsprep.geometry import fit_in_plane
 from kitsprep.labels import ANY_EDITION, EDITIONS, any_edition_labels
 from kitsprep.progress import Progress
-from kitsprep.store import FORMAT, FORMAT_VERSION, SliceMap, open_store
+from kitsprep.store import FORMAT, FORMAT_VERSION, SliceReader, open_store
 from kitsprep.verify import verify_store
 from kitsprep.window import WINDOW_PRESETS
 from tests.kitsprep.conftest import (
@@ -49,7 +49,7 @@ def assert_store_matches_source(out: Path, src: Path, size: int, window) -> None
     the memory map reads what h5py reads."""
     info = open_store(out)
     assert info.size == size and info.window == window
-    smap = SliceMap(out, size)
+    smap = SliceReader(out, size)
     try:
         with h5py.File(out, "r") as f:
             row = 0
@@ -542,7 +542,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     build(src, tmp_path / "ref.h5", size=64)
     assert_same_store(read_store(tmp_path / "ref.h5"), read_store(out))
     info = open_store(out)
-    smap = SliceMap(out, 64)
+    smap = SliceReader(out, 64)
     try:
         with h5py.File(out, "r") as f:
             for r in info.index:

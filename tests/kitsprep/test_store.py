@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from kitsprep.errors import KitsError
-from kitsprep.store import FORMAT_VERSION, SliceMap, file_size, index_dtype, open_store, summarise
+from kitsprep.store import (
+    FORMAT_VERSION,
+    SliceReader,
+    file_size,
+    index_dtype,
+    open_store,
+    summarise,
+)
 from kitsprep.window import WINDOW_PRESETS
 from tests.kitsprep.conftest import build, write_case, write_cohort
 
@@ -130,7 +137,7 @@ def test_summarise_unlabelled_only(tmp_path):
 
 def test_slicemap_reads_equal_h5py_and_pickle_by_path(store):
     info = open_store(store)
-    smap = SliceMap(store, info.size)
+    smap = SliceReader(store, info.size)
     clone = pickle.loads(pickle.dumps(smap))  # what a DataLoader worker receives
     out = np.empty((32, 32), np.float16)
     try:
@@ -178,7 +185,7 @@ def test_a_damaged_chunk_is_one_line_naming_store_case_slice_and_the_fix(store, 
     lab_row = next(r for r in info.index if r["label_nbytes"] > 0 and r["slice"] > 0)
     _flip_byte(path, int(img_row["image_offset"]) + 100)
     _flip_byte(path, int(lab_row["label_offset"]) + int(lab_row["label_nbytes"]) // 2)
-    m = SliceMap(path, info.size, info.case_ids)
+    m = SliceReader(path, info.size, info.case_ids)
     for read, row, what in ((m.image, img_row, "CRC-32"), (m.label, lab_row, "label chunk")):
         case = info.case_ids[row["case"]]
         with pytest.raises(
@@ -189,7 +196,7 @@ def test_a_damaged_chunk_is_one_line_naming_store_case_slice_and_the_fix(store, 
             read(row)
         assert "\n" not in str(e.value)
     # verify reads without the check, to report every problem itself
-    unchecked = SliceMap(path, info.size, info.case_ids, check_crc=False)
+    unchecked = SliceReader(path, info.size, info.case_ids, check_crc=False)
     assert unchecked.image(img_row).shape == (info.size, info.size)
     # a truncated file is named as such
     with open(path, "r+b") as f:
@@ -204,7 +211,7 @@ def test_adjacent_chunks_read_in_one_call_equal_single_reads(store, monkeypatch)
     info = open_store(store)
     rows = info.rows(info.case_ids[0])
     stack = rows[[0, 0, 0, 1, 2]]  # a 2.5D stack clamped at the case's first slice
-    m = SliceMap(store, info.size, info.case_ids)
+    m = SliceReader(store, info.size, info.case_ids)
     want = np.stack([m.image(r) for r in stack])
     calls = []
     real = os.preadv

@@ -25,6 +25,7 @@ def test_bench_reports_throughput_ceiling_and_memory(loader_store, workers, augm
     assert r["batches"] >= 1 and r["main_peak_rss_mb"] > 0
     assert len(r["worker_peak_rss_mb"]) == workers
     assert all(0 < v < 4000 for v in r["worker_peak_rss_mb"])
+    assert len(r["worker_shmem_mb"]) == workers
     assert r["settings"]["in_ram_slices"] == 16 and r["settings"]["augment"] is augment
     json.dumps(r)  # `--json` prints it as is
     text = format_bench(r)

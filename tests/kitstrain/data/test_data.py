@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
-from kitsprep.store import SliceMap, index_dtype, open_store
+from kitsprep.store import SliceReader, index_dtype, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.data.augment import AugmentConfig
 from kitstrain.data.batch_pool import PooledBatch
@@ -47,8 +47,8 @@ def h5_image(f: h5py.File, case_id: str, s: int) -> np.ndarray:
 # --------------------------------------------------------------------------- reading
 
 
-def test_every_slice_reads_back_bit_exact_through_the_map(loader_store, info):
-    m = SliceMap(loader_store, info.size)
+def test_every_slice_reads_back_bit_exact_through_the_reader(loader_store, info):
+    m = SliceReader(loader_store, info.size)
     with h5py.File(loader_store, "r") as f:
         for cid, meta in info.cases.items():
             images = f["cases"][cid]["image"][...]
@@ -64,7 +64,7 @@ def test_every_slice_reads_back_bit_exact_through_the_map(loader_store, info):
 def test_dataset_items_equal_the_store(loader_store, info):
     ds = SliceDataset(loader_store, info, info.labelled_cases)
     assert len(ds) == sum(n for n, _, _ in LOADER_CASES)
-    assert ds._map is None  # nothing mapped until a process reads
+    assert ds._reader is None  # nothing opened until a process reads
     with h5py.File(loader_store, "r") as f:
         for i in range(len(ds)):
             img, lab = ds[i]
@@ -123,14 +123,14 @@ def test_unlabelled_and_unknown_cases_are_refused(loader_store, info):
         SliceDataset(loader_store, info, ["case_00099"])
 
 
-def test_dataset_pickles_without_its_map(loader_store, info):
+def test_dataset_pickles_without_its_reader(loader_store, info):
     import pickle
 
     ds = SliceDataset(loader_store, info, info.labelled_cases[:1])
     ds[0]
-    assert ds._map is not None
+    assert ds._reader is not None
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._map is None
+    assert clone._reader is None
     assert torch.equal(clone[1][0], ds[1][0])
 
 
@@ -501,7 +501,7 @@ def test_val_shards_whole_cases_across_ranks(info):
 
 
 @pytest.mark.skipif(not MASKS.is_dir(), reason="../shared/kits19-masks is not present")
-def test_real_mask_reads_back_equal_through_the_map(tmp_path):
+def test_real_mask_reads_back_equal_through_the_reader(tmp_path):
     paths = sorted(MASKS.glob("case_*/segmentation.nii.gz"))
     shortest = min(paths, key=lambda p: (nib.load(p).shape[0], p.name))
     case_id = shortest.parent.name

@@ -7,7 +7,7 @@ import pytest
 
 from kitsprep.cases import find_cases, read_volume
 from kitsprep.geometry import voxel_spacing
-from kitsprep.store import SliceMap, open_store
+from kitsprep.store import SliceReader, open_store
 from kitstrain.infer.cases import (
     Inference,
     source_predictions,
@@ -36,7 +36,7 @@ def test_store_cases_are_cropped_to_the_stored_image(cohort) -> None:  # noqa: F
     cases = list(store_predictions(THRESHOLD, info, LABELLED, progress=done.append))
     assert [c.case_id for c in cases] == LABELLED
     assert sum(done) == sum(info.cases[c].slices for c in LABELLED)
-    sm = SliceMap(store, info.size)
+    sm = SliceReader(store, info.size)
     try:
         for c in cases:
             rows, cols = store_box(info, c.case_id)

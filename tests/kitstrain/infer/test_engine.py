@@ -21,7 +21,7 @@ from kitsprep.build import BuildConfig, build_store
 from kitsprep.cases import read_volume
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
-from kitsprep.store import SliceMap, open_store
+from kitsprep.store import SliceReader, open_store
 from kitsprep.window import WINDOW_PRESETS
 from kitstrain.infer.engine import (
     _eval_mode,
@@ -281,7 +281,7 @@ def test_resolve_device() -> None:
 def test_predict_store_case_is_the_model_applied_to_the_stored_slices(cohort) -> None:
     _, store = cohort
     info = open_store(store)
-    sm = SliceMap(store, info.size)
+    sm = SliceReader(store, info.size)
     try:
         for cid in info.case_ids:
             images = read_store_images(sm, info, cid)
@@ -311,7 +311,7 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
     )
     assert [s.case for s in scores] == LABELLED
     assert sum(done) == sum(info.cases[c].slices for c in LABELLED)
-    sm = SliceMap(store, info.size)
+    sm = SliceReader(store, info.size)
     try:
         for s in scores:
             # Scores count the stored image, not the padding around it.
@@ -328,7 +328,7 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
         sm.close()
     assert store_box(info, "case_00001") == (slice(6, 25), slice(0, 32))  # 24x40 -> 19x32
     # the whole-case score equals counting the stored image slice by slice
-    sm = SliceMap(store, info.size)
+    sm = SliceReader(store, info.size)
     try:
         for s in scores[:2]:
             rows, cols = store_box(info, s.case)

@@ -14,7 +14,7 @@ from kitsprep.cases import read_volume
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.progress import Progress
-from kitsprep.store import SliceMap, open_store
+from kitsprep.store import SliceReader, open_store
 from kitstrain.infer.cases import store_spacing
 from kitstrain.infer.engine import read_store_labels, store_box
 from kitstrain.metrics import CaseScore, mean_score
@@ -59,7 +59,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def store_truth(store: Path, cid: str) -> np.ndarray:
     """The stored labels of a case, without the padding around the resized image."""
     info = open_store(store)
-    sm = SliceMap(store, info.size)
+    sm = SliceReader(store, info.size)
     try:
         rows, cols = store_box(info, cid)
         return read_store_labels(sm, info, cid)[:, rows, cols]
