@@ -26,7 +26,7 @@ from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
 from kitstrain.data.patches import patch_origin, uniform_origin
 from kitstrain.data.samplers import Drawn
-from kitstrain.data.splits import shown_cases
+from kitstrain.data.splits import require_labelled_cases
 
 
 class SliceDataset(Dataset):
@@ -51,18 +51,13 @@ class SliceDataset(Dataset):
     ):
         if context < 0:
             raise KitsError(f"--context must be >= 0, found {context}")
-        unknown = [c for c in cases if c not in info.cases]
-        if unknown:
-            raise KitsError(
-                f"case(s) {shown_cases(unknown)} are not in {info.path}; "
-                "expected cases of this store"
-            )
-        unlabelled = [c for c in cases if not info.cases[c].labelled]
-        if unlabelled:
-            raise KitsError(
-                f"case(s) {shown_cases(unlabelled)} are unlabelled; they cannot be "
-                "loaded for training or validation"
-            )
+        require_labelled_cases(
+            info,
+            cases,
+            what="case(s)",
+            fix="fix the case list",
+            unlabelled_fix="they cannot be loaded for training or validation",
+        )
         if patch is not None and not 1 <= patch <= info.size:
             raise KitsError(
                 f"patch {patch} does not fit the store's {info.size}x{info.size} "

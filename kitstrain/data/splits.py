@@ -40,6 +40,24 @@ def shown_cases(ids: Sequence[str]) -> str:
     return ", ".join(ids[:5]) + (f" ... ({len(ids)} cases)" if len(ids) > 5 else "")
 
 
+def require_labelled_cases(
+    info: StoreInfo, cases: Sequence[str], *, what: str, fix: str, unlabelled_fix: str
+) -> None:
+    """Every case is in the store and has a segmentation; else one line naming them."""
+    absent = [c for c in cases if c not in info.cases]
+    if absent:
+        raise KitsError(
+            f"{what} {shown_cases(absent)} are not in {info.path}; expected cases of this "
+            f"store, {fix}"
+        )
+    unlabelled = [c for c in cases if not info.cases[c].labelled]
+    if unlabelled:
+        raise KitsError(
+            f"{what} {shown_cases(unlabelled)} have no segmentation (unlabelled test "
+            f"cases); {unlabelled_fix}"
+        )
+
+
 def check_split(split: Split, info: StoreInfo) -> None:
     """Fail loudly unless both sides are non-empty, disjoint, present and labelled: a case in
     both would leak into its own validation score; an unlabelled one has nothing to learn."""
@@ -56,19 +74,13 @@ def check_split(split: Split, info: StoreInfo) -> None:
                 f"the {side} split is empty; expected at least one labelled "
                 "case, fix --train-cases/--val-cases"
             )
-        absent = [c for c in ids if c not in info.cases]
-        if absent:
-            raise KitsError(
-                f"{side} case(s) {shown_cases(absent)} are not in {info.path}; "
-                "expected cases of this store, fix the case list or the store"
-            )
-        unlabelled = [c for c in ids if not info.cases[c].labelled]
-        if unlabelled:
-            raise KitsError(
-                f"{side} case(s) {shown_cases(unlabelled)} have no segmentation "
-                "(unlabelled test cases); leave them out of "
-                "--train-cases/--val-cases"
-            )
+        require_labelled_cases(
+            info,
+            ids,
+            what=f"{side} case(s)",
+            fix="fix the case list or the store",
+            unlabelled_fix="leave them out of --train-cases/--val-cases",
+        )
 
 
 def make_split(
