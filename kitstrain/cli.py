@@ -13,6 +13,7 @@ import click
 
 from kitsprep.cli import KitsGroup
 from kitsprep.errors import KitsError
+from kitsprep.labels import EDITIONS
 from kitstrain import __version__
 from kitstrain.data.patches import PATCH_CHOICES
 from kitstrain.model.presets import PRECISIONS, PRESETS
@@ -405,7 +406,7 @@ def score(
 )
 @click.option(
     "--naming",
-    type=click.Choice(["kits19", "kits21", "kits23"]),
+    type=click.Choice(sorted(EDITIONS)),
     default=None,
     help="File names for this edition's evaluator: kits19 prediction_XXXXX.nii.gz, "
     "kits21/kits23 case_XXXXX.nii.gz [default: the store's edition].",
