@@ -53,7 +53,7 @@ from kitsprep.cases import (
     source_fingerprint,
 )
 from kitsprep.errors import KitsError
-from kitsprep.files import atomic_path, fsync_path, write_atomic
+from kitsprep.files import atomic_path, check_output_folder, fsync_path, write_atomic
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
 from kitsprep.kernels import (
     NEGATIVE_LABEL,
@@ -549,13 +549,7 @@ def check_out_path(src: Path, out: Path) -> None:
             f"--out {out} is inside --src {src}; write the store outside the "
             "source folder (e.g. --out slices.h5 next to it)"
         )
-    for parent in out_r.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise KitsError(
-                    f"--out {out}: {parent} is a file, not a folder; choose another --out"
-                )
-            break
+    check_output_folder(out, "--out")
     try:
         out_r.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -563,11 +557,6 @@ def check_out_path(src: Path, out: Path) -> None:
             f"cannot create the folder of --out {out} ({exc.strerror}); choose "
             "an --out in a writable folder"
         ) from None
-    if not os.access(out_r.parent, os.W_OK):
-        raise KitsError(
-            f"cannot write --out {out}: its folder {out_r.parent} is not writable; "
-            "choose another --out"
-        )
 
 
 @contextlib.contextmanager

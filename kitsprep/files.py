@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from kitsprep.errors import KitsError
+
 
 def fsync_path(path: Path | str) -> None:
     """Flush a file's (or a directory's entries') data to the disk: a rename is durable only
@@ -18,6 +20,22 @@ def fsync_path(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_output_folder(out: Path | str, option: str) -> None:
+    """Refuse, before any work, an output whose nearest existing folder cannot hold it: a
+    file where a folder should be, or a folder this user cannot write."""
+    for parent in Path(out).resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KitsError(
+                    f"{option} {out}: {parent} is a file, not a folder; choose another {option}"
+                )
+            if not os.access(parent, os.W_OK):
+                raise KitsError(
+                    f"{option} {out}: {parent} is not writable; choose another {option}"
+                )
+            return
 
 
 @contextlib.contextmanager

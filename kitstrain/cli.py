@@ -13,6 +13,7 @@ import click
 
 from kitsprep.cli import KitsGroup
 from kitsprep.errors import KitsError
+from kitsprep.files import check_output_folder
 from kitsprep.labels import EDITIONS
 from kitstrain import __version__
 from kitstrain.data.patches import PATCH_CHOICES
@@ -328,9 +329,7 @@ def _writable_file(path: Path | None, option: str) -> None:
         return
     if path.is_dir():
         raise KitsError(f"{option} {path} is a folder; name a file, e.g. {path / 'scores.json'}")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise KitsError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    check_output_folder(path, option)
 
 
 @main.command()

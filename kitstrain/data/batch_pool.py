@@ -42,6 +42,11 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return elem.new(storage).resize_(shape)
 
 
+def batch_nbytes(batch_size: int, channels: int, patch: int) -> int:
+    """Bytes of one training batch: float16 images of `channels` and a uint8 label."""
+    return batch_size * patch * patch * (2 * channels + 1)
+
+
 def check_shared_memory(nbytes: int, what: str, shm: Path = SHM) -> None:
     """Refuse, in one line, a pool that /dev/shm cannot hold: past its end a worker's write
     would die of SIGBUS (Docker's default /dev/shm is 64 MB)."""
@@ -81,7 +86,7 @@ class BatchPool:
         elif isinstance(ctx, str):
             ctx = multiprocessing.get_context(ctx)
         n = workers * slots_per_worker
-        batch_bytes = batch_size * patch * patch * (2 * channels + 1)
+        batch_bytes = batch_nbytes(batch_size, channels, patch)
         check_shared_memory(
             n * batch_bytes,
             f"{workers} worker(s) x {slots_per_worker} batches of {batch_bytes / 2**20:.1f} MB",
@@ -112,14 +117,6 @@ class BatchPool:
 
     def give_back(self, slot: int) -> None:
         self.free[slot // self.slots_per_worker].put(slot)
-
-    def __getstate__(self) -> dict:
-        # a spawned worker gets the shared tensors (by descriptor) and the queues; the
-        # registry entry stays in the process that made the pool
-        return self.__dict__
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
 
 class PooledBatch:

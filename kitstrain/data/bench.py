@@ -45,13 +45,11 @@ class InRamDataset(SliceDataset):
         self.labels = labels.share_memory_()
         self.rows = rows
         self._background = np.zeros(len(rows), bool)
-        self.row_ids = np.arange(len(rows), dtype=np.int64)
         self.size = images.shape[-1]
         self.patch = self.size
         self.context = (images.shape[1] - 1) // 2
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed = seed
-        self.return_row = False
         self._reader = None
         self._rng = None
         self._pid = None

@@ -30,8 +30,7 @@ from kitstrain.data.splits import require_labelled_cases
 
 
 class SliceDataset(Dataset):
-    """Slices of some cases: item i -> (image float16 (1+2K, H, W), label uint8 (H, W)),
-    plus the slice's global index row when `return_row` (validation, to regroup per case).
+    """Slices of some cases: item i -> (image float16 (1+2K, H, W), label uint8 (H, W)).
 
     Float16 keeps the host->GPU copy at half the bytes; the training step casts on device.
     The store is opened lazily in whichever process reads first (each DataLoader worker,
@@ -46,7 +45,6 @@ class SliceDataset(Dataset):
         context: int = 0,
         augment: AugmentConfig | None = None,
         seed: int = 0,
-        return_row: bool = False,
         patch: int | None = None,
     ):
         if context < 0:
@@ -71,15 +69,14 @@ class SliceDataset(Dataset):
         self.case_ids = tuple(cases)
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed = int(seed)
-        self.return_row = return_row
         metas = [info.cases[c] for c in cases]
         counts = np.array([m.slices for m in metas], np.int64)
         # Global index rows of every item, in case order then slice order
-        self.row_ids = np.concatenate(
+        row_ids = np.concatenate(
             [np.arange(m.row_start, m.row_start + m.slices, dtype=np.int64) for m in metas]
             or [np.zeros(0, np.int64)]
         )
-        self.rows = info.index[self.row_ids]  # a copy: what samplers read
+        self.rows = info.index[row_ids]  # a copy: what samplers read
         # slices whose index counts say "all background": no label chunk to inflate
         self._background = info.foreground_pixels(self.rows) == 0
         # Neighbours as positions into self.rows: the K slices either side, clamped at the
@@ -177,8 +174,6 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int):
         images, labels = self._batch_tensors(1, shared=False)
         self._fill([i], images, labels)
-        if self.return_row:
-            return images[0], labels[0], int(self.row_ids[i])
         return images[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple] | PooledBatch:
@@ -191,7 +186,7 @@ class SliceDataset(Dataset):
         """
         worker = get_worker_info()
         slot = None
-        if worker is not None and self.pool is not None and not self.return_row:
+        if worker is not None and self.pool is not None:
             slot = self.pool.take(worker.id, len(indices))
         if slot is not None:
             number, images, labels = slot
@@ -199,8 +194,6 @@ class SliceDataset(Dataset):
             return PooledBatch(self.pool.token, number, len(indices))
         images, labels = self._batch_tensors(len(indices), shared=worker is not None)
         self._fill(indices, images, labels)
-        if self.return_row:
-            return [(images[j], labels[j], int(self.row_ids[i])) for j, i in enumerate(indices)]
         return [(images[j], labels[j]) for j in range(len(indices))]
 
     def _batch_tensors(self, n: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from kitsprep.errors import KitsError
 from kitsprep.store import StoreInfo
 from kitstrain.data.augment import AugmentConfig
-from kitstrain.data.batch_pool import BatchPool, ReleasingIterator
+from kitstrain.data.batch_pool import BatchPool, ReleasingIterator, batch_nbytes
 from kitstrain.data.dataset import SliceDataset, collate_slices, worker_init_fn
 from kitstrain.data.samplers import ForegroundSampler
 
@@ -23,8 +23,8 @@ from kitstrain.data.samplers import ForegroundSampler
 #   epochs; restarting them costs seconds per epoch under spawn and reseeds the streams.
 # - prefetch_factor up to 4 per worker: with 2 workers, 8 batches in flight cover the
 #   jitter of a step (validation, logging, a slow augmented batch) without holding much
-#   memory (512x512 batch of 16: 8 MB image + 4 MB label); `fit` lowers it for large
-#   batches (`prefetch_for`) so that shared memory stays bounded.
+#   memory (512x512 batch of 16: 8 MB image + 4 MB label); by default it is lowered for
+#   large batches (`prefetch_for`) so that the shared batch pool stays bounded.
 # - pin_memory only when the batches go to CUDA: pinned host memory is what makes
 #   `.to(device, non_blocking=True)` asynchronous; on CPU it only costs a copy.
 # - drop_last for training: equal batch sizes (batch-norm statistics) and an equal number
@@ -52,32 +52,21 @@ def make_train_loader(
     info: StoreInfo,
     cases: Sequence[str],
     *,
-    batch_size: int,
-    workers: int,
     context: int,
     augment: AugmentConfig | None,
-    fg_fraction: float,
-    label_weights: Mapping[int, float] | None,
     seed: int,
     rank: int = 0,
-    world_size: int = 1,
-    samples_per_epoch: int | None = None,
-    pin_memory: bool,
-    prefetch_factor: int = 4,
-    persistent_workers: bool = True,
-    multiprocessing_context=None,
-    epoch: int = 0,
-    start_batch: int = 0,
     patch: int | None = None,
+    **settings,
 ) -> DataLoader:
-    """Training batches (image float16 (B, 1+2K, P, P), label uint8 (B, P, P)) drawn by a
-    ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all ranks. P is
-    `patch` (see `kitstrain.data.patches.patch_origin`), the whole slice when None.
+    """Training batches (image float16 (B, 1+2K, P, P), label uint8 (B, P, P)) of `cases`:
+    a SliceDataset (P is `patch`, see `kitstrain.data.patches.patch_origin`, the whole
+    slice when None) in `train_loader_for`, which takes the other settings.
 
-    `epoch` fixes the sampler's order and the augmentation streams (each draw is seeded by
-    (seed, rank, epoch, draw)), so one loader for a whole run (`loader.sampler.set_epoch`
-    at each epoch's end, what `fit` does) varies per epoch; `start_batch` resumes
-    mid-epoch on the same slices with the same augmentations."""
+    Each draw's augmentation is seeded by (seed, rank, epoch, draw), so one loader for a
+    whole run (`loader.sampler.set_epoch` at each epoch's end, what `fit` does) varies per
+    epoch, and `start_batch` resumes mid-epoch on the same slices with the same
+    augmentations."""
     ds = SliceDataset(
         store_path,
         info,
@@ -87,23 +76,7 @@ def make_train_loader(
         seed=_stream_seed(seed, rank),
         patch=patch,
     )
-    return train_loader_for(
-        ds,
-        batch_size=batch_size,
-        workers=workers,
-        fg_fraction=fg_fraction,
-        label_weights=label_weights,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        samples_per_epoch=samples_per_epoch,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        persistent_workers=persistent_workers,
-        multiprocessing_context=multiprocessing_context,
-        epoch=epoch,
-        start_batch=start_batch,
-    )
+    return train_loader_for(ds, seed=seed, rank=rank, **settings)
 
 
 def _stream_seed(seed: int, rank: int) -> int:
@@ -158,14 +131,16 @@ def train_loader_for(
     world_size: int = 1,
     samples_per_epoch: int | None = None,
     pin_memory: bool,
-    prefetch_factor: int = 4,
+    prefetch_factor: int | None = None,
     persistent_workers: bool = True,
     multiprocessing_context=None,
     epoch: int = 0,
     start_batch: int = 0,
 ) -> DataLoader:
     """The training DataLoader around any dataset with `rows`: one place for the settings,
-    so the loader benchmark's in-RAM ceiling runs exactly what training runs."""
+    so the loader benchmark's in-RAM ceiling runs exactly what training runs. Draws come
+    from a ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all
+    ranks; `epoch` fixes the sampler's order, `start_batch` skips into it."""
     sampler = ForegroundSampler(
         ds.rows,
         samples_per_epoch or len(ds),
@@ -181,6 +156,8 @@ def train_loader_for(
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
     # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
     # serves later epochs too (batches_per_epoch counts the same way)
+    if prefetch_factor is None:
+        prefetch_factor = prefetch_for(batch_nbytes(batch_size, ds.channels, ds.patch), workers)
     pool = None
     if workers > 0:
         # a copy: the pool belongs to this loader's workers, whatever else uses `ds`

@@ -14,7 +14,6 @@ the run's training split are marked: their scores say nothing about new patients
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from kitsprep.cases import find_cases, select_cases
 from kitsprep.errors import KitsError
-from kitsprep.files import atomic_path
+from kitsprep.files import atomic_path, check_output_folder
 from kitsprep.labels import EDITIONS, LabelSet, edition
 from kitsprep.progress import Progress
 from kitstrain.infer.cases import source_predictions, source_slices
@@ -147,15 +146,7 @@ def check_predict_out(src: Path, out: Path) -> None:
             f"--out {out} is the source folder or a case in it; write predictions "
             "to a folder of their own (e.g. --out predictions)"
         )
-    for parent in out_r.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise KitsError(
-                    f"--out {out}: {parent} is a file, not a folder; choose another --out"
-                )
-            if not os.access(parent, os.W_OK):
-                raise KitsError(f"--out {out}: {parent} is not writable; choose another --out")
-            break
+    check_output_folder(out, "--out")
 
 
 def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> PredictReport:

@@ -30,7 +30,6 @@ from kitstrain.data.loaders import (
     batches_per_epoch,
     close_loader,
     make_train_loader,
-    prefetch_for,
 )
 from kitstrain.data.patches import resolve_patch
 from kitstrain.data.samplers import label_weights_by_value
@@ -419,7 +418,6 @@ def train_loader(
     tc, patch = plan.tc, plan.patch
     if tc.augment and tc.workers > 0:
         compile_kernels()  # before the workers fork: they inherit it, none compiles
-    batch_bytes = plan.batch_size * patch * patch * (2 * (1 + 2 * tc.context) + 1)
     return make_train_loader(
         cfg.store,
         plan.info,
@@ -438,7 +436,6 @@ def train_loader(
         epoch=state.epoch,
         start_batch=state.step_in_epoch,
         patch=patch,
-        prefetch_factor=prefetch_for(batch_bytes, tc.workers),
     )
 
 

@@ -34,3 +34,14 @@ def test_other_errors_pass_through_unchanged(tmp_path):
             tmp.write_text("half")
             raise ValueError("boom")
     assert os.listdir(tmp_path) == []
+
+
+def test_output_under_a_file_is_refused_naming_the_option_and_the_file(tmp_path):
+    from kitsprep.errors import KitsError
+    from kitsprep.files import check_output_folder
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(KitsError, match=r"^--json .*a_file is a file, not a folder; choose"):
+        check_output_folder(blocker / "deeper" / "out.json", "--json")
+    check_output_folder(tmp_path / "new" / "deeper" / "out.json", "--json")  # creatable

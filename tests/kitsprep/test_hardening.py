@@ -400,3 +400,11 @@ def test_compile_time_is_reported_apart_from_the_rate(
     )
     assert r.exit_code == 0, r.output
     assert "plus 7.5s compiling the kernels" in r.output
+
+
+def test_out_below_a_file_at_any_depth_is_one_line(built, tmp_path: Path) -> None:
+    src, store = built
+    out = store / "deeper" / "x.h5"
+    assert_user_error(
+        run("build", "--src", src, "--out", out, "--size", 32), "is a file, not a folder"
+    )

@@ -221,6 +221,11 @@ def test_damaged_run_files_are_one_line(
 
 def test_score_json_into_a_folder_is_one_line(trained: Path, tmp_path: Path) -> None:
     assert_user_error(cli("score", trained, "--json", tmp_path), "is a folder")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_user_error(
+        cli("score", trained, "--json", blocker / "deeper" / "s.json"), "is a file, not a folder"
+    )
 
 
 def test_a_full_disk_during_fit_is_one_line_and_resume_works(

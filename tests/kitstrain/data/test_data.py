@@ -79,11 +79,11 @@ def test_dataset_items_equal_the_store(loader_store, info):
 
 
 def test_batched_read_equals_single_reads_and_collates_without_copy(loader_store, info):
-    ds = SliceDataset(loader_store, info, info.labelled_cases, context=1, return_row=True)
+    ds = SliceDataset(loader_store, info, info.labelled_cases, context=1)
     idx = [5, 0, 17, 3]
     items = ds.__getitems__(idx)
-    img, lab, rows = collate_slices(items)
-    assert img.shape == (4, 3, info.size, info.size) and rows.tolist() == ds.row_ids[idx].tolist()
+    img, lab = collate_slices(items)
+    assert img.shape == (4, 3, info.size, info.size) and lab.shape == (4, info.size, info.size)
     assert img.data_ptr() == items[0][0].data_ptr()  # the batch tensor itself, not a copy
     for j, i in enumerate(idx):
         one = ds[i]
@@ -338,6 +338,8 @@ def test_pooled_batches_equal_batches_read_in_the_main_process(loader_store, inf
     reused); each batch equals the one read without workers, and every slot comes back."""
     pooled = _train_loader(loader_store, info, multiprocessing_context=mp_context)
     assert pooled.pool is not None
+    # prefetch chosen from the batch's bytes (small here: 4), the pool sized from it
+    assert pooled.prefetch_factor == 4 and pooled.pool.slots_per_worker == 4 + POOL_SPARE_SLOTS
     slots = pooled.pool.images.shape[0]
     got = [(img.clone(), lab.clone()) for img, lab in pooled]
     want = list(_train_loader(loader_store, info, workers=0))
