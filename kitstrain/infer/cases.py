@@ -34,6 +34,7 @@ from kitstrain.infer.engine import (
     require_scorable,
     store_box,
 )
+from kitstrain.metrics import CaseScore, score_case
 
 __all__ = [
     "CasePrediction",
@@ -41,6 +42,7 @@ __all__ = [
     "display_slice",
     "source_predictions",
     "source_slices",
+    "score_store_cases",
     "store_predictions",
     "store_spacing",
 ]
@@ -213,3 +215,26 @@ def source_predictions(
             imaging=ref.imaging,
         )
         del vol, seg, pred
+
+
+def score_store_cases(
+    model: nn.Module,
+    info: StoreInfo,
+    cases: Sequence[str],
+    context: int,
+    device: torch.device,
+    *,
+    amp: Amp = True,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    reader: SliceReader | None = None,
+    progress: SliceProgress | None = None,
+) -> list[CaseScore]:
+    """Per-case 3D Dice of every region of the store's label set, in store geometry, inside
+    `store_box` (validation): the cases of `store_predictions`, scored without
+    spacing (no surface Dice), so `fit` logs what `kitstrain score` computes."""
+    inference = Inference(model, context, device, amp=amp, tta=tta, batch_size=batch_size)
+    return [
+        score_case(case.case_id, case.pred, case.truth, info.labels)
+        for case in store_predictions(inference, info, cases, reader=reader, progress=progress)
+    ]

@@ -35,7 +35,6 @@ from kitsprep.geometry import axial_axes, fit_in_plane
 from kitsprep.kernels import count_nonfinite, window_resample
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
-from kitstrain.metrics import CaseScore, score_case
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -47,7 +46,6 @@ __all__ = [
     "read_store_labels",
     "require_scorable",
     "resolve_device",
-    "score_store_cases",
     "stack_context",
     "store_box",
 ]
@@ -276,32 +274,6 @@ def predict_store_case(
         ):
             out[s0:s1] = _labels_u8(model, logits)
     return out
-
-
-def score_store_cases(
-    model: nn.Module,
-    info: StoreInfo,
-    cases: Sequence[str],
-    context: int,
-    device: torch.device,
-    *,
-    amp: Amp = True,
-    tta: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    reader: SliceReader | None = None,
-    progress: SliceProgress | None = None,
-) -> list[CaseScore]:
-    """Per-case 3D Dice of every region of the store's label set, in store geometry, inside
-    `store_box` (validation): the cases of `infer.cases.store_predictions`, scored without
-    spacing (no surface Dice), so `fit` logs what `kitstrain score` computes."""
-    # cases builds on this module; `fit` imports validation from here
-    from kitstrain.infer.cases import Inference, store_predictions
-
-    inference = Inference(model, context, device, amp=amp, tta=tta, batch_size=batch_size)
-    return [
-        score_case(case.case_id, case.pred, case.truth, info.labels)
-        for case in store_predictions(inference, info, cases, reader=reader, progress=progress)
-    ]
 
 
 # --------------------------------------------------------------------------- source geometry

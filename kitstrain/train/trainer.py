@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from kitsprep.errors import KitsError
 from kitstrain.data.loaders import next_batch, shard_cases
-from kitstrain.infer.engine import score_store_cases
+from kitstrain.infer.cases import score_store_cases
 from kitstrain.metrics import CaseScore, mean_score
 from kitstrain.model.presets import TrainConfig
 from kitstrain.train import distributed, rundir

@@ -23,6 +23,7 @@ from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceReader, open_store
 from kitsprep.window import WINDOW_PRESETS
+from kitstrain.infer.cases import score_store_cases
 from kitstrain.infer.engine import (
     _eval_mode,
     _labels_u8,
@@ -32,7 +33,6 @@ from kitstrain.infer.engine import (
     read_store_images,
     read_store_labels,
     resolve_device,
-    score_store_cases,
     stack_context,
     store_box,
 )
