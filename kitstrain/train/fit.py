@@ -93,8 +93,9 @@ def _fit(
     echo: Callable[[str], None],
 ) -> FitResult:
     # ---- options, split, model: what the run is
-    tc = resolve_train_config(cfg, run_dir)
-    check_store(cfg, info, run_dir)
+    recorded = rundir.read_config(run_dir) if cfg.resume else None  # read once
+    tc = resolve_train_config(cfg, run_dir, recorded)
+    check_store(cfg, info, run_dir, recorded)
     label_weights = label_weights_by_value(
         info.labels, tc.label_weights, strict="label_weights" in cfg.explicit
     )
@@ -105,7 +106,7 @@ def _fit(
     patch = resolve_patch(tc.patch, info.size, mcfg.divisor)
     loss_fn = make_loss(tc.loss, info.labels, regions=tc.regions)
     batch_size, batch_info, lr_info = batch_and_lr(
-        cfg, run_dir, tc, model, loss_fn, patch, info, device, dtype, d
+        cfg, run_dir, recorded, tc, model, loss_fn, patch, info, device, dtype, d
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peaks from here: not the search's tries
@@ -154,11 +155,11 @@ def _fit(
 # --------------------------------------------------------------------------- setup
 
 
-def resolve_train_config(cfg: FitConfig, run_dir: Path) -> TrainConfig:
-    """A resumed run keeps its recorded options; only limits and loader knobs may change."""
-    if not cfg.resume:
+def resolve_train_config(cfg: FitConfig, run_dir: Path, recorded: dict | None) -> TrainConfig:
+    """A resumed run (`recorded`: its config.json) keeps its recorded options; only limits
+    and loader knobs may change."""
+    if recorded is None:
         return cfg.train
-    recorded = rundir.read_config(run_dir)
     saved = rundir.from_record(
         run_dir, rundir.CONFIG, lambda r: TrainConfig(**r["train"]), recorded
     )
@@ -183,11 +184,11 @@ def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Pat
     return make_split(info, cfg.train_cases, cfg.val_cases, seed=tc.seed)
 
 
-def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path) -> None:
-    """A --resume must train on the store the run trained on: same labels, same data."""
-    if not cfg.resume:
+def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path, config: dict | None) -> None:
+    """A --resume (`config`: the run's config.json) must train on the store the run trained
+    on: same labels, same data."""
+    if config is None:
         return
-    config = rundir.read_config(run_dir)
     # before the fingerprint: a store rebuilt under another --edition has the same sources
     recorded_labels = rundir.from_record(
         run_dir, rundir.CONFIG, lambda c: c["store_attrs"]["labels"], config
@@ -279,6 +280,7 @@ def restore_or_restart(
 def batch_and_lr(
     cfg: FitConfig,
     run_dir: Path,
+    recorded: dict | None,
     tc: TrainConfig,
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -288,15 +290,16 @@ def batch_and_lr(
     dtype: torch.dtype | None,
     d: Dist,
 ) -> tuple[int, dict, dict]:
-    """The batch size, how it was chosen, and the learning rate for it. A resumed run keeps
-    its recorded ones (the steps must not change); a new one searches (`auto` on CUDA, the
-    same batch on every rank) and scales the lr to the batch."""
-    if cfg.resume:
+    """The batch size, how it was chosen, and the learning rate for it. A resumed run
+    (`recorded`: its config.json) keeps its recorded ones (the steps must not change); a
+    new one searches (`auto` on CUDA, the same batch on every rank) and scales the lr to
+    the batch."""
+    if recorded is not None:
         return rundir.from_record(
             run_dir,
             rundir.CONFIG,
             lambda r: (int(r["batch_size"]), r["batch"], r["lr_scaling"]),
-            rundir.read_config(run_dir),
+            recorded,
         )
     batch_size, batch_info = choose_batch_size(
         tc,
