@@ -871,30 +871,13 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     each worker, about a second). Forking while another thread may hold a lock is unsafe,
     so otherwise 'forkserver' (its server imports this module once), else 'spawn'."""
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods:
-        _stop_tqdm_monitor()
-        if threading.active_count() == 1:
-            return multiprocessing.get_context("fork")
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
         return ctx
     return multiprocessing.get_context("spawn")
-
-
-def _stop_tqdm_monitor() -> None:
-    """A tqdm bar (the CLI's) starts a monitor thread, which would rule out fork; it only
-    tunes redraw intervals, so stop it and start no other."""
-    tqdm_mod = sys.modules.get("tqdm")
-    cls = getattr(tqdm_mod, "tqdm", None)
-    if cls is None:
-        return
-    with contextlib.suppress(Exception):
-        cls.monitor_interval = 0
-        monitor = getattr(cls, "monitor", None)
-        if monitor is not None:
-            monitor.exit()
-            cls.monitor = None
 
 
 def _worker_init() -> None:

@@ -29,6 +29,9 @@ class Progress:
         if self.enabled and self.bar:
             from tqdm import tqdm
 
+            # no monitor thread (it only tunes redraw intervals): a process with a second
+            # thread cannot fork safely, and `kitsprep build` forks its workers
+            tqdm.monitor_interval = 0
             self._tqdm = tqdm(
                 total=total,
                 initial=initial,
