@@ -64,14 +64,18 @@ def loader_store(tmp_path_factory) -> Path:
     n = len(LOADER_CASES)
     write_kits_case(src, f"case_{n:05d}", rng.uniform(-300, 500, LOADER_UNLABELLED), None)
     out = root / "s.h5"
-    build_store(
-        BuildConfig(
-            src=src,
-            out=out,
-            window=WINDOW_PRESETS["mlperf"],
-            size=LOADER_SIZE,
-            workers=1,
-            fsync=False,
-        )
-    )
+    build(src, out, size=LOADER_SIZE, workers=1)
     return out
+
+
+def build(src: Path, out: Path, size: int = 32, window: str = "mlperf", **kw):
+    """build_store with test defaults: tiny size, one worker, no fsync (speed only)."""
+    cfg = BuildConfig(
+        src=Path(src),
+        out=Path(out),
+        window=WINDOW_PRESETS[window],
+        size=size,
+        fsync=kw.pop("fsync", False),
+        **kw,
+    )
+    return build_store(cfg)

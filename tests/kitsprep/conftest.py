@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kitsprep.window import WINDOW_PRESETS
+from tests.conftest import build  # noqa: F401  (the kitsprep tests import it from here)
 
 
 def kits_affine(thickness: float = 2.5, pixel: float = 0.8) -> np.ndarray:
@@ -192,21 +193,6 @@ def assert_same_store(a: dict, b: dict) -> None:
 @pytest.fixture
 def mlperf():
     return WINDOW_PRESETS["mlperf"]
-
-
-def build(src: Path, out: Path, size: int = 32, window: str = "mlperf", **kw):
-    """build_store with test defaults: tiny size, one worker, no fsync (speed only)."""
-    from kitsprep.build import BuildConfig, build_store
-
-    cfg = BuildConfig(
-        src=Path(src),
-        out=Path(out),
-        window=WINDOW_PRESETS[window],
-        size=size,
-        fsync=kw.pop("fsync", False),
-        **kw,
-    )
-    return build_store(cfg)
 
 
 def expected_case(ref_imaging: Path, ref_seg: Path | None, size: int, window):

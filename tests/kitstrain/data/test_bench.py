@@ -7,11 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
-from kitsprep.window import WINDOW_PRESETS
 from kitstrain.data.bench import bench_loader, format_bench
-from tests.conftest import write_kits_case
+from tests.conftest import build, write_kits_case
 
 
 @pytest.mark.parametrize("workers, augment", [(0, False), (2, True)])
@@ -40,15 +38,6 @@ def test_bench_refuses_a_missing_store_or_one_without_labels(tmp_path):
         bench_loader(tmp_path / "missing.h5", seconds=0.1)
     write_kits_case(tmp_path / "src", "case_00000", np.zeros((3, 16, 16), np.float32), None)
     out = tmp_path / "unlabelled.h5"
-    build_store(
-        BuildConfig(
-            src=tmp_path / "src",
-            out=out,
-            window=WINDOW_PRESETS["mlperf"],
-            size=16,
-            workers=1,
-            fsync=False,
-        )
-    )
+    build(tmp_path / "src", out, size=16, workers=1)
     with pytest.raises(KitsError, match="no labelled case"):
         bench_loader(out, seconds=0.1)

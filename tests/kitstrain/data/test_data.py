@@ -12,11 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kitsprep.build import BuildConfig, build_store
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceReader, index_dtype, open_store
-from kitsprep.window import WINDOW_PRESETS
 from kitstrain.data.augment import AugmentConfig
 from kitstrain.data.batch_pool import PooledBatch
 from kitstrain.data.dataset import SliceDataset, collate_slices
@@ -30,7 +28,7 @@ from kitstrain.data.loaders import (
 )
 from kitstrain.data.samplers import ForegroundSampler, label_weights_by_value, slice_weights
 from kitstrain.data.splits import Split, check_split, make_split
-from tests.conftest import LOADER_CASES, blob_labels, write_kits_case
+from tests.conftest import LOADER_CASES, blob_labels, build, write_kits_case
 
 MASKS = Path(__file__).resolve().parents[4] / "shared" / "kits19-masks"
 
@@ -144,16 +142,7 @@ def test_resident_memory_stays_flat_while_reading(tmp_path):
     hu = np.random.default_rng(1).uniform(-300, 500, shape).astype(np.float32)
     write_kits_case(tmp_path / "src", "case_00000", hu, blob_labels(shape, 1), gz=False)
     out = tmp_path / "big.h5"
-    build_store(
-        BuildConfig(
-            src=tmp_path / "src",
-            out=out,
-            window=WINDOW_PRESETS["mlperf"],
-            size=256,
-            workers=1,
-            fsync=False,
-        )
-    )
+    build(tmp_path / "src", out, size=256, workers=1)
     shutil.rmtree(tmp_path / "src")
     info = open_store(out)
     ds = SliceDataset(out, info, info.labelled_cases)
@@ -517,16 +506,7 @@ def test_real_mask_reads_back_equal_through_the_reader(tmp_path):
     img.set_data_dtype(np.float32)
     nib.save(img, src / "imaging.nii")
     out = tmp_path / "real.h5"
-    build_store(
-        BuildConfig(
-            src=tmp_path / "src",
-            out=out,
-            window=WINDOW_PRESETS["mlperf"],
-            size=512,
-            workers=1,
-            fsync=False,
-        )
-    )
+    build(tmp_path / "src", out, size=512, workers=1)
     info = open_store(out)
     meta = info.cases[case_id]
     assert meta.in_plane.is_identity, "the shortest KiTS19 case is 512x512"

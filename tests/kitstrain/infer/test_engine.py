@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from kitsprep.build import BuildConfig, build_store
 from kitsprep.cases import read_volume
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
@@ -39,6 +38,7 @@ from kitstrain.infer.engine import (
 from kitstrain.metrics import DiceCounts, score_from_counts
 from kitstrain.model.unet import UNet, UNetConfig
 from kitstrain.train import rundir as runlib
+from tests.conftest import build
 
 WINDOW = WINDOW_PRESETS["mlperf"]
 SIZE = 32
@@ -115,7 +115,7 @@ def make_cohort(root: Path) -> Path:
 
 
 def make_store(src: Path, out: Path, size: int = SIZE) -> Path:
-    build_store(BuildConfig(src=src, out=out, window=WINDOW, size=size, workers=1, fsync=False))
+    build(src, out, size=size, workers=1)
     return out
 
 

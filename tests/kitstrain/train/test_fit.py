@@ -16,18 +16,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kitsprep.build import BuildConfig, build_store
 from kitsprep.labels import EDITIONS
 from kitsprep.store import open_store
 from kitsprep.synth import SynthConfig, write_cohort
-from kitsprep.window import WINDOW_PRESETS
 from kitstrain.cli import main, parse_duration
 from kitstrain.infer.engine import predict_store_case
 from kitstrain.model.presets import PRESETS, TrainConfig, resolve
 from kitstrain.train import rundir as runlib
 from kitstrain.train.config import State
 from kitstrain.train.optim import lr_at, progress_of
-from tests.conftest import blob_labels, write_kits_case
+from tests.conftest import blob_labels, build, write_kits_case
 
 SIZE = 32
 # a tiny model so that CPU steps take milliseconds
@@ -51,11 +49,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fit")
     write_cohort(SynthConfig(cases=6, size=SIZE, seed=3), root / "src")
     out = root / "s.h5"
-    build_store(
-        BuildConfig(
-            src=root / "src", out=out, window=WINDOW_PRESETS["mlperf"], size=SIZE, workers=1
-        )
-    )
+    build(root / "src", out, size=SIZE, workers=1, fsync=True)
     return out
 
 
@@ -434,16 +428,7 @@ def kits23_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             root / "src", f"case_{i:05d}", rng.uniform(-300, 500, seg.shape).astype(np.float32), seg
         )
     out = root / "s23.h5"
-    build_store(
-        BuildConfig(
-            src=root / "src",
-            out=out,
-            window=WINDOW_PRESETS["mlperf"],
-            size=SIZE,
-            workers=1,
-            fsync=False,
-        )
-    )
+    build(root / "src", out, size=SIZE, workers=1)
     return out
 
 
