@@ -360,23 +360,8 @@ def test_workers_fill_pool_slots_and_fall_back_when_none_is_free(loader_store, i
 
 def test_train_loader_is_repeatable_for_a_seed_with_workers(loader_store, info):
     def batches(seed: int, rank: int = 0, world: int = 1):
-        loader = make_train_loader(
-            loader_store,
-            info,
-            info.labelled_cases,
-            batch_size=4,
-            workers=2,
-            context=1,
-            augment=AugmentConfig(),
-            fg_fraction=0.5,
-            label_weights={2: 2.0},
-            seed=seed,
-            rank=rank,
-            world_size=world,
-            samples_per_epoch=24,
-            pin_memory=False,
-            persistent_workers=False,
-            multiprocessing_context="fork",
+        loader = _train_loader(
+            loader_store, info, seed=seed, rank=rank, world_size=world, samples_per_epoch=24
         )
         return [(img.clone(), lab.clone()) for img, lab in loader]
 
@@ -401,21 +386,18 @@ def test_steps_per_epoch_equal_the_batches_the_loader_yields(
     """The schedule counts batches_per_epoch; a loader that yields fewer (drop_last) would
     end every epoch before the schedule thinks it does."""
     for rank in range(world):
-        loader = make_train_loader(
+        loader = _train_loader(
             loader_store,
             info,
-            info.labelled_cases,
             batch_size=batch,
             workers=0,
             context=0,
             augment=None,
             fg_fraction=0.0,
             label_weights=None,
-            seed=0,
             rank=rank,
             world_size=world,
             samples_per_epoch=samples,
-            pin_memory=False,
         )
         assert len(list(loader.sampler)) > 0
         assert sum(1 for _ in loader) == batches_per_epoch(samples, batch, world)
@@ -424,19 +406,15 @@ def test_steps_per_epoch_equal_the_batches_the_loader_yields(
 def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info):
     """Built once for the run, resumed at the last batch of an epoch (2 draws left of 22,
     fewer than a batch): that epoch yields nothing more, the next ones whole epochs."""
-    loader = make_train_loader(
+    loader = _train_loader(
         loader_store,
         info,
-        info.labelled_cases,
-        batch_size=4,
         workers=0,
         context=0,
         augment=None,
         fg_fraction=0.0,
         label_weights=None,
-        seed=0,
         samples_per_epoch=22,
-        pin_memory=False,
         epoch=3,
         start_batch=5,
     )
@@ -449,19 +427,15 @@ def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info)
 
 def test_resume_mid_epoch_draws_the_rest_of_that_epoch(loader_store, info):
     def batches(epoch: int, start_batch: int = 0):
-        loader = make_train_loader(
+        loader = _train_loader(
             loader_store,
             info,
-            info.labelled_cases,
-            batch_size=4,
             workers=0,
             context=0,
             augment=None,
             fg_fraction=0.33,
-            label_weights={2: 2.0},
             seed=3,
             samples_per_epoch=20,
-            pin_memory=False,
             epoch=epoch,
             start_batch=start_batch,
         )
