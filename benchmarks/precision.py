@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from kitsprep.labels import EDITIONS
+from kitstrain.core.precision import amp_dtype
 from kitstrain.model.losses import make_loss
 from kitstrain.model.unet import UNet, UNetConfig
-from kitstrain.train.memory import amp_dtype
 
 
 def cpu_flags() -> str:

@@ -23,11 +23,12 @@ from kitsprep.cases import NiftiHeader, Volume, read_volume
 from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
 from kitsprep.store import open_store
+from kitstrain.core.device import resolve_device
 from kitstrain.data.dataset import SliceDataset
 from kitstrain.infer.cases import Inference
-from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, resolve_device
-from kitstrain.infer.loaded import LoadedRun, load_run, run_inference
-from kitstrain.infer.predict import prediction_image
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
+from kitstrain.runs.loaded import LoadedRun, load_run, run_inference
+from kitstrain.runs.predict import prediction_image
 
 __all__ = ["Predictor", "SliceDataset", "open_store"]
 

@@ -16,8 +16,7 @@ from kitsprep.errors import KitsError
 from kitsprep.files import check_output_folder
 from kitsprep.labels import EDITIONS
 from kitstrain import __version__
-from kitstrain.data.patches import PATCH_CHOICES
-from kitstrain.model.presets import PRECISIONS, PRESETS
+from kitstrain.core.config import PATCH_CHOICES, PRECISIONS, PRESETS
 
 
 class RegistryChoice(click.Choice):
@@ -242,7 +241,7 @@ def fit(
     log_every,
 ) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
-    from kitstrain.model.presets import resolve
+    from kitstrain.core.config import resolve
     from kitstrain.train.fit import FitConfig
     from kitstrain.train.fit import fit as run_fit
 
@@ -290,7 +289,9 @@ def fit(
         resume=resume,
         explicit=explicit,
     )
-    result = run_fit(cfg, echo=lambda s: click.echo(s, err=True))
+    from kitstrain.report.plots import plot_curves
+
+    result = run_fit(cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves)
     v = result.last_val or {}
     dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
     click.echo(
@@ -305,7 +306,7 @@ def _show_preset_defaults(command: click.Command) -> click.Command:
     options default to None so that only given flags override the preset)."""
     from dataclasses import replace
 
-    from kitstrain.model.presets import FIELD_NAMES, TrainConfig
+    from kitstrain.core.config import FIELD_NAMES, TrainConfig
 
     # the preset's fields as data, unchecked: checking imports the registries (and torch)
     preset = replace(TrainConfig(), **PRESETS["default"])
@@ -365,8 +366,9 @@ def score(
 ) -> None:
     """Official Dice and surface Dice of every region of the store's KiTS edition, per case
     and mean, beside the all-background accuracy."""
-    from kitstrain.report.score import ScoreConfig, format_table, score_run
-    from kitstrain.train.rundir import newest_run
+    from kitstrain.core.rundir import newest_run
+    from kitstrain.report.score import format_table
+    from kitstrain.runs.score import ScoreConfig, score_run
 
     _writable_file(json_path, "--json")
     run_dir = run_dir or newest_run()
@@ -429,8 +431,8 @@ def predict(
 ) -> None:
     """Predictions in the source geometry, named for the edition's official evaluator."""
     from kitsprep.cli import _warn_misnamed
-    from kitstrain.infer.predict import PredictConfig, check_predict_out, predict_run
     from kitstrain.report.score import format_table
+    from kitstrain.runs.predict import PredictConfig, check_predict_out, predict_run
 
     check_predict_out(src, out)
     _warn_misnamed(src)
@@ -462,8 +464,8 @@ def predict(
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 def plot(run_dir: Path | None) -> None:
     """Loss and validation Dice curves of a run, as a PNG."""
+    from kitstrain.core.rundir import newest_run, read_config
     from kitstrain.report.plots import plot_curves
-    from kitstrain.train.rundir import newest_run, read_config
 
     run_dir = run_dir or newest_run()
     read_config(run_dir)

@@ -11,19 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from kitsprep.errors import KitsError
+from kitstrain.core.config import check_patch
 
-__all__ = ["PATCH_CHOICES", "check_patch", "patch_origin", "resolve_patch", "uniform_origin"]
-
-PATCH_CHOICES = "'auto' (half the slice side), 'full' (whole slices) or a side in pixels"
-
-
-def check_patch(patch: object) -> None:
-    """Refuse a patch setting that no store could take: not 'auto', 'full', None or a
-    positive pixel count."""
-    if patch in (None, "auto", "full"):
-        return
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-        raise KitsError(f"--patch must be {PATCH_CHOICES}; found {patch!r}")
+__all__ = ["patch_origin", "resolve_patch", "uniform_origin"]
 
 
 def resolve_patch(patch: int | str | None, size: int, divisor: int) -> int:

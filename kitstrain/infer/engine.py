@@ -35,6 +35,7 @@ from kitsprep.geometry import axial_axes, fit_in_plane
 from kitsprep.kernels import count_nonfinite, window_resample
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
+from kitstrain.core.precision import Amp
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -45,7 +46,6 @@ __all__ = [
     "read_store_images",
     "read_store_labels",
     "require_scorable",
-    "resolve_device",
     "stack_context",
     "store_box",
 ]
@@ -54,41 +54,10 @@ DEFAULT_BATCH_SIZE = 16
 
 # Called with the number of slices just finished; lets a caller drive a bar.
 SliceProgress = Callable[[int], None]
-# Mixed precision on CUDA: True (float16 autocast), False, or the autocast dtype itself
-# (e.g. torch.bfloat16, to validate in the precision training uses). Ignored on CPU.
-Amp = bool | torch.dtype
 
 # The flips averaged by test-time augmentation: the four mirror images of a slice
 # (none, left-right, up-down, both), as dims of an (N, C, H, W) tensor.
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
-
-
-# --------------------------------------------------------------------------- device
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when there is a GPU; an explicit `cuda` without one is a user error
-    (silently falling back to CPU would turn minutes into hours)."""
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise KitsError(
-                f"--device {name} asked for a GPU, but torch sees none (torch "
-                f"{torch.__version__}); use --device cpu, or install a CUDA build "
-                "of torch"
-            )
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise KitsError(
-                f"--device {name}: there are only {torch.cuda.device_count()} "
-                "GPU(s); use --device cuda or a lower index"
-            )
-        return dev
-    raise KitsError(f"unknown --device {name!r}; expected auto, cpu or cuda")
 
 
 # --------------------------------------------------------------------------- core

@@ -1,1 +1,1 @@
-"""The network, its losses, and the presets that configure training."""
+"""The network and its losses. Training options and presets are `kitstrain.core.config`."""

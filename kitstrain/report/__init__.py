@@ -1,2 +1,2 @@
-"""Reports of predictions. score: per-case tables, CSV and JSON (`kitstrain score`); plots:
-overlays and training curves (`--overlays`, `kitstrain plot`)."""
+"""Reports of predictions, formatting and drawing only. score: per-case tables, CSV and JSON;
+plots: overlays and training curves. The jobs that produce them are `kitstrain.runs`."""

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from kitsprep.errors import KitsError
 from kitsprep.files import atomic_path
 from kitsprep.labels import LabelSet, region_masks
-from kitstrain.train import rundir as runlib
+from kitstrain.core import rundir as runlib
 
 if TYPE_CHECKING:
     from kitstrain.infer.cases import CasePrediction

@@ -17,9 +17,8 @@ its NIfTI imaging and scored against its own mask at source resolution, with the
 spacing: the official setting whenever the store was resized. In store geometry the spacing is
 the source's, scaled by the recorded in-plane resize.
 
-Predictions come from `kitstrain.infer` (the run from `infer.loaded`, the cases from
-`infer.cases`, the loop validation and `predict` use too); this module scores them and writes
-the table, the CSV and the JSON.
+The job (load the run, predict, score) is `kitstrain.runs.score`; this module only formats
+its report: the table, the CSV and the JSON.
 """
 
 from __future__ import annotations
@@ -28,51 +27,33 @@ import csv
 import io
 import json
 import textwrap
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kitsprep.cases import CaseRef, find_cases, parse_case_spec
-from kitsprep.errors import KitsError
 from kitsprep.files import write_atomic
 from kitsprep.labels import LabelSet
-from kitsprep.progress import Progress
-from kitstrain.infer.cases import (
-    CasePrediction,
-    source_predictions,
-    source_slices,
-    store_predictions,
-)
-from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, require_scorable, resolve_device
-from kitstrain.infer.loaded import LoadedRun, default_cases, load_run, run_inference, training_cases
 from kitstrain.metrics import (
     BACKGROUND_FLAG,
     MIN_FOREGROUND_SHARE,
     OVERPREDICT_FLAG,
     OVERPREDICT_MARGIN,
     CaseScore,
-    mean_score,
-    score_case,
     surface_tolerance,
 )
-from kitstrain.report.plots import prediction_overlay
-from kitstrain.train import rundir as runlib
 
 __all__ = [
     "BACKGROUND_FLAG",
     "OVERPREDICT_FLAG",
     "TRAINED_FLAG",
-    "ScoreConfig",
     "ScoreReport",
     "case_line",
     "definition",
     "format_table",
     "overlay_title",
-    "score_cases",
     "score_columns",
     "score_row",
-    "score_run",
     "write_csv",
+    "write_report_json",
 ]
 
 SCORE_CSV = "score.csv"
@@ -90,24 +71,6 @@ def definition(ls: LabelSet) -> str:
         + ("" if own else " (KiTS21's: KiTS19 has no official surface Dice)")
         + "; both empty scores 1, one empty 0; mean = mean of the regions' Dice"
     )
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """What `kitstrain score` was asked; None means the run's own default."""
-
-    run_dir: Path | None = None  # None: the newest run under runs_root
-    data: Path | None = None  # store override (the run's store moved)
-    cases: str | None = None  # case spec; None: the run's validation cases
-    src: Path | None = None  # score in source geometry against these NIfTI masks
-    tta: bool = False
-    json: Path | None = None  # also write the report here as JSON
-    overlays: Path | None = None
-    device: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    which: str = "best"
-    amp: bool = True  # autocast in the run's training precision
-    runs_root: Path = runlib.RUNS_ROOT
 
 
 @dataclass
@@ -188,57 +151,6 @@ def score_row(s: CaseScore, ls: LabelSet, trained: bool = False) -> dict:
     return row
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-def _store_cases(run: LoadedRun, spec: str | None) -> list[str]:
-    """The store cases to score: `spec`, or the run's validation cases; all labelled."""
-    info = run.store
-    if spec is not None:
-        try:
-            cases = parse_case_spec(spec, info.case_ids)
-        except KitsError as exc:
-            raise KitsError(f"{exc} (in store {info.path})") from None
-    else:
-        cases = default_cases(run)
-        missing = [c for c in cases if c not in info.cases]
-        if missing:
-            raise KitsError(
-                f"the run's validation cases {', '.join(missing[:5])} are not in "
-                f"the store {info.path}; pass --data with the store the run "
-                "trained on, or choose cases with --cases"
-            )
-    for cid in cases:
-        require_scorable(info, cid)
-    return cases
-
-
-def _src_cases(run: LoadedRun, src: Path, spec: str | None) -> list[CaseRef]:
-    """The NIfTI cases under `src` to score: `spec`, or the run's validation cases; each
-    with a segmentation."""
-    refs = {r.case_id: r for r in find_cases(src)}
-    if spec is not None:
-        ids = parse_case_spec(spec, refs)
-    else:
-        ids = default_cases(run)
-        missing = [c for c in ids if c not in refs]
-        if missing:
-            raise KitsError(
-                f"the run's validation cases {', '.join(missing[:5])} are not in "
-                f"--src {src}; point --src at the data the store was built from, "
-                "or choose cases with --cases"
-            )
-    chosen = [refs[c] for c in ids]
-    for ref in chosen:
-        if ref.segmentation is None:
-            raise KitsError(
-                f"{ref.case_id} in {src} has no segmentation.nii.gz, so it cannot "
-                "be scored; leave it out of --cases, or segment it with "
-                "`kitstrain predict`"
-            )
-    return chosen
-
-
 def overlay_title(s: CaseScore) -> str:
     flag = "".join(f"  [{f}]" for f in s.flags)
     dice = "  ".join(f"{name} {v:.3f}" for name, v in s.dice.items())
@@ -251,85 +163,6 @@ def case_line(s: CaseScore) -> str:
     dice = "  ".join(f"{name} {v:.4f}" for name, v in s.dice.items())
     sd = "  ".join(f"{v:.4f}" for v in s.surface_dice.values())
     return f"Dice {dice}" + (f"  surface Dice {sd}" if sd else "") + flag
-
-
-def score_cases(
-    cases: Iterable[CasePrediction],
-    labels: LabelSet,
-    progress: Progress,
-    overlays: Path | None = None,
-) -> tuple[list[CaseScore], list[Path]]:
-    """Score each predicted case against its truth (with surface Dice at its spacing), and
-    draw its overlay into `overlays` when asked."""
-    scores, pictures = [], []
-    for case in cases:
-        s = score_case(case.case_id, case.pred, case.truth, labels, case.spacing)
-        scores.append(s)
-        if overlays is not None:
-            path = Path(overlays) / f"{case.case_id}.png"
-            pictures.append(prediction_overlay(case, overlay_title(s), path, labels))
-        progress.item_done(case.case_id, case_line(s))
-        del case  # one source volume in memory at a time, not two
-    return scores, pictures
-
-
-def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
-    """Score a run's checkpoint per case; writes <run>/score.csv, and the JSON and overlays
-    when asked. Raises KitsError for anything the user can fix."""
-    # In source geometry the store only lends its preprocessing, which the run also records.
-    run = load_run(
-        cfg.run_dir,
-        cfg.data,
-        which=cfg.which,
-        runs_root=cfg.runs_root,
-        store_required=cfg.src is None,
-    )
-    if cfg.src is None:
-        info = run.store
-        chosen = _store_cases(run, cfg.cases)
-        total, desc = sum(info.cases[c].slices for c in chosen), "score"
-        resized = any(not info.cases[c].in_plane.is_identity for c in chosen)
-        geometry = f"store {run.size}x{run.size}"
-    else:
-        refs = _src_cases(run, Path(cfg.src), cfg.cases)
-        total, desc = source_slices(refs), "score --src"
-        resized, geometry = False, "source"
-    inference = run_inference(
-        run, resolve_device(cfg.device), amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size
-    )
-    progress = progress if progress is not None else Progress()
-    progress.start(total, desc)
-    try:
-        if cfg.src is None:
-            cases = store_predictions(inference, info, chosen, progress=progress.advance)
-        else:
-            cases = source_predictions(
-                inference, refs, run.window, run.size, progress=progress.advance
-            )
-        scores, pictures = score_cases(cases, run.labels, progress, cfg.overlays)
-    finally:
-        progress.close()
-    trained = set(training_cases(run.run_dir))
-    report = ScoreReport(
-        run_dir=run.run_dir,
-        checkpoint=run.checkpoint,
-        store=run.store.path if run.store is not None else None,
-        src=None if cfg.src is None else Path(cfg.src),
-        geometry=geometry,
-        tta=cfg.tta,
-        scores=scores,
-        mean=mean_score(scores),
-        labels=run.labels,
-        csv_path=run.run_dir / SCORE_CSV,
-        overlays=pictures,
-        warnings=list(run.warnings),
-        resized=resized,
-        trained=[s.case for s in scores if s.case in trained],
-    )
-    write_csv(report, report.csv_path)
-    if cfg.json is not None:
-        report.json_path = _write(Path(cfg.json), json.dumps(report.as_dict(), indent=2) + "\n")
-    return report
 
 
 # --------------------------------------------------------------------------- output
@@ -353,6 +186,11 @@ def write_csv(report: ScoreReport, path: Path) -> Path:
         row = score_row(s, report.labels, s.case in report.trained)
         w.writerow([cell(row[c]) for c in cols])
     return _write(Path(path), text.getvalue())
+
+
+def write_report_json(report: ScoreReport, path: Path) -> Path:
+    """The report as JSON (`score --json`): cases, mean, regions and their definition."""
+    return _write(Path(path), json.dumps(report.as_dict(), indent=2) + "\n")
 
 
 def _write(path: Path, text: str) -> Path:

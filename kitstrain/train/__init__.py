@@ -1,1 +1,2 @@
-"""The training loop, the run directory, GPU memory and the distributed context."""
+"""The training loop, GPU memory, the optimizer and the distributed context. The run directory
+is `kitstrain.core.rundir`, shared with the rooms that read runs."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from kitsprep.store import StoreInfo
+from kitstrain.core.config import TrainConfig
+from kitstrain.core.rundir import State
 from kitstrain.data.splits import Split
-from kitstrain.model.presets import TrainConfig
 from kitstrain.train.distributed import Dist
 
 # options a --resume may change: limits and loader knobs, never the recipe
@@ -51,19 +52,6 @@ class Plan:
     @property
     def unit(self) -> str:
         return "patches" if self.patch < self.info.size else "slices"
-
-
-@dataclass
-class State:
-    """Everything a resumed run needs besides weights and optimizer: saved in checkpoints."""
-
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    elapsed: float = 0.0
-    best: float = -1.0
-    micro_batch: int = 0
-    last_val_seconds: float = 0.0
 
 
 @dataclass

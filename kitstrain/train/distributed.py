@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from kitsprep.errors import KitsError
-from kitstrain.infer.engine import resolve_device
+from kitstrain.core.device import resolve_device
 from kitstrain.train.memory import peak_memory_mb
 
 

@@ -25,6 +25,9 @@ from kitsprep.labels import LabelSet
 from kitsprep.progress import Progress
 from kitsprep.store import CRC_ON_READ, StoreInfo, open_store
 from kitstrain import __version__
+from kitstrain.core import rundir
+from kitstrain.core.config import TrainConfig
+from kitstrain.core.precision import amp_dtype
 from kitstrain.data.augment import AugmentConfig, compile_kernels
 from kitstrain.data.loaders import (
     batches_per_epoch,
@@ -34,10 +37,15 @@ from kitstrain.data.loaders import (
 from kitstrain.data.patches import resolve_patch
 from kitstrain.data.samplers import label_weights_by_value
 from kitstrain.data.splits import Split, make_split
-from kitstrain.model.losses import make_loss
-from kitstrain.model.presets import TrainConfig
-from kitstrain.model.unet import UNetConfig, build_model, count_parameters, pad_input_channels
-from kitstrain.train import distributed, rundir
+from kitstrain.model.losses import LOSSES, make_loss
+from kitstrain.model.unet import (
+    NORMS,
+    UNetConfig,
+    build_model,
+    count_parameters,
+    pad_input_channels,
+)
+from kitstrain.train import distributed
 from kitstrain.train.config import (
     RESUMABLE_OVERRIDES,
     FitConfig,
@@ -48,8 +56,8 @@ from kitstrain.train.config import (
 )
 from kitstrain.train.distributed import Dist, setup_distributed
 from kitstrain.train.log import RunLog, tensorboard_writer
-from kitstrain.train.memory import amp_dtype, choose_batch_size, effective_lr
-from kitstrain.train.optim import make_optimizer
+from kitstrain.train.memory import choose_batch_size, effective_lr
+from kitstrain.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
 from kitstrain.train.trainer import Trainer
 
 __all__ = ["FitConfig", "FitResult", "fit"]
@@ -59,16 +67,18 @@ def fit(
     cfg: FitConfig,
     show_progress: bool = True,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    on_validation: Callable[[Path], object] | None = None,
 ) -> FitResult:
-    """Train (or --resume) a run. Under DDP a rank that fails takes the others down at once
-    (`distributed.shutdown`), and a rank that failed only because a peer did says so in one
-    line instead of a collective's traceback."""
+    """Train (or --resume) a run; `on_validation(run_dir)` runs on rank 0 after each
+    validation (the CLI draws the curves there). Under DDP a rank that fails takes the
+    others down at once (`distributed.shutdown`), and a rank that failed only because a
+    peer did says so in one line instead of a collective's traceback."""
     d, device = setup_distributed(cfg.device)
     info = open_store(cfg.store)
     run_dir = rundir.prepare(cfg.out, cfg.resume, d.main)
     failed = True
     try:
-        result = _fit(cfg, d, device, info, run_dir, show_progress, echo)
+        result = _fit(cfg, d, device, info, run_dir, show_progress, echo, on_validation)
         failed = False
         return result
     except Exception as exc:
@@ -91,10 +101,12 @@ def _fit(
     run_dir: Path,
     show_progress: bool,
     echo: Callable[[str], None],
+    on_validation: Callable[[Path], object] | None,
 ) -> FitResult:
     # ---- options, split, model: what the run is
     recorded = rundir.read_config(run_dir) if cfg.resume else None  # read once
     tc = resolve_train_config(cfg, run_dir, recorded)
+    check_names(tc)
     check_store(cfg, info, run_dir, recorded)
     label_weights = label_weights_by_value(
         info.labels, tc.label_weights, strict="label_weights" in cfg.explicit
@@ -146,6 +158,7 @@ def _fit(
                 plan.total_steps, "fit", unit="step", initial=state.step
             ),
             unit=plan.unit,
+            on_validation=on_validation,
         ) as log:
             return Trainer(plan, model, optimizer, scaler, loss_fn, state, loader, log).run()
     finally:
@@ -173,6 +186,22 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path, recorded: dict | None) -
             "those flags, or start a new run"
         )
     return replace(saved, **{k: getattr(cfg.train, k) for k in cfg.explicit & RESUMABLE_OVERRIDES})
+
+
+def check_names(tc: TrainConfig) -> None:
+    """Options that name a registry entry (loss, norm, optimizer, schedule) name one: the
+    CLI's choices say so already, a Python caller's config or an edited record is checked
+    here, beside the registries."""
+    for option, value, registry in (
+        ("optimizer", tc.optimizer, OPTIMIZERS),
+        ("schedule", tc.schedule, SCHEDULES),
+        ("loss", tc.loss, LOSSES),
+        ("norm", tc.norm, NORMS),
+    ):
+        if value not in registry:
+            raise KitsError(
+                f"--{option} {value!r} unknown; expected one of {', '.join(sorted(registry))}"
+            )
 
 
 def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Path) -> Split:

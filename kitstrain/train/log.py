@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from kitsprep.progress import Progress
-from kitstrain.train import rundir
-from kitstrain.train.config import State
+from kitstrain.core import rundir
+from kitstrain.core.rundir import State
 
 STALL_WARN = 0.10  # loader stall share above which one warning names the fix
 
@@ -67,6 +67,7 @@ class RunLog:
         progress: Progress | None = None,
         writer: Any = None,  # a SummaryWriter, or None
         unit: str = "slices",
+        on_validation: Callable[[Path], object] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.main = main
@@ -74,6 +75,7 @@ class RunLog:
         self.progress = progress if main else None
         self.writer = writer if main else None
         self.unit = unit
+        self.on_validation = on_validation if main else None  # e.g. redraw the curves
         self.stall_wait = 0.0  # loader wait and wall time over the steady-state windows
         self.stall_wall = 0.0
 
@@ -139,16 +141,17 @@ class RunLog:
         return LogWindow()
 
     def validation(self, val: dict, step: int) -> None:
-        """A validation's Dice in TensorBoard and the run's curves as a PNG."""
+        """A validation's Dice in TensorBoard, then `on_validation` (the CLI redraws the
+        run's curves there: drawing is the report's job, above the loop)."""
         if not self.main or self.run_dir is None:
             return
         if self.writer is not None:
             for k in [f"{r}_dice" for r in val["regions"]] + ["mean_dice"]:
                 self.writer.add_scalar(f"val/{k}", val[k], step)
+        if self.on_validation is None:
+            return
         try:
-            from kitstrain.report.plots import plot_curves
-
-            plot_curves(self.run_dir)
+            self.on_validation(self.run_dir)
         except Exception:  # noqa: BLE001 - a picture must never stop training
             pass
 

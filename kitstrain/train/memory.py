@@ -9,38 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from kitsprep.errors import KitsError
-from kitstrain.model.presets import PRECISIONS, PRESETS, TrainConfig
-
-
-def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for `precision`; None means plain fp32.
-
-    "auto" is bf16 on GPUs that support it (no loss scaling needed), fp16 with a gradient
-    scaler on older GPUs, and fp32 on CPU. "bf16" on CPU is opt-in: on CPUs with AMX or
-    AVX512-BF16 a training step is 1.65-2.44x faster (benchmarks/precision.py), elsewhere
-    it is emulated and slower than fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise KitsError(
-                "--precision fp16 needs a CUDA device (CPU autocast is bf16 only), "
-                f"found device {device}; use --precision bf16 or fp32 on CPU"
-            )
-        return torch.float16
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise KitsError(
-                f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) "
-                "has no bfloat16 support; use --precision fp16 or auto"
-            )
-        return torch.bfloat16
-    raise KitsError(f"--precision must be one of {', '.join(PRECISIONS)}, found {precision!r}")
+from kitstrain.core.config import PRESETS, TrainConfig
 
 
 def is_oom(exc: BaseException) -> bool:

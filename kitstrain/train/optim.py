@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kitstrain.model.presets import TrainConfig
-    from kitstrain.train.config import State
+    from kitstrain.core.config import TrainConfig
+    from kitstrain.core.rundir import State
 
 Params = Iterable[torch.nn.Parameter]
 

@@ -19,12 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from kitsprep.errors import KitsError
+from kitstrain.core import rundir
+from kitstrain.core.config import TrainConfig
+from kitstrain.core.rundir import State
 from kitstrain.data.loaders import next_batch, shard_cases
 from kitstrain.infer.cases import score_store_cases
 from kitstrain.metrics import CaseScore, mean_score
-from kitstrain.model.presets import TrainConfig
-from kitstrain.train import distributed, rundir
-from kitstrain.train.config import FitResult, Plan, State, step_limit
+from kitstrain.train import distributed
+from kitstrain.train.config import FitResult, Plan, step_limit
 from kitstrain.train.distributed import agree
 from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
 from kitstrain.train.memory import free_memory, is_oom, peak_memory_mb

@@ -17,8 +17,8 @@ from kitsprep.cli import main as prep_main
 from kitsprep.errors import KitsError
 from kitstrain.api import Predictor
 from kitstrain.cli import main as train_main
-from kitstrain.infer.predict import prediction_name
 from kitstrain.model.unet import UNet, UNetConfig
+from kitstrain.runs.predict import prediction_name
 from tests.kitstrain.infer.test_engine import COHORT, make_cohort, make_run, make_store
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from kitstrain.cli import main
-from kitstrain.train import rundir as runlib
+from kitstrain.core import rundir as runlib
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -279,7 +279,7 @@ def test_best_weights_are_exported_as_safetensors(trained: Path) -> None:
 
 
 def test_fit_help_shows_the_default_presets_values() -> None:
-    from kitstrain.model.presets import PRESETS
+    from kitstrain.core.config import PRESETS
 
     text = " ".join(cli("fit", "--help").output.split())
     assert f"[default preset: {PRESETS['default']['lr']}]" in text
@@ -289,7 +289,7 @@ def test_fit_help_shows_the_default_presets_values() -> None:
 
 def test_the_build_time_depth_warning_matches_the_default_preset() -> None:
     from kitsprep.cli import DEFAULT_DEPTH
-    from kitstrain.model.presets import resolve
+    from kitstrain.core.config import resolve
 
     assert resolve("default", {}).depth == DEFAULT_DEPTH
 
@@ -338,7 +338,7 @@ def test_an_unwritable_out_for_fit_and_predict_is_one_line(
 
 
 def test_scaled_fp16_runs_tolerate_skipped_steps_but_not_a_persistent_run() -> None:
-    from kitstrain.model.presets import resolve
+    from kitstrain.core.config import resolve
     from kitstrain.train.trainer import DIVERGED_STEPS, Divergence
 
     tc = resolve("default", {})

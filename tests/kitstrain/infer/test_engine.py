@@ -22,6 +22,7 @@ from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.store import SliceReader, open_store
 from kitsprep.window import WINDOW_PRESETS
+from kitstrain.core import rundir as runlib
 from kitstrain.infer.cases import score_store_cases
 from kitstrain.infer.engine import (
     _eval_mode,
@@ -31,13 +32,11 @@ from kitstrain.infer.engine import (
     predict_volume,
     read_store_images,
     read_store_labels,
-    resolve_device,
     stack_context,
     store_box,
 )
 from kitstrain.metrics import DiceCounts, score_from_counts
 from kitstrain.model.unet import UNet, UNetConfig
-from kitstrain.train import rundir as runlib
 from tests.conftest import build
 
 WINDOW = WINDOW_PRESETS["mlperf"]
@@ -263,16 +262,6 @@ def test_inference_restores_the_training_mode() -> None:
     model.eval()
     logits_of(model, torch.zeros(2, 1, 8, 8), amp=False, tta=False, batch_size=1)
     assert not model.training
-
-
-def test_resolve_device() -> None:
-    assert resolve_device("cpu") == CPU
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(KitsError, match="expected auto, cpu or cuda"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(KitsError, match="--device cpu"):
-            resolve_device("cuda")
 
 
 # --------------------------------------------------------------------------- store geometry

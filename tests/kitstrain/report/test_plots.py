@@ -12,6 +12,7 @@ import pytest
 
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
+from kitstrain.core import rundir as runlib
 from kitstrain.report.plots import (
     case_overlay,
     dice_curves,
@@ -19,7 +20,6 @@ from kitstrain.report.plots import (
     plot_curves,
     region_colours,
 )
-from kitstrain.train import rundir as runlib
 
 KITS19 = EDITIONS["kits19"]
 

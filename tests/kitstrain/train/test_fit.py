@@ -20,10 +20,11 @@ from kitsprep.labels import EDITIONS
 from kitsprep.store import open_store
 from kitsprep.synth import SynthConfig, write_cohort
 from kitstrain.cli import main, parse_duration
+from kitstrain.core import rundir as runlib
+from kitstrain.core.config import PRESETS, TrainConfig, resolve
+from kitstrain.core.rundir import State
 from kitstrain.infer.engine import predict_store_case
-from kitstrain.model.presets import PRESETS, TrainConfig, resolve
-from kitstrain.train import rundir as runlib
-from kitstrain.train.config import State
+from kitstrain.model.load import load_model
 from kitstrain.train.optim import lr_at, progress_of
 from tests.conftest import blob_labels, build, write_kits_case
 
@@ -448,7 +449,7 @@ def test_a_kits23_store_trains_over_its_regions_or_classes(
     assert config["model"]["region_writes"] == ([1, 3, 2] if regions else [])
     assert config["label_weights_applied"] == {"tumour": 4.0, "cyst": 2.0}
     assert _weights(out)["head.weight"].shape[0] == outputs
-    model, _ = runlib.load_model(out, "last")
+    model, _ = load_model(out, "last")
     labels = predict_store_case(
         model, open_store(kits23_store), None, "case_00000", 2, torch.device("cpu"), amp=False
     )
@@ -624,7 +625,7 @@ def test_rng_streams_round_trip_and_each_rank_takes_its_own_device_s(
 ) -> None:
     import random
 
-    from kitstrain.train import rundir
+    from kitstrain.core import rundir
 
     saved = rundir.rng_state(torch.device("cpu"))
     expected = (torch.rand(3), np.random.rand(3), random.random())
@@ -796,6 +797,7 @@ def test_cli_choices_and_the_preset_check_read_the_registries(
     from kitstrain.model.losses import LOSSES
     from kitstrain.model.unet import NORMS
     from kitstrain.train import optim
+    from kitstrain.train.fit import check_names
 
     params = {p.name: p for p in fit_command.params}
     for option, registry in (
@@ -806,8 +808,8 @@ def test_cli_choices_and_the_preset_check_read_the_registries(
     ):
         assert list(params[option].type.choices) == sorted(registry), option
         with pytest.raises(KitsError, match=f"--{option} 'bogus' unknown; expected one of"):
-            resolve("default", {option: "bogus"})
+            check_names(resolve("default", {option: "bogus"}))
     # a new entry is a new choice, and a valid preset value, with nothing else to edit
     monkeypatch.setitem(optim.OPTIMIZERS, "nadam", optim.OPTIMIZERS["adam"])
     assert "nadam" in params["optimizer"].type.choices
-    assert resolve("default", {"optimizer": "nadam"}).optimizer == "nadam"
+    check_names(resolve("default", {"optimizer": "nadam"}))

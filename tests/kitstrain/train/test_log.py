@@ -7,7 +7,7 @@ import io
 import torch
 
 from kitsprep.progress import Progress
-from kitstrain.train.config import State
+from kitstrain.core.rundir import State
 from kitstrain.train.log import LogWindow, RunLog
 
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from kitsprep.store import open_store
+from kitstrain.core import rundir
+from kitstrain.core.config import resolve
+from kitstrain.core.rundir import State
 from kitstrain.data.splits import make_split
 from kitstrain.model.losses import make_loss
-from kitstrain.model.presets import resolve
 from kitstrain.model.unet import UNetConfig, build_model
-from kitstrain.train import rundir
 from kitstrain.train import trainer as trainermod
-from kitstrain.train.config import Plan, State
+from kitstrain.train.config import Plan
 from kitstrain.train.distributed import Dist
 from kitstrain.train.log import RunLog
 from kitstrain.train.optim import lr_at, make_optimizer

@@ -22,12 +22,11 @@ from kitstrain.report.score import (
     BACKGROUND_FLAG,
     OVERPREDICT_FLAG,
     TRAINED_FLAG,
-    ScoreConfig,
     ScoreReport,
     format_table,
-    score_run,
 )
-from kitstrain.train import rundir as runlib
+from kitstrain.runs.score import ScoreConfig, score_run
+from kitstrain.core import rundir as runlib
 from tests.kitstrain.infer.test_engine import (
     constant_unet,
     make_cohort,

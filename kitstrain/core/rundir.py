@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,6 @@ import torch
 
 from kitsprep.errors import KitsError
 from kitsprep.files import atomic_path, write_atomic
-from kitstrain.model.unet import UNet, UNetConfig, build_model
-from kitstrain.train.config import State
 
 RUNS_ROOT = Path("runs")
 CONFIG = "config.json"
@@ -41,6 +40,19 @@ CHECKPOINTS = "checkpoints"
 OOM_RECORD = "oom.json"
 WEIGHTS_FILE = "model.safetensors"  # weights only, beside best.pt
 LOCK = "lock"
+
+
+@dataclass
+class State:
+    """Everything a resumed run needs besides weights and optimizer: saved in checkpoints."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    elapsed: float = 0.0
+    best: float = -1.0
+    micro_batch: int = 0
+    last_val_seconds: float = 0.0
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
@@ -189,11 +201,6 @@ def read_config(run_dir: Path) -> dict:
 def read_split(run_dir: Path) -> dict:
     """split.json, checked to be a JSON object."""
     return read_json(run_dir, SPLIT)
-
-
-def model_config(run_dir: Path) -> UNetConfig:
-    """The run's U-Net architecture, as recorded."""
-    return from_record(run_dir, CONFIG, lambda c: UNetConfig(**c["model"]), read_config(run_dir))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -388,27 +395,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "retrain with a lower --lr"
         )
     return ckpt
-
-
-def load_model(
-    run_dir: Path, which: str = "best", device: str | torch.device = "cpu"
-) -> tuple[UNet, dict]:
-    """The run's model with weights from `which` ('best', falling back to 'last')."""
-    run_dir = Path(run_dir)
-    path = resolve_checkpoint(run_dir, which)
-    ckpt = load_checkpoint(path, map_location=device)
-    model = build_model(model_config(run_dir))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:  # another architecture's weights
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2])[:120]
-        raise KitsError(
-            f"checkpoint {path} does not fit the model in {run_dir}/{CONFIG} "
-            f"({detail or 'other layers'}); it is from another run or model, put "
-            "back this run's checkpoint"
-        ) from None
-    model.to(device).to(memory_format=torch.channels_last).eval()  # as trained: NHWC
-    return model, ckpt
 
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:

@@ -1,5 +1,7 @@
-"""Training presets as data. A preset is a dict of `TrainConfig` fields; command-line flags
-override single fields on top of it. No subclassing."""
+"""The training options (`TrainConfig`) and the presets, as data. A preset is a dict of
+`TrainConfig` fields; command-line flags override single fields on top of it. No
+subclassing. Names that refer to registries (loss, norm, optimizer, schedule) are checked
+against them by `kitstrain.train.setup.check_names`, beside the code they name."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from kitsprep.errors import KitsError
-from kitstrain.data.patches import check_patch
+from kitstrain.core.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ PRESETS: dict[str, dict] = {
 }
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PATCH_CHOICES = "'auto' (half the slice side), 'full' (whole slices) or a side in pixels"
 
 
 def resolve(preset: str, overrides: dict) -> TrainConfig:
@@ -128,22 +130,6 @@ def _check(cfg: TrainConfig) -> None:
         raise KitsError(
             f"--batch-size must be a positive integer or 'auto', found {cfg.batch_size!r}"
         )
-    # the registries live beside torch code: imported here, so that the CLI's import of
-    # this module (for --help) does not import torch
-    from kitstrain.model.losses import LOSSES
-    from kitstrain.model.unet import NORMS
-    from kitstrain.train.optim import OPTIMIZERS, SCHEDULES
-
-    for option, value, registry in (
-        ("optimizer", cfg.optimizer, OPTIMIZERS),
-        ("schedule", cfg.schedule, SCHEDULES),
-        ("loss", cfg.loss, LOSSES),
-        ("norm", cfg.norm, NORMS),
-    ):
-        if value not in registry:
-            raise KitsError(
-                f"--{option} {value!r} unknown; expected one of {', '.join(sorted(registry))}"
-            )
     if not 0.0 <= cfg.fg_fraction <= 1.0:
         raise KitsError(f"fg_fraction must be within 0..1, found {cfg.fg_fraction}")
     bad = {
@@ -180,3 +166,12 @@ def _check(cfg: TrainConfig) -> None:
         )
     if cfg.context < 0:
         raise KitsError(f"--context must be >= 0, found {cfg.context}")
+
+
+def check_patch(patch: object) -> None:
+    """Refuse a patch setting that no store could take: not 'auto', 'full', None or a
+    positive pixel count."""
+    if patch in (None, "auto", "full"):
+        return
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise KitsError(f"--patch must be {PATCH_CHOICES}; found {patch!r}")

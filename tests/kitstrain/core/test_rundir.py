@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from kitsprep.errors import KitsError
-from kitstrain.train import rundir
-from kitstrain.train.config import State
+from kitstrain.core import rundir
+from kitstrain.core.rundir import State
 
 
 def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_or_zombie_one(

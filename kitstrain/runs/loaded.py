@@ -20,10 +20,11 @@ from kitsprep.labels import LabelSet
 from kitsprep.store import StoreInfo, open_store
 from kitsprep.window import Window
 from kitstrain.infer.cases import Inference
-from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, Amp
+from kitstrain.core.precision import Amp, amp_dtype
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
+from kitstrain.model.load import load_model
 from kitstrain.model.unet import pad_input_channels
-from kitstrain.train import rundir as runlib
-from kitstrain.train.memory import amp_dtype
+from kitstrain.core import rundir as runlib
 
 __all__ = [
     "LoadedRun",
@@ -186,7 +187,7 @@ def load_run(
 def load_run_model(run: LoadedRun, device: torch.device) -> nn.Module:
     """The run's model from its resolved checkpoint, on `device`, checked against the
     context the run recorded (a model fed the wrong number of slices is silently wrong)."""
-    model, _ = runlib.load_model(run.run_dir, run.which, device)
+    model, _ = load_model(run.run_dir, run.which, device)
     if device.type == "cuda":
         pad_input_channels(model)  # as fit trains on CUDA: tensor-core kernels for 5 channels
     expected = 1 + 2 * run.context
