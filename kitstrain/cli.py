@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
-import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -16,7 +15,8 @@ from kitsprep.errors import KitsError
 from kitsprep.files import check_output_folder
 from kitsprep.labels import EDITIONS
 from kitstrain import __version__
-from kitstrain.core.config import PATCH_CHOICES, PRECISIONS, PRESETS
+from kitstrain.core.config import PRESETS, TrainConfig
+from kitstrain.core.options import Option, option_of
 
 
 class RegistryChoice(click.Choice):
@@ -38,66 +38,65 @@ class RegistryChoice(click.Choice):
         pass
 
 
-def parse_duration(text: str | None) -> float | None:
-    """`90s`, `10m`, `2h`, `1h30m` or plain seconds -> seconds."""
-    if text is None:
-        return None
-    t = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", t)
-    if not parts or "".join(a + b for a, b in parts) != t:
-        raise KitsError(f"cannot read duration {text!r}; expected e.g. 90s, 10m, 2h or 1h30m")
-    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    return sum(float(v) * unit[u] for v, u in parts)
-
-
-def parse_batch(text: str | None) -> int | str | None:
-    if text is None:
-        return None
-    if text == "auto":
-        return "auto"
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise KitsError(f"--batch-size must be a positive integer or 'auto', found {text!r}")
-
-
-def parse_patch(text: str | None) -> int | str | None:
-    if text is None or text in ("auto", "full"):
-        return text
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise KitsError(f"--patch must be {PATCH_CHOICES}; found {text!r}")
-
-
-def parse_label_weights(text: str | None) -> dict[str, float] | None:
-    """`tumour=4,cyst=2` -> {"tumour": 4.0, "cyst": 2.0}; `none` -> {} (every foreground
-    slice weighs 1). Names are checked against the store's edition when fit opens it."""
-    if text is None:
-        return None
-    if text.strip().lower() == "none":
-        return {}
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        name, sep, value = (x.strip() for x in part.partition("="))
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = float("nan")
-        if not sep or not name or name in out or not weight > 0 or not math.isfinite(weight):
-            raise KitsError(
-                f"--label-weights expects distinct label=weight pairs with "
-                f"positive weights, e.g. tumour=4,cyst=2 (or 'none'); found "
-                f"{text!r}"
-            )
-        out[name] = weight
-    return out
-
-
 @click.group(cls=KitsGroup)
 @click.version_option(__version__, prog_name="kitstrain")
 def main() -> None:
     """Train, score and apply a 2D U-Net on a kitsprep slice store."""
+
+
+def train_options(command: click.Command) -> click.Command:
+    """One flag per `TrainConfig` field, generated from the field's declared `Option`, with
+    every preset's value in its help. The flags default to None, so that only a given flag
+    overrides the preset."""
+    from dataclasses import replace
+
+    # the presets' fields as data, unchecked: checking imports the registries (and torch)
+    presets = {name: replace(TrainConfig(), **values) for name, values in PRESETS.items()}
+    for f in reversed(fields(TrainConfig)):
+        opt = option_of(f)
+        if opt is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        shown = "; ".join(
+            f"{name} {_shown(getattr(preset, f.name), flag, opt)}"
+            for name, preset in sorted(presets.items(), key=lambda kv: kv[0] != "default")
+        )
+        resume = " --resume may change it." if opt.resumable else ""
+        help_text = f"{opt.help}{resume} [presets: {shown}]".strip()
+        if opt.kind is bool:
+            decls = [f"{flag}/{opt.off}" if opt.off else flag, f.name]
+            extra = {} if opt.off else {"is_flag": True}
+            command = click.option(*decls, default=None, help=help_text, **extra)(command)
+        else:
+            command = click.option(
+                flag, f.name, type=click_type(opt), default=None, help=help_text
+            )(command)
+    return command
+
+
+def _shown(value: object, flag: str, opt: Option) -> str:
+    """A preset's value as the flag would be given."""
+    if isinstance(value, bool) and opt.off:
+        return flag if value else opt.off
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" for k, v in value.items()) or "none"
+    return "none" if value is None else str(value)
+
+
+def click_type(opt: Option) -> click.ParamType | type:
+    """The click type an `Option` declares: a bounded number, a choice, a registry's
+    names, or text that `Option.parse` reads."""
+    if opt.registry is not None:
+        return RegistryChoice(*opt.registry)
+    if opt.choices is not None:
+        return click.Choice(opt.choices)
+    if opt.kind is int:
+        return click.IntRange(opt.low, opt.high) if (opt.low, opt.high) != (None, None) else int
+    if opt.kind is float:
+        if (opt.low, opt.high) == (None, None):
+            return float
+        return click.FloatRange(opt.low, opt.high, min_open=opt.open_low)
+    return str
 
 
 @main.command()
@@ -115,166 +114,30 @@ def main() -> None:
     show_default=True,
     help="seed: the origin report's setup; default: ours.",
 )
-@click.option("--epochs", type=click.IntRange(1), default=None)
-@click.option(
-    "--batch-size",
-    default=None,
-    help="N, or 'auto' (on CUDA the batch with the fastest per-sample step; on CPU the preset's).",
-)
-@click.option("--lr", type=float, default=None)
-@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader workers.")
-@click.option(
-    "--context",
-    type=click.IntRange(0, 8),
-    default=None,
-    help="2.5D: K neighbouring slices each side as channels.",
-)
 @click.option("--train-cases", default=None, help="e.g. 0-159 or @file [default: seeded 80%].")
 @click.option("--val-cases", default=None, help="e.g. 160-209 or @file [default: the rest].")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or the newest run).")
-@click.option("--max-steps", type=click.IntRange(1), default=None)
-@click.option("--time-limit", default=None, help="Stop cleanly after e.g. 90s, 10m, 2h.")
-@click.option(
-    "--val-every", type=click.IntRange(1), default=None, help="Also validate every N steps."
-)
-@click.option("--seed", type=int, default=None)
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=None,
-    help="auto: bf16 (else fp16) on CUDA, fp32 on CPU. bf16 on CPU is ~2x faster "
-    "where the CPU has AMX/AVX512-BF16.",
-)
-@click.option("--samples-per-epoch", type=click.IntRange(1), default=None)
-@click.option(
-    "--width",
-    type=click.IntRange(1),
-    default=None,
-    help="U-Net features at the first level (doubling per level).",
-)
-@click.option("--depth", type=click.IntRange(1, 8), default=None, help="Down-sampling steps.")
-@click.option(
-    "--deep-supervision",
-    type=click.IntRange(0, 7),
-    default=None,
-    help="Also supervise N coarser decoder levels (1/2, 1/4, ...) in training.",
-)
-@click.option("--norm", type=RegistryChoice("kitstrain.model.unet", "NORMS"), default=None)
-@click.option(
-    "--patch",
-    default=None,
-    help="Training patch: 'auto' (half the slice side), 'full' or a side in pixels.",
-)
-@click.option(
-    "--optimizer", type=RegistryChoice("kitstrain.train.optim", "OPTIMIZERS"), default=None
-)
-@click.option("--weight-decay", type=click.FloatRange(0), default=None)
-@click.option("--schedule", type=RegistryChoice("kitstrain.train.optim", "SCHEDULES"), default=None)
-@click.option(
-    "--warmup",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Share of the run spent warming the learning rate up.",
-)
-@click.option("--loss", type=RegistryChoice("kitstrain.model.losses", "LOSSES"), default=None)
-@click.option(
-    "--fg-fraction",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Share of each batch drawn from slices with foreground.",
-)
-@click.option(
-    "--label-weights",
-    default=None,
-    help="Weight of a foreground slice within that share, by the labels it holds, "
-    "e.g. tumour=4,cyst=2 (the largest applies; other labels weigh 1), or "
-    "'none'.",
-)
-@click.option(
-    "--regions/--classes",
-    default=None,
-    help="Train one sigmoid per region the store's edition scores (KiTS19: "
-    "kidney+tumour, tumour) instead of a softmax over its labels.",
-)
-@click.option("--augment/--no-augment", default=None, help="Spatial and intensity augmentation.")
-@click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=None)
-@click.option("--log-every", type=click.IntRange(1), default=None, help="Steps per log line.")
+@train_options
 def fit(
     store: Path,
     out: Path | None,
     preset: str,
-    epochs,
-    batch_size,
-    lr,
-    workers,
-    context,
-    train_cases,
-    val_cases,
-    device,
-    resume,
-    max_steps,
-    time_limit,
-    val_every,
-    seed,
-    compile_,
-    precision,
-    samples_per_epoch,
-    width,
-    depth,
-    deep_supervision,
-    norm,
-    patch,
-    optimizer,
-    weight_decay,
-    schedule,
-    warmup,
-    loss,
-    fg_fraction,
-    label_weights,
-    regions,
-    augment,
-    grad_clip,
-    log_every,
+    train_cases: str | None,
+    val_cases: str | None,
+    device: str,
+    resume: bool,
+    **options: object,
 ) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
-    from kitstrain.core.config import resolve
+    from kitstrain.core.config import parse_overrides, resolve
+    from kitstrain.report.plots import plot_curves
     from kitstrain.train.fit import FitConfig
     from kitstrain.train.fit import fit as run_fit
 
-    overrides = {
-        "epochs": epochs,
-        "batch_size": parse_batch(batch_size),
-        "lr": lr,
-        "workers": workers,
-        "context": context,
-        "max_steps": max_steps,
-        "time_limit": parse_duration(time_limit),
-        "val_every": val_every,
-        "seed": seed,
-        "compile": compile_,
-        "precision": precision,
-        "samples_per_epoch": samples_per_epoch,
-        "width": width,
-        "depth": depth,
-        "deep_supervision": deep_supervision,
-        "norm": norm,
-        "patch": parse_patch(patch),
-        "optimizer": optimizer,
-        "weight_decay": weight_decay,
-        "schedule": schedule,
-        "warmup": warmup,
-        "loss": loss,
-        "fg_fraction": fg_fraction,
-        "label_weights": parse_label_weights(label_weights),
-        "regions": regions,
-        "augment": augment,
-        "grad_clip": grad_clip,
-        "log_every": log_every,
-    }
+    overrides = parse_overrides(options)
     tc = resolve(preset, overrides)
     explicit = frozenset(k for k, v in overrides.items() if v is not None)
     if preset != "default":
@@ -289,8 +152,6 @@ def fit(
         resume=resume,
         explicit=explicit,
     )
-    from kitstrain.report.plots import plot_curves
-
     result = run_fit(cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves)
     v = result.last_val or {}
     dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
@@ -299,29 +160,6 @@ def fit(
         f"{dice or 'n/a'}; loader stall {100 * result.stall:.1f}%; run in "
         f"{result.run_dir}"
     )
-
-
-def _show_preset_defaults(command: click.Command) -> click.Command:
-    """`fit --help` shows the `default` preset's value beside each preset field's flag (the
-    options default to None so that only given flags override the preset)."""
-    from dataclasses import replace
-
-    from kitstrain.core.config import FIELD_NAMES, TrainConfig
-
-    # the preset's fields as data, unchecked: checking imports the registries (and torch)
-    preset = replace(TrainConfig(), **PRESETS["default"])
-    names = (FIELD_NAMES - {"preset"}) | {"compile_"}
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name in names:
-            value = getattr(preset, param.name.rstrip("_"))
-            if isinstance(value, bool) and param.secondary_opts:
-                value = param.opts[0] if value else param.secondary_opts[0]
-            shown = "none" if value is None else value
-            param.help = f"{param.help or ''} [default preset: {shown}]".strip()
-    return command
-
-
-_show_preset_defaults(fit)
 
 
 def _writable_file(path: Path | None, option: str) -> None:

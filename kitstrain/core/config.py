@@ -1,53 +1,112 @@
 """The training options (`TrainConfig`) and the presets, as data. A preset is a dict of
 `TrainConfig` fields; command-line flags override single fields on top of it. No
 subclassing. Names that refer to registries (loss, norm, optimizer, schedule) are checked
-against them by `kitstrain.train.setup.check_names`, beside the code they name."""
+against them by `kitstrain.train.fit.check_names`, beside the code they name."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from kitsprep.errors import KitsError
+from kitstrain.core.options import (
+    PATCH_CHOICES,
+    option,
+    option_of,
+    parse_batch,
+    parse_duration,
+    parse_label_weights,
+    parse_patch,
+)
 from kitstrain.core.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of a training run; config.json records the resolved values."""
+    """Every knob of a training run; config.json records the resolved values. Each field
+    but `preset` is a `kitstrain fit` flag declared here (`option`): its help, its parsing
+    and whether `--resume` may change it."""
 
     preset: str = "default"
-    epochs: int = 50
-    batch_size: int | str = 16  # an int, or "auto" (memory.choose_batch_size)
-    lr: float = 3e-3
-    optimizer: str = "adamw"  # a name in train.optim.OPTIMIZERS
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # a name in train.optim.SCHEDULES
-    warmup: float = 0.03  # share of the run spent warming the lr up linearly
-    loss: str = "ce+dice"  # a name in losses.LOSSES (binary per region with `regions`)
-    regions: bool = False  # a sigmoid per scored region of the store's edition
-    norm: str = "batch"  # a name in unet.NORMS
-    width: int = 32
-    depth: int = 4
-    deep_supervision: int = 0  # extra heads at 1/2, 1/4, ... (training only)
-    context: int = 2  # 2.5D: K neighbours each side as channels
-    patch: int | str | None = "auto"  # training patch side: pixels, "auto" (half), None/"full"
-    fg_fraction: float = 0.5  # share of each batch from slices with foreground
+    epochs: int = option(50, kind=int, low=1, resumable=True)
+    # an int, or "auto" (memory.choose_batch_size)
+    batch_size: int | str = option(
+        16,
+        "N, or 'auto' (on CUDA the batch with the fastest per-sample step; on CPU the preset's).",
+        parse=parse_batch,
+    )
+    lr: float = option(3e-3, kind=float)
+    workers: int = option(2, "DataLoader workers.", kind=int, low=0, resumable=True)
+    context: int = option(
+        2, "2.5D: K neighbouring slices each side as channels.", kind=int, low=0, high=8
+    )
+    max_steps: int | None = option(None, kind=int, low=1, resumable=True)
+    time_limit: float | None = option(  # seconds
+        None, "Stop cleanly after e.g. 90s, 10m, 2h.", parse=parse_duration, resumable=True
+    )
+    val_every: int | None = option(
+        None, "Also validate every N steps.", kind=int, low=1, resumable=True
+    )
+    seed: int = option(0, kind=int)
+    compile: bool = option(False, "torch.compile the model.", kind=bool)
+    precision: str = option(
+        "auto",
+        "auto: bf16 (else fp16) on CUDA, fp32 on CPU. bf16 on CPU is ~2x faster "
+        "where the CPU has AMX/AVX512-BF16.",
+        choices=PRECISIONS,
+    )
+    # None: as many pixels as the training slices
+    samples_per_epoch: int | None = option(None, kind=int, low=1)
+    width: int = option(
+        32, "U-Net features at the first level (doubling per level).", kind=int, low=1
+    )
+    depth: int = option(4, "Down-sampling steps.", kind=int, low=1, high=8)
+    deep_supervision: int = option(  # extra heads at 1/2, 1/4, ... (training only)
+        0,
+        "Also supervise N coarser decoder levels (1/2, 1/4, ...) in training.",
+        kind=int,
+        low=0,
+        high=7,
+    )
+    norm: str = option("batch", registry=("kitstrain.model.unet", "NORMS"))
+    # training patch side: pixels, "auto" (half), None/"full"
+    patch: int | str | None = option(
+        "auto",
+        "Training patch: 'auto' (half the slice side), 'full' or a side in pixels.",
+        parse=parse_patch,
+    )
+    optimizer: str = option("adamw", registry=("kitstrain.train.optim", "OPTIMIZERS"))
+    weight_decay: float = option(1e-4, kind=float, low=0)
+    schedule: str = option("cosine", registry=("kitstrain.train.optim", "SCHEDULES"))
+    warmup: float = option(
+        0.03, "Share of the run spent warming the learning rate up.", kind=float, low=0, high=1
+    )
+    # binary per region with `regions`
+    loss: str = option("ce+dice", registry=("kitstrain.model.losses", "LOSSES"))
+    fg_fraction: float = option(
+        0.5, "Share of each batch drawn from slices with foreground.", kind=float, low=0, high=1
+    )
     # a foreground slice's weight within that share: the largest weight among the labels it
     # holds (by label name; unnamed labels weigh 1). Names the store's edition lacks are
     # ignored when they come from a preset, refused when given on the command line.
-    label_weights: dict[str, float] = field(default_factory=lambda: {"tumour": 4.0, "cyst": 2.0})
-    augment: bool = True
-    samples_per_epoch: int | None = None  # None: as many pixels as the training slices
-    val_every: int | None = None  # also validate every N steps (epochs always do)
-    log_every: int = 20
-    workers: int = 2
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see memory.amp_dtype)
-    compile: bool = False
-    grad_clip: float | None = 12.0
-    max_steps: int | None = None
-    time_limit: float | None = None  # seconds
+    label_weights: dict[str, float] = option(
+        {"tumour": 4.0, "cyst": 2.0},
+        "Weight of a foreground slice within that share, by the labels it holds, "
+        "e.g. tumour=4,cyst=2 (the largest applies; other labels weigh 1), or 'none'.",
+        parse=parse_label_weights,
+    )
+    regions: bool = option(
+        False,
+        "Train one sigmoid per region the store's edition scores (KiTS19: "
+        "kidney+tumour, tumour) instead of a softmax over its labels.",
+        kind=bool,
+        off="--classes",
+    )
+    augment: bool = option(
+        True, "Spatial and intensity augmentation.", kind=bool, off="--no-augment"
+    )
+    grad_clip: float | None = option(12.0, kind=float, low=0, open_low=True)
+    log_every: int = option(20, "Steps per log line.", kind=int, low=1, resumable=True)
 
 
 PRESETS: dict[str, dict] = {
@@ -103,7 +162,25 @@ PRESETS: dict[str, dict] = {
 }
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
-PATCH_CHOICES = "'auto' (half the slice side), 'full' (whole slices) or a side in pixels"
+# the options a --resume may change: limits and loader knobs, never the recipe
+RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if (o := option_of(f)) and o.resumable)
+
+
+def parse_overrides(given: dict[str, object]) -> dict[str, object]:
+    """Flag values -> field values: text parsed by each field's `Option.parse`; None (a
+    flag not given) stays None, so the preset's value holds."""
+    out = {}
+    for f in fields(TrainConfig):
+        if f.name not in given:
+            continue
+        value, opt = given[f.name], option_of(f)
+        if opt is not None and opt.parse is not None and isinstance(value, str):
+            value = opt.parse(value)
+        out[f.name] = value
+    unknown = set(given) - FIELD_NAMES
+    if unknown:
+        raise KitsError(f"unknown training option(s) {sorted(unknown)}")
+    return out
 
 
 def resolve(preset: str, overrides: dict) -> TrainConfig:

@@ -14,9 +14,6 @@ from kitstrain.core.rundir import State
 from kitstrain.data.splits import Split
 from kitstrain.train.distributed import Dist
 
-# options a --resume may change: limits and loader knobs, never the recipe
-RESUMABLE_OVERRIDES = {"max_steps", "time_limit", "epochs", "workers", "val_every", "log_every"}
-
 
 @dataclass(frozen=True)
 class FitConfig:

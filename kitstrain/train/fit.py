@@ -26,7 +26,7 @@ from kitsprep.progress import Progress
 from kitsprep.store import CRC_ON_READ, StoreInfo, open_store
 from kitstrain import __version__
 from kitstrain.core import rundir
-from kitstrain.core.config import TrainConfig
+from kitstrain.core.config import RESUMABLE, TrainConfig
 from kitstrain.core.precision import amp_dtype
 from kitstrain.data.augment import AugmentConfig, compile_kernels
 from kitstrain.data.loaders import (
@@ -47,7 +47,6 @@ from kitstrain.model.unet import (
 )
 from kitstrain.train import distributed
 from kitstrain.train.config import (
-    RESUMABLE_OVERRIDES,
     FitConfig,
     FitResult,
     Plan,
@@ -177,7 +176,7 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path, recorded: dict | None) -
         run_dir, rundir.CONFIG, lambda r: TrainConfig(**r["train"]), recorded
     )
     changed = {
-        k for k in cfg.explicit - RESUMABLE_OVERRIDES if getattr(cfg.train, k) != getattr(saved, k)
+        k for k in cfg.explicit - RESUMABLE if getattr(cfg.train, k) != getattr(saved, k)
     }
     if changed:
         raise KitsError(
@@ -185,7 +184,7 @@ def resolve_train_config(cfg: FitConfig, run_dir: Path, recorded: dict | None) -
             f"{', '.join(sorted(changed))} differ from {run_dir}/config.json; drop "
             "those flags, or start a new run"
         )
-    return replace(saved, **{k: getattr(cfg.train, k) for k in cfg.explicit & RESUMABLE_OVERRIDES})
+    return replace(saved, **{k: getattr(cfg.train, k) for k in cfg.explicit & RESUMABLE})
 
 
 def check_names(tc: TrainConfig) -> None:

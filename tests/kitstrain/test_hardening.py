@@ -278,13 +278,15 @@ def test_best_weights_are_exported_as_safetensors(trained: Path) -> None:
     assert all(torch.equal(weights[k], best[k]) for k in best)
 
 
-def test_fit_help_shows_the_default_presets_values() -> None:
+def test_fit_help_shows_every_presets_values() -> None:
     from kitstrain.core.config import PRESETS
 
     text = " ".join(cli("fit", "--help").output.split())
-    assert f"[default preset: {PRESETS['default']['lr']}]" in text
-    assert "[default preset: --regions]" in text
-    assert "[default preset: 4]" in text  # depth
+    lr = f"[presets: default {PRESETS['default']['lr']}; seed {PRESETS['seed']['lr']}]"
+    assert lr in text
+    assert "[presets: default --regions; seed --classes]" in text
+    assert "Down-sampling steps. [presets: default 4; seed 4]" in text  # depth
+    assert "[presets: default tumour=4,cyst=2; seed none]" in text  # label weights
 
 
 def test_the_build_time_depth_warning_matches_the_default_preset() -> None:

@@ -19,9 +19,10 @@ from click.testing import CliRunner
 from kitsprep.labels import EDITIONS
 from kitsprep.store import open_store
 from kitsprep.synth import SynthConfig, write_cohort
-from kitstrain.cli import main, parse_duration
+from kitstrain.cli import main
 from kitstrain.core import rundir as runlib
 from kitstrain.core.config import PRESETS, TrainConfig, resolve
+from kitstrain.core.options import parse_duration
 from kitstrain.core.rundir import State
 from kitstrain.infer.engine import predict_store_case
 from kitstrain.model.load import load_model
