@@ -302,11 +302,12 @@ def predict(
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 def plot(run_dir: Path | None) -> None:
     """Loss and validation Dice curves of a run, as a PNG."""
-    from kitstrain.core.rundir import newest_run, read_config
+    from kitstrain.core.record import read_record
+    from kitstrain.core.rundir import newest_run
     from kitstrain.report.plots import plot_curves
 
     run_dir = run_dir or newest_run()
-    read_config(run_dir)
+    read_record(run_dir)
     click.echo(f"wrote {plot_curves(run_dir)}")
 
 

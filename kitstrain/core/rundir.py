@@ -193,11 +193,6 @@ def from_record(run_dir: Path, name: str, build: Callable[[Any], Any], record: A
         ) from None
 
 
-def read_config(run_dir: Path) -> dict:
-    """config.json, checked to be a JSON object."""
-    return read_json(run_dir, CONFIG)
-
-
 def read_split(run_dir: Path) -> dict:
     """split.json, checked to be a JSON object."""
     return read_json(run_dir, SPLIT)

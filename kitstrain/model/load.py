@@ -9,6 +9,7 @@ import torch
 
 from kitsprep.errors import KitsError
 from kitstrain.core import rundir as runlib
+from kitstrain.core.record import read_record
 from kitstrain.model.unet import UNet, UNetConfig, build_model
 
 __all__ = ["load_model", "model_config"]
@@ -16,9 +17,8 @@ __all__ = ["load_model", "model_config"]
 
 def model_config(run_dir: Path) -> UNetConfig:
     """The run's U-Net architecture, as recorded."""
-    return runlib.from_record(
-        run_dir, runlib.CONFIG, lambda c: UNetConfig(**c["model"]), runlib.read_config(run_dir)
-    )
+    record = read_record(run_dir)
+    return runlib.from_record(run_dir, runlib.CONFIG, lambda m: UNetConfig(**m), record.model)
 
 
 def load_model(

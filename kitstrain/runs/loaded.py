@@ -21,6 +21,7 @@ from kitsprep.store import StoreInfo, open_store
 from kitsprep.window import Window
 from kitstrain.infer.cases import Inference
 from kitstrain.core.precision import Amp, amp_dtype
+from kitstrain.core.record import RunRecord, StoreAttrs, read_record
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
 from kitstrain.model.load import load_model
 from kitstrain.model.unet import pad_input_channels
@@ -42,7 +43,7 @@ class LoadedRun:
     """A run directory resolved to what inference needs."""
 
     run_dir: Path
-    config: dict
+    config: RunRecord
     context: int
     store: StoreInfo | None  # None only where a store is optional (predict, store gone)
     window: Window
@@ -51,31 +52,6 @@ class LoadedRun:
     which: str  # the checkpoint asked for: best or last
     checkpoint: Path  # the file `which` resolves to (best falls back to last)
     warnings: list[str]
-
-
-@dataclass(frozen=True)
-class _Recorded:
-    """The preprocessing `fit` recorded from its store (config["store_attrs"])."""
-
-    window: Window | None
-    size: int | None
-    labels: LabelSet | None
-
-    @classmethod
-    def of(cls, run_dir: Path, config: dict) -> _Recorded:
-        attrs = config.get("store_attrs")
-        attrs = attrs if isinstance(attrs, dict) else {}
-
-        def read(key: str, build):
-            if attrs.get(key) is None:
-                return None
-            return runlib.from_record(run_dir, runlib.CONFIG, build, attrs[key])
-
-        return cls(
-            read("window", lambda w: Window(**w)),
-            read("size", int),
-            read("labels", lambda d: LabelSet.from_json(json.dumps(d))),
-        )
 
 
 def load_run(
@@ -100,12 +76,7 @@ def load_run(
             f"run directory {run_dir} does not exist; pass a folder written by "
             "`kitstrain fit` (runs/<timestamp>)"
         )
-    config = runlib.read_config(run_dir)
-    if "model" not in config:
-        raise KitsError(
-            f"{run_dir}/{runlib.CONFIG} has no model section; the run directory is "
-            "damaged or from another tool, pass one written by `kitstrain fit`"
-        )
+    config = read_record(run_dir)
     checkpoint = runlib.resolve_checkpoint(run_dir, which)
     if not checkpoint.is_file():
         hint = "" if which == "last" else ", or pass --checkpoint last"
@@ -113,10 +84,10 @@ def load_run(
             f"{run_dir} has no {which} checkpoint ({checkpoint} is missing); "
             f"let `kitstrain fit` run to its first validation{hint}"
         )
-    context = int(config.get("context", 0))
-    recorded = _Recorded.of(run_dir, config)
+    context = config.context
+    recorded = config.store_attrs or StoreAttrs()
     warnings: list[str] = []
-    recorded_path = Path(config["store"]) if config.get("store") else None
+    recorded_path = Path(config.store) if config.store else None
     info: StoreInfo | None = None
     if data is not None:
         info = open_store(Path(data))
@@ -163,7 +134,7 @@ def load_run(
             f"trained on {want_size}x{want_size}; score with the store the run "
             f"trained on, or rebuild with --size {want_size}"
         )
-    fingerprint = config.get("store_fingerprint")
+    fingerprint = config.store_fingerprint
     if fingerprint is not None and fingerprint != info.fingerprint:
         warnings.append(
             f"{info.path} (fingerprint {info.fingerprint}) is not the store the "
@@ -205,11 +176,8 @@ def inference_amp(run: LoadedRun, device: torch.device) -> Amp:
     """Autocast in the precision the run trained and validated in (bf16 where the GPU has
     it), so `score` and `predict` give the numbers `fit` logged: fp16 would differ, and
     can overflow at 65,504. fp32 where that precision is unavailable on `device`."""
-    precision = runlib.from_record(
-        run.run_dir, runlib.CONFIG, lambda c: str(c["train"]["precision"]), run.config
-    )
     try:
-        dtype = amp_dtype(device, precision)
+        dtype = amp_dtype(device, run.config.train.precision)
     except KitsError:  # e.g. a GPU run's fp16, scored on a CPU
         dtype = None
     return dtype if dtype is not None else False

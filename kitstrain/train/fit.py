@@ -8,7 +8,6 @@ TensorBoard, progress) and `trainer` (the loop)."""
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -21,13 +20,13 @@ import numpy as np
 import torch
 
 from kitsprep.errors import KitsError
-from kitsprep.labels import LabelSet
 from kitsprep.progress import Progress
 from kitsprep.store import CRC_ON_READ, StoreInfo, open_store
 from kitstrain import __version__
 from kitstrain.core import rundir
 from kitstrain.core.config import RESUMABLE, TrainConfig
 from kitstrain.core.precision import amp_dtype
+from kitstrain.core.record import RunRecord, StoreAttrs, read_record, write_record
 from kitstrain.data.augment import AugmentConfig, compile_kernels
 from kitstrain.data.loaders import (
     batches_per_epoch,
@@ -103,7 +102,7 @@ def _fit(
     on_validation: Callable[[Path], object] | None,
 ) -> FitResult:
     # ---- options, split, model: what the run is
-    recorded = rundir.read_config(run_dir) if cfg.resume else None  # read once
+    recorded = read_record(run_dir) if cfg.resume else None  # read once
     tc = resolve_train_config(cfg, run_dir, recorded)
     check_names(tc)
     check_store(cfg, info, run_dir, recorded)
@@ -167,17 +166,13 @@ def _fit(
 # --------------------------------------------------------------------------- setup
 
 
-def resolve_train_config(cfg: FitConfig, run_dir: Path, recorded: dict | None) -> TrainConfig:
+def resolve_train_config(cfg: FitConfig, run_dir: Path, recorded: RunRecord | None) -> TrainConfig:
     """A resumed run (`recorded`: its config.json) keeps its recorded options; only limits
     and loader knobs may change."""
     if recorded is None:
         return cfg.train
-    saved = rundir.from_record(
-        run_dir, rundir.CONFIG, lambda r: TrainConfig(**r["train"]), recorded
-    )
-    changed = {
-        k for k in cfg.explicit - RESUMABLE if getattr(cfg.train, k) != getattr(saved, k)
-    }
+    saved = recorded.train
+    changed = {k for k in cfg.explicit - RESUMABLE if getattr(cfg.train, k) != getattr(saved, k)}
     if changed:
         raise KitsError(
             f"--resume keeps the run's recorded options, but "
@@ -212,16 +207,18 @@ def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Pat
     return make_split(info, cfg.train_cases, cfg.val_cases, seed=tc.seed)
 
 
-def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path, config: dict | None) -> None:
+def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path, config: RunRecord | None) -> None:
     """A --resume (`config`: the run's config.json) must train on the store the run trained
     on: same labels, same data."""
     if config is None:
         return
     # before the fingerprint: a store rebuilt under another --edition has the same sources
-    recorded_labels = rundir.from_record(
-        run_dir, rundir.CONFIG, lambda c: c["store_attrs"]["labels"], config
-    )
-    trained = LabelSet.from_json(json.dumps(recorded_labels))
+    trained = config.store_attrs.labels if config.store_attrs is not None else None
+    if trained is None:
+        raise KitsError(
+            f"{run_dir}/config.json records no label set (store_attrs.labels), so --resume "
+            "cannot check the store; restore the file `kitstrain fit` wrote, or start a new run"
+        )
     if trained != info.labels:
         raise KitsError(
             f"--resume: {run_dir} trained on {trained.edition} labels, but "
@@ -229,7 +226,7 @@ def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path, config: dict | N
             f"{trained.edition} store (the run's own), or start a new run without "
             "--resume on this one"
         )
-    recorded = config["store_fingerprint"]
+    recorded = config.store_fingerprint
     if recorded != info.fingerprint:
         raise KitsError(
             f"{cfg.store} is not the store {run_dir} trained on (fingerprint "
@@ -308,7 +305,7 @@ def restore_or_restart(
 def batch_and_lr(
     cfg: FitConfig,
     run_dir: Path,
-    recorded: dict | None,
+    recorded: RunRecord | None,
     tc: TrainConfig,
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -323,12 +320,12 @@ def batch_and_lr(
     new one searches (`auto` on CUDA, the same batch on every rank) and scales the lr to
     the batch."""
     if recorded is not None:
-        return rundir.from_record(
-            run_dir,
-            rundir.CONFIG,
-            lambda r: (int(r["batch_size"]), r["batch"], r["lr_scaling"]),
-            recorded,
-        )
+        if recorded.batch_size is None:
+            raise KitsError(
+                f"{run_dir}/config.json records no batch_size, so --resume cannot keep the "
+                "run's steps; restore the file `kitstrain fit` wrote, or start a new run"
+            )
+        return recorded.batch_size, recorded.batch, recorded.lr_scaling
     batch_size, batch_info = choose_batch_size(
         tc,
         model,
@@ -391,32 +388,27 @@ def record_run(
 ) -> None:
     """config.json (every resolved option, the store, the environment) and split.json."""
     info, tc = plan.info, plan.tc
-    record = {
-        "store": str(Path(cfg.store).resolve()),
-        "store_fingerprint": info.fingerprint,
-        "store_attrs": {
-            "window": json.loads(info.window.to_json()),
-            "size": info.size,
-            "num_classes": info.num_classes,
-            "labels": json.loads(info.labels.to_json()),
-        },
-        "label_weights_applied": {
+    record = RunRecord(
+        store=str(Path(cfg.store).resolve()),
+        store_fingerprint=info.fingerprint,
+        store_attrs=StoreAttrs(info.window, info.size, info.num_classes, info.labels),
+        label_weights_applied={
             n: label_weights[v] for n, v in info.labels.labels if v in label_weights
         },
-        "train": asdict(tc),
-        "model": asdict(mcfg),
-        "context": tc.context,
-        "batch": batch_info,
-        "batch_size": plan.batch_size,
-        "patch_size": plan.patch,
-        "lr_scaling": lr_info,
-        "val_batch_size": plan.val_batch,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "total_steps": plan.total_steps,
-        "device": str(plan.device),
-        "env": environment(plan.device, plan.d),
-    }
-    rundir.write_json(plan.run_dir / rundir.CONFIG, record)
+        train=tc,
+        model=asdict(mcfg),
+        context=tc.context,
+        batch=batch_info,
+        batch_size=plan.batch_size,
+        patch_size=plan.patch,
+        lr_scaling=lr_info,
+        val_batch_size=plan.val_batch,
+        steps_per_epoch=plan.steps_per_epoch,
+        total_steps=plan.total_steps,
+        device=str(plan.device),
+        env=environment(plan.device, plan.d),
+    )
+    write_record(plan.run_dir, record)
     rundir.write_json(plan.run_dir / rundir.SPLIT, plan.split.to_json())
 
 

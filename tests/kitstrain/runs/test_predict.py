@@ -153,7 +153,7 @@ def test_naming_follows_the_store_edition_or_the_option(setup, tmp_path: Path) -
 def test_predict_survives_a_moved_store_and_names_user_errors(setup, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(setup["kidney"], run)
-    config = runlib.read_config(run)
+    config = runlib.read_json(run, runlib.CONFIG)
     runlib.write_json(run / runlib.CONFIG, {**config, "store": str(tmp_path / "gone.h5")})
     # The window and size recorded in the run are all that preprocessing needs.
     report = predict_run(

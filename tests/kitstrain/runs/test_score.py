@@ -230,7 +230,7 @@ def test_user_errors_are_one_line_kits_errors(setup, tmp_path: Path) -> None:
     shutil.copy(setup["store"], moved)
     run = tmp_path / "run"
     shutil.copytree(setup["kidney"], run)
-    config = runlib.read_config(run)
+    config = runlib.read_json(run, runlib.CONFIG)
     runlib.write_json(run / runlib.CONFIG, {**config, "store": str(tmp_path / "gone.h5")})
     fails("missing .*pass --data", run_dir=run)
     report = score_run(ScoreConfig(run_dir=run, data=moved, device="cpu", cases="0"), QUIET)
