@@ -1,7 +1,7 @@
 """The training options (`TrainConfig`) and the presets, as data. A preset is a dict of
 `TrainConfig` fields; command-line flags override single fields on top of it. No
 subclassing. Names that refer to registries (loss, norm, optimizer, schedule) are checked
-against them by `kitstrain.train.fit.check_names`, beside the code they name."""
+against them by `kitstrain.train.setup.check_names`, beside the code they name."""
 
 from __future__ import annotations
 

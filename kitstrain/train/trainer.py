@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -20,24 +19,19 @@ from torch.utils.data import DataLoader
 
 from kitsprep.errors import KitsError
 from kitstrain.core import rundir
-from kitstrain.core.config import TrainConfig
 from kitstrain.core.rundir import State
-from kitstrain.data.loaders import next_batch, shard_cases
-from kitstrain.infer.cases import score_store_cases
-from kitstrain.metrics import CaseScore, mean_score
+from kitstrain.data.loaders import next_batch
 from kitstrain.train import distributed
 from kitstrain.train.config import FitResult, Plan, step_limit
 from kitstrain.train.distributed import agree
+from kitstrain.train.divergence import Divergence
+from kitstrain.train.evaluate import estimate_val_seconds, evaluate, unwrap, validation_due
+from kitstrain.train.faults import install_faults
 from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
 from kitstrain.train.memory import free_memory, is_oom, peak_memory_mb
 from kitstrain.train.optim import lr_at, progress_of
 
 CHECKPOINT_EVERY_S = 120.0  # a `last` checkpoint at least this often, besides validations
-VAL_SHARE = 0.10  # epoch-end validations skip while they would cost more than this
-# a validated sample's cost in training samples (forward only, plus reading and counting on
-# the host): estimates the final validation before any has run, so --time-limit holds
-VAL_COST = 0.5
-DIVERGED_STEPS = 20  # non-finite losses in a row that stop an fp16 (scaled) run
 STOP_TIME, CHECKPOINT_DUE = 1, 2  # bits of the decision rank 0 broadcasts per log window
 
 
@@ -60,6 +54,7 @@ class Trainer:
         self.model, self.optimizer, self.scaler, self.loss_fn = model, optimizer, scaler, loss_fn
         self.state, self.loader, self.log = state, loader, log
         self.divergence = Divergence(plan.device, tolerate=scaler is not None)
+        install_faults(unwrap(model), lambda: self.state.step, self.d.rank)  # tests only
         self.window = LogWindow()
         self.warned_stall = False
         self.stop_reason = ""
@@ -191,7 +186,6 @@ class Trainer:
         chunks = list(range(0, n, mb))
         total = torch.zeros((), device=device)
         for i, s in enumerate(chunks):
-            _inject_fault(self.state.step, self.d.rank)
             x = images[s : s + mb].to(device, non_blocking=True)
             y = labels[s : s + mb].to(device, non_blocking=True).long()
             x = x.float().contiguous(memory_format=torch.channels_last)
@@ -373,139 +367,3 @@ class Trainer:
             self.log.stall,
             self.stop_reason,
         )
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
-    """Per-case 3D Dice of every region of the store's label set on the validation cases,
-    whole cases
-    sharded across ranks by slice count (`shard_cases`) and gathered, so every rank sees
-    the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here does not
-    broadcast buffers each forward, and every rank must score the same model. Keys:
-    ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
-    mean, what picks the best checkpoint), ``regions`` (the names, in order) and
-    ``per_case`` (each case's region Dice, in that order)."""
-    net, d, info = unwrap(model), plan.d, plan.info
-    distributed.broadcast_buffers(net, d)
-    net.eval()
-    mine = shard_cases(info, plan.split.val, d.rank, d.world)
-    with torch.no_grad():
-        scores = (
-            score_store_cases(
-                net,
-                info,
-                mine,
-                plan.tc.context,
-                plan.device,
-                amp=plan.dtype or False,
-                tta=False,
-                batch_size=plan.val_batch,
-            )
-            if mine
-            else []
-        )
-    net.train()
-    if d.world > 1:
-        parts = distributed.gather(d, [asdict(s) for s in scores])
-        scores = [CaseScore(**s) for part in parts for s in part]
-    scores.sort(key=lambda s: s.case)
-    m = mean_score(scores)
-    return {
-        **{f"{name}_dice": v for name, v in m.dice.items()},
-        "mean_dice": m.mean_dice,
-        "accuracy": m.accuracy,
-        "background_accuracy": m.background_accuracy,
-        "background_only": m.background_only,
-        "over_predicts": m.over_predicts,
-        "regions": list(m.dice),
-        "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores},
-    }
-
-
-def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE) -> bool:
-    """Validate at an epoch's end only when the training since the last validation has
-    been long enough for that validation's cost to stay within `share` of the time."""
-    return last_val_s <= 0 or trained_s * share >= last_val_s * (1 - share)
-
-
-def estimate_val_seconds(
-    val_slices: int, size: int, patch: int, train_samples_per_s: float
-) -> float:
-    """A validation's duration before one has run, from the training throughput: whole
-    slices hold (size/patch)**2 patches, each costing `VAL_COST` of a training sample."""
-    if train_samples_per_s <= 0:
-        return 0.0
-    return val_slices * (size / patch) ** 2 * VAL_COST / train_samples_per_s
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain U-Net inside DDP and torch.compile wrappers, in either order."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
-# --------------------------------------------------------------------------- divergence
-
-
-class Divergence:
-    """Non-finite losses, counted on the device (no host sync per step) and checked at each
-    log line. Without a gradient scaler one NaN/Inf loss has already spoilt the weights, so
-    it stops the run; with fp16's scaler, skipped steps are normal and only a persistent run
-    of them (DIVERGED_STEPS in a row) stops it."""
-
-    def __init__(self, device: torch.device, tolerate: bool) -> None:
-        self.limit = DIVERGED_STEPS if tolerate else 1
-        z = torch.zeros((), device=device)
-        self.bad_run, self.worst = z.clone(), z.clone()  # non-finite losses in a row
-        self.run_start, self.worst_start = z.clone(), z.clone()  # step each run began
-        self.last_loss, self.last_step = z.clone(), z.clone()
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        ok = torch.isfinite(loss.detach()).to(self.bad_run.dtype)
-        at = torch.full_like(self.run_start, step)
-        self.bad_run = (self.bad_run + 1) * (1 - ok)
-        self.run_start = torch.where(self.bad_run == 1, at, self.run_start)
-        self.worst_start = torch.where(self.bad_run > self.worst, self.run_start, self.worst_start)
-        self.worst = torch.maximum(self.worst, self.bad_run)
-        self.last_loss = torch.where(ok > 0, loss.detach().float(), self.last_loss)
-        self.last_step = torch.where(ok > 0, at, self.last_step)
-
-    def check(self, tc: TrainConfig) -> None:
-        """Stop the run (KitsError) once the non-finite losses reach the limit."""
-        if float(self.worst) < self.limit:
-            return
-        start = int(self.worst_start)
-        last = (
-            f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"
-            if int(self.last_step) > 0
-            else "no finite loss before it"
-        )
-        raise KitsError(
-            f"training diverged: the loss is NaN/Inf from step {start} ({last}); "
-            f"no checkpoint holds the diverged weights. Start a new run with a "
-            f"lower --lr (this one: {tc.lr:g})"
-        )
-
-
-def _inject_fault(step: int, rank: int) -> None:
-    """Fault injection for tests: KITS_INJECT_OOM_AT_STEP=N raises one OOM at step N,
-    KITS_INJECT_ERROR_AT_STEP=N one other error; KITS_INJECT_RANK=R limits either to rank R."""
-    only = os.environ.get("KITS_INJECT_RANK")
-    if only is not None and int(only) != rank:
-        return
-    for var, exc in (
-        (
-            "KITS_INJECT_OOM_AT_STEP",
-            torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)"),
-        ),
-        ("KITS_INJECT_ERROR_AT_STEP", RuntimeError("failure injected for a test")),
-    ):
-        at = os.environ.get(var)
-        if at is not None and int(at) == step and not getattr(_inject_fault, var, False):
-            setattr(_inject_fault, var, True)
-            raise exc

@@ -341,7 +341,7 @@ def test_an_unwritable_out_for_fit_and_predict_is_one_line(
 
 def test_scaled_fp16_runs_tolerate_skipped_steps_but_not_a_persistent_run() -> None:
     from kitstrain.core.config import resolve
-    from kitstrain.train.trainer import DIVERGED_STEPS, Divergence
+    from kitstrain.train.divergence import DIVERGED_STEPS, Divergence
 
     tc = resolve("default", {})
     d = Divergence(torch.device("cpu"), tolerate=True)

@@ -241,10 +241,7 @@ def test_seed_preset_is_the_origin_setup(
 def test_injected_oom_halves_the_micro_batch_and_carries_on(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitstrain.train.trainer as trainermod
-
     monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "2")
-    monkeypatch.setattr(trainermod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
     out = tmp_path / "oom"
     r = fit_cli(*tiny_args(store, out, "--max-steps", "5"))
     assert r.exit_code == 0, r.output
@@ -724,7 +721,7 @@ def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path:
 
 
 def test_validation_costs_a_bounded_share_and_the_time_limit_counts_it() -> None:
-    from kitstrain.train.trainer import estimate_val_seconds, validation_due
+    from kitstrain.train.evaluate import estimate_val_seconds, validation_due
 
     assert validation_due(trained_s=0.0, last_val_s=0.0)  # none yet: validate
     assert not validation_due(trained_s=50.0, last_val_s=10.0)  # would be 17 % of the time
@@ -777,7 +774,7 @@ def test_resume_after_a_ddp_oom_continues_with_half_the_micro_batch(
 
 
 def test_unwrap_peels_compile_and_ddp_style_wrappers_in_either_order() -> None:
-    from kitstrain.train.trainer import unwrap
+    from kitstrain.train.evaluate import unwrap
 
     net = torch.nn.Linear(2, 2)
 
@@ -799,7 +796,7 @@ def test_cli_choices_and_the_preset_check_read_the_registries(
     from kitstrain.model.losses import LOSSES
     from kitstrain.model.unet import NORMS
     from kitstrain.train import optim
-    from kitstrain.train.fit import check_names
+    from kitstrain.train.setup import check_names
 
     params = {p.name: p for p in fit_command.params}
     for option, registry in (

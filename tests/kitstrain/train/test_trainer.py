@@ -16,7 +16,6 @@ from kitstrain.core.rundir import State
 from kitstrain.data.splits import make_split
 from kitstrain.model.losses import make_loss
 from kitstrain.model.unet import UNetConfig, build_model
-from kitstrain.train import trainer as trainermod
 from kitstrain.train.config import Plan
 from kitstrain.train.distributed import Dist
 from kitstrain.train.log import RunLog
@@ -122,7 +121,6 @@ def test_an_oom_halves_the_micro_batch_and_the_step_is_retried(
     loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KITS_INJECT_OOM_AT_STEP", "0")
-    monkeypatch.setattr(trainermod._inject_fault, "KITS_INJECT_OOM_AT_STEP", False, raising=False)
     t = make_trainer(loader_store, tmp_path / "run")
     t.optimize(*batch_of(t))
     assert t.state.micro_batch == BATCH // 2

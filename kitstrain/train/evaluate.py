@@ -1,0 +1,91 @@
+"""Validation during training: every region's Dice on the validation cases, through the
+inference engine that `score` uses, sharded over ranks; and when a validation is due, so
+that validating stays a bounded share of the run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from kitstrain.data.loaders import shard_cases
+from kitstrain.infer.cases import score_store_cases
+from kitstrain.metrics import CaseScore, mean_score
+from kitstrain.train import distributed
+from kitstrain.train.config import Plan
+
+VAL_SHARE = 0.10  # epoch-end validations skip while they would cost more than this
+# a validated sample's cost in training samples (forward only, plus reading and counting on
+# the host): estimates the final validation before any has run, so --time-limit holds
+VAL_COST = 0.5
+
+
+def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
+    """Per-case 3D Dice of every region of the store's label set on the validation cases,
+    whole cases
+    sharded across ranks by slice count (`shard_cases`) and gathered, so every rank sees
+    the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here does not
+    broadcast buffers each forward, and every rank must score the same model. Keys:
+    ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
+    mean, what picks the best checkpoint), ``regions`` (the names, in order) and
+    ``per_case`` (each case's region Dice, in that order)."""
+    net, d, info = unwrap(model), plan.d, plan.info
+    distributed.broadcast_buffers(net, d)
+    net.eval()
+    mine = shard_cases(info, plan.split.val, d.rank, d.world)
+    with torch.no_grad():
+        scores = (
+            score_store_cases(
+                net,
+                info,
+                mine,
+                plan.tc.context,
+                plan.device,
+                amp=plan.dtype or False,
+                tta=False,
+                batch_size=plan.val_batch,
+            )
+            if mine
+            else []
+        )
+    net.train()
+    if d.world > 1:
+        parts = distributed.gather(d, [asdict(s) for s in scores])
+        scores = [CaseScore(**s) for part in parts for s in part]
+    scores.sort(key=lambda s: s.case)
+    m = mean_score(scores)
+    return {
+        **{f"{name}_dice": v for name, v in m.dice.items()},
+        "mean_dice": m.mean_dice,
+        "accuracy": m.accuracy,
+        "background_accuracy": m.background_accuracy,
+        "background_only": m.background_only,
+        "over_predicts": m.over_predicts,
+        "regions": list(m.dice),
+        "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores},
+    }
+
+
+def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE) -> bool:
+    """Validate at an epoch's end only when the training since the last validation has
+    been long enough for that validation's cost to stay within `share` of the time."""
+    return last_val_s <= 0 or trained_s * share >= last_val_s * (1 - share)
+
+
+def estimate_val_seconds(
+    val_slices: int, size: int, patch: int, train_samples_per_s: float
+) -> float:
+    """A validation's duration before one has run, from the training throughput: whole
+    slices hold (size/patch)**2 patches, each costing `VAL_COST` of a training sample."""
+    if train_samples_per_s <= 0:
+        return 0.0
+    return val_slices * (size / patch) ** 2 * VAL_COST / train_samples_per_s
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain U-Net inside DDP and torch.compile wrappers, in either order."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
