@@ -12,7 +12,9 @@ import numpy as np
 
 from kitsprep.cases import find_cases, read_volume
 from kitsprep.kernels import labels_resample
-from kitsprep.store import SliceReader, StoreInfo, crc32, open_store
+from kitsprep.store.format import crc32
+from kitsprep.store.info import StoreInfo, open_store
+from kitsprep.store.reader import SliceReader
 
 try:
     from isal.isal_zlib import error as _InflateError

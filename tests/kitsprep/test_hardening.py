@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kitsprep import store as store_mod
 from kitsprep.cli import main
-from kitsprep.store import open_store
+from kitsprep.store import open_store, superblock
 from tests.kitsprep.conftest import (
     assert_same_store,
     kits_affine,
@@ -101,7 +100,7 @@ def test_resume_after_a_kill_during_finalize(built, tmp_path: Path) -> None:
     )
     assert p.returncode == -9, p.stderr
     partial = tmp_path / "k.h5.partial" / "store.h5"
-    assert store_mod._superblock(partial)[0][11] != 0  # left "open for write"
+    assert superblock.read_superblock(partial)[0][11] != 0  # left "open for write"
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1, "--resume")
     assert r.exit_code == 0, r.output
     assert "2 cases from the interrupted run" in r.output
@@ -113,15 +112,15 @@ def test_clearing_the_write_flags_redoes_the_superblock_checksum(tmp_path: Path)
     path = tmp_path / "f.h5"
     with h5py.File(path, "w", libver=("v110", "latest")) as f:
         f.attrs["a"] = 1
-    raw, body = store_mod._superblock(path)
-    assert store_mod._lookup3(bytes(raw[:body])) == int.from_bytes(raw[body : body + 4], "little")
-    assert not store_mod.clear_write_flags(path)  # closed cleanly: nothing to clear
+    raw, body = superblock.read_superblock(path)
+    assert superblock.lookup3(bytes(raw[:body])) == int.from_bytes(raw[body : body + 4], "little")
+    assert not superblock.clear_write_flags(path)  # closed cleanly: nothing to clear
     raw[11] = 1
-    raw[body : body + 4] = store_mod._lookup3(bytes(raw[:body])).to_bytes(4, "little")
+    raw[body : body + 4] = superblock.lookup3(bytes(raw[:body])).to_bytes(4, "little")
     path.write_bytes(bytes(raw[: body + 4]) + path.read_bytes()[body + 4 :])
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(path, "r")
-    assert store_mod.clear_write_flags(path)
+    assert superblock.clear_write_flags(path)
     with h5py.File(path, "r") as f:
         assert f.attrs["a"] == 1
 
