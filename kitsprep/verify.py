@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from kitsprep.cases import find_cases, read_volume
-from kitsprep.kernels import labels_resample
+from kitsprep.kernels.labels import labels_resample
 from kitsprep.store.format import crc32
 from kitsprep.store.info import StoreInfo, open_store
 from kitsprep.store.reader import SliceReader

@@ -18,7 +18,9 @@ from kitsprep.build.resume import save_record
 from kitsprep.cases import CaseRef, Volume, check_pair, read_volume
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
-from kitsprep.kernels import NEGATIVE_LABEL, count_nonfinite, labels_resample, window_resample
+from kitsprep.kernels.image import window_resample
+from kitsprep.kernels.labels import NEGATIVE_LABEL, labels_resample
+from kitsprep.kernels.nonfinite import count_nonfinite
 from kitsprep.store.format import CaseMeta, CaseWritten, compress_label_slice, crc32
 
 # Output buffer of one kernel call (float16 image; labels take half as much): at 512x512 up

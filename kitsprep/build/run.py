@@ -20,7 +20,9 @@ from kitsprep.cases import CaseRef, find_cases, read_header, select_cases
 from kitsprep.errors import KitsError
 from kitsprep.files import check_output_folder
 from kitsprep.geometry import fit_in_plane
-from kitsprep.kernels import count_nonfinite, labels_resample, window_resample
+from kitsprep.kernels.image import window_resample
+from kitsprep.kernels.labels import labels_resample
+from kitsprep.kernels.nonfinite import count_nonfinite
 from kitsprep.window import Window
 
 

@@ -353,14 +353,14 @@ def test_a_size_the_default_unet_cannot_halve_warns_at_build(built, tmp_path: Pa
 
 def test_the_kernels_are_warmed_with_the_builds_own_specialisations(tmp_path: Path) -> None:
     """After the warm-up the build compiles nothing more, so its rate excludes compiling."""
-    from kitsprep import kernels
     from kitsprep.build import run as run_mod
     from kitsprep.cases import find_cases
+    from kitsprep.kernels import image, labels, nonfinite
     from kitsprep.window import WINDOW_PRESETS
 
     src = write_cohort(tmp_path / "src", n=2)  # float32 + uint8 and int16 + uint16 cases
     run_mod._warm_kernels(find_cases(src), WINDOW_PRESETS["mlperf"])
-    dispatchers = (kernels._window_resample, kernels._labels_resample, kernels._count_nonfinite)
+    dispatchers = (image._window_resample, labels._labels_resample, nonfinite._count_nonfinite)
     before = [len(k.signatures) for k in dispatchers]
     r = run(
         "build",
