@@ -19,8 +19,9 @@ from kitsprep.cases import CaseRef, Volume, check_pair, read_volume
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
 from kitsprep.kernels.image import window_resample
-from kitsprep.kernels.labels import NEGATIVE_LABEL, labels_resample
+from kitsprep.kernels.labels import NEGATIVE_LABEL, label_counts, labels_resample
 from kitsprep.kernels.nonfinite import count_nonfinite
+from kitsprep.labels import counted_values
 from kitsprep.store.format import CaseMeta, CaseWritten, compress_label_slice, crc32
 
 # Output buffer of one kernel call (float16 image; labels take half as much): at 512x512 up
@@ -151,7 +152,7 @@ def process_case(job: CaseJob) -> CaseWritten:
             f"the build planned {len(job.offsets)}; start over with --overwrite"
         )
     plane = fit_in_plane(h, w, job.size)
-    counts = np.zeros((n_slices, 3), np.int64)
+    counts = label_counts(n_slices, counted_values(job.labels.labels))
     crc = np.zeros(n_slices, np.uint32)
     chunks: list[bytes] | None = [] if seg is not None else None
     labels = seg.data.transpose(axes) if seg is not None else None
@@ -213,7 +214,7 @@ def process_case(job: CaseJob) -> CaseWritten:
 
 
 def present_values(counts: np.ndarray, top: int) -> list[int]:
-    """Foreground label values a case holds, from its per-slice counts of values 1..3 and
+    """Foreground label values a case holds, from its per-slice counts of values 1..k and
     its largest label (`labels_resample` reports a negative label v as NEGATIVE_LABEL - v)."""
     found = {int(v) + 1 for v in np.flatnonzero(np.asarray(counts).sum(0))}
     if top > NEGATIVE_LABEL:

@@ -21,8 +21,9 @@ from kitsprep.errors import KitsError
 from kitsprep.files import check_output_folder
 from kitsprep.geometry import fit_in_plane
 from kitsprep.kernels.image import window_resample
-from kitsprep.kernels.labels import labels_resample
+from kitsprep.kernels.labels import label_counts, labels_resample
 from kitsprep.kernels.nonfinite import count_nonfinite
+from kitsprep.labels import counted_values
 from kitsprep.window import Window
 
 
@@ -157,9 +158,8 @@ def _warm_kernels(refs: list[CaseRef], window: Window) -> float:
             window_resample(vol, 1.0, 0.0, window, plane, 0, 2, np.empty((2, 4, 4), np.float16))
             if seg is not None:
                 lab = np.frombuffer(bytes(8 * seg.itemsize), seg).reshape((2, 2, 2), order="F")
-                labels_resample(
-                    lab, plane, np.zeros((2, 3), np.int64), 0, 2, np.empty((2, 4, 4), np.uint8)
-                )
+                counts = label_counts(2, counted_values())
+                labels_resample(lab, plane, counts, 0, 2, np.empty((2, 4, 4), np.uint8))
         except Exception:  # noqa: BLE001 - a voxel type the kernels refuse: the case says so
             continue
     return time.perf_counter() - t

@@ -32,13 +32,20 @@ editing `tiles.py` or `intrinsics.py`, delete `kitsprep/kernels/__pycache__` (or
 """
 
 from kitsprep.kernels.image import f32_to_f16_bits, window_resample
-from kitsprep.kernels.labels import NEGATIVE_LABEL, labels_resample
+from kitsprep.kernels.labels import (
+    MAX_LABEL_VALUES,
+    NEGATIVE_LABEL,
+    label_counts,
+    labels_resample,
+)
 from kitsprep.kernels.nonfinite import count_nonfinite
 
 __all__ = [
+    "MAX_LABEL_VALUES",
     "NEGATIVE_LABEL",
     "count_nonfinite",
     "f32_to_f16_bits",
+    "label_counts",
     "labels_resample",
     "window_resample",
 ]

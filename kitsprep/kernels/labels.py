@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kitsprep.errors import KitsError
 from kitsprep.geometry import InPlane
 from kitsprep.kernels.intrinsics import _like
 from kitsprep.kernels.tiles import (
@@ -22,6 +23,24 @@ from kitsprep.kernels.tiles import (
 _LXB = 128  # output columns per block, labels: 128 uint8 = two whole cache lines
 # (and at most 255: the per-row counters are bytes)
 NEGATIVE_LABEL = 1 << 40  # labels_resample reports a negative label v as this - v
+MAX_LABEL_VALUES = 256  # values a uint8 label slice holds (0..255): the most that are counted
+
+
+def _check_label_values(num_values: int) -> None:
+    if not 1 <= num_values <= MAX_LABEL_VALUES:
+        raise KitsError(
+            f"asked to count {num_values} label values per slice, expected 1 to "
+            f"{MAX_LABEL_VALUES} (the values 0..255 a uint8 label slice holds); count the "
+            f"label set's values only (counts of shape (slices, values - 1))"
+        )
+
+
+def label_counts(n_slices: int, num_values: int) -> np.ndarray:
+    """Zeroed per-slice counts for `labels_resample`: (n_slices, num_values - 1) int64, column
+    j for label value j + 1 (background, value 0, is not counted: it is what is left of the
+    slice). A KitsError for more values than uint8 labels hold."""
+    _check_label_values(num_values)
+    return np.zeros((n_slices, num_values - 1), np.int64)
 
 
 @njit(nogil=True, cache=True)
@@ -66,9 +85,14 @@ def _labels_resample(
     xb = _LXB if ocol == 1 else 1
     flat_buf = np.empty(xb * ts, np.uint8)
     buf = flat_buf.reshape((xb, ts))
-    # Per-slice class counts of a tile: uint8 ones over one row of the block (xb <= 255
-    # voxels a slice: byte-wide vector adds), flushed into int64 ones after each row.
-    cnt = np.zeros((3, ts), np.int64)
+    # Per-slice counts of label values 1..k (k = counts.shape[1]) over a tile. k <= 3 (every
+    # KiTS edition): values 1, 2 and 3 are counted in uint8 ones over one row of the block
+    # (xb <= 255 voxels a slice: byte-wide vector adds), flushed into int64 ones after each
+    # row. More values: each voxel adds one to its value's int64 counter (a scatter, not
+    # vectorised, but one add a voxel whatever k).
+    k = counts.shape[1]
+    few = k <= 3
+    cnt = np.zeros((max(3, k), ts), np.int64)
     row_cnt = np.zeros((3, ts), np.uint8)
     k1 = row_cnt[0]
     k2 = row_cnt[1]
@@ -93,26 +117,46 @@ def _labels_resample(
                     b = buf[dx]
                     hi = src[p]
                     lo = src[p]
-                    one = _like(hi, 1)
-                    two = _like(hi, 2)
-                    three = _like(hi, 3)
-                    if ss == 1:
+                    if few:
+                        one = _like(hi, 1)
+                        two = _like(hi, 2)
+                        three = _like(hi, 3)
+                        if ss == 1:
+                            run = src[p : p + nt]
+                            for t in range(nt):
+                                v = run[t]
+                                b[t] = np.uint8(v)  # truncation: v & 0xFF
+                                k1[t] += np.uint8(v == one)
+                                k2[t] += np.uint8(v == two)
+                                k3[t] += np.uint8(v == three)
+                                hi = max(hi, v)
+                                lo = min(lo, v)
+                        else:
+                            for t in range(nt):
+                                v = src[p + t * ss]
+                                b[t] = np.uint8(v)  # truncation: v & 0xFF
+                                k1[t] += np.uint8(v == one)
+                                k2[t] += np.uint8(v == two)
+                                k3[t] += np.uint8(v == three)
+                                hi = max(hi, v)
+                                lo = min(lo, v)
+                    elif ss == 1:
                         run = src[p : p + nt]
                         for t in range(nt):
                             v = run[t]
                             b[t] = np.uint8(v)  # truncation: v & 0xFF
-                            k1[t] += np.uint8(v == one)
-                            k2[t] += np.uint8(v == two)
-                            k3[t] += np.uint8(v == three)
+                            w = np.int64(v)
+                            if w >= 1 and w <= k:
+                                cnt[w - 1, t] += 1
                             hi = max(hi, v)
                             lo = min(lo, v)
                     else:
                         for t in range(nt):
                             v = src[p + t * ss]
                             b[t] = np.uint8(v)  # truncation: v & 0xFF
-                            k1[t] += np.uint8(v == one)
-                            k2[t] += np.uint8(v == two)
-                            k3[t] += np.uint8(v == three)
+                            w = np.int64(v)
+                            if w >= 1 and w <= k:
+                                cnt[w - 1, t] += 1
                             hi = max(hi, v)
                             lo = min(lo, v)
                     # the largest label; a negative one v reported as NEGATIVE_LABEL - v
@@ -120,14 +164,14 @@ def _labels_resample(
                     if lo < 0:
                         top = max(top, NEGATIVE_LABEL - np.int64(lo))
                 _put_segments(out, o_c + (pad_top + y) * orow, ost, flat_buf, ts, nt, nx)
-                for j in range(3):
-                    for t in range(nt):
-                        cnt[j, t] += row_cnt[j, t]
-                        row_cnt[j, t] = 0
+                if few:
+                    for j in range(3):
+                        for t in range(nt):
+                            cnt[j, t] += row_cnt[j, t]
+                            row_cnt[j, t] = 0
         for t in range(nt):
-            counts[t0 + t, 0] += cnt[0, t]
-            counts[t0 + t, 1] += cnt[1, t]
-            counts[t0 + t, 2] += cnt[2, t]
+            for j in range(k):
+                counts[t0 + t, j] += cnt[j, t]
     return top
 
 
@@ -140,9 +184,12 @@ def labels_resample(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Nearest-neighbour labels into a uint8 (n, size, size) square (background padding),
-    adding per-slice pixel counts of label values 1, 2 and 3 into `counts` (slices, 3). Returns
-    the labels and the largest label seen, so callers can refuse labels that uint8 can't hold
-    (a negative label v is reported as NEGATIVE_LABEL - v: above any real label)."""
+    adding per-slice pixel counts of label values 1..k into `counts` (slices, k) int64,
+    column j for value j + 1 (`label_counts` makes one; k + 1 values, background included,
+    at most 256). Returns the labels and the largest label seen, so callers can refuse
+    labels that uint8 can't hold or that `counts` has no column for (a negative label v is
+    reported as NEGATIVE_LABEL - v: above any real label)."""
+    _check_label_values(counts.shape[1] + 1)
     s_end = seg.shape[0] if s_end is None else s_end
     n = s_end - s_begin
     if out is None:

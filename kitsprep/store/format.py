@@ -141,7 +141,7 @@ class CaseWritten:
     """What a finished case hands the finaliser: metadata, per-slice counts, label chunks."""
 
     meta: CaseMeta
-    counts: np.ndarray  # (slices, 3) int64: pixels of label values 1, 2, 3
+    counts: np.ndarray  # (slices, k) int64: pixels of label values 1..k (`label_counts`)
     label_chunks: list[bytes] | None
     max_label: int
     image_crc: np.ndarray  # (slices,) uint32: crc32 of each stored image slice
