@@ -28,7 +28,7 @@ a leading underscore are this package's own, shared between its modules.
 
 numba's on-disk cache (`cache=True`) checks only the file of the function it caches: after
 editing `tiles.py` or `intrinsics.py`, delete `kitsprep/kernels/__pycache__` (or touch
-`image.py`, `labels.py` and `nonfinite.py`), or the kernels keep their old machine code.
+`image.py` and `labels.py`), or the kernels keep their old machine code.
 """
 
 from kitsprep.kernels.image import f32_to_f16_bits, window_resample

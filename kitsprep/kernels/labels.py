@@ -31,7 +31,7 @@ def _check_label_values(num_values: int) -> None:
         raise KitsError(
             f"asked to count {num_values} label values per slice, expected 1 to "
             f"{MAX_LABEL_VALUES} (the values 0..255 a uint8 label slice holds); count the "
-            f"label set's values only (counts of shape (slices, values - 1))"
+            "label set's values only (counts of shape (slices, values - 1))"
         )
 
 
