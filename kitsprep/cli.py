@@ -287,7 +287,7 @@ def build(
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(store: Path, as_json: bool) -> None:
     """What a store holds: cases, slices, size on disk, window, foreground share."""
-    from kitsprep.store import open_store, summarise
+    from kitsprep.store.info import open_store, summarise
 
     summary = summarise(open_store(store))
     if as_json:

@@ -25,6 +25,7 @@ __all__ = [
     "LabelSet",
     "Region",
     "any_edition_labels",
+    "counted_values",
     "decode_regions",
     "edition",
     "region_masks",
@@ -177,6 +178,13 @@ def any_edition_labels() -> tuple[tuple[str, int], ...]:
     """Every foreground (name, value) some edition has, by value: what a mask may hold
     before its edition is known."""
     return tuple(sorted({lv for ls in EDITIONS.values() for lv in ls.labels}, key=lambda x: x[1]))
+
+
+def counted_values(labels: tuple[tuple[str, int], ...] = ()) -> int:
+    """How many label values (background included) a build or verify counts per slice: up to
+    the largest of ``labels`` and of every edition, whatever the edition asked for, so a
+    mask refused for holding another edition's label names each such value it holds."""
+    return 1 + max(v for _, v in (*labels, *any_edition_labels()))
 
 
 def edition(name: str) -> LabelSet:

@@ -11,8 +11,11 @@ import h5py
 import numpy as np
 
 from kitsprep.cases import find_cases, read_volume
-from kitsprep.kernels import labels_resample
-from kitsprep.store import SliceReader, StoreInfo, crc32, open_store
+from kitsprep.kernels.labels import label_counts, labels_resample
+from kitsprep.labels import counted_values
+from kitsprep.store.format import crc32
+from kitsprep.store.info import StoreInfo, open_store
+from kitsprep.store.reader import SliceReader
 
 try:
     from isal.isal_zlib import error as _InflateError
@@ -136,7 +139,7 @@ def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyRepor
         return
     seg = read_volume(ref.segmentation, cid)
     labels = seg.data.transpose(meta.axes)
-    counts = np.zeros((labels.shape[0], 3), np.int64)
+    counts = label_counts(labels.shape[0], counted_values(info.labels.labels))
     expected, _ = labels_resample(labels, meta.in_plane, counts)
     with h5py.File(info.path, "r") as f:
         stored = f["cases"][cid]["label"][...]

@@ -17,8 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
-import kitsprep.build as build_mod
-from kitsprep.build import partial_dir
+import kitsprep.build.finish as finish_mod
+import kitsprep.build.workers as workers_mod
+from kitsprep.build import BuildConfig, partial_dir
 from kitsprep.errors import KitsError
 from kitsprep.geometry import fit_in_plane
 from kitsprep.labels import ANY_EDITION, EDITIONS, any_edition_labels
@@ -387,7 +388,7 @@ def test_skip_bad_with_every_case_bad(tmp_path):
 
 def _interrupt_after(monkeypatch, n: int) -> None:
     """Ctrl-C in the middle of the build: after `n` cases have committed."""
-    real = build_mod.process_case
+    real = workers_mod.process_case
     done = []
 
     def flaky(job):
@@ -396,7 +397,7 @@ def _interrupt_after(monkeypatch, n: int) -> None:
         done.append(job)
         return real(job)
 
-    monkeypatch.setattr(build_mod, "process_case", flaky)
+    monkeypatch.setattr(workers_mod, "process_case", flaky)
 
 
 def _records(out: Path) -> list[Path]:
@@ -482,7 +483,7 @@ def test_resume_after_interrupt_between_finalize_and_rename(tmp_path, monkeypatc
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "fsync_path", interrupted)
+    monkeypatch.setattr(finish_mod, "fsync_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(src, out)
     monkeypatch.undo()
@@ -559,12 +560,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 def test_auto_allows_every_label_some_edition_has():
     """Under --edition auto the edition is decided after the cases are read: until then a
     mask may hold any edition's labels, and only a value no edition has is refused."""
-    cfg = build_mod.BuildConfig(Path("s"), Path("o.h5"), WINDOW_PRESETS["mlperf"])
+    cfg = BuildConfig(Path("s"), Path("o.h5"), WINDOW_PRESETS["mlperf"])
     allowed = cfg.allowed_labels
     assert allowed.name == ANY_EDITION
     assert allowed.labels == any_edition_labels() == EDITIONS["kits23"].labels
     assert allowed.unknown_values([0, 1, 2, 3, 4, 7]) == [4, 7]
-    kits19 = build_mod.BuildConfig(Path("s"), Path("o.h5"), cfg.window, edition="kits19")
+    kits19 = BuildConfig(Path("s"), Path("o.h5"), cfg.window, edition="kits19")
     assert kits19.allowed_labels.unknown_values([0, 1, 2, 3]) == [3]
 
 
@@ -582,6 +583,6 @@ def test_a_progress_bar_does_not_rule_out_forked_workers(monkeypatch):
     progress = Progress(io.StringIO(), bar=True).start(10, "build")
     try:
         assert threading.active_count() == 1  # no monitor thread
-        assert build_mod._pool_context().get_start_method() == "fork"
+        assert workers_mod._pool_context().get_start_method() == "fork"
     finally:
         progress.close()

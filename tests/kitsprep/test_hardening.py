@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kitsprep import store as store_mod
 from kitsprep.cli import main
-from kitsprep.store import open_store
+from kitsprep.store import open_store, superblock
 from tests.kitsprep.conftest import (
     assert_same_store,
     kits_affine,
@@ -69,12 +68,12 @@ def test_resume_after_a_kill_during_finalize(built, tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import os, signal, sys
         import h5py
-        import kitsprep.build as b
+        import kitsprep.build.finish as finish
         def die(path, written, bad, *rest):
             f = h5py.File(path, "r+")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        b.finalize = die
+        finish.finalize = die
         from kitsprep.cli import main
         main(sys.argv[1:])
     """)
@@ -101,7 +100,7 @@ def test_resume_after_a_kill_during_finalize(built, tmp_path: Path) -> None:
     )
     assert p.returncode == -9, p.stderr
     partial = tmp_path / "k.h5.partial" / "store.h5"
-    assert store_mod._superblock(partial)[0][11] != 0  # left "open for write"
+    assert superblock.read_superblock(partial)[0][11] != 0  # left "open for write"
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1, "--resume")
     assert r.exit_code == 0, r.output
     assert "2 cases from the interrupted run" in r.output
@@ -113,15 +112,15 @@ def test_clearing_the_write_flags_redoes_the_superblock_checksum(tmp_path: Path)
     path = tmp_path / "f.h5"
     with h5py.File(path, "w", libver=("v110", "latest")) as f:
         f.attrs["a"] = 1
-    raw, body = store_mod._superblock(path)
-    assert store_mod._lookup3(bytes(raw[:body])) == int.from_bytes(raw[body : body + 4], "little")
-    assert not store_mod.clear_write_flags(path)  # closed cleanly: nothing to clear
+    raw, body = superblock.read_superblock(path)
+    assert superblock.lookup3(bytes(raw[:body])) == int.from_bytes(raw[body : body + 4], "little")
+    assert not superblock.clear_write_flags(path)  # closed cleanly: nothing to clear
     raw[11] = 1
-    raw[body : body + 4] = store_mod._lookup3(bytes(raw[:body])).to_bytes(4, "little")
+    raw[body : body + 4] = superblock.lookup3(bytes(raw[:body])).to_bytes(4, "little")
     path.write_bytes(bytes(raw[: body + 4]) + path.read_bytes()[body + 4 :])
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(path, "r")
-    assert store_mod.clear_write_flags(path)
+    assert superblock.clear_write_flags(path)
     with h5py.File(path, "r") as f:
         assert f.attrs["a"] == 1
 
@@ -268,20 +267,20 @@ def test_an_unwritable_out_is_one_line(built, tmp_path: Path, where: str) -> Non
 def test_a_full_disk_is_one_line_and_resume_then_works(
     built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitsprep.build as build_mod
+    import kitsprep.build.case as case_mod
 
     src, _ = built
     out = tmp_path / "full.h5"
-    real = build_mod._write_runs
+    real = case_mod._write_runs
 
     def full(fd, buf, offsets):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(build_mod, "_write_runs", full)
+    monkeypatch.setattr(case_mod, "_write_runs", full)
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1)
     assert_user_error(r, "is full", "--resume")
     assert not out.exists()
-    monkeypatch.setattr(build_mod, "_write_runs", real)
+    monkeypatch.setattr(case_mod, "_write_runs", real)
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1, "--resume")
     assert r.exit_code == 0, r.output
     assert open_store(out).case_ids == ["case_00000", "case_00001"]
@@ -354,14 +353,14 @@ def test_a_size_the_default_unet_cannot_halve_warns_at_build(built, tmp_path: Pa
 
 def test_the_kernels_are_warmed_with_the_builds_own_specialisations(tmp_path: Path) -> None:
     """After the warm-up the build compiles nothing more, so its rate excludes compiling."""
-    from kitsprep import build as build_mod
-    from kitsprep import kernels
+    from kitsprep.build import run as run_mod
     from kitsprep.cases import find_cases
+    from kitsprep.kernels import image, labels, nonfinite
     from kitsprep.window import WINDOW_PRESETS
 
     src = write_cohort(tmp_path / "src", n=2)  # float32 + uint8 and int16 + uint16 cases
-    build_mod._warm_kernels(find_cases(src), WINDOW_PRESETS["mlperf"])
-    dispatchers = (kernels._window_resample, kernels._labels_resample, kernels._count_nonfinite)
+    run_mod._warm_kernels(find_cases(src), WINDOW_PRESETS["mlperf"])
+    dispatchers = (image._window_resample, labels._labels_resample, nonfinite._count_nonfinite)
     before = [len(k.signatures) for k in dispatchers]
     r = run(
         "build",
@@ -382,10 +381,10 @@ def test_the_kernels_are_warmed_with_the_builds_own_specialisations(tmp_path: Pa
 def test_compile_time_is_reported_apart_from_the_rate(
     built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kitsprep import build as build_mod
+    from kitsprep.build import run as run_mod
 
     src, _ = built
-    monkeypatch.setattr(build_mod, "_warm_kernels", lambda refs, window: 7.5)
+    monkeypatch.setattr(run_mod, "_warm_kernels", lambda refs, window: 7.5)
     r = run(
         "build",
         "--src",

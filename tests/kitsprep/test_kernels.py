@@ -6,8 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kitsprep.errors import KitsError
 from kitsprep.geometry import InPlane, fit_in_plane
-from kitsprep.kernels import count_nonfinite, f32_to_f16_bits, labels_resample, window_resample
+from kitsprep.kernels import (
+    NEGATIVE_LABEL,
+    count_nonfinite,
+    f32_to_f16_bits,
+    label_counts,
+    labels_resample,
+    window_resample,
+)
 from kitsprep.window import WINDOW_PRESETS, Window
 
 F32 = np.float32
@@ -180,6 +188,75 @@ def test_labels_report_values_uint8_cannot_hold():
     seg[0, 0, 0] = 300
     _, top = labels_resample(seg, square(4), np.zeros((1, 3), np.int64))
     assert top == 300
+
+
+def ref_counts(labels: np.ndarray, num_values: int) -> np.ndarray:
+    """Per-slice pixels of label values 1..num_values-1: np.bincount, slice by slice."""
+    return np.stack([np.bincount(s.ravel(), minlength=num_values)[1:num_values] for s in labels])
+
+
+@pytest.mark.parametrize("order", ["F", "C", "strided"])
+@pytest.mark.parametrize("shape,size", [((7, 16, 16), 16), ((5, 21, 37), 32), ((300, 9, 9), 8)])
+def test_labels_count_any_number_of_values(rng, order, shape, size):
+    """Six label values (more than any KiTS edition has): the counts of 1..5 are np.bincount's,
+    slice by slice, whatever the memory order, resampling or tiling (300 slices: two tiles)."""
+    seg = rng.integers(0, 6, shape).astype(np.uint8)
+    seg = {
+        "F": np.asfortranarray(seg),
+        "C": seg,
+        "strided": np.asfortranarray(np.repeat(seg, 2, axis=2))[:, :, ::2],
+    }[order]
+    plane = fit_in_plane(shape[1], shape[2], size)
+    counts = label_counts(shape[0], 6)
+    assert counts.shape == (shape[0], 5) and counts.dtype == np.int64
+    out, top = labels_resample(seg, plane, counts)
+    box = out[
+        :,
+        plane.pad_top : plane.pad_top + plane.new_h,
+        plane.pad_left : plane.pad_left + plane.new_w,
+    ]
+    want = ref_nearest(seg, plane.new_h, plane.new_w)
+    np.testing.assert_array_equal(box, want)
+    np.testing.assert_array_equal(counts, ref_counts(want, 6))
+    assert top == seg.max() == 5
+    if (plane.new_h, plane.new_w) == shape[1:]:  # no resampling: the source's own counts
+        np.testing.assert_array_equal(counts, ref_counts(seg, 6))
+
+
+def test_labels_count_values_beyond_the_columns_only_in_top(rng):
+    """Values the counts have no column for are left out of them and show in the largest
+    label, as negative ones do, with few columns (the KiTS path) and with many."""
+    seg = np.asfortranarray(rng.integers(-2, 9, (6, 12, 12)).astype(np.int16))
+    for num_values in (2, 3, 4, 6):
+        counts = label_counts(6, num_values)
+        _, top = labels_resample(seg, square(12), counts, 1, 5)
+        assert (counts[[0, 5]] == 0).all()  # the slab's rows only
+        want = [[(s == v).sum() for v in range(1, num_values)] for s in seg[1:5]]
+        np.testing.assert_array_equal(counts[1:5], np.array(want).reshape(4, num_values - 1))
+        assert top == NEGATIVE_LABEL + 2
+
+
+def test_labels_count_every_uint8_value():
+    """256 values, uint8's whole range: every one counted."""
+    seg = np.arange(256 * 4, dtype=np.uint32).reshape(4, 16, 16).astype(np.uint8)
+    counts = label_counts(4, 256)
+    _, top = labels_resample(seg, square(16), counts)
+    np.testing.assert_array_equal(counts, ref_counts(seg, 256))
+    assert counts.sum() == 4 * 255 and top == 255
+
+
+def test_counting_more_values_than_uint8_holds_is_one_line():
+    for ask in (
+        lambda: label_counts(3, 257),
+        lambda: labels_resample(
+            np.zeros((3, 4, 4), np.uint8), square(4), np.zeros((3, 256), np.int64)
+        ),
+    ):
+        with pytest.raises(KitsError) as exc:
+            ask()
+        msg = str(exc.value)
+        assert "\n" not in msg
+        assert "257 label values" in msg and "expected 1 to 256" in msg and "0..255" in msg
 
 
 # --------------------------------------------------------------------------- padding

@@ -222,9 +222,9 @@ def test_adjacent_chunks_read_in_one_call_equal_single_reads(store, monkeypatch)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
     assert calls == [1, 1, 3]  # slice 0 three times, then slices 0-2 back to back
     # never more buffers per call than the kernel takes (IOV_MAX; a case can be longer)
-    import kitsprep.store as storemod
+    import kitsprep.store.reader as reader_mod
 
-    monkeypatch.setattr(storemod, "_IOV_MAX", 2)
+    monkeypatch.setattr(reader_mod, "_IOV_MAX", 2)
     calls.clear()
     got = m.images(stack, np.empty((5, info.size, info.size), np.float16))
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16)) and calls == [1, 1, 2, 1]
