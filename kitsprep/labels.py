@@ -8,6 +8,14 @@ KiTS21/23's "hierarchical evaluation classes": kidney_and_mass = {1, 2, 3}, mass
 tumor = {2}). A region-based model predicts one binary mask per region; labels come back by
 writing each region's ``writes`` label in region order, a later region overwriting an earlier
 one (KiTS21/23: kidney, then cyst, then tumour; nnU-Net's ``regions_class_order``).
+
+The label set owns both directions, so no later stage rebuilds them: labels -> regions as a
+membership table (`LabelSet.region_table`, which the region losses gather their targets
+from) and as masks (`region_mask`, `region_masks`: scoring, overlays); regions -> labels as
+the write-back order (`LabelSet.write_order`, recorded with a region model so that a run
+decodes without its store) and `decode_regions`. The torch twins in kitstrain (the region
+targets of `kitstrain.model.losses`, `kitstrain.infer.engine.logits_to_labels`) read these
+and are held to them by tests.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ __all__ = [
     "counted_values",
     "decode_regions",
     "edition",
+    "region_mask",
     "region_masks",
+    "write_back",
 ]
 
 
@@ -72,6 +82,28 @@ class LabelSet:
     def region_names(self) -> tuple[str, ...]:
         """Region names, in write-back order."""
         return tuple(r.name for r in self.regions)
+
+    @property
+    def write_order(self) -> tuple[int, ...]:
+        """The label each region writes back, in write-back order (`Region.writes`): what a
+        region model records so that its logits decode to labels (`write_back`)."""
+        return tuple(r.writes for r in self.regions)
+
+    def region_table(self, n_values: int | None = None) -> np.ndarray:
+        """bool ``(n_values, regions)``: row v says which regions label value v belongs to
+        (``n_values`` defaults to `num_classes`; rows past the edition's labels are all
+        False). Indexing it with a label array gives every region's target in one gather:
+        the region losses turn it into their lookup table."""
+        n = self.num_classes if n_values is None else n_values
+        if n < self.num_classes:
+            raise ValueError(
+                f"region_table: expected n_values >= {self.num_classes} (the values of "
+                f"{self.edition}); found {n}"
+            )
+        table = np.zeros((n, len(self.regions)), bool)
+        for k, r in enumerate(self.regions):
+            table[list(r.labels), k] = True
+        return table
 
     def value(self, name: str) -> int:
         """The value of a label by name; a one-line error lists the edition's names."""
@@ -200,13 +232,31 @@ def edition(name: str) -> LabelSet:
 # --------------------------------------------------------------------------- pure arrays
 
 
+def region_mask(labels: np.ndarray, ls: LabelSet, k: int) -> np.ndarray:
+    """bool mask of region k (``labels ∈ ls.regions[k].labels``), shaped as ``labels``. One
+    region at a time keeps a whole case's scoring at one mask per volume; any integer
+    labels work, values outside the edition belong to no region."""
+    return np.isin(labels, ls.regions[k].labels)
+
+
 def region_masks(labels: np.ndarray, ls: LabelSet) -> np.ndarray:
     """bool ``(regions, *labels.shape)``: region k is ``labels ∈ ls.regions[k].labels``."""
     labels = np.asarray(labels)
-    lut = np.zeros((len(ls.regions), max(ls.num_classes, int(labels.max(initial=0)) + 1)), bool)
-    for k, r in enumerate(ls.regions):
-        lut[k, list(r.labels)] = True
-    return lut[:, labels]
+    table = ls.region_table(max(ls.num_classes, int(labels.max(initial=0)) + 1))
+    return table.T[:, labels]
+
+
+def write_back(masks: np.ndarray, write_order: tuple[int, ...] | list[int]) -> np.ndarray:
+    """uint8 labels from bool ``(regions, ...)`` masks: region k writes ``write_order[k]``,
+    in order, so a later region overwrites an earlier one. ``write_order`` is a label set's
+    `LabelSet.write_order`, or the one a run recorded."""
+    masks = np.asarray(masks, bool)
+    if masks.shape[0] != len(write_order):
+        raise ValueError(f"expected {len(write_order)} region masks, found {masks.shape[0]}")
+    out = np.zeros(masks.shape[1:], np.uint8)
+    for k, value in enumerate(write_order):
+        out[masks[k]] = value
+    return out
 
 
 def decode_regions(masks: np.ndarray, ls: LabelSet) -> np.ndarray:
@@ -217,7 +267,4 @@ def decode_regions(masks: np.ndarray, ls: LabelSet) -> np.ndarray:
         raise ValueError(
             f"expected {len(ls.regions)} region masks for {ls.edition}, found {masks.shape[0]}"
         )
-    out = np.zeros(masks.shape[1:], np.uint8)
-    for k, r in enumerate(ls.regions):
-        out[masks[k]] = r.writes
-    return out
+    return write_back(masks, ls.write_order)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kitsprep.labels import EDITIONS, LabelSet, Region
+from kitsprep.labels import EDITIONS, LabelSet, Region, region_mask
 
 __all__ = [
     "BACKGROUND_FLAG",
@@ -291,8 +291,10 @@ class DiceCounts:
         """Count one slice, slab or whole volume of integer labels into these totals."""
         pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
         _check_shapes(pred_labels, true_labels)
-        for k, r in enumerate(self.labels.regions):
-            pm, tm = np.isin(pred_labels, r.labels), np.isin(true_labels, r.labels)
+        for k in range(len(self.labels.regions)):
+            # one region's masks at a time: a whole case's box holds one mask per volume
+            pm = region_mask(pred_labels, self.labels, k)
+            tm = region_mask(true_labels, self.labels, k)
             self.inter[k] += np.count_nonzero(pm & tm)
             self.pred[k] += np.count_nonzero(pm)
             self.true[k] += np.count_nonzero(tm)
@@ -405,9 +407,9 @@ def score_case(
     p, t = pred_labels[box], true_labels[box]
     sd = {
         r.name: surface_dice(
-            np.isin(p, r.labels), np.isin(t, r.labels), spacing, surface_tolerance(ls, r)
+            region_mask(p, ls, k), region_mask(t, ls, k), spacing, surface_tolerance(ls, r)
         )
-        for r in ls.regions
+        for k, r in enumerate(ls.regions)
     }
     return replace(s, surface_dice=sd)
 

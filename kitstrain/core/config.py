@@ -57,6 +57,11 @@ class TrainConfig:
     )
     # None: as many pixels as the training slices
     samples_per_epoch: int | None = option(None, kind=int, low=1)
+    network: str = option(
+        "unet",
+        "The network, by name (kitstrain.model.networks).",
+        registry=("kitstrain.model.networks", "NETWORKS"),
+    )
     width: int = option(
         32, "U-Net features at the first level (doubling per level).", kind=int, low=1
     )
@@ -68,7 +73,7 @@ class TrainConfig:
         low=0,
         high=7,
     )
-    norm: str = option("batch", registry=("kitstrain.model.unet", "NORMS"))
+    norm: str = option("batch", registry=("kitstrain.model.layers", "NORMS"))
     # training patch side: pixels, "auto" (half), None/"full"
     patch: int | str | None = option(
         "auto",

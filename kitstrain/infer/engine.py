@@ -33,6 +33,7 @@ from kitsprep.cases import Volume
 from kitsprep.errors import KitsError
 from kitsprep.geometry import axial_axes, fit_in_plane
 from kitsprep.kernels import count_nonfinite, window_resample
+from kitsprep.labels import LabelSet
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.core.precision import Amp
@@ -135,11 +136,14 @@ def _logit_batches(
             progress(s1 - s0)
 
 
-def logits_to_labels(logits: Tensor, region_writes: Sequence[int] = ()) -> Tensor:
-    """uint8 labels (N, H, W) from logits (N, C, H, W): the argmax over classes or, given
-    the label each region writes back (region logits, `UNetConfig.region_writes`), each
-    region whose sigmoid passes 0.5 (logit > 0) written in order, a later region
-    overwriting an earlier one as in nnU-Net: the torch twin of `labels.decode_regions`."""
+def logits_to_labels(logits: Tensor, region_writes: Sequence[int] | LabelSet = ()) -> Tensor:
+    """uint8 labels (N, H, W) from logits (N, C, H, W): the argmax over classes or, for
+    region logits, each region whose sigmoid passes 0.5 (logit > 0) written back in the
+    label set's write order (a `LabelSet`, its `write_order`, or the order a run recorded,
+    `UNetConfig.region_writes`). The torch twin of `kitsprep.labels.write_back`, on the
+    logits' device: same order, same overwriting, held to it by tests."""
+    if isinstance(region_writes, LabelSet):
+        region_writes = region_writes.write_order
     if not region_writes:
         return logits.argmax(dim=1).to(torch.uint8)
     if logits.shape[1] != len(region_writes):
@@ -150,7 +154,7 @@ def logits_to_labels(logits: Tensor, region_writes: Sequence[int] = ()) -> Tenso
     labels = torch.zeros(
         (logits.shape[0], *logits.shape[2:]), dtype=torch.uint8, device=logits.device
     )
-    for k, value in enumerate(region_writes):
+    for k, value in enumerate(region_writes):  # a later region overwrites an earlier one
         labels[logits[:, k] > 0] = value
     return labels
 

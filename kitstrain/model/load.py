@@ -1,34 +1,40 @@
 """A trained network back from its run directory: the architecture its config.json records,
-the weights of one of its checkpoints. score, predict, the API and tests load through here."""
+the weights of one of its checkpoints. score, predict, the API and tests load through here.
+
+The record names its network (`kitstrain.model.networks`; a record without a name is a
+U-Net's), so loading works for any registered architecture."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from kitsprep.errors import KitsError
 from kitstrain.core import rundir as runlib
 from kitstrain.core.record import read_record
-from kitstrain.model.unet import UNet, UNetConfig, build_model
+from kitstrain.model.networks import build_network, config_from_record
 
 __all__ = ["load_model", "model_config"]
 
 
-def model_config(run_dir: Path) -> UNetConfig:
-    """The run's U-Net architecture, as recorded."""
+def model_config(run_dir: Path) -> Any:
+    """The run's network config (a `UNetConfig` for a U-Net), as recorded."""
     record = read_record(run_dir)
-    return runlib.from_record(run_dir, runlib.CONFIG, lambda m: UNetConfig(**m), record.model)
+    return runlib.from_record(run_dir, runlib.CONFIG, config_from_record, record.model)
 
 
 def load_model(
     run_dir: Path, which: str = "best", device: str | torch.device = "cpu"
-) -> tuple[UNet, dict]:
+) -> tuple[nn.Module, dict]:
     """The run's model with weights from `which` ('best', falling back to 'last')."""
     run_dir = Path(run_dir)
     path = runlib.resolve_checkpoint(run_dir, which)
     ckpt = runlib.load_checkpoint(path, map_location=device)
-    model = build_model(model_config(run_dir))
+    cfg = model_config(run_dir)
+    model = build_network(cfg.network, cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:  # another architecture's weights
@@ -38,5 +44,6 @@ def load_model(
             f"({detail or 'other layers'}); it is from another run or model, put "
             "back this run's checkpoint"
         ) from None
-    model.to(device).to(memory_format=torch.channels_last).eval()  # as trained: NHWC
+    # as trained: channels-last (NHWC for a 2D network)
+    model.to(device).to(memory_format=cfg.contract.memory_format).eval()
     return model, ckpt

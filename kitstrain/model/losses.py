@@ -7,11 +7,17 @@ classes only, so it cannot be satisfied that way.
 
 Every loss computes in float32 even under ``torch.autocast``: the sums over a whole batch
 of 512x512 slices lose too much precision in half types.
+
+Every loss exists in both forms, so `LOSSES` holds one `Loss` per name with the two
+functions side by side: a name cannot be valid for one form and a KeyError in the other.
+The region form's targets come from the label set's own membership table
+(`LabelSet.region_table`), never from a second copy of the label -> region mapping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,7 +28,7 @@ from kitsprep.labels import LabelSet
 
 __all__ = [
     "LOSSES",
-    "REGION_LOSSES",
+    "Loss",
     "bce_dice_region_loss",
     "bce_region_loss",
     "ce_dice_loss",
@@ -42,8 +48,8 @@ def _check(logits: Tensor, target: Tensor, channels: int, regions: bool = False)
     if logits.dim() != 4 or logits.shape[1] != channels:
         what = f"{channels} region logits" if regions else f"{channels} class logits"
         fix = (
-            f"one region logit per region of the label set (UNetConfig.region_writes of "
-            f"length {channels}, regions=True)"
+            f"one region logit per region of the label set (regions=True, region_writes "
+            f"= the label set's write_order, of length {channels})"
             if regions
             else f"num_classes={channels}"
         )
@@ -114,12 +120,9 @@ def ce_dice_loss(
 
 
 def region_lut(labels: LabelSet) -> Tensor:
-    """bool (values, regions): row v says which regions label value v belongs to. Indexing
-    it with a label tensor gives the region targets in one gather, on any device."""
-    lut = torch.zeros((labels.num_classes, len(labels.regions)), dtype=torch.bool)
-    for k, r in enumerate(labels.regions):
-        lut[list(r.labels), k] = True
-    return lut
+    """bool (values, regions): the label set's `region_table` as a tensor. Indexing it with
+    a label tensor gives the region targets in one gather, on any device."""
+    return torch.from_numpy(labels.region_table())
 
 
 def region_targets(target: Tensor, lut: Tensor) -> Tensor:
@@ -151,14 +154,37 @@ def bce_dice_region_loss(logits: Tensor, target: Tensor, lut: Tensor) -> Tensor:
     return bce_region_loss(logits, target, lut) + soft_dice_region_loss(logits, target, lut)
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "ce": cross_entropy_loss,
-    "ce+dice": ce_dice_loss,
-}
-# the same names under region-based training: cross-entropy becomes binary per region
-REGION_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "ce": bce_region_loss,
-    "ce+dice": bce_dice_region_loss,
+@dataclass(frozen=True)
+class Loss:
+    """One loss in its two forms: over classes, ``classes(logits, target, num_classes)``
+    (softmax), and over the label set's scored regions, ``regions(logits, target, lut)``
+    (a sigmoid per region, ``lut`` from `region_lut`). `bind` gives either as
+    ``loss(logits, target)``."""
+
+    classes: Callable[..., Tensor]
+    regions: Callable[..., Tensor]
+
+    def bind(self, labels: LabelSet, regions: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """``loss(logits, target)`` over the classes of ``labels`` or over its regions."""
+        if not regions:
+            return partial(self.classes, num_classes=labels.num_classes)
+        region_loss, lut = self.regions, region_lut(labels)
+        luts: dict[torch.device, Tensor] = {}
+
+        def base(logits: Tensor, target: Tensor) -> Tensor:
+            # the table moves to each device once: a host-to-device copy per step would sync
+            if target.device not in luts:
+                luts[target.device] = lut.to(target.device)
+            return region_loss(logits, target, luts[target.device])
+
+        return base
+
+
+# The losses by name (`--loss` reads the names): under region-based training cross-entropy
+# becomes binary per region, the Dice term a Dice per region.
+LOSSES: dict[str, Loss] = {
+    "ce": Loss(classes=cross_entropy_loss, regions=bce_region_loss),
+    "ce+dice": Loss(classes=ce_dice_loss, regions=bce_dice_region_loss),
 }
 
 
@@ -204,17 +230,7 @@ def make_loss(
             f"unknown loss: expected one of {', '.join(repr(k) for k in LOSSES)}; found "
             f"{name!r}. Fix: choose one of those names."
         )
-    if regions:
-        region_loss, lut = REGION_LOSSES[name], region_lut(labels)
-        luts: dict[torch.device, Tensor] = {}
-
-        def base(logits: Tensor, target: Tensor) -> Tensor:
-            # the table moves to each device once: a host-to-device copy per step would sync
-            if target.device not in luts:
-                luts[target.device] = lut.to(target.device)
-            return region_loss(logits, target, luts[target.device])
-    else:
-        base = partial(LOSSES[name], num_classes=labels.num_classes)
+    base = LOSSES[name].bind(labels, regions)
 
     def loss(logits: Tensor | list[Tensor], target: Tensor) -> Tensor:
         if isinstance(logits, (list, tuple)):

@@ -1,19 +1,25 @@
-"""The 2D U-Net of Ronneberger et al. (2015), with padded convolutions.
+"""The 2D U-Net of Ronneberger et al. (2015), with padded convolutions: the network
+``"unet"`` of `kitstrain.model.networks`.
 
 Padding every 3x3 convolution keeps encoder and decoder feature maps the same size, so
 skip connections concatenate without cropping and the output has the input's size. The
 only constraint this leaves is that H and W divide by 2**depth, which ``forward`` checks
-with a message that says how to fix it.
+with a message that says how to fix it, and which its contract (`UNetConfig.contract`)
+tells training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kitstrain.model.contract import NetworkContract
+
+# NORMS and the input padding are shared by every network (`layers`); imported here too,
+# where `--norm` (the CLI reads unet.NORMS), fit and older callers look for them
+from kitstrain.model.layers import NORMS, PaddedConv2d, pad_input_channels
 
 __all__ = [
     "NORMS",
@@ -24,24 +30,6 @@ __all__ = [
     "count_parameters",
     "pad_input_channels",
 ]
-
-# Groups for GroupNorm: at most 8, as asked, but always a divisor of the channel count so
-# that widths that are not powers of two (e.g. 12, 24) still build.
-_MAX_GROUPS = 8
-
-
-def _group_count(channels: int) -> int:
-    return max(g for g in range(1, min(_MAX_GROUPS, channels) + 1) if channels % g == 0)
-
-
-# the normalisation after each convolution, by the name `--norm` and UNetConfig.norm use
-NORMS: dict[str, Callable[[int], nn.Module]] = {
-    "none": lambda channels: nn.Identity(),
-    "batch": nn.BatchNorm2d,
-    # affine so that instance norm can learn the same per-channel scale as the others
-    "instance": lambda channels: nn.InstanceNorm2d(channels, affine=True),
-    "group": lambda channels: nn.GroupNorm(_group_count(channels), channels),
-}
 
 
 @dataclass(frozen=True)
@@ -57,14 +45,22 @@ class UNetConfig:
     # training only; see losses.deep_supervision_weights
     deep_supervision: int = 0
     # one sigmoid logit per scored region of the label set instead of one softmax logit per
-    # class (see losses.region_targets); region_writes is the label each region writes back,
-    # in write-back order (Region.writes), so a run decodes without its store
+    # class (see losses.region_targets); region_writes is the label set's write_order (the
+    # label each region writes back, in order), so a run decodes without its store
     regions: bool = False
     region_writes: tuple[int, ...] = ()
+    # the registry entry that builds it (networks.NETWORKS): recorded in config.json's
+    # model section so that a run is rebuilt by the network that trained it
+    network: str = "unet"
 
     def __post_init__(self) -> None:
         # config.json gives lists back
         object.__setattr__(self, "region_writes", tuple(self.region_writes))
+        if self.network != "unet":
+            raise ValueError(
+                f"UNetConfig.network: expected 'unet'; found {self.network!r}. Fix: build "
+                f"another network with kitstrain.model.networks.build_network and its config."
+            )
         _check_int("in_channels", self.in_channels, 1, "1 + 2K for 2.5D context K, e.g. 1 or 5")
         _check_int(
             "num_classes",
@@ -79,7 +75,7 @@ class UNetConfig:
             raise ValueError(
                 f"UNetConfig.region_writes: expected the label each region writes back, each "
                 f"within 1..{self.num_classes - 1}, with regions=True; found "
-                f"{self.region_writes!r}. Fix: pass tuple(r.writes for r in labels.regions)."
+                f"{self.region_writes!r}. Fix: pass the label set's write_order."
             )
         _check_int("width", self.width, 1, "a positive feature count such as 32")
         _check_int("depth", self.depth, 1, "a number of down-sampling steps such as 4")
@@ -109,6 +105,17 @@ class UNetConfig:
     def divisor(self) -> int:
         """H and W must be multiples of this for the pooling and up-sampling to line up."""
         return 2**self.depth
+
+    @property
+    def contract(self) -> NetworkContract:
+        """What the U-Net takes and gives, for training, loading and inference."""
+        return NetworkContract(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            divisor=self.divisor,
+            deep_supervision=self.deep_supervision,
+            spatial_dims=2,
+        )
 
 
 def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
@@ -229,29 +236,6 @@ class UNet(nn.Module):
         if supervise:
             return [self.head(x), *reversed(coarse)]
         return self.head(x)
-
-
-class PaddedConv2d(nn.Conv2d):
-    """A Conv2d that zero-pads its input channels, and its weight's, to a multiple of
-    `multiple`: the same result, but cuDNN's tensor-core NHWC kernels want channel counts
-    that are multiples of 8, and a 2.5D input has 1 + 2K (5). The stored weight keeps its
-    real shape, so checkpoints load anywhere."""
-
-    multiple = 8
-
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        pad = -input.shape[1] % self.multiple
-        if pad:
-            input = F.pad(input, (0, 0, 0, 0, 0, pad))
-            weight = F.pad(weight, (0, 0, 0, 0, 0, pad))
-        return super()._conv_forward(input, weight, bias)
-
-
-def pad_input_channels(model: nn.Module) -> None:
-    """Make the model's first convolution a PaddedConv2d (for CUDA; same parameters)."""
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    if first.in_channels % PaddedConv2d.multiple:
-        first.__class__ = PaddedConv2d
 
 
 def build_model(cfg: UNetConfig) -> UNet:

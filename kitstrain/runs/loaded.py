@@ -8,7 +8,6 @@ gone) and which precision inference runs in (the run's own, as `fit` validated).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,13 @@ from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
 from kitsprep.store import StoreInfo, open_store
 from kitsprep.window import Window
-from kitstrain.infer.cases import Inference
+from kitstrain.core import rundir as runlib
 from kitstrain.core.precision import Amp, amp_dtype
 from kitstrain.core.record import RunRecord, StoreAttrs, read_record
+from kitstrain.infer.cases import Inference
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
 from kitstrain.model.load import load_model
 from kitstrain.model.unet import pad_input_channels
-from kitstrain.core import rundir as runlib
 
 __all__ = [
     "LoadedRun",

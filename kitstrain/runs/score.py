@@ -179,5 +179,3 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
     if cfg.json is not None:
         report.json_path = write_report_json(report, Path(cfg.json))
     return report
-
-

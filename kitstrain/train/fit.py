@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,12 +28,9 @@ from kitstrain.data.loaders import (
 )
 from kitstrain.data.patches import resolve_patch
 from kitstrain.data.samplers import label_weights_by_value
+from kitstrain.model.layers import pad_input_channels
 from kitstrain.model.losses import make_loss
-from kitstrain.model.unet import (
-    UNetConfig,
-    build_model,
-    pad_input_channels,
-)
+from kitstrain.model.networks import DEFAULT_NETWORK, build_network, network_config
 from kitstrain.train import distributed
 from kitstrain.train.config import (
     FitConfig,
@@ -112,8 +110,8 @@ def _fit(
     split = resolve_split(cfg, info, tc, run_dir)
     seed_everything(tc.seed + d.rank)
     dtype = amp_dtype(device, tc.precision)
-    model, mcfg = build_training_model(info, tc, device)
-    patch = resolve_patch(tc.patch, info.size, mcfg.divisor)
+    model, mcfg = build_training_model(info, tc, device, tc.network)
+    patch = resolve_patch(tc.patch, info.size, mcfg.contract.divisor)
     loss_fn = make_loss(tc.loss, info.labels, regions=tc.regions)
     batch_size, batch_info, lr_info = batch_and_lr(
         cfg, run_dir, recorded, tc, model, loss_fn, patch, info, device, dtype, d
@@ -165,11 +163,13 @@ def _fit(
 
 # --------------------------------------------------------------------------- model
 def build_training_model(
-    info: StoreInfo, tc: TrainConfig, device: torch.device
-) -> tuple[torch.nn.Module, UNetConfig]:
-    """The U-Net for the store's labels, channels-last on `device`."""
-    writes = tuple(r.writes for r in info.labels.regions) if tc.regions else ()
-    mcfg = UNetConfig(
+    info: StoreInfo, tc: TrainConfig, device: torch.device, network: str = DEFAULT_NETWORK
+) -> tuple[torch.nn.Module, Any]:
+    """The network called ``network`` (a name in `networks.NETWORKS`) for the store's
+    labels, channels-last on `device`, with its config (the run records it). What the
+    trainer feeds it is checked against the network's contract before anything runs."""
+    mcfg = network_config(
+        network,
         in_channels=1 + 2 * tc.context,
         num_classes=info.num_classes,
         width=tc.width,
@@ -177,18 +177,30 @@ def build_training_model(
         norm=tc.norm,
         deep_supervision=tc.deep_supervision,
         regions=tc.regions,
-        region_writes=writes,
+        region_writes=info.labels.write_order if tc.regions else (),
     )
-    if info.size % mcfg.divisor:
+    contract = mcfg.contract
+    if contract.spatial_dims != 2:
+        raise KitsError(
+            f"network {network!r} is {contract.spatial_dims}D, but `kitstrain fit` trains on "
+            "2D slices of the store; choose a 2D network"
+        )
+    outputs = len(info.labels.regions) if tc.regions else info.num_classes
+    if (contract.in_channels, contract.out_channels) != (1 + 2 * tc.context, outputs):
+        raise ValueError(  # the network ignored the options: a bug in its config
+            f"network {network!r} takes {contract.in_channels} channel(s) and gives "
+            f"{contract.out_channels}; expected {1 + 2 * tc.context} and {outputs}"
+        )
+    d = contract.divisor
+    if info.size % d:
         raise KitsError(
             f"store slices are {info.size}x{info.size}, which a depth-{tc.depth} "
-            f"U-Net cannot halve {tc.depth} times; rebuild with --size "
-            f"{info.size // mcfg.divisor * mcfg.divisor or mcfg.divisor} or lower "
-            "the depth"
+            f"{network} (sides divisible by {d}) cannot take; rebuild with --size "
+            f"{info.size // d * d or d} or lower the depth"
         )
     # channels_last everywhere: cuDNN's fast NHWC kernels on GPUs, oneDNN's on CPUs
     # (measured on 2 cores at 64x64: batch-norm U-Net steps ~15 % faster, inference ~1.5x)
-    model = build_model(mcfg).to(device).to(memory_format=torch.channels_last)
+    model = build_network(network, mcfg).to(device).to(memory_format=contract.memory_format)
     if device.type == "cuda":
         pad_input_channels(model)  # 5 context channels -> 8 for tensor-core kernels
     return model, mcfg

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,12 +28,10 @@ from kitstrain.data.loaders import (
     make_train_loader,
 )
 from kitstrain.data.splits import Split, make_split
+from kitstrain.model.layers import NORMS
 from kitstrain.model.losses import LOSSES
-from kitstrain.model.unet import (
-    NORMS,
-    UNetConfig,
-    count_parameters,
-)
+from kitstrain.model.networks import NETWORKS
+from kitstrain.model.unet import count_parameters
 from kitstrain.train import distributed
 from kitstrain.train.config import (
     FitConfig,
@@ -71,6 +70,7 @@ def check_names(tc: TrainConfig) -> None:
         ("schedule", tc.schedule, SCHEDULES),
         ("loss", tc.loss, LOSSES),
         ("norm", tc.norm, NORMS),
+        ("network", tc.network, NETWORKS),
     ):
         if value not in registry:
             raise KitsError(
@@ -231,7 +231,7 @@ def make_plan(
 def record_run(
     plan: Plan,
     cfg: FitConfig,
-    mcfg: UNetConfig,
+    mcfg: Any,  # the network's config dataclass
     label_weights: dict[int, float],
     batch_info: dict,
     lr_info: dict,

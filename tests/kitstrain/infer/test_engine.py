@@ -410,3 +410,17 @@ def test_decoding_perfect_region_logits_gives_the_labels_back(edition: str) -> N
         num_classes=ls.num_classes, width=4, depth=2, regions=True, region_writes=writes
     )
     assert torch.equal(torch.from_numpy(_labels_u8(UNet(cfg), perfect)), labels.to(torch.uint8))
+
+
+@pytest.mark.parametrize("edition", sorted(EDITIONS))
+def test_region_decoding_is_the_label_sets_write_back(edition: str) -> None:
+    """The torch decoder and `kitsprep.labels.write_back` agree on any logits, overlaps
+    included; a label set and its write order decode the same."""
+    from kitsprep.labels import write_back
+    from kitstrain.infer.engine import logits_to_labels
+
+    ls = EDITIONS[edition]
+    logits = torch.randn(3, len(ls.regions), 5, 6, generator=torch.Generator().manual_seed(4))
+    want = np.stack([write_back(m, ls.write_order) for m in (logits > 0).numpy()])
+    assert np.array_equal(logits_to_labels(logits, ls.write_order).numpy(), want)
+    assert torch.equal(logits_to_labels(logits, ls), logits_to_labels(logits, ls.write_order))

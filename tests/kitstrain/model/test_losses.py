@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from kitsprep.labels import EDITIONS, region_masks
 from kitstrain.model.losses import (
+    LOSSES,
+    Loss,
     ce_dice_loss,
     cross_entropy_loss,
     make_loss,
@@ -206,3 +208,31 @@ def test_kits23_losses_have_three_regions_and_four_classes() -> None:
     assert make_loss("ce+dice", ls, regions=True)(perfect, target).item() < 1e-4
     classes = 50.0 * F.one_hot(target, 4).permute(0, 3, 1, 2).float()
     assert make_loss("ce+dice", ls)(classes, target).item() < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("edition", sorted(EDITIONS))
+def test_every_registered_loss_builds_in_both_forms(name: str, edition: str) -> None:
+    """One registry: a name is a loss over classes and over regions alike."""
+    ls = EDITIONS[edition]
+    entry = LOSSES[name]
+    assert isinstance(entry, Loss) and callable(entry.classes) and callable(entry.regions)
+    torch.manual_seed(0)
+    target = make_target()
+    for regions, channels in ((False, ls.num_classes), (True, len(ls.regions))):
+        logits = torch.randn(2, channels, 16, 16, requires_grad=True)
+        loss = make_loss(name, ls, regions=regions)
+        value = loss(logits, target)
+        assert value.dim() == 0 and torch.isfinite(value) and value.item() > 0
+        value.backward()
+        assert torch.isfinite(logits.grad).all()
+        # a deep-supervised list of outputs goes through the same entry
+        coarse = torch.randn(2, channels, 8, 8)
+        assert torch.isfinite(loss([logits.detach(), coarse], target))
+
+
+def test_region_lut_is_the_label_sets_region_table() -> None:
+    for ls in EDITIONS.values():
+        lut = region_lut(ls)
+        assert lut.dtype == torch.bool
+        assert np.array_equal(lut.numpy(), ls.region_table())

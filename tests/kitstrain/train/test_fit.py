@@ -794,6 +794,7 @@ def test_cli_choices_and_the_preset_check_read_the_registries(
     from kitsprep.errors import KitsError
     from kitstrain.cli import fit as fit_command
     from kitstrain.model.losses import LOSSES
+    from kitstrain.model.networks import NETWORKS
     from kitstrain.model.unet import NORMS
     from kitstrain.train import optim
     from kitstrain.train.setup import check_names
@@ -804,6 +805,7 @@ def test_cli_choices_and_the_preset_check_read_the_registries(
         ("norm", NORMS),
         ("optimizer", optim.OPTIMIZERS),
         ("schedule", optim.SCHEDULES),
+        ("network", NETWORKS),
     ):
         assert list(params[option].type.choices) == sorted(registry), option
         with pytest.raises(KitsError, match=f"--{option} 'bogus' unknown; expected one of"):
