@@ -19,12 +19,12 @@ from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
 from kitsprep.store import StoreInfo, open_store
 from kitsprep.window import Window
-from kitstrain.infer.cases import Inference
+from kitstrain.core import rundir as runlib
 from kitstrain.core.precision import Amp, amp_dtype
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
+from kitstrain.infer.inference import Inference, tta_flips
 from kitstrain.model.load import load_model
 from kitstrain.model.unet import pad_input_channels
-from kitstrain.core import rundir as runlib
 
 __all__ = [
     "LoadedRun",
@@ -223,13 +223,15 @@ def run_inference(
     tta: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Inference:
-    """The run's model on `device`, applied as `fit` validated it; `amp=False` forces fp32."""
+    """The run's model on `device`, applied as `fit` validated it (an `Inference` of one
+    model, its decoding read from the model); `amp=False` forces fp32, `tta` averages the
+    four flips."""
     return Inference(
-        load_run_model(run, device),
+        [load_run_model(run, device)],
         run.context,
         device,
         amp=inference_amp(run, device) if amp else False,
-        tta=tta,
+        flips=tta_flips(tta),
         batch_size=batch_size,
     )
 

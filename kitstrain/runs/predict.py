@@ -25,13 +25,13 @@ from kitsprep.errors import KitsError
 from kitsprep.files import atomic_path, check_output_folder
 from kitsprep.labels import EDITIONS, LabelSet, edition
 from kitsprep.progress import Progress
-from kitstrain.infer.cases import source_predictions, source_slices
 from kitstrain.core.device import resolve_device
+from kitstrain.infer.cases import source_predictions, source_slices
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
-from kitstrain.runs.loaded import load_run, run_inference, training_cases
 from kitstrain.metrics import CaseScore, mean_score, score_case
 from kitstrain.report.plots import prediction_overlay
 from kitstrain.report.score import TRAINED_FLAG, ScoreReport, case_line, overlay_title
+from kitstrain.runs.loaded import load_run, run_inference, training_cases
 
 __all__ = [
     "PredictConfig",
@@ -169,7 +169,7 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
         checkpoint=run.checkpoint,
         out=out,
         labels=run.labels,
-        tta=cfg.tta,
+        tta=inference.tta,
         warnings=list(run.warnings),
     )
     progress.start(source_slices(refs), "predict")

@@ -165,7 +165,7 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         store=run.store.path if run.store is not None else None,
         src=None if cfg.src is None else Path(cfg.src),
         geometry=geometry,
-        tta=cfg.tta,
+        tta=inference.tta,
         scores=scores,
         mean=mean_score(scores),
         labels=run.labels,
@@ -179,5 +179,3 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
     if cfg.json is not None:
         report.json_path = write_report_json(report, Path(cfg.json))
     return report
-
-

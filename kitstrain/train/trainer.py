@@ -24,6 +24,7 @@ from kitstrain.core.config import TrainConfig
 from kitstrain.core.rundir import State
 from kitstrain.data.loaders import next_batch, shard_cases
 from kitstrain.infer.cases import score_store_cases
+from kitstrain.infer.inference import Inference
 from kitstrain.metrics import CaseScore, mean_score
 from kitstrain.train import distributed
 from kitstrain.train.config import FitResult, Plan, step_limit
@@ -394,14 +395,15 @@ def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
     with torch.no_grad():
         scores = (
             score_store_cases(
-                net,
+                Inference(
+                    [net],
+                    plan.tc.context,
+                    plan.device,
+                    amp=plan.dtype or False,
+                    batch_size=plan.val_batch,
+                ),
                 info,
                 mine,
-                plan.tc.context,
-                plan.device,
-                amp=plan.dtype or False,
-                tta=False,
-                batch_size=plan.val_batch,
             )
             if mine
             else []
