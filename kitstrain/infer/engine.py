@@ -149,12 +149,23 @@ def _forward(model: nn.Module, x: Tensor, *, amp: Amp, flips: Flips) -> Tensor:
         return total / len(flips)
 
 
+# Maps a batch of outputs (B, C, size, size) onto the grid labels are decided on.
+ToGrid = Callable[[Tensor], Tensor]
+
+
 def _mean_probabilities(
-    models: Sequence[nn.Module], x: Tensor, *, amp: Amp, flips: Flips, regions: bool
+    models: Sequence[nn.Module],
+    x: Tensor,
+    *,
+    amp: Amp,
+    flips: Flips,
+    regions: bool,
+    to_grid: ToGrid | None = None,
 ) -> Tensor:
     """float32 probabilities of one batch, averaged over every model and flip: a sigmoid per
     region, or a softmax over classes. Models disagree in scale, so their logits are not
-    averaged; one accumulator and one model output are alive at a time."""
+    averaged; one accumulator and one model output are alive at a time. Each output's
+    logits go through `to_grid` before they become probabilities, as one model's do."""
     total = None
     for model in models:
         for dims in flips:
@@ -163,6 +174,7 @@ def _mean_probabilities(
                 yi = model(xi)
             yi = yi.float()
             yi = torch.flip(yi, dims) if dims else yi
+            yi = to_grid(yi) if to_grid is not None else yi
             p = torch.sigmoid(yi) if regions else torch.softmax(yi, dim=1)
             total = p if total is None else total.add_(p)
     return total / (len(models) * len(flips))
@@ -173,11 +185,12 @@ def _score_batches(
     batch_of: Callable[[int, int], np.ndarray | Tensor],
     n: int,
     progress: SliceProgress | None = None,
+    to_grid: ToGrid | None = None,
 ) -> Iterator[tuple[int, int, Tensor]]:
     """(start, stop, float32 scores on the inference's device) per batch, for `_labels_u8`:
-    one model's flip-averaged logits, or an ensemble's mean probabilities.
-    `batch_of(s0, s1)` supplies the (B, C, H, W) input. The caller must already be inside
-    `_eval_modes` of the inference's models."""
+    one model's flip-averaged logits, or an ensemble's mean probabilities, on the grid of
+    `to_grid` (None: the input's). `batch_of(s0, s1)` supplies the (B, C, H, W) input. The
+    caller must already be inside `_eval_modes` of the inference's models."""
     batch_size, device = inference.batch_size, inference.device  # checked by Inference
     non_blocking = device.type == "cuda"
     models, amp, flips = inference.models, inference.amp, inference.flips
@@ -188,10 +201,17 @@ def _score_batches(
             batch = torch.from_numpy(np.ascontiguousarray(batch))
         x = batch.to(device, non_blocking=non_blocking).float()
         if len(models) == 1:
-            yield s0, s1, _forward(models[0], x, amp=amp, flips=flips)
+            logits = _forward(models[0], x, amp=amp, flips=flips)
+            yield s0, s1, to_grid(logits) if to_grid is not None else logits
         else:
             regions = bool(inference.region_writes)
-            yield s0, s1, _mean_probabilities(models, x, amp=amp, flips=flips, regions=regions)
+            yield (
+                s0,
+                s1,
+                _mean_probabilities(
+                    models, x, amp=amp, flips=flips, regions=regions, to_grid=to_grid
+                ),
+            )
         if progress is not None:
             progress(s1 - s0)
 
@@ -355,20 +375,25 @@ def predict_volume(
     squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
     out = np.empty((n_slices, src_h, src_w), np.uint8)
     top, left, context = plane.pad_top, plane.pad_left, inference.context
+
+    def to_source(logits: Tensor) -> Tensor:
+        # Logits go back to the source grid before decoding (an ensemble's each, before
+        # they become probabilities), so labels are decided per source voxel.
+        box = logits[:, :, top : top + plane.new_h, left : left + plane.new_w]
+        if (plane.new_h, plane.new_w) != (src_h, src_w):
+            # Half-pixel centres (align_corners=False), the kernel's convention.
+            box = F.interpolate(box, size=(src_h, src_w), mode="bilinear", align_corners=False)
+        return box
+
+    to_grid = None if plane.is_identity else to_source
     with _eval_modes(inference.models):
         for s0, s1, scores in _score_batches(
-            inference, lambda a, b: stack_context(squares, context, a, b), n_slices, progress
+            inference,
+            lambda a, b: stack_context(squares, context, a, b),
+            n_slices,
+            progress,
+            to_grid,
         ):
-            # logits (one model) or probabilities (an ensemble) go back to the source grid
-            # before decoding, so labels are decided per source voxel
-            if not plane.is_identity:
-                box = scores[:, :, top : top + plane.new_h, left : left + plane.new_w]
-                if (plane.new_h, plane.new_w) != (src_h, src_w):
-                    # Half-pixel centres (align_corners=False), the kernel's convention.
-                    box = F.interpolate(
-                        box, size=(src_h, src_w), mode="bilinear", align_corners=False
-                    )
-                scores = box
             out[s0:s1] = _labels_u8(inference, scores)
     spacing = voxel_spacing(hdr.affine)
     out = _post_process(inference, out, (spacing[axes[0]], spacing[axes[1]], spacing[axes[2]]))
