@@ -15,11 +15,10 @@ Two geometries:
   the recorded in-plane fit (crop the padding, bilinear resize of the logits) and the axis
   permutation. Used by `predict` and by `score --src` (the official setting).
 
-Every function here takes an `infer.inference.Inference`: the models, flips, precision,
-batch size, context, decoding and post-processing that one validation, score or predict
-applies to all its cases. One model is decoded from its flip-averaged logits (the path
-validation has always logged); several models (an ensemble of folds) from the mean of their
-probabilities over models and flips, accumulated batch by batch.
+Every function here takes an `infer.inference.Inference` (`InferenceSettings`): what one
+validation, score or predict applies to all its cases. One model is decoded from its
+flip-averaged logits (what validation has always logged); several (an ensemble of folds)
+from their mean probability over models and flips, accumulated batch by batch.
 
 Float logits never exist for more than one batch of slices (per model); whole cases are kept
 only as uint8 labels.
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,12 +43,10 @@ from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.core.precision import Amp
 
-if TYPE_CHECKING:  # inference.py calls this module; the engine only reads its fields
-    from kitstrain.infer.inference import Inference
-
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "NO_FLIPS",
+    "InferenceSettings",
     "TTA_FLIPS",
     "Flips",
     "PostProcess",
@@ -78,13 +75,33 @@ Spacing = tuple[float, float, float]
 # with its `Spacing`, giving labels of the same shape (e.g. keeping the largest component).
 PostProcess = Callable[[np.ndarray, Spacing], np.ndarray]
 
-# The flips a prediction averages, each as the dims of an (N, C, H, W) tensor to flip.
+# The flips a prediction averages, as dims of an (N, C, H, W) tensor: the slice as it is,
+# or with `--tta` its four mirror images (none, left-right, up-down, both).
 Flips = tuple[tuple[int, ...], ...]
-# No test-time augmentation: the slice as it is.
 NO_FLIPS: Flips = ((),)
-# Test-time augmentation (`--tta`): the four mirror images of a slice (none, left-right,
-# up-down, both).
 TTA_FLIPS: Flips = ((), (3,), (2,), (2, 3))
+
+
+class InferenceSettings(Protocol):
+    """What the engine reads of an `infer.inference.Inference`, the one implementation
+    (declared here because inference.py calls the engine, so the engine cannot import it)."""
+
+    @property
+    def models(self) -> Sequence[nn.Module]: ...
+    @property
+    def context(self) -> int: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def amp(self) -> Amp: ...
+    @property
+    def flips(self) -> Flips: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def region_writes(self) -> tuple[int, ...]: ...
+    @property
+    def postprocess(self) -> PostProcess | None: ...
 
 
 # --------------------------------------------------------------------------- core
@@ -154,34 +171,28 @@ ToGrid = Callable[[Tensor], Tensor]
 
 
 def _mean_probabilities(
-    models: Sequence[nn.Module],
-    x: Tensor,
-    *,
-    amp: Amp,
-    flips: Flips,
-    regions: bool,
-    to_grid: ToGrid | None = None,
+    inference: InferenceSettings, x: Tensor, to_grid: ToGrid | None = None
 ) -> Tensor:
     """float32 probabilities of one batch, averaged over every model and flip: a sigmoid per
     region, or a softmax over classes. Models disagree in scale, so their logits are not
     averaged; one accumulator and one model output are alive at a time. Each output's
     logits go through `to_grid` before they become probabilities, as one model's do."""
-    total = None
-    for model in models:
+    total, regions, flips = None, bool(inference.region_writes), inference.flips
+    for model in inference.models:
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x
-            with _autocast(x.device, amp):
+            with _autocast(x.device, inference.amp):
                 yi = model(xi)
             yi = yi.float()
             yi = torch.flip(yi, dims) if dims else yi
             yi = to_grid(yi) if to_grid is not None else yi
             p = torch.sigmoid(yi) if regions else torch.softmax(yi, dim=1)
             total = p if total is None else total.add_(p)
-    return total / (len(models) * len(flips))
+    return total / (len(inference.models) * len(flips))
 
 
 def _score_batches(
-    inference: Inference,
+    inference: InferenceSettings,
     batch_of: Callable[[int, int], np.ndarray | Tensor],
     n: int,
     progress: SliceProgress | None = None,
@@ -193,7 +204,7 @@ def _score_batches(
     caller must already be inside `_eval_modes` of the inference's models."""
     batch_size, device = inference.batch_size, inference.device  # checked by Inference
     non_blocking = device.type == "cuda"
-    models, amp, flips = inference.models, inference.amp, inference.flips
+    models = inference.models
     for s0 in range(0, n, batch_size):
         s1 = min(s0 + batch_size, n)
         batch = batch_of(s0, s1)
@@ -201,17 +212,11 @@ def _score_batches(
             batch = torch.from_numpy(np.ascontiguousarray(batch))
         x = batch.to(device, non_blocking=non_blocking).float()
         if len(models) == 1:
-            logits = _forward(models[0], x, amp=amp, flips=flips)
-            yield s0, s1, to_grid(logits) if to_grid is not None else logits
+            scores = _forward(models[0], x, amp=inference.amp, flips=inference.flips)
+            scores = to_grid(scores) if to_grid is not None else scores
         else:
-            regions = bool(inference.region_writes)
-            yield (
-                s0,
-                s1,
-                _mean_probabilities(
-                    models, x, amp=amp, flips=flips, regions=regions, to_grid=to_grid
-                ),
-            )
+            scores = _mean_probabilities(inference, x, to_grid)
+        yield s0, s1, scores
         if progress is not None:
             progress(s1 - s0)
 
@@ -236,7 +241,7 @@ def logits_to_labels(logits: Tensor, region_writes: Sequence[int] = ()) -> Tenso
     return labels
 
 
-def _labels_u8(inference: Inference, scores: Tensor) -> np.ndarray:
+def _labels_u8(inference: InferenceSettings, scores: Tensor) -> np.ndarray:
     """uint8 labels of one batch of `_score_batches` scores, with the inference's decoding."""
     writes = inference.region_writes
     if len(inference.models) > 1:
@@ -247,7 +252,7 @@ def _labels_u8(inference: Inference, scores: Tensor) -> np.ndarray:
     return logits_to_labels(scores, writes).cpu().numpy()
 
 
-def _post_process(inference: Inference, labels: np.ndarray, spacing: Spacing) -> np.ndarray:
+def _post_process(inference: InferenceSettings, labels: np.ndarray, spacing: Spacing) -> np.ndarray:
     """The inference's post-processing step on a whole case's labels (axial axis first), if
     any, held to its contract: uint8 labels of the same shape."""
     if inference.postprocess is None:
@@ -311,7 +316,7 @@ def store_spacing(info: StoreInfo, case_id: str) -> Spacing:
 
 
 def predict_store_case(
-    inference: Inference,
+    inference: InferenceSettings,
     reader: SliceReader | None,
     info: StoreInfo,
     case_id: str,
@@ -346,7 +351,7 @@ def predict_store_case(
 
 
 def predict_volume(
-    inference: Inference,
+    inference: InferenceSettings,
     volume: Volume,
     window: Window,
     size: int,

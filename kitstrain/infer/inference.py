@@ -56,9 +56,11 @@ class Inference:
     in order; None (the default) reads it from the models, which must agree. `postprocess`
     runs on each case's labels (axial axis first) with their spacing; None applies nothing.
 
-    With one model its logits are averaged over the flips and decoded; with several, their
-    probabilities (sigmoid per region, softmax over classes) are averaged over models and
-    flips, batch by batch, and decoded."""
+    With one model its logits are averaged over the flips and decoded, as validation always
+    did; with several, their probabilities (sigmoid per region, softmax over classes) are
+    averaged over models and flips, batch by batch, and decoded. Without flips, N copies of
+    one model label as that model; with flips they may differ at the margin (mean logits
+    against mean probabilities)."""
 
     models: Sequence[nn.Module]
     context: int
