@@ -1,9 +1,10 @@
 """The Python API for notebooks and scripts: a trained run as a function from CT to labels.
 
 `Predictor` wraps what `kitstrain predict` does for one volume at a time, through the same
-code (`infer.loaded` to load the run, `infer.engine.predict_volume` to window, resize, run
-the model and map back), so an array or file predicted here equals the mask the command
-writes. `open_store` and `SliceDataset` give the slice store to a loop of one's own.
+code (`runs.loaded` to load the run into an `infer.inference.Inference`, whose `volume`
+windows, resizes, runs the model and maps back), so an array or file predicted here equals
+the mask the command writes. `open_store` and `SliceDataset` give the slice store to a loop
+of one's own.
 
 Axis convention: arrays are (slices, rows, cols), the axial axis first, as KiTS19 stores its
 volumes (`imaging.nii.gz` of shape (num_slices, 512, 512)). Other layouts go through
@@ -25,8 +26,8 @@ from kitsprep.labels import LabelSet
 from kitsprep.store import open_store
 from kitstrain.core.device import resolve_device
 from kitstrain.data.dataset import SliceDataset
-from kitstrain.infer.cases import Inference
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
+from kitstrain.infer.inference import Inference
 from kitstrain.runs.loaded import LoadedRun, load_run, run_inference
 from kitstrain.runs.predict import prediction_image
 

@@ -17,28 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from kitsprep.cases import CaseRef, Volume, check_pair, read_header, read_volume
 from kitsprep.geometry import axial_axes, voxel_spacing
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.infer.engine import (
-    DEFAULT_BATCH_SIZE,
-    Amp,
     SliceProgress,
-    predict_store_case,
-    predict_volume,
+    Spacing,
     read_store_labels,
     require_scorable,
     store_box,
+    store_spacing,  # also this module's: where a CasePrediction's spacing comes from
 )
+from kitstrain.infer.inference import Inference
 from kitstrain.metrics import CaseScore, score_case
 
 __all__ = [
     "CasePrediction",
-    "Inference",
     "display_slice",
     "source_predictions",
     "source_slices",
@@ -46,49 +42,6 @@ __all__ = [
     "store_predictions",
     "store_spacing",
 ]
-
-Spacing = tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class Inference:
-    """A model and how to apply it: what every case of one validation, score or predict
-    shares. `amp` is `engine.Amp` (False, True for fp16 on CUDA, or a dtype)."""
-
-    model: nn.Module
-    context: int
-    device: torch.device
-    amp: Amp = False
-    tta: bool = False
-    batch_size: int = DEFAULT_BATCH_SIZE
-
-    def store_case(
-        self,
-        info: StoreInfo,
-        reader: SliceReader | None,
-        case_id: str,
-        progress: SliceProgress | None = None,
-    ) -> np.ndarray:
-        """`engine.predict_store_case` with these settings: labels of the whole squares."""
-        return predict_store_case(
-            self.model, info, reader, case_id, self.context, self.device,
-            amp=self.amp, tta=self.tta, batch_size=self.batch_size, progress=progress,
-        )  # fmt: skip
-
-    def volume(
-        self,
-        volume: Volume,
-        window: Window,
-        size: int,
-        case_id: str = "",
-        progress: SliceProgress | None = None,
-    ) -> np.ndarray:
-        """`engine.predict_volume` with these settings: labels in the volume's geometry."""
-        return predict_volume(
-            self.model, volume, window, size, self.context, self.device,
-            amp=self.amp, tta=self.tta, batch_size=self.batch_size, case_id=case_id,
-            progress=progress,
-        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,14 +63,6 @@ class CasePrediction:
 
 
 # --------------------------------------------------------------------------- store geometry
-
-
-def store_spacing(info: StoreInfo, case_id: str) -> Spacing:
-    """Voxel spacing (mm) of a stored case's slices inside `store_box`: the source spacing,
-    in-plane scaled by the recorded resize."""
-    m = info.cases[case_id]
-    p = m.in_plane
-    return (m.spacing[0], m.spacing[1] * p.src_h / p.new_h, m.spacing[2] * p.src_w / p.new_w)
 
 
 def _stored_slice(
@@ -146,7 +91,7 @@ def store_predictions(
     w = info.window
     try:
         for case_id in cases:
-            pred = inference.store_case(info, sm, case_id, progress)
+            pred = inference.store_case(sm, info, case_id, progress)
             rows, cols = store_box(info, case_id)
             yield CasePrediction(
                 case_id=case_id,
@@ -218,22 +163,16 @@ def source_predictions(
 
 
 def score_store_cases(
-    model: nn.Module,
+    inference: Inference,
     info: StoreInfo,
     cases: Sequence[str],
-    context: int,
-    device: torch.device,
     *,
-    amp: Amp = True,
-    tta: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     reader: SliceReader | None = None,
     progress: SliceProgress | None = None,
 ) -> list[CaseScore]:
     """Per-case 3D Dice of every region of the store's label set, in store geometry, inside
     `store_box` (validation): the cases of `store_predictions`, scored without
     spacing (no surface Dice), so `fit` logs what `kitstrain score` computes."""
-    inference = Inference(model, context, device, amp=amp, tta=tta, batch_size=batch_size)
     return [
         score_case(case.case_id, case.pred, case.truth, info.labels)
         for case in store_predictions(inference, info, cases, reader=reader, progress=progress)

@@ -15,14 +15,20 @@ Two geometries:
   the recorded in-plane fit (crop the padding, bilinear resize of the logits) and the axis
   permutation. Used by `predict` and by `score --src` (the official setting).
 
-Float logits never exist for more than one batch of slices; whole cases are kept only as
-uint8 labels.
+Every function here takes an `infer.inference.Inference` (`InferenceSettings`): what one
+validation, score or predict applies to all its cases. One model is decoded from its
+flip-averaged logits (what validation has always logged); several (an ensemble of folds)
+from their mean probability over models and flips, accumulated batch by batch.
+
+Float logits never exist for more than one batch of slices (per model); whole cases are kept
+only as uint8 labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,7 +37,7 @@ from torch import Tensor, nn
 
 from kitsprep.cases import Volume
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes, fit_in_plane
+from kitsprep.geometry import axial_axes, fit_in_plane, voxel_spacing
 from kitsprep.kernels import count_nonfinite, window_resample
 from kitsprep.labels import LabelSet
 from kitsprep.store import SliceReader, StoreInfo
@@ -40,7 +46,13 @@ from kitstrain.core.precision import Amp
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "NO_FLIPS",
+    "InferenceSettings",
+    "TTA_FLIPS",
+    "Flips",
+    "PostProcess",
     "SliceProgress",
+    "Spacing",
     "logits_to_labels",
     "predict_store_case",
     "predict_volume",
@@ -49,6 +61,7 @@ __all__ = [
     "require_scorable",
     "stack_context",
     "store_box",
+    "store_spacing",
 ]
 
 DEFAULT_BATCH_SIZE = 16
@@ -56,9 +69,40 @@ DEFAULT_BATCH_SIZE = 16
 # Called with the number of slices just finished; lets a caller drive a bar.
 SliceProgress = Callable[[int], None]
 
-# The flips averaged by test-time augmentation: the four mirror images of a slice
-# (none, left-right, up-down, both), as dims of an (N, C, H, W) tensor.
-_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+# Voxel spacing in mm, one value per axis of a label volume (axial axis first).
+Spacing = tuple[float, float, float]
+
+# A step applied to a whole case's labels: uint8 (slices, rows, cols), axial axis first,
+# with its `Spacing`, giving labels of the same shape (e.g. keeping the largest component).
+PostProcess = Callable[[np.ndarray, Spacing], np.ndarray]
+
+# The flips a prediction averages, as dims of an (N, C, H, W) tensor: the slice as it is,
+# or with `--tta` its four mirror images (none, left-right, up-down, both).
+Flips = tuple[tuple[int, ...], ...]
+NO_FLIPS: Flips = ((),)
+TTA_FLIPS: Flips = ((), (3,), (2,), (2, 3))
+
+
+class InferenceSettings(Protocol):
+    """What the engine reads of an `infer.inference.Inference`, the one implementation
+    (declared here because inference.py calls the engine, so the engine cannot import it)."""
+
+    @property
+    def models(self) -> Sequence[nn.Module]: ...
+    @property
+    def context(self) -> int: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def amp(self) -> Amp: ...
+    @property
+    def flips(self) -> Flips: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def region_writes(self) -> tuple[int, ...]: ...
+    @property
+    def postprocess(self) -> PostProcess | None: ...
 
 
 # --------------------------------------------------------------------------- core
@@ -91,47 +135,89 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _forward(model: nn.Module, x: Tensor, *, amp: Amp, tta: bool) -> Tensor:
-    """float32 logits of one batch; with `tta`, the mean over the four flips."""
+@contextmanager
+def _eval_modes(models: Sequence[nn.Module]) -> Iterator[None]:
+    # `_eval_mode` for every model of an ensemble, each mode restored on the way out
+    with ExitStack() as stack:
+        for model in models:
+            stack.enter_context(_eval_mode(model))
+        yield
+
+
+def _autocast(device: torch.device, amp: Amp) -> torch.autocast:
     # True means fp16 autocast on CUDA only; an explicit dtype (a run's training precision,
     # e.g. bf16 on CPU) applies on any device
-    use_amp = isinstance(amp, torch.dtype) or (amp is True and x.device.type == "cuda")
+    use_amp = isinstance(amp, torch.dtype) or (amp is True and device.type == "cuda")
     dtype = amp if isinstance(amp, torch.dtype) else torch.float16
-    with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=use_amp):
-        if not tta:
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp)
+
+
+def _forward(model: nn.Module, x: Tensor, *, amp: Amp, flips: Flips) -> Tensor:
+    """float32 logits of one batch: the mean over `flips` of the model's logits, each flip
+    undone on the output. One model's decisions are read from these logits."""
+    with _autocast(x.device, amp):
+        if flips == NO_FLIPS:
             return model(x).float()
         total = None
-        for dims in _TTA_FLIPS:
+        for dims in flips:
             xi = torch.flip(x, dims) if dims else x
             yi = model(xi).float()
             yi = torch.flip(yi, dims) if dims else yi
             total = yi if total is None else total + yi
-        return total / len(_TTA_FLIPS)
+        return total / len(flips)
 
 
-def _logit_batches(
-    model: nn.Module,
+# Maps a batch of outputs (B, C, size, size) onto the grid labels are decided on.
+ToGrid = Callable[[Tensor], Tensor]
+
+
+def _mean_probabilities(
+    inference: InferenceSettings, x: Tensor, to_grid: ToGrid | None = None
+) -> Tensor:
+    """float32 probabilities of one batch, averaged over every model and flip: a sigmoid per
+    region, or a softmax over classes. Models disagree in scale, so their logits are not
+    averaged; one accumulator and one model output are alive at a time. Each output's
+    logits go through `to_grid` before they become probabilities, as one model's do."""
+    total, regions, flips = None, bool(inference.region_writes), inference.flips
+    for model in inference.models:
+        for dims in flips:
+            xi = torch.flip(x, dims) if dims else x
+            with _autocast(x.device, inference.amp):
+                yi = model(xi)
+            yi = yi.float()
+            yi = torch.flip(yi, dims) if dims else yi
+            yi = to_grid(yi) if to_grid is not None else yi
+            p = torch.sigmoid(yi) if regions else torch.softmax(yi, dim=1)
+            total = p if total is None else total.add_(p)
+    return total / (len(inference.models) * len(flips))
+
+
+def _score_batches(
+    inference: InferenceSettings,
     batch_of: Callable[[int, int], np.ndarray | Tensor],
     n: int,
-    device: torch.device,
-    *,
-    amp: Amp,
-    tta: bool,
-    batch_size: int,
     progress: SliceProgress | None = None,
+    to_grid: ToGrid | None = None,
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """(start, stop, float32 logits on `device`) per batch; `batch_of(s0, s1)` supplies the
-    (B, C, H, W) input. The caller must already be inside `_eval_mode`."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    """(start, stop, float32 scores on the inference's device) per batch, for `_labels_u8`:
+    one model's flip-averaged logits, or an ensemble's mean probabilities, on the grid of
+    `to_grid` (None: the input's). `batch_of(s0, s1)` supplies the (B, C, H, W) input. The
+    caller must already be inside `_eval_modes` of the inference's models."""
+    batch_size, device = inference.batch_size, inference.device  # checked by Inference
     non_blocking = device.type == "cuda"
+    models = inference.models
     for s0 in range(0, n, batch_size):
         s1 = min(s0 + batch_size, n)
         batch = batch_of(s0, s1)
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(np.ascontiguousarray(batch))
         x = batch.to(device, non_blocking=non_blocking).float()
-        yield s0, s1, _forward(model, x, amp=amp, tta=tta)
+        if len(models) == 1:
+            scores = _forward(models[0], x, amp=inference.amp, flips=inference.flips)
+            scores = to_grid(scores) if to_grid is not None else scores
+        else:
+            scores = _mean_probabilities(inference, x, to_grid)
+        yield s0, s1, scores
         if progress is not None:
             progress(s1 - s0)
 
@@ -159,10 +245,29 @@ def logits_to_labels(logits: Tensor, region_writes: Sequence[int] | LabelSet = (
     return labels
 
 
-def _labels_u8(model: nn.Module, logits: Tensor) -> np.ndarray:
-    cfg = getattr(model, "cfg", None)
-    writes = cfg.region_writes if cfg is not None and cfg.regions else ()
-    return logits_to_labels(logits, writes).cpu().numpy()
+def _labels_u8(inference: InferenceSettings, scores: Tensor) -> np.ndarray:
+    """uint8 labels of one batch of `_score_batches` scores, with the inference's decoding."""
+    writes = inference.region_writes
+    if len(inference.models) > 1:
+        # Mean probabilities: the argmax over classes is read from them as it is from
+        # logits; a region passes where its probability exceeds 0.5, which `logits_to_labels`
+        # reads as a positive value (p - 0.5 is exact and keeps its sign for p in [0, 1]).
+        scores = scores - 0.5 if writes else scores
+    return logits_to_labels(scores, writes).cpu().numpy()
+
+
+def _post_process(inference: InferenceSettings, labels: np.ndarray, spacing: Spacing) -> np.ndarray:
+    """The inference's post-processing step on a whole case's labels (axial axis first), if
+    any, held to its contract: uint8 labels of the same shape."""
+    if inference.postprocess is None:
+        return labels
+    out = inference.postprocess(labels, spacing)
+    if not isinstance(out, np.ndarray) or out.shape != labels.shape or out.dtype != np.uint8:
+        found = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(
+            f"post-processing must return uint8 labels of shape {labels.shape}, found {found}"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- store geometry
@@ -206,21 +311,24 @@ def read_store_labels(reader: SliceReader, info: StoreInfo, case_id: str) -> np.
     return out
 
 
+def store_spacing(info: StoreInfo, case_id: str) -> Spacing:
+    """Voxel spacing (mm) of a stored case's slices inside `store_box`: the source spacing,
+    in-plane scaled by the recorded resize."""
+    m = info.cases[case_id]
+    p = m.in_plane
+    return (m.spacing[0], m.spacing[1] * p.src_h / p.new_h, m.spacing[2] * p.src_w / p.new_w)
+
+
 def predict_store_case(
-    model: nn.Module,
-    info: StoreInfo,
+    inference: InferenceSettings,
     reader: SliceReader | None,
+    info: StoreInfo,
     case_id: str,
-    context: int,
-    device: torch.device,
-    *,
-    amp: Amp = True,
-    tta: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: SliceProgress | None = None,
 ) -> np.ndarray:
-    """Predicted labels (slices, size, size) uint8 of one stored case, in store geometry.
-    `reader` may be None to open (and close) one here."""
+    """Predicted labels (slices, size, size) uint8 of one stored case, in store geometry,
+    post-processed (with `store_spacing`) when the inference has a step for it. `reader`
+    may be None to open (and close) one here."""
     if case_id not in info.cases:
         raise KitsError(
             f"{case_id} is not in the store {info.path}; pick cases it holds "
@@ -234,40 +342,30 @@ def predict_store_case(
         if own:
             sm.close()
     out = np.empty(images.shape, np.uint8)
-    with _eval_mode(model):
-        for s0, s1, logits in _logit_batches(
-            model,
-            lambda a, b: stack_context(images, context, a, b),
-            len(images),
-            device,
-            amp=amp,
-            tta=tta,
-            batch_size=batch_size,
-            progress=progress,
+    context = inference.context
+    with _eval_modes(inference.models):
+        for s0, s1, scores in _score_batches(
+            inference, lambda a, b: stack_context(images, context, a, b), len(images), progress
         ):
-            out[s0:s1] = _labels_u8(model, logits)
-    return out
+            out[s0:s1] = _labels_u8(inference, scores)
+    return _post_process(inference, out, store_spacing(info, case_id))
 
 
 # --------------------------------------------------------------------------- source geometry
 
 
 def predict_volume(
-    model: nn.Module,
+    inference: InferenceSettings,
     volume: Volume,
     window: Window,
     size: int,
-    context: int,
-    device: torch.device,
-    *,
-    amp: Amp = True,
-    tta: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     case_id: str = "",
     progress: SliceProgress | None = None,
 ) -> np.ndarray:
     """Labels uint8 with the shape of `volume.data` (a `kitsprep.cases.Volume`), in its
-    voxel order. Preprocessing is `kitsprep build`'s, with the store's window and size."""
+    voxel order. Preprocessing is `kitsprep build`'s, with the store's window and size.
+    Post-processing, when the inference has a step, sees the labels axial axis first, with
+    the header's spacing in that order, before they go back to the volume's voxel order."""
     data, hdr = volume.data, volume.header
     if data.ndim != 3:
         raise KitsError(f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}")
@@ -285,25 +383,27 @@ def predict_volume(
     # needed more than once anyway (2.5D context).
     squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
     out = np.empty((n_slices, src_h, src_w), np.uint8)
-    top, left = plane.pad_top, plane.pad_left
-    with _eval_mode(model):
-        for s0, s1, logits in _logit_batches(
-            model,
+    top, left, context = plane.pad_top, plane.pad_left, inference.context
+
+    def to_source(logits: Tensor) -> Tensor:
+        # Logits go back to the source grid before decoding (an ensemble's each, before
+        # they become probabilities), so labels are decided per source voxel.
+        box = logits[:, :, top : top + plane.new_h, left : left + plane.new_w]
+        if (plane.new_h, plane.new_w) != (src_h, src_w):
+            # Half-pixel centres (align_corners=False), the kernel's convention.
+            box = F.interpolate(box, size=(src_h, src_w), mode="bilinear", align_corners=False)
+        return box
+
+    to_grid = None if plane.is_identity else to_source
+    with _eval_modes(inference.models):
+        for s0, s1, scores in _score_batches(
+            inference,
             lambda a, b: stack_context(squares, context, a, b),
             n_slices,
-            device,
-            amp=amp,
-            tta=tta,
-            batch_size=batch_size,
-            progress=progress,
+            progress,
+            to_grid,
         ):
-            if not plane.is_identity:
-                box = logits[:, :, top : top + plane.new_h, left : left + plane.new_w]
-                if (plane.new_h, plane.new_w) != (src_h, src_w):
-                    # Half-pixel centres (align_corners=False), the kernel's convention.
-                    box = F.interpolate(
-                        box, size=(src_h, src_w), mode="bilinear", align_corners=False
-                    )
-                logits = box
-            out[s0:s1] = _labels_u8(model, logits)
+            out[s0:s1] = _labels_u8(inference, scores)
+    spacing = voxel_spacing(hdr.affine)
+    out = _post_process(inference, out, (spacing[axes[0]], spacing[axes[1]], spacing[axes[2]]))
     return out.transpose(np.argsort(axes))

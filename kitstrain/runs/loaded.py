@@ -21,8 +21,8 @@ from kitsprep.window import Window
 from kitstrain.core import rundir as runlib
 from kitstrain.core.precision import Amp, amp_dtype
 from kitstrain.core.record import RunRecord, StoreAttrs, read_record
-from kitstrain.infer.cases import Inference
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
+from kitstrain.infer.inference import Inference, tta_flips
 from kitstrain.model.load import load_model
 from kitstrain.model.unet import pad_input_channels
 
@@ -190,13 +190,15 @@ def run_inference(
     tta: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Inference:
-    """The run's model on `device`, applied as `fit` validated it; `amp=False` forces fp32."""
+    """The run's model on `device`, applied as `fit` validated it (an `Inference` of one
+    model, its decoding read from the model); `amp=False` forces fp32, `tta` averages the
+    four flips."""
     return Inference(
-        load_run_model(run, device),
+        [load_run_model(run, device)],
         run.context,
         device,
         amp=inference_amp(run, device) if amp else False,
-        tta=tta,
+        flips=tta_flips(tta),
         batch_size=batch_size,
     )
 

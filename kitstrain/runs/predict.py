@@ -169,7 +169,7 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
         checkpoint=run.checkpoint,
         out=out,
         labels=run.labels,
-        tta=cfg.tta,
+        tta=inference.tta,
         warnings=list(run.warnings),
     )
     progress.start(source_slices(refs), "predict")

@@ -10,6 +10,7 @@ import torch
 
 from kitstrain.data.loaders import shard_cases
 from kitstrain.infer.cases import score_store_cases
+from kitstrain.infer.inference import Inference
 from kitstrain.metrics import CaseScore, mean_score
 from kitstrain.train import distributed
 from kitstrain.train.config import Plan
@@ -36,14 +37,15 @@ def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
     with torch.no_grad():
         scores = (
             score_store_cases(
-                net,
+                Inference(
+                    [net],
+                    plan.tc.context,
+                    plan.device,
+                    amp=plan.dtype or False,
+                    batch_size=plan.val_batch,
+                ),
                 info,
                 mine,
-                plan.tc.context,
-                plan.device,
-                amp=plan.dtype or False,
-                tta=False,
-                batch_size=plan.val_batch,
             )
             if mine
             else []

@@ -9,13 +9,13 @@ from kitsprep.cases import find_cases, read_volume
 from kitsprep.geometry import voxel_spacing
 from kitsprep.store import SliceReader, open_store
 from kitstrain.infer.cases import (
-    Inference,
     source_predictions,
     source_slices,
     store_predictions,
     store_spacing,
 )
 from kitstrain.infer.engine import predict_store_case, predict_volume, store_box
+from kitstrain.infer.inference import Inference
 from tests.kitstrain.infer.test_engine import (
     COHORT,
     CPU,
@@ -26,7 +26,7 @@ from tests.kitstrain.infer.test_engine import (
     cohort,  # noqa: F401  (fixture)
 )
 
-THRESHOLD = Inference(ThresholdModel(), 1, CPU, batch_size=3)
+THRESHOLD = Inference([ThresholdModel()], 1, CPU, batch_size=3)
 
 
 def test_store_cases_are_cropped_to_the_stored_image(cohort) -> None:  # noqa: F811
@@ -40,7 +40,9 @@ def test_store_cases_are_cropped_to_the_stored_image(cohort) -> None:  # noqa: F
     try:
         for c in cases:
             rows, cols = store_box(info, c.case_id)
-            full = predict_store_case(ThresholdModel(), info, sm, c.case_id, 1, CPU)
+            full = predict_store_case(
+                Inference([ThresholdModel()], 1, CPU, amp=True), sm, info, c.case_id
+            )
             np.testing.assert_array_equal(c.pred, full[:, rows, cols])
             assert c.truth.shape == c.pred.shape and c.truth.dtype == np.uint8
             assert c.spacing == store_spacing(info, c.case_id) and c.axes == (0, 1, 2)
@@ -70,7 +72,9 @@ def test_source_cases_carry_their_truth_spacing_and_file(cohort) -> None:  # noq
     seen = []
     for c in source_predictions(THRESHOLD, refs, WINDOW, SIZE, progress=done.append):
         vol = read_volume(src / c.case_id / "imaging.nii.gz")
-        expected = predict_volume(ThresholdModel(), vol, WINDOW, SIZE, 1, CPU, amp=False)
+        expected = predict_volume(
+            Inference([ThresholdModel()], 1, CPU, amp=False), vol, WINDOW, SIZE
+        )
         np.testing.assert_array_equal(c.pred, expected)
         labelled = COHORT[c.case_id][2]
         assert (c.truth is not None) == labelled

@@ -25,9 +25,11 @@ from kitsprep.window import WINDOW_PRESETS
 from kitstrain.core import rundir as runlib
 from kitstrain.infer.cases import score_store_cases
 from kitstrain.infer.engine import (
+    NO_FLIPS,
+    TTA_FLIPS,
     _eval_mode,
     _labels_u8,
-    _logit_batches,
+    _score_batches,
     predict_store_case,
     predict_volume,
     read_store_images,
@@ -35,6 +37,7 @@ from kitstrain.infer.engine import (
     stack_context,
     store_box,
 )
+from kitstrain.infer.inference import Inference
 from kitstrain.metrics import DiceCounts, score_from_counts
 from kitstrain.model.unet import UNet, UNetConfig
 from tests.conftest import build
@@ -230,14 +233,17 @@ def logits_of(
     with _eval_mode(model):
         parts = [
             logits
-            for _, _, logits in _logit_batches(
-                model,
+            for _, _, logits in _score_batches(
+                Inference(
+                    [model],
+                    0,
+                    CPU,
+                    amp=amp,
+                    flips=TTA_FLIPS if tta else NO_FLIPS,
+                    batch_size=batch_size,
+                ),
                 lambda a, b: images[a:b],
                 len(images),
-                CPU,
-                amp=amp,
-                tta=tta,
-                batch_size=batch_size,
             )
         ]
     return torch.cat(parts)
@@ -275,7 +281,10 @@ def test_predict_store_case_is_the_model_applied_to_the_stored_slices(cohort) ->
         for cid in info.case_ids:
             images = read_store_images(sm, info, cid)
             pred = predict_store_case(
-                ThresholdModel(), info, sm, cid, 0, CPU, amp=False, tta=True, batch_size=4
+                Inference([ThresholdModel()], 0, CPU, amp=False, flips=TTA_FLIPS, batch_size=4),
+                sm,
+                info,
+                cid,
             )
             assert pred.dtype == np.uint8 and pred.shape == (info.cases[cid].slices, SIZE, SIZE)
             np.testing.assert_array_equal(pred, threshold_labels(images))
@@ -288,14 +297,9 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
     info = open_store(store)
     done: list[int] = []
     scores = score_store_cases(
-        ThresholdModel(),
+        Inference([ThresholdModel()], 1, CPU, amp=True, flips=NO_FLIPS, batch_size=3),
         info,
         LABELLED,
-        1,
-        CPU,
-        amp=True,
-        tta=False,
-        batch_size=3,
         progress=done.append,
     )
     assert [s.case for s in scores] == LABELLED
@@ -321,7 +325,9 @@ def test_score_store_cases_equals_the_official_formula(cohort) -> None:
     try:
         for s in scores[:2]:
             rows, cols = store_box(info, s.case)
-            pred = predict_store_case(ThresholdModel(), info, sm, s.case, 1, CPU, batch_size=8)
+            pred = predict_store_case(
+                Inference([ThresholdModel()], 1, CPU, amp=True, batch_size=8), sm, info, s.case
+            )
             counts = DiceCounts(info.labels)
             for i, row in enumerate(info.rows(s.case)):
                 counts.add(pred[i, rows, cols], sm.label(row)[rows, cols])
@@ -334,9 +340,9 @@ def test_score_store_cases_refuses_unlabelled_and_unknown_cases(cohort) -> None:
     _, store = cohort
     info = open_store(store)
     with pytest.raises(KitsError, match="case_00003 is unlabelled"):
-        score_store_cases(ThresholdModel(), info, ["case_00003"], 0, CPU, batch_size=4)
+        score_store_cases(Inference([ThresholdModel()], 0, CPU, batch_size=4), info, ["case_00003"])
     with pytest.raises(KitsError, match="case_00099 is not in the store"):
-        score_store_cases(ThresholdModel(), info, ["case_00099"], 0, CPU, batch_size=4)
+        score_store_cases(Inference([ThresholdModel()], 0, CPU, batch_size=4), info, ["case_00099"])
 
 
 # --------------------------------------------------------------------------- source geometry
@@ -351,7 +357,10 @@ def test_predict_volume_inverts_the_store_geometry_exactly(cohort, cid: str) -> 
     src, _ = cohort
     vol = read_volume(src / cid / "imaging.nii.gz")
     pred = predict_volume(
-        ThresholdModel(), vol, WINDOW, SIZE, 1, CPU, amp=False, tta=False, batch_size=2
+        Inference([ThresholdModel()], 1, CPU, amp=False, flips=NO_FLIPS, batch_size=2),
+        vol,
+        WINDOW,
+        SIZE,
     )
     hu = np.asarray(vol.data, np.float32) * vol.header.slope + vol.header.inter
     assert pred.shape == vol.data.shape and pred.dtype == np.uint8
@@ -365,7 +374,10 @@ def test_predict_volume_resamples_back_to_the_source_grid(cohort, cid: str) -> N
     src, _ = cohort
     vol = read_volume(src / cid / "imaging.nii.gz")
     pred = predict_volume(
-        ThresholdModel(), vol, WINDOW, SIZE, 0, CPU, amp=False, tta=False, batch_size=4
+        Inference([ThresholdModel()], 0, CPU, amp=False, flips=NO_FLIPS, batch_size=4),
+        vol,
+        WINDOW,
+        SIZE,
     )
     hu = np.asarray(vol.data, np.float32) * vol.header.slope + vol.header.inter
     ref = threshold_labels(window_reference(hu))
@@ -409,7 +421,10 @@ def test_decoding_perfect_region_logits_gives_the_labels_back(edition: str) -> N
     cfg = UNetConfig(
         num_classes=ls.num_classes, width=4, depth=2, regions=True, region_writes=writes
     )
-    assert torch.equal(torch.from_numpy(_labels_u8(UNet(cfg), perfect)), labels.to(torch.uint8))
+    assert torch.equal(
+        torch.from_numpy(_labels_u8(Inference([UNet(cfg)], 0, CPU), perfect)),
+        labels.to(torch.uint8),
+    )
 
 
 @pytest.mark.parametrize("edition", sorted(EDITIONS))

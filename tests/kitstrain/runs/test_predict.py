@@ -13,10 +13,10 @@ import pytest
 from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.progress import Progress
-from kitstrain.runs.predict import PredictConfig, predict_run, prediction_name
+from kitstrain.core import rundir as runlib
 from kitstrain.model.unet import UNet
 from kitstrain.report.score import TRAINED_FLAG, format_table
-from kitstrain.core import rundir as runlib
+from kitstrain.runs.predict import PredictConfig, predict_run, prediction_name
 from tests.kitstrain.infer.test_engine import (
     COHORT,
     UNET,

@@ -15,6 +15,7 @@ from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.progress import Progress
 from kitsprep.store import SliceReader, open_store
+from kitstrain.core import rundir as runlib
 from kitstrain.infer.cases import store_spacing
 from kitstrain.infer.engine import read_store_labels, store_box
 from kitstrain.metrics import CaseScore, mean_score
@@ -26,7 +27,6 @@ from kitstrain.report.score import (
     format_table,
 )
 from kitstrain.runs.score import ScoreConfig, score_run
-from kitstrain.core import rundir as runlib
 from tests.kitstrain.infer.test_engine import (
     constant_unet,
     make_cohort,

@@ -25,6 +25,7 @@ from kitstrain.core.config import PRESETS, TrainConfig, resolve
 from kitstrain.core.options import parse_duration
 from kitstrain.core.rundir import State
 from kitstrain.infer.engine import predict_store_case
+from kitstrain.infer.inference import Inference
 from kitstrain.model.load import load_model
 from kitstrain.train.optim import lr_at, progress_of
 from tests.conftest import blob_labels, build, write_kits_case
@@ -362,12 +363,12 @@ def test_not_a_store_and_unknown_version(store: Path, tmp_path: Path) -> None:
 def test_bf16_on_cpu_with_deep_supervision_trains_and_scores(
     store: Path, tmp_path: Path, regions: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitstrain.infer.cases as scoremod  # the per-case loop score predicts through
+    import kitstrain.infer.inference as scoremod  # where the per-case loop predicts a case
 
     used = []
     real = scoremod.predict_store_case
     monkeypatch.setattr(
-        scoremod, "predict_store_case", lambda *a, **k: used.append(k["amp"]) or real(*a, **k)
+        scoremod, "predict_store_case", lambda *a, **k: used.append(a[0].amp) or real(*a, **k)
     )
     out = tmp_path / "bf16"
     r = fit_cli(
@@ -449,7 +450,10 @@ def test_a_kits23_store_trains_over_its_regions_or_classes(
     assert _weights(out)["head.weight"].shape[0] == outputs
     model, _ = load_model(out, "last")
     labels = predict_store_case(
-        model, open_store(kits23_store), None, "case_00000", 2, torch.device("cpu"), amp=False
+        Inference([model], 2, torch.device("cpu"), amp=False),
+        None,
+        open_store(kits23_store),
+        "case_00000",
     )
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
 
