@@ -8,7 +8,7 @@ are the evaluator's by construction. What is ours is the speed: the volume is cu
 bounding box of both masks, and instead of two distance transforms over that box and a Python
 sort of every surfel (the official code), each surfel only looks for a surfel of the other
 surface among the few voxel offsets within the tolerance, nearest first, and stops at the first
-hit. `tests/kitstrain/test_metrics.py` and `benchmarks/score.py` hold it to the package's
+hit. `tests/kitstrain/metrics/test_metrics.py` and `benchmarks/score.py` hold it to the package's
 functions to 1e-4.
 
 KiTS19 has no official surface Dice. Its extra column uses the KiTS21 tolerance of the region

@@ -34,7 +34,7 @@ from tests.kitstrain.infer.test_engine import (
     make_store,
     official_dice,
 )
-from tests.kitstrain.test_metrics import KIDNEY_TOL, official_surface_dice
+from tests.kitstrain.metrics.test_metrics import KIDNEY_TOL, official_surface_dice
 
 VAL = ["case_00000", "case_00001", "case_00002", "case_00004"]
 QUIET = Progress(enabled=False)
