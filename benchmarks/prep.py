@@ -3,7 +3,7 @@ gzip decompression alone of the same files, in one run on one cohort.
 
     python benchmarks/prep.py [--cases 8] [--size 512] [--data data/synthetic/bench512]
 
-Targets (issue 2): one worker at least 4x the plain pipeline's slices/s, and total time at
+Targets: one worker at least 4x the plain pipeline's slices/s, and total time at
 most 1.3x decompression alone; near-linear speed-up with --workers up to the core count.
 Figures are ratios within this run, so a noisy machine moves both sides together.
 """

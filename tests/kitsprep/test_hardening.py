@@ -1,6 +1,6 @@
-"""What an adversarial user or the machine does to a build (issue 12): a kill during
-finalize, a second build at once, a huge case range, a repaired case, an --out inside the
-source, a full disk, damaged stores; each ends in a working --resume or one line, exit 1."""
+"""What an adversarial user or the machine does to a build: a kill during finalize, a
+second build at once, a huge case range, a repaired case, an --out inside the source, a full
+disk, damaged stores; each ends in a working --resume or one line, exit 1."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""What an adversarial user or the machine does to training, scoring and prediction (issue
-12): a diverging run, a kill before the first checkpoint, resuming a finished run, damaged
+"""What an adversarial user or the machine does to training, scoring and prediction: a
+diverging run, a kill before the first checkpoint, resuming a finished run, damaged
 checkpoints and run files, refused options, a full disk; each ends in a working run or one
 line, exit 1, never a traceback."""
 
