@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from kitsprep.errors import KitsError
+from kitsprep.geometry import check_header_spacing
 
 try:
     from isal import igzip as _gzip
@@ -253,8 +254,27 @@ def _header_of(hdr: nib.Nifti1Header) -> NiftiHeader:
     )
 
 
+def _check_raw_header(path: Path, name: str) -> None:
+    """The header's spacing as written (`check_header_spacing`), before nibabel's own check
+    fixes it. A file too damaged to parse is left to the caller's reader to report."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as f:
+            head = f.read(nib.Nifti2Header.sizeof_hdr)
+    except Exception:
+        return
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            hdr = klass.from_fileobj(io.BytesIO(head), check=False)
+        except Exception:
+            continue
+        if int(hdr["sizeof_hdr"]) == klass.sizeof_hdr:
+            check_header_spacing(hdr, name, path.name)
+            return
+
+
 def read_header(path: Path, case_id: str = "") -> NiftiHeader:
     """Header only (a few KB of the gzip stream): shape and geometry before any decoding."""
+    _check_raw_header(path, case_id or path.parent.name)
     try:
         img = nib.load(str(path))
     except Exception as exc:
@@ -314,6 +334,12 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
     else:
         data = blob
         fingerprint = f"raw:{len(blob)}:{zlib.crc32(blob):08x}"
+    try:
+        raw = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:544]), check=False)
+    except Exception:
+        raw = None  # reported just below, by the checked read
+    if raw is not None:
+        check_header_spacing(raw, name, path.name)
     try:
         hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:544]))
     except Exception as exc:

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import nibabel as nib
 import numpy as np
+
+from kitsprep.errors import KitsError
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,45 @@ def axcodes(affine: np.ndarray) -> str:
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def valid_spacing(values: Sequence[float]) -> bool:
+    """Whether every voxel spacing is a finite positive number of mm (zero, negative, NaN
+    or Inf spacing makes resampling, surface Dice and the written-back affine meaningless)."""
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def shown_spacing(values: Sequence[float]) -> str:
+    """Spacing values as a user reads them: ``(0, 0.8, 0.8)``, ``nan`` and ``inf`` kept."""
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
+
+
+def check_header_spacing(hdr: nib.Nifti1Header, name: str, file: str) -> None:
+    """Refuse a NIfTI header whose voxel spacing is zero, negative, NaN or Inf, in one line
+    naming the case, the file and the values. `hdr` must be read with ``check=False``:
+    nibabel's own check would otherwise set a zero spacing to 1 (and a negative one to its
+    absolute value) with a log line, and the wrong geometry would go on downstream."""
+    pixdim = tuple(float(v) for v in hdr["pixdim"][1:4])
+    where = f"{name}: {file}" if name else file
+    fix = (
+        "fix the header's spacing (pixdim and sform/qform) and re-export it, or leave the case out"
+    )
+    if not valid_spacing(pixdim):
+        raise KitsError(
+            f"{where} gives voxel spacing {shown_spacing(pixdim)} mm in its header (pixdim); "
+            f"expected three positive finite values; {fix}"
+        )
+    try:
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except Exception as exc:  # nibabel refuses a qform it cannot build
+        raise KitsError(f"{where} has an unusable affine in its header ({exc}); {fix}") from None
+    if not np.isfinite(affine).all():
+        raise KitsError(
+            f"{where} has a non-finite affine in its header (sform/qform holds NaN or Inf); {fix}"
+        )
+    spacing = voxel_spacing(affine)
+    if not valid_spacing(spacing):
+        raise KitsError(
+            f"{where} gives voxel spacing {shown_spacing(spacing)} mm in its header's affine "
+            f"(sform/qform); expected three positive finite values; {fix}"
+        )

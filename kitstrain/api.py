@@ -13,7 +13,7 @@ volumes (`imaging.nii.gz` of shape (num_slices, 512, 512)). Other layouts go thr
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from kitsprep.cases import NiftiHeader, Volume, read_volume
 from kitsprep.errors import KitsError
+from kitsprep.geometry import shown_spacing, valid_spacing
 from kitsprep.labels import LabelSet
 from kitsprep.store import open_store
 from kitstrain.core.device import resolve_device
@@ -32,6 +33,25 @@ from kitstrain.runs.loaded import LoadedRun, load_run, run_inference
 from kitstrain.runs.predict import prediction_image
 
 __all__ = ["Predictor", "SliceDataset", "open_store"]
+
+
+def _spacing(spacing: object) -> tuple[float, float, float]:
+    """`Predictor.predict`'s spacing as three positive finite mm values, or one KitsError
+    line: a string, a bare number, None inside, the wrong length, zero, negative, NaN or
+    Inf are all the user's to fix, never a TypeError from deep inside."""
+    expected = "expected spacing as 3 positive mm values, one per axis"
+    fix = "pass e.g. (2.5, 0.8, 0.8), or leave it out"
+    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (Sequence, np.ndarray)):
+        raise KitsError(f"Predictor.predict: {expected}, found {spacing!r}; {fix}")
+    values = list(np.ravel(spacing)) if isinstance(spacing, np.ndarray) else list(spacing)
+    if len(values) != 3 or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values
+    ):
+        raise KitsError(f"Predictor.predict: {expected}, found {tuple(values)!r}; {fix}")
+    out = tuple(float(v) for v in values)
+    if not valid_spacing(out):
+        raise KitsError(f"Predictor.predict: {expected}, found {shown_spacing(out)}; {fix}")
+    return out  # type: ignore[return-value]
 
 
 def _slices_first_affine(spacing: Sequence[float]) -> np.ndarray:
@@ -96,13 +116,7 @@ class Predictor:
                 f"Predictor.predict: expected real numbers (HU), found dtype {volume.dtype}; "
                 "pass the image data, e.g. nib.load(path).get_fdata()"
             )
-        if spacing is None:
-            spacing = (1.0, 1.0, 1.0)
-        elif len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-            raise KitsError(
-                f"Predictor.predict: expected spacing as 3 positive mm values, one per "
-                f"axis, found {tuple(spacing)}; pass e.g. (2.5, 0.8, 0.8) or leave it out"
-            )
+        spacing = (1.0, 1.0, 1.0) if spacing is None else _spacing(spacing)
         # float32, the precision the windowing kernel reads a float32 NIfTI in: the labels
         # equal `kitstrain predict`'s for the same voxels
         data = np.asarray(volume, np.float32)
