@@ -1,4 +1,4 @@
-"""`kitstrain`: thin click commands (fit, score, predict, plot, bench-loader)."""
+"""`kitstrain`: thin click commands (fit, score, predict, export, plot, bench-loader)."""
 
 from __future__ import annotations
 
@@ -295,6 +295,29 @@ def predict(
     click.echo(
         f"wrote {len(report.paths)} predictions to {out}"
         + (f", overlays in {overlays}" if overlays else "")
+    )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The ONNX file to write (e.g. model.onnx); its runtime JSON goes beside it (model.json).",
+)
+@click.option(
+    "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
+)
+@click.option("--opset", type=click.IntRange(17), default=17, show_default=True)
+def export(run_dir: Path, out: Path, checkpoint: str, opset: int) -> None:
+    """The run's network as ONNX (dynamic batch, height, width) and what a runtime needs."""
+    from kitstrain.runs.export import export_paths, export_run
+
+    export_paths(out)  # the name is checked before torch loads
+    result = export_run(run_dir, out, which=checkpoint, opset=opset)
+    click.echo(
+        f"wrote {result.onnx} (opset {result.opset}, from {result.checkpoint}) and {result.meta}"
     )
 
 
