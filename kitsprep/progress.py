@@ -25,7 +25,11 @@ class Progress:
         self.enabled = enabled
         self._tqdm = None
 
-    def start(self, total: int, desc: str, unit: str = "slice", initial: int = 0) -> Progress:
+    def start(
+        self, total: int, desc: str, unit: str = "slice", initial: int = 0, leave: bool = True
+    ) -> Progress:
+        """Open the bar (on a terminal). `leave=False` clears it when closed: a bar that
+        comes and goes under another one (fit's validations under its steps)."""
         if self.enabled and self.bar:
             from tqdm import tqdm
 
@@ -39,6 +43,7 @@ class Progress:
                 unit=unit,
                 file=self.stream,
                 dynamic_ncols=True,
+                leave=leave,
             )
         return self
 

@@ -169,11 +169,15 @@ def score_store_cases(
     *,
     reader: SliceReader | None = None,
     progress: SliceProgress | None = None,
+    on_case: Callable[[CaseScore], object] | None = None,
 ) -> list[CaseScore]:
     """Per-case 3D Dice of every region of the store's label set, in store geometry, inside
     `store_box` (validation): the cases of `store_predictions`, scored without
-    spacing (no surface Dice), so `fit` logs what `kitstrain score` computes."""
-    return [
-        score_case(case.case_id, case.pred, case.truth, info.labels)
-        for case in store_predictions(inference, info, cases, reader=reader, progress=progress)
-    ]
+    spacing (no surface Dice), so `fit` logs what `kitstrain score` computes. `on_case`
+    hears each case's score as it is done (a progress line)."""
+    scores = []
+    for case in store_predictions(inference, info, cases, reader=reader, progress=progress):
+        scores.append(score_case(case.case_id, case.pred, case.truth, info.labels))
+        if on_case is not None:
+            on_case(scores[-1])
+    return scores

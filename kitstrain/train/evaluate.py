@@ -8,6 +8,8 @@ from dataclasses import asdict
 
 import torch
 
+from kitsprep.progress import Progress
+from kitsprep.store import StoreInfo
 from kitstrain.data.loaders import shard_cases
 from kitstrain.infer.cases import score_store_cases
 from kitstrain.infer.inference import Inference
@@ -21,7 +23,7 @@ VAL_SHARE = 0.10  # epoch-end validations skip while they would cost more than t
 VAL_COST = 0.5
 
 
-def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
+def evaluate(model: torch.nn.Module, plan: Plan, progress: Progress | None = None) -> dict:
     """Per-case 3D Dice of every region of the store's label set on the validation cases,
     whole cases
     sharded across ranks by slice count (`shard_cases`) and gathered, so every rank sees
@@ -29,27 +31,36 @@ def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
     broadcast buffers each forward, and every rank must score the same model. Keys:
     ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
     mean, what picks the best checkpoint), ``regions`` (the names, in order) and
-    ``per_case`` (each case's region Dice, in that order)."""
+    ``per_case`` (each case's region Dice, in that order). `progress` (rank 0's) shows this
+    rank's cases as `predict` does: slices with an ETA on a terminal, a line per case
+    otherwise; it is driven from the inference loop, never from a training step."""
     net, d, info = unwrap(model), plan.d, plan.info
     distributed.broadcast_buffers(net, d)
     net.eval()
     mine = shard_cases(info, plan.split.val, d.rank, d.world)
-    with torch.no_grad():
-        scores = (
-            score_store_cases(
-                Inference(
-                    [net],
-                    plan.tc.context,
-                    plan.device,
-                    amp=plan.dtype or False,
-                    batch_size=plan.val_batch,
-                ),
-                info,
-                mine,
+    report = _CaseReport(progress, info, mine) if progress is not None and mine else None
+    try:
+        with torch.no_grad():
+            scores = (
+                score_store_cases(
+                    Inference(
+                        [net],
+                        plan.tc.context,
+                        plan.device,
+                        amp=plan.dtype or False,
+                        batch_size=plan.val_batch,
+                    ),
+                    info,
+                    mine,
+                    progress=report.slices if report else None,
+                    on_case=report.case if report else None,
+                )
+                if mine
+                else []
             )
-            if mine
-            else []
-        )
+    finally:
+        if report is not None:
+            report.close()
     net.train()
     if d.world > 1:
         parts = distributed.gather(d, [asdict(s) for s in scores])
@@ -66,6 +77,29 @@ def evaluate(model: torch.nn.Module, plan: Plan) -> dict:
         "regions": list(m.dice),
         "per_case": {s.case: [round(v, 4) for v in s.dice.values()] for s in scores},
     }
+
+
+class _CaseReport:
+    """One validation's progress: its slices on the bar, a line per case scored."""
+
+    def __init__(self, progress: Progress, info: StoreInfo, cases: list[str]) -> None:
+        self.progress, self.n, self.done = progress, len(cases), 0
+        self.slices_of = {c: info.cases[c].slices for c in cases}
+        progress.start(sum(self.slices_of.values()), "validate", leave=False)
+
+    def slices(self, n: int) -> None:
+        self.progress.advance(n)
+
+    def case(self, score: CaseScore) -> None:
+        self.done += 1
+        dice = " ".join(f"{name} {v:.3f}" for name, v in score.dice.items())
+        self.progress.item_done(
+            f"validate {score.case}",
+            f"({self.done}/{self.n}, {self.slices_of[score.case]} slices) Dice {dice}",
+        )
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE) -> bool:

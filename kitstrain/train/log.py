@@ -96,6 +96,15 @@ class RunLog:
         elif self.echo is not None:
             self.echo(line)
 
+    def validation_progress(self) -> Progress | None:
+        """A fresh display for one validation, shown as the run's own is (a second bar under
+        the steps on a terminal, a line per case otherwise); None off rank 0 or when the run
+        shows no progress (tests, library use)."""
+        p = self.progress
+        if p is None or not p.enabled:
+            return None
+        return Progress(p.stream, bar=p.bar)
+
     def stepped(self) -> None:
         """One more step on the bar."""
         if self.progress is not None:

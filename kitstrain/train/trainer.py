@@ -301,7 +301,7 @@ class Trainer:
         epoch-end validation."""
         state, plan = self.state, self.plan
         t = time.perf_counter()
-        val = evaluate(self.model, plan)
+        val = evaluate(self.model, plan, self.log.validation_progress())
         state.last_val_seconds = time.perf_counter() - t
         state.elapsed = time.perf_counter() - self.t_run
         improved = val["mean_dice"] > state.best

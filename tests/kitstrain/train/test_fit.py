@@ -24,6 +24,7 @@ from kitstrain.core import rundir as runlib
 from kitstrain.core.config import PRESETS, TrainConfig, resolve
 from kitstrain.core.options import parse_duration
 from kitstrain.core.rundir import State
+from kitstrain.data.loaders import shard_cases
 from kitstrain.infer.engine import predict_store_case
 from kitstrain.infer.inference import Inference
 from kitstrain.model.load import load_model
@@ -93,6 +94,11 @@ def test_a_few_steps_write_a_self_describing_run(
     assert val["mean_dice"] == pytest.approx((val["kidney_dice"] + val["tumour_dice"]) / 2)
     assert config["store_attrs"]["labels"]["edition"] == "kits19"
     assert "validation Dice kidney" in r.output
+    # validation shows its progress as predict does: off a terminal, a line per case
+    info = open_store(store)
+    for i, case in enumerate(split["val"], 1):
+        line = f"validate {case}  ({i}/{len(split['val'])}, {info.cases[case].slices} slices)"
+        assert r.output.count(line + " Dice kidney ") == kinds.count("val"), r.output
     assert " parameters, device " in r.output  # the start-up line counts the model's
     for which in ("last", "best"):
         ckpt = torch.load(out / "checkpoints" / f"{which}.pt", weights_only=True)
@@ -579,6 +585,10 @@ def test_two_process_gloo_run(store: Path, tmp_path: Path) -> None:
     assert set(vals[-1]["per_case"]) == set(split["val"])
     # rank 0 alone wrote: one record per step window, not two
     assert len([x for x in records if x["kind"] == "end"]) == 1
+    # and rank 0 alone shows validation progress: a line per case of its own shard
+    mine = shard_cases(open_store(store), split["val"], 0, 2)
+    shown = [ln for ln in r.stderr.splitlines() if ln.startswith("validate case_")]
+    assert len(shown) == len(vals) * len(mine) and {ln.split()[1] for ln in shown} == set(mine)
 
 
 def test_start_up_window_does_not_count_as_loader_stall() -> None:

@@ -38,3 +38,28 @@ def test_without_a_bar_each_window_is_a_line_and_other_ranks_stay_quiet() -> Non
     other.flush(LogWindow(steps=2, slices=8, loss=torch.tensor(1.0)), State(step=2), 0.1)
     other.say("anything")
     assert quiet == []
+
+
+def test_a_validation_shows_a_bar_of_its_slices_under_the_steps_on_rank_0_only() -> None:
+    from types import SimpleNamespace
+
+    from kitstrain.metrics import CaseScore
+    from kitstrain.train.evaluate import _CaseReport
+
+    stream = io.StringIO()
+    steps = Progress(stream, bar=True).start(10, "fit", unit="step")
+    with RunLog(None, main=True, progress=steps) as log:
+        shown = log.validation_progress()
+        assert shown is not None and shown.bar and shown is not steps
+        info = SimpleNamespace(cases={"case_00001": SimpleNamespace(slices=7)})
+        report = _CaseReport(shown, info, ["case_00001"])
+        report.slices(7)
+        report.case(CaseScore("case_00001", {"kidney": 0.9, "tumour": 0.5}, 1.0, 1.0, 0, 0))
+        assert shown._tqdm.n == 7 and shown._tqdm.total == 7
+        report.close()
+        assert steps.showing_bar  # the step bar goes on
+    text = stream.getvalue()
+    assert "validate:" in text and "0/7" in text and "slice/s" in text and "<" in text  # ETA
+    assert RunLog(None, main=False, progress=steps).validation_progress() is None
+    quiet = Progress(stream, enabled=False)
+    assert RunLog(None, main=True, progress=quiet).validation_progress() is None
