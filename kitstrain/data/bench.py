@@ -73,6 +73,7 @@ class ItemByItem(Dataset):
         self.rows = ram.rows
         self.channels = ram.channels
         self.patch = ram.patch
+        self.side = ram.side
         self.pool = None
 
     def __len__(self) -> int:
