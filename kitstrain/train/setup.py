@@ -22,6 +22,7 @@ from kitstrain import __version__
 from kitstrain.core import rundir
 from kitstrain.core.config import RESUMABLE, TrainConfig
 from kitstrain.core.record import RunRecord, StoreAttrs, write_record
+from kitstrain.core.workers import resolve_workers
 from kitstrain.data.augment import AugmentConfig, compile_kernels
 from kitstrain.data.loaders import (
     batches_per_epoch,
@@ -228,6 +229,35 @@ def make_plan(
     )
 
 
+def augment_side(tc: TrainConfig, device: torch.device) -> str | None:
+    """Where augmentation runs: `--augment-on device` needs CUDA; `auto` is the device
+    on CUDA (the CPU cannot feed a GPU with augmented samples), the workers elsewhere."""
+    if not tc.augment:
+        return None
+    if tc.augment_on == "device" and device.type != "cuda":
+        raise KitsError(
+            f"--augment-on device needs a CUDA device, found device {device}; use "
+            "--augment-on workers (or auto, which picks workers off CUDA)"
+        )
+    if tc.augment_on == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return tc.augment_on
+
+
+def loader_plan(plan: Plan, precision_reason: str) -> Plan:
+    """The plan with the loader resolved on this machine: workers (`--workers auto`: this
+    rank's cores minus one), the side augmentation runs on, and why precision is what it
+    is."""
+    workers, why = resolve_workers(plan.tc.workers)
+    return replace(
+        plan,
+        workers=workers,
+        workers_reason=why,
+        augment_side=augment_side(plan.tc, plan.device),
+        precision_reason=precision_reason,
+    )
+
+
 def record_run(
     plan: Plan,
     cfg: FitConfig,
@@ -256,6 +286,10 @@ def record_run(
         steps_per_epoch=plan.steps_per_epoch,
         total_steps=plan.total_steps,
         device=str(plan.device),
+        workers=plan.workers,
+        workers_reason=plan.workers_reason,
+        augment_side=plan.augment_side,
+        precision_reason=plan.precision_reason,
         env=environment(plan.device, plan.d),
     )
     write_record(plan.run_dir, record)
@@ -289,14 +323,15 @@ def train_loader(
     """One loader for the whole run: workers, their open store and their kernels persist
     across epochs; each epoch is `sampler.set_epoch`, resumable mid-epoch."""
     tc, patch = plan.tc, plan.patch
-    if tc.augment and tc.workers > 0:
+    if plan.augment_side == "workers" and plan.workers > 0:
         compile_kernels()  # before the workers fork: they inherit it, none compiles
     return make_train_loader(
         cfg.store,
         plan.info,
         plan.split.train,
         batch_size=plan.batch_size,
-        workers=tc.workers,
+        workers=plan.workers,
+        augment_on=plan.augment_side or "workers",
         context=tc.context,
         augment=AugmentConfig(enabled=tc.augment),
         fg_fraction=tc.fg_fraction,
@@ -361,6 +396,13 @@ def announce(
         + f", {count_parameters(model):,} parameters, device {plan.device}"
         + (f", {plan.dtype}".replace("torch.", "") if plan.dtype else ", fp32")
         + (f", resuming at step {state.step}" if cfg.resume else "")
+    )
+    echo(
+        f"loader: {plan.workers} worker(s) per rank ({plan.workers_reason}); augmentation "
+        + {"device": "on the device, after the copy", "workers": "in the workers"}.get(
+            plan.augment_side or "", "off"
+        )
+        + f"; precision {plan.precision_reason}"
     )
     if batch_info.get("reason") and batch_info.get("mode") == "auto":
         echo(f"batch {plan.batch_size} (auto): {batch_info['reason']}")
