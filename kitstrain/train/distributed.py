@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -213,7 +213,17 @@ def shutdown(d: Dist, failed: bool) -> None:
 
 FAILED_KEY = "kits/failed"
 POLL_S = 0.1  # how often a watcher looks at the store
+WRITE_GRACE_S = 60.0  # how long a watcher lets a checkpoint being written finish
 _watcher: Watcher | None = None
+_writing = threading.Lock()  # held while rank 0 writes a checkpoint
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """A checkpoint being written: a watcher stopping this process waits for it to be
+    complete (it is atomic either way; this keeps the newest one), up to WRITE_GRACE_S."""
+    with _writing:
+        yield
 
 
 def _failed_key() -> str:
@@ -267,6 +277,7 @@ class Watcher(threading.Thread):
             self.echo(line)
             sys.stderr.flush()
             sys.stdout.flush()
+        _writing.acquire(timeout=WRITE_GRACE_S)  # let a checkpoint being written finish
         _abort()
         os._exit(1)
 

@@ -385,7 +385,8 @@ class Trainer:
                 "state": json.dumps(asdict(self.state)),
                 "rng": {"ranks": rngs},
             }
-            rundir.save_training(self.plan.run_dir, which, payload)
+            with distributed.writing():  # a peer's failure lets it finish first
+                rundir.save_training(self.plan.run_dir, which, payload)
         self.last_checkpoint = time.perf_counter()
 
     def finish(self) -> FitResult:
