@@ -38,6 +38,7 @@ from kitstrain.train.config import (
     State,
 )
 from kitstrain.train.distributed import Dist, setup_distributed
+from kitstrain.train.feed import loader_plan, train_loader
 from kitstrain.train.log import RunLog, tensorboard_writer
 from kitstrain.train.optim import make_optimizer
 from kitstrain.train.setup import (
@@ -46,14 +47,12 @@ from kitstrain.train.setup import (
     check_names,
     check_store,
     finished,
-    loader_plan,
     make_plan,
     record_run,
     resolve_split,
     resolve_train_config,
     restore_or_restart,
     seed_everything,
-    train_loader,
 )
 from kitstrain.train.trainer import Trainer
 

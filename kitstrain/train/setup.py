@@ -22,12 +22,7 @@ from kitstrain import __version__
 from kitstrain.core import rundir
 from kitstrain.core.config import RESUMABLE, TrainConfig
 from kitstrain.core.record import RunRecord, StoreAttrs, write_record
-from kitstrain.core.workers import resolve_workers
-from kitstrain.data.augment import AugmentConfig, compile_kernels
-from kitstrain.data.loaders import (
-    batches_per_epoch,
-    make_train_loader,
-)
+from kitstrain.data.loaders import batches_per_epoch
 from kitstrain.data.splits import Split, make_split
 from kitstrain.model.layers import NORMS
 from kitstrain.model.losses import LOSSES
@@ -229,35 +224,6 @@ def make_plan(
     )
 
 
-def augment_side(tc: TrainConfig, device: torch.device) -> str | None:
-    """Where augmentation runs: `--augment-on device` needs CUDA; `auto` is the device
-    on CUDA (the CPU cannot feed a GPU with augmented samples), the workers elsewhere."""
-    if not tc.augment:
-        return None
-    if tc.augment_on == "device" and device.type != "cuda":
-        raise KitsError(
-            f"--augment-on device needs a CUDA device, found device {device}; use "
-            "--augment-on workers (or auto, which picks workers off CUDA)"
-        )
-    if tc.augment_on == "auto":
-        return "device" if device.type == "cuda" else "workers"
-    return tc.augment_on
-
-
-def loader_plan(plan: Plan, precision_reason: str) -> Plan:
-    """The plan with the loader resolved on this machine: workers (`--workers auto`: this
-    rank's cores minus one), the side augmentation runs on, and why precision is what it
-    is."""
-    workers, why = resolve_workers(plan.tc.workers)
-    return replace(
-        plan,
-        workers=workers,
-        workers_reason=why,
-        augment_side=augment_side(plan.tc, plan.device),
-        precision_reason=precision_reason,
-    )
-
-
 def record_run(
     plan: Plan,
     cfg: FitConfig,
@@ -315,36 +281,6 @@ def finished(
         )
     last = rundir.last_validation(plan.run_dir)
     return FitResult(plan.run_dir, state.step, state.epoch, state.best, last, 0.0, "finished")
-
-
-def train_loader(
-    cfg: FitConfig, plan: Plan, label_weights: dict[int, float], state: State
-) -> torch.utils.data.DataLoader:
-    """One loader for the whole run: workers, their open store and their kernels persist
-    across epochs; each epoch is `sampler.set_epoch`, resumable mid-epoch."""
-    tc, patch = plan.tc, plan.patch
-    if plan.augment_side == "workers" and plan.workers > 0:
-        compile_kernels()  # before the workers fork: they inherit it, none compiles
-    return make_train_loader(
-        cfg.store,
-        plan.info,
-        plan.split.train,
-        batch_size=plan.batch_size,
-        workers=plan.workers,
-        augment_on=plan.augment_side or "workers",
-        context=tc.context,
-        augment=AugmentConfig(enabled=tc.augment),
-        fg_fraction=tc.fg_fraction,
-        label_weights=label_weights,
-        seed=tc.seed,
-        rank=plan.d.rank,
-        world_size=plan.d.world,
-        samples_per_epoch=plan.samples_per_epoch,
-        pin_memory=plan.device.type == "cuda",
-        epoch=state.epoch,
-        start_batch=state.step_in_epoch,
-        patch=patch,
-    )
 
 
 def environment(device: torch.device, d: Dist) -> dict:
