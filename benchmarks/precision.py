@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kitsprep.labels import EDITIONS
-from kitstrain.core.precision import amp_dtype
+from kitstrain.core.precision import amp_dtype, cuda_bf16_native
 from kitstrain.model.losses import make_loss
 from kitstrain.model.unet import UNet, UNetConfig
 
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
     device = torch.device(a.device)
-    low = "bf16" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    low = "bf16" if device.type == "cpu" or cuda_bf16_native(device) else "fp16"
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"CPU flags: {cpu_flags()}"

@@ -337,25 +337,65 @@ def plot(run_dir: Path | None) -> None:
 @main.command("bench-loader")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True)
+@click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    help="N, or 'auto' (as fit); --whole-slices: 2 unless given.",
+)
 @click.option("--seconds", type=click.FloatRange(0.5), default=10.0, show_default=True)
-@click.option("--augment", is_flag=True, help="Augmentation on (off by default).")
-@click.option("--context", type=click.IntRange(0, 8), default=0, show_default=True)
+@click.option(
+    "--augment-on",
+    type=click.Choice(["auto", "device", "workers"]),
+    default="auto",
+    show_default=True,
+    help="As fit's. 'device' without CUDA: the workers' share, and the kernel on CPU torch.",
+)
+@click.option(
+    "--whole-slices",
+    is_flag=True,
+    help="The earlier figure: whole slices (no patches, context 0, augmentation only with "
+    "--augment) against the in-RAM loaders.",
+)
+@click.option("--augment", is_flag=True, help="--whole-slices: augmentation on.")
+@click.option(
+    "--context", type=click.IntRange(0, 8), default=None, help="[default: 2; --whole-slices 0]"
+)
 @click.option("--json", "as_json", is_flag=True)
-def bench_loader(store, batch_size, workers, seconds, augment, context, as_json) -> None:
-    """Loader throughput against an in-RAM ceiling, and per-worker peak memory."""
-    from kitstrain.data.bench import bench_loader as run_bench
-    from kitstrain.data.bench import format_bench
+def bench_loader(
+    store, batch_size, workers, seconds, augment_on, whole_slices, augment, context, as_json
+) -> None:
+    """What the training loader feeds: by default the path `fit` runs (patches, context,
+    augmentation on the chosen side, auto workers): samples/s, CPU ms per sample, and what
+    auto workers feed on this machine."""
+    from kitstrain.core.options import parse_workers
 
-    result = run_bench(
+    workers = parse_workers(workers)
+    if whole_slices:
+        from kitstrain.data.bench import bench_loader as run_bench
+        from kitstrain.data.bench import format_bench
+
+        result = run_bench(
+            store,
+            batch_size=batch_size,
+            workers=2 if workers == "auto" else workers,
+            seconds=seconds,
+            augment=augment,
+            context=context or 0,
+        )
+        click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+        return
+    from kitstrain.data.bench_train import bench_training_loader, format_training_bench
+
+    result = bench_training_loader(
         store,
         batch_size=batch_size,
         workers=workers,
         seconds=seconds,
-        augment=augment,
+        augment_on=augment_on,
         context=context,
     )
-    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+    click.echo(json.dumps(result, indent=2) if as_json else format_training_bench(result))
 
 
 if __name__ == "__main__":

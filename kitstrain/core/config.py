@@ -17,8 +17,11 @@ from kitstrain.core.options import (
     parse_duration,
     parse_label_weights,
     parse_patch,
+    parse_workers,
 )
 from kitstrain.core.precision import PRECISIONS
+
+AUGMENT_SIDES = ("auto", "device", "workers")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,26 @@ class TrainConfig:
         parse=parse_batch,
     )
     lr: float = option(3e-3, kind=float)
-    workers: int = option(2, "DataLoader workers.", kind=int, low=0, resumable=True)
+    # an int, or "auto" (kitstrain.core.workers.resolve_workers: this rank's cores - 1)
+    workers: int | str = option(
+        "auto",
+        "DataLoader workers: N, or 'auto' (the cores this rank may use minus one, 1..16).",
+        parse=parse_workers,
+        resumable=True,
+    )
+    augment_on: str = option(
+        "auto",
+        "Where augmentation runs: 'device' (batched on the GPU after the copy; workers "
+        "only read and cut), 'workers' (on the CPU), 'auto' (device on CUDA).",
+        choices=AUGMENT_SIDES,
+        resumable=True,
+    )
+    dist_timeout: float = option(  # seconds
+        300.0,
+        "DDP: a collective that waits longer than this (e.g. 90s, 5m) stops every rank.",
+        parse=parse_duration,
+        resumable=True,
+    )
     context: int = option(
         2, "2.5D: K neighbouring slices each side as channels.", kind=int, low=0, high=8
     )
@@ -246,6 +268,17 @@ def _check(cfg: TrainConfig) -> None:
             f"--deep-supervision must be within 0..depth-1 = {cfg.depth - 1}, "
             f"found {cfg.deep_supervision}"
         )
+    if not (
+        cfg.workers == "auto"
+        or (isinstance(cfg.workers, int) and not isinstance(cfg.workers, bool) and cfg.workers >= 0)
+    ):
+        raise KitsError(f"--workers must be 'auto' or a count >= 0, found {cfg.workers!r}")
+    if cfg.augment_on not in AUGMENT_SIDES:
+        raise KitsError(
+            f"--augment-on must be one of {', '.join(AUGMENT_SIDES)}, found {cfg.augment_on!r}"
+        )
+    if not cfg.dist_timeout > 0:
+        raise KitsError(f"--dist-timeout must be longer than 0 s, found {cfg.dist_timeout:g}")
     if cfg.context < 0:
         raise KitsError(f"--context must be >= 0, found {cfg.context}")
 

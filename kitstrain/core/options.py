@@ -22,6 +22,7 @@ __all__ = [
     "parse_duration",
     "parse_label_weights",
     "parse_patch",
+    "parse_workers",
 ]
 
 PATCH_CHOICES = "'auto' (half the slice side), 'full' (whole slices) or a side in pixels"
@@ -87,6 +88,15 @@ def parse_batch(text: str | None) -> int | str | None:
     if text.isdigit() and int(text) > 0:
         return int(text)
     raise KitsError(f"--batch-size must be a positive integer or 'auto', found {text!r}")
+
+
+def parse_workers(text: str | None) -> int | str | None:
+    """'auto' or a count >= 0 (0: batches made in the training process itself)."""
+    if text is None or text == "auto":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise KitsError(f"--workers must be 'auto' or a count >= 0, found {text!r}")
 
 
 def parse_patch(text: str | None) -> int | str | None:

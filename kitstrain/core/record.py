@@ -56,6 +56,11 @@ class RunRecord:
     steps_per_epoch: int | None = None
     total_steps: int | None = None
     device: str | None = None
+    # the loader as resolved on the machine that started (or last resumed) the run
+    workers: int | None = None  # --workers resolved ('auto': this rank's cores - 1)
+    workers_reason: str = ""
+    augment_side: str | None = None  # --augment-on resolved: 'device', 'workers', None (off)
+    precision_reason: str = ""  # what --precision resolved to here, and why
     env: dict[str, Any] = field(default_factory=dict)
     version: int = RECORD_VERSION
 

@@ -125,14 +125,15 @@ class PooledBatch:
     hands it back; `pin_memory()` (called by the DataLoader's pinning thread) copies the
     slot into pinned memory and hands it back at once."""
 
-    __slots__ = ("token", "slot", "n", "_released")
+    __slots__ = ("token", "slot", "n", "params", "_released")
 
-    def __init__(self, token: int, slot: int, n: int):
-        self.token, self.slot, self.n = token, slot, n
+    def __init__(self, token: int, slot: int, n: int, params: Any = None):
+        # params: a small array that travels with the batch (device augmentation's draws)
+        self.token, self.slot, self.n, self.params = token, slot, n, params
         self._released = False
 
     def __reduce__(self):
-        return (PooledBatch, (self.token, self.slot, self.n))
+        return (PooledBatch, (self.token, self.slot, self.n, self.params))
 
     def _pool(self) -> BatchPool:
         pool = _pools.get(self.token)
@@ -144,15 +145,20 @@ class PooledBatch:
         pool = self._pool()
         return pool.images[self.slot, : self.n], pool.labels[self.slot, : self.n]
 
+    def fields(self) -> tuple:
+        """(image, label) views of the slot, and the params when the batch has them."""
+        t = self.tensors()
+        return t if self.params is None else (*t, self.params)
+
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._pool().give_back(self.slot)
 
-    def pin_memory(self, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pin_memory(self, device: Any = None) -> tuple:
         pinned = tuple(t.pin_memory() for t in self.tensors())
         self.release()
-        return pinned
+        return pinned if self.params is None else (*pinned, self.params)
 
 
 class ReleasingIterator:
@@ -172,7 +178,7 @@ class ReleasingIterator:
         batch = next(self._inner)
         if isinstance(batch, PooledBatch):
             self._held = batch
-            return batch.tensors()
+            return batch.fields()
         return batch
 
     def release(self) -> None:

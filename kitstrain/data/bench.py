@@ -73,6 +73,7 @@ class ItemByItem(Dataset):
         self.rows = ram.rows
         self.channels = ram.channels
         self.patch = ram.patch
+        self.side = ram.side
         self.pool = None
 
     def __len__(self) -> int:
@@ -108,9 +109,16 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device | None) -> dict:
+def _run(
+    loader: DataLoader,
+    seconds: float,
+    warmup: int,
+    device: torch.device | None,
+    transform=None,
+) -> dict:
     """Slices/s after `warmup` batches (worker start, kernel load, full prefetch queues);
-    then each worker's peak RSS, read while the workers are still alive."""
+    then each worker's peak RSS, read while the workers are still alive. `transform`:
+    what training does to a batch with device-augmentation params once on `device`."""
     it = iter(loader)
     pids = [w.pid for w in getattr(it, "_workers", [])]
 
@@ -130,20 +138,24 @@ def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device |
         cpu0 = [_cpu_s(p) for p in procs]
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds or batches == 0:
-            img, lab = batch()[:2]
+            got = batch()
+            img, lab = got[:2]
             if device is not None:  # what the training loop does with each batch
                 img = img.to(device, non_blocking=True)
                 lab = lab.to(device, non_blocking=True)
+                if transform is not None and len(got) > 2:
+                    img, lab = transform(img, lab, got[2])
             slices += img.shape[0]
             batches += 1
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         # share of one core each process used while timed: shows which side is the limit
-        busy = [
-            None if a is None or b is None else round((b - a) / elapsed, 2)
+        cpu_s = [
+            None if a is None or b is None else b - a
             for a, b in zip(cpu0, [_cpu_s(p) for p in procs], strict=True)
         ]
+        busy = [None if c is None else round(c / elapsed, 2) for c in cpu_s]
         rss = [_mb(_proc_kb(pid, "VmHWM")) for pid in pids]
         pss = [_mb(_proc_kb(pid, "Pss", "smaps_rollup")) for pid in pids]
         # the pool's batch slots a worker has written: shared, bounded by the prefetch
@@ -161,6 +173,7 @@ def _run(loader: DataLoader, seconds: float, warmup: int, device: torch.device |
         "worker_shmem_mb": shmem,
         "main_cpu": busy[0],
         "worker_cpu": busy[1:],
+        "cpu_s": cpu_s,
     }
 
 

@@ -24,6 +24,7 @@ from kitsprep.errors import KitsError
 from kitsprep.store import SliceReader, StoreInfo
 from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
+from kitstrain.data.device_augment import PARAMS, cut_side, draw_params
 from kitstrain.data.patches import patch_origin, uniform_origin
 from kitstrain.data.samplers import Drawn
 from kitstrain.data.splits import require_labelled_cases
@@ -35,7 +36,14 @@ class SliceDataset(Dataset):
     Float16 keeps the host->GPU copy at half the bytes; the training step casts on device.
     The store is opened lazily in whichever process reads first (each DataLoader worker,
     after fork or spawn); the dataset pickles as the path plus a few small arrays.
+
+    `augment_on="device"`: items are the `cut_side` windows around each patch and a
+    `device_augment.PARAMS` record per item (batches are (image, label, params)); the
+    warp and the intensity changes are `device_augment.augment_batch`'s, after the copy.
     """
+
+    augment_on = "workers"  # class defaults: what subclasses that skip __init__ get
+    cut: int | None = None
 
     def __init__(
         self,
@@ -46,6 +54,7 @@ class SliceDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         patch: int | None = None,
+        augment_on: str = "workers",
     ):
         if context < 0:
             raise KitsError(f"--context must be >= 0, found {context}")
@@ -68,6 +77,13 @@ class SliceDataset(Dataset):
         self.context = int(context)
         self.case_ids = tuple(cases)
         self.augment = augment if augment is not None and augment.enabled else None
+        if augment_on not in ("workers", "device"):
+            raise ValueError(f"augment_on must be 'workers' or 'device', found {augment_on!r}")
+        # without augmentation there is nothing to do on the device: plain crops
+        self.augment_on = augment_on if self.augment is not None else "workers"
+        self.cut = (
+            cut_side(self.patch, self.size, self.augment) if self.augment_on == "device" else None
+        )
         self.seed = int(seed)
         metas = [info.cases[c] for c in cases]
         counts = np.array([m.slices for m in metas], np.int64)
@@ -94,6 +110,11 @@ class SliceDataset(Dataset):
     @property
     def channels(self) -> int:
         return 1 + 2 * self.context
+
+    @property
+    def side(self) -> int:
+        """The side of the tensors a worker writes: the patch, or the cut around it."""
+        return self.cut if self.cut is not None else self.patch
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,11 +149,17 @@ class SliceDataset(Dataset):
         else:
             lab[...] = self._reader.label(rows[i])
 
-    def _fill(self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _fill(
+        self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor
+    ) -> np.ndarray | None:
+        """Read (and on the workers' side augment) each item into row j of the batch
+        tensors; with `augment_on="device"` return the items' `PARAMS`."""
         if self._pid != os.getpid():
             self._open()
         img_np, lab_np = images.numpy(), labels.numpy()
         cropping = self.patch < self.size
+        if self.cut is not None:
+            return self._fill_cuts(indices, img_np, lab_np)
         if cropping:
             whole_img = np.empty((self.channels, self.size, self.size), np.float16)
             whole_lab = np.empty((self.size, self.size), np.uint8)
@@ -140,19 +167,10 @@ class SliceDataset(Dataset):
             i = item.index if isinstance(item, Drawn) else int(item)
             rng = None
             if cropping or self.augment is not None:
-                rng = (
-                    np.random.default_rng([self.seed, item.epoch, item.draw])
-                    if isinstance(item, Drawn)
-                    else self._rng
-                )
+                rng = self._item_rng(item)
             if cropping:
                 self._read_into(i, whole_img, whole_lab)
-                # the index already says which slices are empty: no label scan for those
-                y, x = (
-                    uniform_origin(whole_lab.shape, self.patch, rng)
-                    if self._background[i]
-                    else patch_origin(whole_lab, self.patch, rng)
-                )
+                y, x = self._origin(i, whole_lab, rng)
                 if self.augment is not None:
                     # warped about the window's centre, sampled from the whole slice
                     img_np[j], lab_np[j] = augment_slice(
@@ -170,10 +188,52 @@ class SliceDataset(Dataset):
                 self._read_into(i, img_np[j], lab_np[j])
                 if self.augment is not None:
                     img_np[j], lab_np[j] = augment_slice(img_np[j], lab_np[j], rng, self.augment)
+        return None
+
+    def _item_rng(self, item) -> np.random.Generator:
+        """A drawn item's own stream (seed, epoch, draw); the worker's stream otherwise."""
+        if isinstance(item, Drawn):
+            return np.random.default_rng([self.seed, item.epoch, item.draw])
+        return self._rng
+
+    def _origin(self, i: int, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """The patch's top-left; the index already says which slices are empty: no label
+        scan for those."""
+        if self._background[i]:
+            return uniform_origin(label.shape, self.patch, rng)
+        return patch_origin(label, self.patch, rng)
+
+    def _fill_cuts(self, indices: Sequence, img_np: np.ndarray, lab_np: np.ndarray) -> np.ndarray:
+        """The device side's share: read, choose the patch, draw its augmentation (the
+        same draws, in the same order, as the workers' side) and cut the window the warp
+        needs. The cut is the whole slice when the warp can reach that far."""
+        side, size = self.cut, self.size
+        params = np.zeros(len(indices), PARAMS)
+        whole = side == size
+        if not whole:
+            whole_img = np.empty((self.channels, size, size), np.float16)
+            whole_lab = np.empty((size, size), np.uint8)
+        for j, item in enumerate(indices):
+            i = item.index if isinstance(item, Drawn) else int(item)
+            rng = self._item_rng(item)
+            img, lab = (img_np[j], lab_np[j]) if whole else (whole_img, whole_lab)
+            self._read_into(i, img, lab)
+            y, x = self._origin(i, lab, rng) if self.patch < size else (0, 0)
+            params[j] = draw_params(rng, self.augment, y, x, self.patch, side, size)
+            if not whole:
+                # the warp shows the slice's darkest value beyond it, not the cut's
+                fill = torch.from_numpy(whole_img).amin(dim=(1, 2)).float().numpy()
+                params["fill"][j, : self.channels] = fill
+                ct, cl = int(params[j]["cut_top"]), int(params[j]["cut_left"])
+                img_np[j] = whole_img[:, ct : ct + side, cl : cl + side]
+                lab_np[j] = whole_lab[ct : ct + side, cl : cl + side]
+        return params
 
     def __getitem__(self, i: int):
         images, labels = self._batch_tensors(1, shared=False)
-        self._fill([i], images, labels)
+        params = self._fill([i], images, labels)
+        if params is not None:
+            return images[0], labels[0], params
         return images[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple] | PooledBatch:
@@ -190,16 +250,18 @@ class SliceDataset(Dataset):
             slot = self.pool.take(worker.id, len(indices))
         if slot is not None:
             number, images, labels = slot
-            self._fill(indices, images, labels)
-            return PooledBatch(self.pool.token, number, len(indices))
+            params = self._fill(indices, images, labels)
+            return PooledBatch(self.pool.token, number, len(indices), params)
         images, labels = self._batch_tensors(len(indices), shared=worker is not None)
-        self._fill(indices, images, labels)
+        params = self._fill(indices, images, labels)
+        if params is not None:
+            return [(images[j], labels[j], params[j : j + 1]) for j in range(len(indices))]
         return [(images[j], labels[j]) for j in range(len(indices))]
 
     def _batch_tensors(self, n: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh batch tensors; in shared memory when they will cross processes (as
         default_collate does: moving them there later would copy them)."""
-        s = self.patch
+        s = self.side
         empty = shared_empty if shared else lambda shape, dtype: torch.empty(shape, dtype=dtype)
         return empty((n, self.channels, s, s), torch.float16), empty((n, s, s), torch.uint8)
 
@@ -231,6 +293,9 @@ def collate_slices(batch: list[tuple] | PooledBatch) -> tuple | PooledBatch:
     fields = list(zip(*batch, strict=True))
     out = []
     for parts in fields:
+        if isinstance(parts[0], np.ndarray) and parts[0].dtype.names:  # device_augment.PARAMS
+            out.append(np.concatenate(parts))
+            continue
         whole = _views_of_one_batch(parts) if isinstance(parts[0], torch.Tensor) else None
         out.append(whole if whole is not None else default_collate(list(parts)))
     return tuple(out)

@@ -16,7 +16,7 @@ from kitsprep.store import StoreInfo
 from kitstrain.data.augment import AugmentConfig
 from kitstrain.data.batch_pool import BatchPool, ReleasingIterator, batch_nbytes
 from kitstrain.data.dataset import SliceDataset, collate_slices, worker_init_fn
-from kitstrain.data.samplers import ForegroundSampler
+from kitstrain.data.samplers import EpochStream, ForegroundSampler
 
 # Why these settings:
 # - persistent_workers: workers (and their maps, numba kernels, RNG streams) live across
@@ -57,6 +57,7 @@ def make_train_loader(
     seed: int,
     rank: int = 0,
     patch: int | None = None,
+    augment_on: str = "workers",
     **settings,
 ) -> DataLoader:
     """Training batches (image float16 (B, 1+2K, P, P), label uint8 (B, P, P)) of `cases`:
@@ -64,9 +65,10 @@ def make_train_loader(
     slice when None) in `train_loader_for`, which takes the other settings.
 
     Each draw's augmentation is seeded by (seed, rank, epoch, draw), so one loader for a
-    whole run (`loader.sampler.set_epoch` at each epoch's end, what `fit` does) varies per
-    epoch, and `start_batch` resumes mid-epoch on the same slices with the same
-    augmentations."""
+    whole run (its batches run on from epoch to epoch, `EpochStream`) varies per epoch,
+    and `start_batch` resumes mid-epoch on the same slices with the same augmentations.
+    `augment_on="device"`: workers cut windows and batches carry the draws
+    (`kitstrain.data.device_augment`)."""
     ds = SliceDataset(
         store_path,
         info,
@@ -75,6 +77,7 @@ def make_train_loader(
         augment=augment,
         seed=_stream_seed(seed, rank),
         patch=patch,
+        augment_on=augment_on,
     )
     return train_loader_for(ds, seed=seed, rank=rank, **settings)
 
@@ -136,11 +139,14 @@ def train_loader_for(
     multiprocessing_context=None,
     epoch: int = 0,
     start_batch: int = 0,
+    until_epoch: int | None = None,
 ) -> DataLoader:
     """The training DataLoader around any dataset with `rows`: one place for the settings,
     so the loader benchmark's in-RAM ceiling runs exactly what training runs. Draws come
-    from a ForegroundSampler; `samples_per_epoch` (default: one per slice) counts all
-    ranks; `epoch` fixes the sampler's order, `start_batch` skips into it."""
+    from a ForegroundSampler, batched epoch after epoch without end (`EpochStream`: the
+    iterator never stops, the consumer counts `batches_per_epoch`); `samples_per_epoch`
+    (default: one per slice) counts all ranks; `epoch` is where the stream starts,
+    `start_batch` skips into it, `until_epoch` (None: never) where it ends."""
     sampler = ForegroundSampler(
         ds.rows,
         samples_per_epoch or len(ds),
@@ -150,14 +156,15 @@ def train_loader_for(
         rank=rank,
         world_size=world_size,
     )
-    sampler.set_epoch(epoch)
-    sampler.skip_next(start_batch * batch_size)
+    stream = EpochStream(
+        sampler, batch_size, epoch=epoch, start_batch=start_batch, until_epoch=until_epoch
+    )
     # workers' seeds derive from this generator (base_seed + worker id)
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
     # from the whole epoch's length, not what a mid-epoch resume leaves of it: the loader
     # serves later epochs too (batches_per_epoch counts the same way)
     if prefetch_factor is None:
-        prefetch_factor = prefetch_for(batch_nbytes(batch_size, ds.channels, ds.patch), workers)
+        prefetch_factor = prefetch_for(batch_nbytes(batch_size, ds.channels, ds.side), workers)
     pool = None
     if workers > 0:
         # a copy: the pool belongs to this loader's workers, whatever else uses `ds`
@@ -165,7 +172,7 @@ def train_loader_for(
         ds.pool = pool = BatchPool(
             batch_size=batch_size,
             channels=ds.channels,
-            patch=ds.patch,
+            patch=ds.side,
             workers=workers,
             slots_per_worker=prefetch_factor + POOL_SPARE_SLOTS,
             multiprocessing_context=multiprocessing_context,
@@ -173,9 +180,7 @@ def train_loader_for(
     return TrainLoader(
         ds,
         pool=pool,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=sampler.per_rank >= batch_size,
+        batch_sampler=stream,
         pin_memory=pin_memory,
         generator=generator,
         collate_fn=collate_slices,
@@ -191,6 +196,11 @@ class TrainLoader(DataLoader):
     def __init__(self, *args, pool: BatchPool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pool = pool
+
+    @property
+    def stream(self) -> EpochStream:
+        """The endless batch sampler: its `batches_per_epoch` and `sampler`."""
+        return self.batch_sampler
 
     def __iter__(self):
         return ReleasingIterator(super().__iter__())

@@ -136,3 +136,48 @@ class ForegroundSampler(Sampler[int]):
         self.epoch += 1
         self._skip = 0
         return (Drawn(int(i), epoch, skip + k) for k, i in enumerate(stream.tolist()))
+
+
+class EpochStream(Sampler[list[Drawn]]):
+    """A ForegroundSampler's batches, one epoch after the next, without end: the loader
+    behind it never runs dry at an epoch's end, so its workers' prefetched batches carry
+    on across the boundary instead of draining and priming again.
+
+    Epochs stay what they were: epoch e's batches are the consecutive `batch_size` draws
+    of `sampler.global_stream(e)` for this rank, its remainder dropped (one short batch
+    when the rank's share is under a batch), so a run sees the same items with the same
+    augmentation draws as an epoch-by-epoch loader, and `start_batch` resumes inside
+    `epoch`. The consumer counts `batches_per_epoch` to find the epochs' ends.
+    `until_epoch` ends the stream before that epoch (a finite loader, for tests and
+    tools); training leaves it None."""
+
+    def __init__(
+        self,
+        sampler: ForegroundSampler,
+        batch_size: int,
+        epoch: int = 0,
+        start_batch: int = 0,
+        until_epoch: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.epoch = int(epoch)
+        self.start_batch = max(0, int(start_batch))
+        self.until_epoch = until_epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_rank = self.sampler.per_rank
+        return per_rank // self.batch_size if per_rank >= self.batch_size else 1
+
+    def __iter__(self) -> Iterator[list[Drawn]]:
+        s, b = self.sampler, self.batch_size
+        epoch, first = self.epoch, self.start_batch
+        while self.until_epoch is None or epoch < self.until_epoch:
+            stream = s.global_stream(epoch)[:, s.rank].tolist()
+            for k in range(first, self.batches_per_epoch):
+                items = stream[k * b : (k + 1) * b]
+                yield [Drawn(int(i), epoch, k * b + j) for j, i in enumerate(items)]
+            epoch, first = epoch + 1, 0

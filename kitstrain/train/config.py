@@ -45,6 +45,10 @@ class Plan:
     samples_per_epoch: int  # over all ranks
     steps_per_epoch: int
     total_steps: int
+    workers: int = 0  # loader workers per rank, resolved (`core.workers`)
+    workers_reason: str = ""
+    augment_side: str | None = None  # 'device' or 'workers'; None: no augmentation
+    precision_reason: str = ""
 
     @property
     def unit(self) -> str:

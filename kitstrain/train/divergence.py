@@ -36,8 +36,18 @@ class Divergence:
 
     def check(self, tc: TrainConfig) -> None:
         """Stop the run (KitsError) once the non-finite losses reach the limit."""
+        if float(self.worst) >= self.limit:
+            self.fail(tc)
+
+    def fail(self, tc: TrainConfig) -> None:
+        """The one line that stops a diverged run: this rank's own details where it saw
+        the non-finite losses, else that another rank did (the count is agreed by MAX)."""
         if float(self.worst) < self.limit:
-            return
+            raise KitsError(
+                "training diverged: another rank's loss became NaN/Inf; no checkpoint "
+                f"holds the diverged weights. Start a new run with a lower --lr (this one: "
+                f"{tc.lr:g})"
+            )
         start = int(self.worst_start)
         last = (
             f"last finite loss {float(self.last_loss):.4g} at step {int(self.last_step)}"

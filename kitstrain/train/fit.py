@@ -21,7 +21,7 @@ from kitsprep.progress import Progress
 from kitsprep.store import StoreInfo, open_store
 from kitstrain.core import rundir
 from kitstrain.core.config import TrainConfig
-from kitstrain.core.precision import amp_dtype
+from kitstrain.core.precision import resolve_precision
 from kitstrain.core.record import read_record
 from kitstrain.data.loaders import (
     close_loader,
@@ -38,6 +38,7 @@ from kitstrain.train.config import (
     State,
 )
 from kitstrain.train.distributed import Dist, setup_distributed
+from kitstrain.train.feed import loader_plan, train_loader
 from kitstrain.train.log import RunLog, tensorboard_writer
 from kitstrain.train.optim import make_optimizer
 from kitstrain.train.setup import (
@@ -52,7 +53,6 @@ from kitstrain.train.setup import (
     resolve_train_config,
     restore_or_restart,
     seed_everything,
-    train_loader,
 )
 from kitstrain.train.trainer import Trainer
 
@@ -69,21 +69,26 @@ def fit(
     validation (the CLI draws the curves there). Under DDP a rank that fails takes the
     others down at once (`distributed.shutdown`), and a rank that failed only because a
     peer did says so in one line instead of a collective's traceback."""
-    d, device = setup_distributed(cfg.device)
-    info = open_store(cfg.store)
-    run_dir = rundir.prepare(cfg.out, cfg.resume, d.main)
+    d, device = setup_distributed(cfg.device, cfg.train.dist_timeout)
+    distributed.watch(d, echo=lambda line: print(f"Error: {line}", file=sys.stderr))
+    run_dir: Path | None = None
     failed = True
     try:
+        info = open_store(cfg.store)
+        # rank 0 chooses (and locks) the run directory; the others take its choice
+        run_dir = distributed.from_main(d, lambda: rundir.prepare(cfg.out, cfg.resume, True))
         result = _fit(cfg, d, device, info, run_dir, show_progress, echo, on_validation)
         failed = False
+        distributed.finished(d)
         return result
-    except Exception as exc:
+    except BaseException as exc:
+        distributed.report_failure(d, exc)  # every other rank stops within a second
         peer = distributed.peer_failure_error(exc, d)
         if peer is not None:
             raise peer from None
         raise
     finally:
-        if d.main:
+        if d.main and run_dir is not None:
             rundir.release_lock(run_dir)
             rundir.drop_unstarted(run_dir)
         distributed.shutdown(d, failed)
@@ -109,7 +114,7 @@ def _fit(
     )
     split = resolve_split(cfg, info, tc, run_dir)
     seed_everything(tc.seed + d.rank)
-    dtype = amp_dtype(device, tc.precision)
+    dtype, precision_reason = resolve_precision(device, tc.precision)
     model, mcfg = build_training_model(info, tc, device, tc.network)
     patch = resolve_patch(tc.patch, info.size, mcfg.contract.divisor)
     loss_fn = make_loss(tc.loss, info.labels, regions=tc.regions)
@@ -120,6 +125,7 @@ def _fit(
         torch.cuda.reset_peak_memory_stats(device)  # peaks from here: not the search's tries
         torch.backends.cudnn.benchmark = True  # shapes are fixed now: choose kernels once
     plan = make_plan(run_dir, info, split, tc, lr_info, d, device, dtype, patch, batch_size)
+    plan = loader_plan(plan, precision_reason)
 
     # ---- optimizer and state (restored on --resume), then the DDP and compile wrappers
     optimizer = make_optimizer(model, plan.run_tc)

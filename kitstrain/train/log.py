@@ -110,10 +110,13 @@ class RunLog:
         if self.progress is not None:
             self.progress.advance(1)
 
-    def flush(self, win: LogWindow, state: State, lr: float) -> LogWindow:
-        """Log the window's train record (the one host sync per window) and start a new
-        window."""
-        loss = float(win.loss) / max(1, win.steps)
+    def flush(
+        self, win: LogWindow, state: State, lr: float, loss_sum: float | None = None
+    ) -> LogWindow:
+        """Log the window's train record and start a new window. `loss_sum`: the window's
+        summed loss, already read back (the trainer reads it with its decisions, in the
+        window's one host sync); read here when not given."""
+        loss = (float(win.loss) if loss_sum is None else loss_sum) / max(1, win.steps)
         wall = time.perf_counter() - win.t0
         stall = win.wait / wall if wall > 0 else 0.0
         if state.step > 1:

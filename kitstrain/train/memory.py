@@ -3,13 +3,28 @@ and choice, and the learning rate for the batch chosen."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from kitstrain.core.config import PRESETS, TrainConfig
+
+
+@contextlib.contextmanager
+def cudnn_tuning(on: bool) -> Iterator[None]:
+    """`cudnn.benchmark` set to `on` inside the block, as it was after. Validation runs
+    with it off: whole slices, and a case's last short batch, are shapes the training step
+    never had, and each new shape would be tuned again (seconds each, every validation)."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -162,6 +177,11 @@ def choose_batch_size(
     return bs, {"mode": "auto", **found, "batch_size": bs}
 
 
+def median_rate(n: int, step_seconds: list[float]) -> float:
+    """Samples/s of a batch of `n` from its timed steps: the median step."""
+    return n / max(statistics.median(step_seconds), 1e-9)
+
+
 def largest_activation(tc: TrainConfig, patch: int) -> int:
     """Elements per sample of the U-Net's largest tensor: the full-resolution decoder
     concatenation (2 x width channels), or the input when that is wider."""
@@ -178,12 +198,17 @@ def search_batch_size(
     dtype: torch.dtype | None,
     *,
     cap: int = AUTO_BATCH_CAP,
-    steps: int = 3,
+    steps: int = 5,
+    warmup: int = 1,
 ) -> dict:
-    """Time real forward+backward steps at doubling batches (`find_batch_size`), then put
-    the model back exactly as it was: weights, batch-norm running statistics, no
-    gradients. A try that fails mid-backward leaves partial gradients, and every try's
-    forward moves the running statistics; neither may reach the first real step."""
+    """Time real forward+backward steps at doubling batches (`find_batch_size`): `warmup`
+    untimed steps (kernel choice, allocator), then `steps` timed one by one, the median
+    taken (one slow step, a clock boost or a neighbour's burst, does not pick the batch),
+    with the peak of the memory the allocator *reserved* (what the card must hold, cache
+    included, not only what tensors use). Then put the model back exactly as it was:
+    weights, batch-norm running statistics, no gradients. A try that fails mid-backward
+    leaves partial gradients, and every try's forward moves the running statistics;
+    neither may reach the first real step."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cuda = device.type == "cuda"
     channels = 1 + 2 * tc.context
@@ -196,25 +221,25 @@ def search_batch_size(
             memory_format=torch.channels_last
         )
         y = torch.randint(0, num_classes, (n, patch, patch), device=device)
+        times: list[float] = []
         try:
-            t0 = 0.0
-            for i in range(steps + 1):  # the first is warm-up (kernel choice, allocator)
-                if i == 1:
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
+            for i in range(warmup + steps):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
                 with torch.autocast(
                     device.type, dtype=dtype or torch.float32, enabled=dtype is not None
                 ):
                     loss = loss_fn(model(x), y)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize(device)
-            seconds = max(time.perf_counter() - t0, 1e-9)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
         finally:
             model.zero_grad(set_to_none=True)
-        return n * steps / seconds, torch.cuda.max_memory_allocated(device) if cuda else None
+        return median_rate(n, times), torch.cuda.max_memory_reserved(device) if cuda else None
 
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     try:

@@ -22,11 +22,7 @@ from kitstrain import __version__
 from kitstrain.core import rundir
 from kitstrain.core.config import RESUMABLE, TrainConfig
 from kitstrain.core.record import RunRecord, StoreAttrs, write_record
-from kitstrain.data.augment import AugmentConfig, compile_kernels
-from kitstrain.data.loaders import (
-    batches_per_epoch,
-    make_train_loader,
-)
+from kitstrain.data.loaders import batches_per_epoch
 from kitstrain.data.splits import Split, make_split
 from kitstrain.model.layers import NORMS
 from kitstrain.model.losses import LOSSES
@@ -256,6 +252,10 @@ def record_run(
         steps_per_epoch=plan.steps_per_epoch,
         total_steps=plan.total_steps,
         device=str(plan.device),
+        workers=plan.workers,
+        workers_reason=plan.workers_reason,
+        augment_side=plan.augment_side,
+        precision_reason=plan.precision_reason,
         env=environment(plan.device, plan.d),
     )
     write_record(plan.run_dir, record)
@@ -281,35 +281,6 @@ def finished(
         )
     last = rundir.last_validation(plan.run_dir)
     return FitResult(plan.run_dir, state.step, state.epoch, state.best, last, 0.0, "finished")
-
-
-def train_loader(
-    cfg: FitConfig, plan: Plan, label_weights: dict[int, float], state: State
-) -> torch.utils.data.DataLoader:
-    """One loader for the whole run: workers, their open store and their kernels persist
-    across epochs; each epoch is `sampler.set_epoch`, resumable mid-epoch."""
-    tc, patch = plan.tc, plan.patch
-    if tc.augment and tc.workers > 0:
-        compile_kernels()  # before the workers fork: they inherit it, none compiles
-    return make_train_loader(
-        cfg.store,
-        plan.info,
-        plan.split.train,
-        batch_size=plan.batch_size,
-        workers=tc.workers,
-        context=tc.context,
-        augment=AugmentConfig(enabled=tc.augment),
-        fg_fraction=tc.fg_fraction,
-        label_weights=label_weights,
-        seed=tc.seed,
-        rank=plan.d.rank,
-        world_size=plan.d.world,
-        samples_per_epoch=plan.samples_per_epoch,
-        pin_memory=plan.device.type == "cuda",
-        epoch=state.epoch,
-        start_batch=state.step_in_epoch,
-        patch=patch,
-    )
 
 
 def environment(device: torch.device, d: Dist) -> dict:
@@ -361,6 +332,13 @@ def announce(
         + f", {count_parameters(model):,} parameters, device {plan.device}"
         + (f", {plan.dtype}".replace("torch.", "") if plan.dtype else ", fp32")
         + (f", resuming at step {state.step}" if cfg.resume else "")
+    )
+    echo(
+        f"loader: {plan.workers} worker(s) per rank ({plan.workers_reason}); augmentation "
+        + {"device": "on the device, after the copy", "workers": "in the workers"}.get(
+            plan.augment_side or "", "off"
+        )
+        + f"; precision {plan.precision_reason}"
     )
     if batch_info.get("reason") and batch_info.get("mode") == "auto":
         echo(f"batch {plan.batch_size} (auto): {batch_info['reason']}")

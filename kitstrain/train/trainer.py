@@ -1,9 +1,11 @@
 """The training loop: `Trainer.run` reads top to bottom (step until a stop reason, validate
 when due, checkpoint, stop); each piece is a small method below it.
 
-No host sync per step: the step limit is the same count on every rank, and rank 0's clock
-(time limit, periodic checkpoint) is broadcast once per log window, where the logged loss
-syncs anyway."""
+No host sync inside a step: the loss, the divergence count and (DDP) every rank's clock
+decisions are read back once per log window (`decide`), in one read, after one all-reduce
+(MAX) of the decisions, so every rank acts on the same ones at the same step. The step
+limit is the same count on every rank. The loader's batches run on across epochs
+(`EpochStream`): an epoch ends when its steps are counted, not when an iterator stops."""
 
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ from torch.utils.data import DataLoader
 from kitsprep.errors import KitsError
 from kitstrain.core import rundir
 from kitstrain.core.rundir import State
+from kitstrain.data.device_augment import augment_batch
 from kitstrain.data.loaders import next_batch
+from kitstrain.data.prefetch import DeviceBatches
 from kitstrain.train import distributed
 from kitstrain.train.config import FitResult, Plan, step_limit
-from kitstrain.train.distributed import agree
+from kitstrain.train.distributed import agree, agree_max
 from kitstrain.train.divergence import Divergence
 from kitstrain.train.evaluate import estimate_val_seconds, evaluate, unwrap, validation_due
-from kitstrain.train.faults import install_faults
+from kitstrain.train.faults import clock_skew, install_faults
 from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
-from kitstrain.train.memory import free_memory, is_oom, peak_memory_mb
+from kitstrain.train.memory import cudnn_tuning, free_memory, is_oom, peak_memory_mb
 from kitstrain.train.optim import lr_at, progress_of
 
 CHECKPOINT_EVERY_S = 120.0  # a `last` checkpoint at least this often, besides validations
@@ -60,7 +64,8 @@ class Trainer:
         self.stop_reason = ""
         self.last_val: dict | None = None
         self.peaks: list[float] | None = None  # each rank's peak GPU memory over the run
-        self.t_run = time.perf_counter() - state.elapsed  # the run's clock, across resumes
+        # the run's clock, across resumes (a test may skew one rank's: `faults.clock_skew`)
+        self.t_run = time.perf_counter() - state.elapsed - clock_skew(self.d.rank)
         self.last_checkpoint = time.perf_counter()
         self.trained_since_val = 0.0
         self.step0 = state.step
@@ -74,20 +79,21 @@ class Trainer:
         the final validation). Validate every --val-every steps and at epoch ends when it
         costs a bounded share; checkpoint at each validation and every few minutes."""
         self.model.train()
-        batches = iter(self.loader)
+        # one iterator for the whole run: the workers' pipeline never drains at an epoch end
+        batches = DeviceBatches(iter(self.loader), self.plan.device, self.device_augment)
         while not self.stop_reason:
-            batch = self.next_batch(batches)
-            if batch is None:  # the epoch's batches are done
+            if self.state.step_in_epoch >= self.plan.steps_per_epoch:  # an epoch is done
                 self.end_epoch()
                 if self.state.epoch >= self.tc.epochs:
                     self.stop_reason = "epochs"
                     break
                 if self.epoch_validation_due():
                     self.validate()
-                batches = iter(self.loader)  # the next epoch's
                 continue
-            self.step(batch)
-            due = self.clock_decision()
+            batch = self.next_batch(batches)
+            if batch is None:
+                raise RuntimeError("the training loader ended; its batches should not")
+            due = self.step(batch)
             self.stop_reason = step_limit(self.state, self.tc, self.plan.total_steps) or (
                 "time_limit" if due & STOP_TIME else ""
             )
@@ -98,10 +104,16 @@ class Trainer:
         if self.state.step_in_epoch >= self.plan.steps_per_epoch:
             self.end_epoch()  # the run's last step also ended its epoch
         if self.window.steps:
-            self.flush_log()
+            self.flush_log(float(self.window.loss))
         self.validate(final=True)
         self.track_peaks()
         return self.finish()
+
+    def device_augment(
+        self, images: torch.Tensor, labels: torch.Tensor, params
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device augmentation of a batch of the workers' cuts (`--augment-on device`)."""
+        return augment_batch(images, labels, params, self.plan.patch, self.plan.info.size)
 
     # ------------------------------------------------------------------ one step
 
@@ -112,8 +124,9 @@ class Trainer:
         self.t_got = time.perf_counter()
         return batch
 
-    def step(self, batch: tuple) -> None:
-        """One optimizer step at the schedule's learning rate, and its bookkeeping."""
+    def step(self, batch: tuple) -> int:
+        """One optimizer step at the schedule's learning rate, and its bookkeeping; returns
+        the decisions every rank takes at this step (`decide`)."""
         state = self.state
         lr = lr_at(progress_of(state, self.plan.total_steps, self.plan.run_tc), self.plan.run_tc)
         for g in self.optimizer.param_groups:
@@ -127,10 +140,7 @@ class Trainer:
         self.trained_since_val += now - self.t_fetch
         state.elapsed = now - self.t_run
         self.log.stepped()
-        if self.log_due():
-            self.flush_log()
-            self.divergence.check(self.tc)
-            self.warn_stall()
+        return self.decide()
 
     def optimize(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step over the batch, in micro-batches of `state.micro_batch`
@@ -214,8 +224,10 @@ class Trainer:
     def log_due(self) -> bool:
         return self.state.step % self.tc.log_every == 0 or self.state.step == 1
 
-    def flush_log(self) -> None:
-        self.window = self.log.flush(self.window, self.state, self.optimizer.param_groups[0]["lr"])
+    def flush_log(self, loss_sum: float) -> None:
+        self.window = self.log.flush(
+            self.window, self.state, self.optimizer.param_groups[0]["lr"], loss_sum=loss_sum
+        )
 
     def warn_stall(self) -> None:
         """Once per run, when the loader holds the model back for long."""
@@ -230,22 +242,55 @@ class Trainer:
         what = "GPU" if self.plan.device.type == "cuda" else "model"
         self.log.say(
             f"warning: the {what} waited on the loader {100 * self.log.stall:.0f}% of the "
-            f"time; raise --workers (now {self.tc.workers}), or put the store on faster disk"
+            f"time; raise --workers (now {self.plan.workers})"
+            + (
+                ", or --augment-on device (the GPU augments, the workers only read)"
+                if self.plan.augment_side == "workers" and self.plan.device.type == "cuda"
+                else ""
+            )
+            + ", or put the store on faster disk"
         )
 
     # ------------------------------------------------------------------ decisions
 
-    def clock_decision(self) -> int:
-        """Rank 0's time-limit and checkpoint bits, agreed by every rank once per log window
-        (each step in a single process)."""
-        if not (self.log_due() or self.d.world == 1):
-            return 0
-        local = 0
+    def clock_bits(self) -> int:
+        """This rank's clock decisions (host only): time limit reached (counting the final
+        validation), periodic checkpoint due."""
+        bits = 0
         if self.tc.time_limit and self.state.elapsed + self.val_estimate() >= self.tc.time_limit:
-            local |= STOP_TIME
+            bits |= STOP_TIME
         if time.perf_counter() - self.last_checkpoint > CHECKPOINT_EVERY_S:
-            local |= CHECKPOINT_DUE
-        return agree(self.d, self.plan.device, local)
+            bits |= CHECKPOINT_DUE
+        return bits
+
+    def decide(self) -> int:
+        """What every rank does after this step. In one process the clocks are read each
+        step (host only). At a log window's end, one host read: the window's loss, the
+        divergence count and, under DDP, every rank's clock bits and divergence count
+        reduced by MAX first, so a time limit one rank reaches, or a NaN one rank alone
+        sees, stops every rank at the same step."""
+        window_end = self.log_due()
+        if not window_end:
+            return self.clock_bits() if self.d.world == 1 else 0
+        bits = self.clock_bits()
+        loss = self.window.loss
+        loss = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        flags = torch.stack(
+            [
+                self.divergence.worst.float(),
+                torch.full((), float(bits & STOP_TIME), device=self.plan.device),
+                torch.full((), float(bits & CHECKPOINT_DUE), device=self.plan.device),
+            ]
+        )
+        flags = agree_max(self.d, flags)
+        loss_sum, worst, stop, ckpt = torch.cat(
+            [loss.detach().float().reshape(1).to(flags.device), flags]
+        ).tolist()  # the window's one host sync
+        self.flush_log(loss_sum)
+        if worst >= self.divergence.limit:
+            self.divergence.fail(self.tc)
+        self.warn_stall()
+        return (STOP_TIME if stop else 0) | (CHECKPOINT_DUE if ckpt else 0)
 
     def val_estimate(self) -> float:
         """The next validation's duration: the last one's, or an estimate before any."""
@@ -253,7 +298,7 @@ class Trainer:
             return self.state.last_val_seconds
         sps = (
             (self.state.step - self.step0)
-            * self.loader.batch_size
+            * self.plan.batch_size
             * self.d.world
             / max(self.state.elapsed, 1e-9)
         )
@@ -274,7 +319,6 @@ class Trainer:
         state = self.state
         state.epoch += 1
         state.step_in_epoch = 0
-        self.loader.sampler.set_epoch(state.epoch)
         peaks = self.track_peaks()
         if peaks is not None:
             torch.cuda.reset_peak_memory_stats(self.plan.device)  # the next is that epoch's
@@ -301,7 +345,8 @@ class Trainer:
         epoch-end validation."""
         state, plan = self.state, self.plan
         t = time.perf_counter()
-        val = evaluate(self.model, plan, self.log.validation_progress())
+        with cudnn_tuning(False):  # whole slices: new shapes, which must not tune again
+            val = evaluate(self.model, plan, self.log.validation_progress())
         state.last_val_seconds = time.perf_counter() - t
         state.elapsed = time.perf_counter() - self.t_run
         improved = val["mean_dice"] > state.best
@@ -340,7 +385,8 @@ class Trainer:
                 "state": json.dumps(asdict(self.state)),
                 "rng": {"ranks": rngs},
             }
-            rundir.save_training(self.plan.run_dir, which, payload)
+            with distributed.writing():  # a peer's failure lets it finish first
+                rundir.save_training(self.plan.run_dir, which, payload)
         self.last_checkpoint = time.perf_counter()
 
     def finish(self) -> FitResult:

@@ -27,7 +27,16 @@ def test_every_field_but_the_preset_name_is_a_fit_flag_with_its_declared_help() 
 
 
 def test_only_limits_and_loader_knobs_may_change_on_resume() -> None:
-    assert RESUMABLE == {"epochs", "workers", "max_steps", "time_limit", "val_every", "log_every"}
+    assert RESUMABLE == {
+        "epochs",
+        "workers",
+        "augment_on",
+        "dist_timeout",
+        "max_steps",
+        "time_limit",
+        "val_every",
+        "log_every",
+    }
 
 
 def test_flag_text_is_parsed_by_the_fields_own_parser() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -318,6 +319,8 @@ def _train_loader(loader_store, info, **kw):
         multiprocessing_context="fork",
     )
     settings.update(kw)
+    # one epoch, so that a test can run the loader dry (training's never ends)
+    settings.setdefault("until_epoch", settings.get("epoch", 0) + 1)
     return make_train_loader(loader_store, info, info.labelled_cases, **settings)
 
 
@@ -405,7 +408,8 @@ def test_steps_per_epoch_equal_the_batches_the_loader_yields(
 
 def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info):
     """Built once for the run, resumed at the last batch of an epoch (2 draws left of 22,
-    fewer than a batch): that epoch yields nothing more, the next ones whole epochs."""
+    fewer than a batch): that epoch yields nothing more, and the stream runs on through
+    the next epochs without ending, each one whole."""
     loader = _train_loader(
         loader_store,
         info,
@@ -417,12 +421,15 @@ def test_one_loader_serves_a_resumed_epoch_and_the_next_ones(loader_store, info)
         samples_per_epoch=22,
         epoch=3,
         start_batch=5,
+        until_epoch=None,
     )
-    counts = []
-    for epoch in (3, 4, 5):
-        counts.append(sum(1 for _ in loader))
-        loader.sampler.set_epoch(epoch + 1)
-    assert counts == [0, 5, 5]
+    batches = list(itertools.islice(iter(loader.stream), 12))
+    epochs = [b[0].epoch for b in batches]
+    assert epochs == [4] * 5 + [5] * 5 + [6] * 2
+    assert [b[0].draw for b in batches[:6]] == [0, 4, 8, 12, 16, 0]
+    assert loader.stream.batches_per_epoch == 5
+    it = iter(loader)
+    assert all(next(it)[0].shape == (4, 1, info.size, info.size) for _ in range(12))
 
 
 def test_resume_mid_epoch_draws_the_rest_of_that_epoch(loader_store, info):

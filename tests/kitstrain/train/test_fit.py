@@ -731,7 +731,9 @@ def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path:
     assert json.loads((tmp_path / "OOM" / "oom.json").read_text())["micro_batch"] == 2
     assert "failure injected" in results["ERROR", 1][1]
     for fault in ("OOM", "ERROR"):
-        assert "another rank stopped" in results[fault, 0][1], results[fault, 0][1][-2000:]
+        # rank 0's watcher names rank 1's failure (or its collective saw rank 1 go first)
+        err = results[fault, 0][1]
+        assert "rank 1 failed" in err or "another rank stopped" in err, err[-2000:]
 
 
 def test_validation_costs_a_bounded_share_and_the_time_limit_counts_it() -> None:

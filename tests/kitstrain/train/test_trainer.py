@@ -25,25 +25,20 @@ from kitstrain.train.trainer import Trainer
 BATCH, PATCH, STEPS_PER_EPOCH = 4, 16, 3
 
 
-class Sampler:
-    def __init__(self) -> None:
-        self.epochs: list[int] = []
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epochs.append(epoch)
-
-
 class Loader:
-    """What the Trainer asks of a DataLoader: batches per epoch, batch_size, sampler."""
+    """What the Trainer asks of a DataLoader: batches without end (epochs are the plan's
+    steps_per_epoch), each iterator from the start."""
 
     def __init__(self, labels: int) -> None:
-        self.batch_size, self.sampler, self.labels = BATCH, Sampler(), labels
+        self.labels = labels
+        self.batches = 0  # handed out, over all iterators
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(len(self.sampler.epochs))
-        for _ in range(STEPS_PER_EPOCH):
+        g = torch.Generator().manual_seed(0)
+        while True:
             image = torch.randn(BATCH, 1, PATCH, PATCH, generator=g).half()
             label = torch.randint(0, self.labels, (BATCH, PATCH, PATCH), generator=g)
+            self.batches += 1
             yield image, label.to(torch.uint8)
 
 
@@ -132,7 +127,7 @@ def test_the_loop_stops_at_max_steps_mid_epoch(loader_store: Path, tmp_path: Pat
     t = make_trainer(loader_store, tmp_path / "run", epochs=2, max_steps=4, log_every=2)
     result = t.run()
     assert (result.stop_reason, result.steps, result.epochs) == ("max_steps", 4, 1)
-    assert t.loader.sampler.epochs == [1]  # the first epoch ended; the second did not
+    assert t.loader.batches == 4  # one stream: no epoch start drew a batch it did not use
     records = rundir.read_metrics(t.plan.run_dir)
     assert [r["kind"] for r in records if r["kind"] in ("epoch", "end")] == ["epoch", "end"]
     vals = [r for r in records if r["kind"] == "val"]
@@ -146,9 +141,62 @@ def test_the_loop_ends_on_the_last_epoch_s_last_step(loader_store: Path, tmp_pat
     t = make_trainer(loader_store, tmp_path / "run", epochs=2)
     result = t.run()
     assert (result.stop_reason, result.steps, result.epochs) == ("epochs", 6, 2)
-    assert t.loader.sampler.epochs == [1, 2]
+    assert t.loader.batches == 6
     epochs = [r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "epoch"]
     assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 3), (2, 6)]
     assert result.last_val is not None and result.best_mean_dice == max(
         r["mean_dice"] for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "val"
     )
+
+
+SYNCS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "numpy")
+
+
+def test_a_step_reads_nothing_back_but_once_per_log_window(
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No host sync inside a step: `.item()`, `.cpu()`, `.tolist()`, float(), int() or
+    bool() of a tensor, counted over 40 steps with a log line every 10, at most one per
+    window (the loss, the divergence count and the decisions come back together)."""
+    t = make_trainer(loader_store, tmp_path / "run", epochs=50, max_steps=40, log_every=10)
+    t.step(batch_of(t))  # step 1 logs too (the first line): not counted below
+    calls: list[str] = []
+    counting = [False]
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **kw):
+            if counting[0]:
+                calls.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    batches = iter(t.loader)
+    counting[0] = True
+    for _ in range(39):  # steps 2..40: windows end at 10, 20, 30, 40
+        t.step(next(batches))
+    counting[0] = False
+    assert t.state.step == 40
+    assert len(calls) <= 4, calls
+    assert len([r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "train"]) == 5
+
+
+def test_validation_runs_with_cudnn_tuning_off(
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole-slice validation shapes must not be tuned again: benchmark mode is off inside
+    validation and back on after it."""
+    from kitstrain.train import trainer as trainer_module
+
+    seen = []
+    real = trainer_module.evaluate
+
+    def spy(model, plan):
+        seen.append(torch.backends.cudnn.benchmark)
+        return real(model, plan)
+
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    t = make_trainer(loader_store, tmp_path / "run")
+    t.validate()
+    assert seen == [False] and torch.backends.cudnn.benchmark is True
