@@ -191,9 +191,9 @@ def test_validation_runs_with_cudnn_tuning_off(
     seen = []
     real = trainer_module.evaluate
 
-    def spy(model, plan):
+    def spy(model, plan, progress=None):
         seen.append(torch.backends.cudnn.benchmark)
-        return real(model, plan)
+        return real(model, plan, progress)
 
     monkeypatch.setattr(trainer_module, "evaluate", spy)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
