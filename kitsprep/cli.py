@@ -44,6 +44,10 @@ _OS_FIXES = {
     "continues with --resume",
     errno.EDQUOT: "free space within your quota (or write elsewhere), then rerun; a build or "
     "fit continues with --resume",
+    errno.EFBIG: "the file passed the size limit of this file system or shell (ulimit -f); "
+    "write elsewhere or raise the limit, then rerun; a build or fit continues with --resume",
+    errno.EIO: "the disk reported an I/O error; check it (or write elsewhere), then rerun; a "
+    "build or fit continues with --resume",
     errno.EACCES: "choose a location you can write to, or fix its permissions",
     errno.EPERM: "choose a location you can write to, or fix its permissions",
     errno.EROFS: "the file system is read-only; write elsewhere",
@@ -259,7 +263,7 @@ def build(
         progress.advance(ev.slices, postfix=f"{cases['done']}/{cases['total']} cases")
 
     try:
-        report = build_store(cfg, on_case=on_case, on_start=on_start)
+        report = build_store(cfg, on_case=on_case, on_start=on_start, on_note=progress.note)
     finally:
         progress.close()
     click.echo(
