@@ -67,6 +67,34 @@ def atomic_path(path: Path | str, *, fsync: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def write_errors(path: Path | str, fix: str) -> Iterator[None]:
+    """Around the writing of `path`: an OSError, or a library's RuntimeError around one
+    (torch's "file write failed"), becomes one line: the file, the reason, the free space
+    left there, and `fix`."""
+    path = Path(path)
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        if not any(w in text for w in ("write", "file", "space", "i/o")):
+            raise
+        reason = str(exc).strip().splitlines()[0][:120]
+    else:
+        return
+    try:
+        st = os.statvfs(path.parent)
+        state = f"{st.f_bavail * st.f_frsize / 2**20:.0f} MB free there"
+    except OSError:
+        state = "its folder is unreadable"
+    raise KitsError(
+        f"cannot write {path} ({reason}; {state}): the disk is full, over a size limit or "
+        f"failing; {fix}"
+    ) from None
+
+
 def write_atomic(path: Path | str, data: str | bytes, *, fsync: bool = False) -> Path:
     """Write text or bytes to `path` atomically (see `atomic_path`); returns the path."""
     with atomic_path(path, fsync=fsync) as tmp:

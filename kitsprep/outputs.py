@@ -77,8 +77,9 @@ def check_output(
             continue
         src_r = Path(src).resolve()
         if out_r == src_r or (src_r.is_dir() and src_r in out_r.parents):
+            where = "would overwrite" if out_r == src_r else "is inside"
             raise KitsError(
-                f"{option} {out} would overwrite {src}, which this command reads; "
+                f"{option} {out} {where} {src}, which this command reads; "
                 f"choose another {option}"
             )
     source = enclosing_source(out_r)

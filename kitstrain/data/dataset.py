@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from kitsprep.errors import KitsError
+from kitsprep.lifeline import die_with_parent
 from kitsprep.store import SliceReader, StoreInfo
 from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
@@ -237,8 +238,10 @@ def collate_slices(batch: list[tuple] | PooledBatch) -> tuple | PooledBatch:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy's and Python's global RNGs per worker from torch's per-worker seed, so
-    any stray use of them differs between workers and repeats for a seed."""
+    """Die with the main process (a `kill -9` of fit leaves no loader worker behind), and
+    seed numpy's and Python's global RNGs per worker from torch's per-worker seed, so any
+    stray use of them differs between workers and repeats for a seed."""
+    die_with_parent()
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,13 @@ def fit(
     d, device = setup_distributed(cfg.device)
     info = open_store(cfg.store)
     run_dir = rundir.prepare(cfg.out, cfg.resume, d.main)
+    if cfg.resume and rundir.unstarted(run_dir):
+        if d.main:
+            echo(
+                f"{run_dir} holds no run record yet (stopped before it wrote config.json): "
+                "starting it afresh with the options given"
+            )
+        cfg = replace(cfg, resume=False)
     failed = True
     try:
         result = _fit(cfg, d, device, info, run_dir, show_progress, echo, on_validation)
