@@ -79,8 +79,7 @@ def check_output(
         if out_r == src_r or (src_r.is_dir() and src_r in out_r.parents):
             where = "would overwrite" if out_r == src_r else "is inside"
             raise KitsError(
-                f"{option} {out} {where} {src}, which this command reads; "
-                f"choose another {option}"
+                f"{option} {out} {where} {src}, which this command reads; choose another {option}"
             )
     source = enclosing_source(out_r)
     if source is not None:
