@@ -7,8 +7,11 @@ viewed in place from the inflated bytes, with no copy and no float64 conversion.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Iterable
@@ -21,10 +24,10 @@ import numpy as np
 from kitsprep.errors import KitsError
 
 try:
-    from isal import igzip as _gzip
+    from isal.isal_zlib import decompressobj as _decompressobj
     from isal.isal_zlib import error as _InflateError  # not a zlib.error nor an OSError
-except ImportError:  # isal is a dependency; plain gzip keeps a broken install working
-    import gzip as _gzip
+except ImportError:  # isal is a dependency; plain zlib keeps a broken install working
+    from zlib import decompressobj as _decompressobj
 
     _InflateError = zlib.error
 
@@ -91,10 +94,53 @@ def case_name(number: int) -> str:
 
 
 def _first_existing(folder: Path, names: Iterable[str]) -> Path | None:
+    """The first of `names` in `folder`; one that is there but is no regular file (a
+    FIFO, a folder, a broken link) is an error naming it, never silently skipped."""
     for name in names:
-        if (folder / name).is_file():
-            return folder / name
+        path = folder / name
+        if path.is_file():
+            return path
+        if path.is_symlink() or path.exists():
+            raise KitsError(
+                f"{folder.name}: {path} is {_kind(path)}, not a regular file; put the "
+                f"NIfTI file there, or remove it"
+            )
     return None
+
+
+def _kind(path: Path) -> str:
+    """What a path that is no regular file is, in words."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if path.is_symlink():
+            return "a symlink loop" if exc.errno == errno.ELOOP else "a broken symlink"
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(st.st_mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file"
+
+
+def unusable_case_entries(src: Path) -> list[str]:
+    """Entries of `src` named case_XXXXX that are not folders one can open (a broken or
+    looping symlink, a file, an unreadable folder): `find_cases` leaves them out, and the
+    CLIs say so once, with why."""
+    src = Path(src)
+    if not src.is_dir():
+        return []
+    out = []
+    for p in sorted(src.iterdir()):
+        if not CASE_RE.match(p.name):
+            continue
+        if not p.is_dir():
+            out.append(f"{p.name} ({_kind(p) if p.is_symlink() or not p.exists() else 'a file'})")
+        elif not os.access(p, os.R_OK | os.X_OK):
+            out.append(f"{p.name} (a folder this user cannot read)")
+    return out
 
 
 def find_cases(src: Path) -> list[CaseRef]:
@@ -107,7 +153,11 @@ def find_cases(src: Path) -> list[CaseRef]:
         )
     if not src.is_dir():
         raise KitsError(f"--src must be a folder of case_XXXXX/ folders, found a file: {src}")
-    entries = sorted(p for p in src.iterdir() if p.is_dir() and CASE_RE.match(p.name))
+    entries = sorted(
+        p
+        for p in src.iterdir()
+        if p.is_dir() and CASE_RE.match(p.name) and os.access(p, os.R_OK | os.X_OK)
+    )
     if not entries:
         if not any(src.iterdir()):
             raise KitsError(
@@ -255,6 +305,11 @@ def _header_of(hdr: nib.Nifti1Header) -> NiftiHeader:
 
 def read_header(path: Path, case_id: str = "") -> NiftiHeader:
     """Header only (a few KB of the gzip stream): shape and geometry before any decoding."""
+    if not os.access(path, os.R_OK) and Path(path).exists():
+        raise KitsError(
+            f"{case_id or path.parent.name}: cannot read {path}: permission denied; give "
+            "this user read access (chmod a+r), or leave the case out with --cases"
+        )
     try:
         img = nib.load(str(path))
     except Exception as exc:
@@ -295,27 +350,88 @@ def source_fingerprint(path: Path) -> str:
     return f"raw:{len(blob)}:{zlib.crc32(blob):08x}"
 
 
+HEADER_BYTES = 544  # a NIfTI-1 header with its extension flag fits; NIfTI-2's too
+
+
+def _inflate_bounded(blob: bytes, name: str, path: Path) -> bytes:
+    """The gzip stream of `blob` inflated up to what its NIfTI header says the file holds
+    (vox_offset + shape x itemsize), never further: memory is bounded by the header, not
+    by the stream. A stream that holds more or less than that is refused, naming both
+    sizes. Inflates the first bytes twice (the header, then everything): negligible."""
+    head = zlib.decompressobj(31)
+    try:
+        first = head.decompress(blob, HEADER_BYTES)
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(first))
+    except Exception as exc:  # noqa: BLE001 - zlib's, nibabel's: a bad header either way
+        raise KitsError(
+            f"{name}: {path.name} is truncated or corrupt, or has no valid NIfTI header "
+            f"({exc}); re-download the case, or skip it with --skip-bad"
+        ) from None
+    shape = tuple(int(v) for v in hdr.get_data_shape())
+    want = (
+        int(hdr.get_data_offset()) + int(np.prod(shape)) * np.dtype(hdr.get_data_dtype()).itemsize
+    )
+    d = _decompressobj(31)
+    more = False
+    try:
+        data = d.decompress(blob, want)
+        while not d.eof and d.unconsumed_tail and not more:
+            more = bool(d.decompress(d.unconsumed_tail, 1))  # a byte past the header's size?
+        more = more or _more_members(d.unused_data)  # a second member (concatenated gzip)
+    except (OSError, EOFError, ValueError, zlib.error, _InflateError) as exc:
+        raise KitsError(
+            f"{name}: {path.name} is truncated or corrupt ({exc}); "
+            "re-download the case, or skip it with --skip-bad"
+        ) from None
+    if more:
+        isize = int.from_bytes(blob[-4:], "little")
+        raise KitsError(
+            f"{name}: {path.name} inflates to more than the {want} bytes its header "
+            f"(shape {shape}) describes (its gzip trailer records {isize} bytes, modulo "
+            "4 GiB); the file is damaged or not a plain NIfTI volume "
+            "(a decompression bomb?), re-export the scan or skip it with --skip-bad"
+        )
+    if len(data) < want or not d.eof:
+        if d.eof:  # a whole stream, too short for its header
+            raise KitsError(
+                f"{name}: {path.name} holds fewer voxels than its header's shape {shape} "
+                f"says ({len(data)} bytes, expected {want}); the file is truncated, "
+                "re-download it"
+            )
+        raise KitsError(
+            f"{name}: {path.name} is truncated or corrupt: its gzip stream is cut short "
+            f"before the {want} bytes its header's shape {shape} says; re-download the "
+            "case, or skip it with --skip-bad"
+        )
+    return data
+
+
+def _more_members(extra: bytes) -> bool:
+    """Whether bytes after a gzip member inflate to anything (a second member)."""
+    if not extra.strip(b"\0"):
+        return False
+    try:
+        return bool(zlib.decompressobj(31).decompress(extra, 1))
+    except zlib.error:
+        return False  # trailing garbage that is no gzip member: as gzip tools, ignored
+
+
 def read_volume(path: Path, case_id: str = "") -> Volume:
-    """Inflate and view the voxels in place (Fortran order, as stored)."""
+    """Inflate (never past the size its header gives) and view the voxels in place
+    (Fortran order, as stored)."""
     name = case_id or path.parent.name
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise KitsError(f"{name}: cannot read {path} ({exc.strerror}); check permissions") from None
     if path.name.endswith(".gz"):
-        try:
-            data = _gzip.decompress(blob)
-        except (OSError, EOFError, ValueError, zlib.error, _InflateError) as exc:
-            raise KitsError(
-                f"{name}: {path.name} is truncated or corrupt ({exc}); "
-                "re-download the case, or skip it with --skip-bad"
-            ) from None
+        data = _inflate_bounded(blob, name, path)
         fingerprint = _gzip_fingerprint(blob)
     else:
         data = blob
         fingerprint = f"raw:{len(blob)}:{zlib.crc32(blob):08x}"
     try:
-        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:544]))
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:HEADER_BYTES]))
     except Exception as exc:
         raise KitsError(
             f"{name}: {path.name} has no valid NIfTI header ({exc}); re-download the case"
@@ -336,6 +452,13 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
 
 def check_pair(case_id: str, img: NiftiHeader, seg: NiftiHeader) -> None:
     """Imaging and segmentation must describe the same voxels."""
+    for what, h in (("imaging", img), ("segmentation", seg)):
+        if not np.isfinite(h.affine).all():
+            raise KitsError(
+                f"{case_id}: the {what}'s header holds a non-finite (NaN/Inf) affine "
+                "(voxel spacing or orientation); fix the header's pixdim/sform, or "
+                "re-download the case"
+            )
     if img.shape != seg.shape:
         raise KitsError(
             f"{case_id}: imaging shape {img.shape} differs from segmentation shape "

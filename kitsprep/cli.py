@@ -83,9 +83,19 @@ DEFAULT_DIVISOR = 2**DEFAULT_DEPTH
 
 
 def _warn_misnamed(src: Path) -> None:
-    """Folders that look like cases but are skipped for their name: said once."""
-    from kitsprep.cases import misnamed_case_folders
+    """Entries skipped for their name, or because they cannot be opened: said once."""
+    from kitsprep.cases import misnamed_case_folders, unusable_case_entries
 
+    unusable = unusable_case_entries(src)
+    if unusable:
+        shown = ", ".join(unusable[:5]) + (
+            f" and {len(unusable) - 5} more" if len(unusable) > 5 else ""
+        )
+        click.echo(
+            f"warning: skipping {len(unusable)} case entr{'y' if len(unusable) == 1 else 'ies'} "
+            f"in {src} that are not folders one can open: {shown}; fix or remove them",
+            err=True,
+        )
     odd = misnamed_case_folders(src)
     if odd:
         shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
