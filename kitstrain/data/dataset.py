@@ -50,6 +50,11 @@ class SliceDataset(Dataset):
     ):
         if context < 0:
             raise KitsError(f"--context must be >= 0, found {context}")
+        if not Path(store_path).is_file():
+            raise KitsError(
+                f"store {store_path} does not exist or is not a file; pass the path of a "
+                "store written by `kitsprep build` (e.g. open_store(path).path)"
+            )
         require_labelled_cases(
             info,
             cases,
