@@ -69,6 +69,7 @@ class SliceDataset(Dataset):
             )
         self.store_path = Path(store_path)
         self.store_case_ids = tuple(info.case_ids)  # names a damaged slice's case
+        self.store_identity = info.identity  # tells a replaced store from a damaged one
         self.size = info.size
         self.patch = info.size if patch is None else int(patch)
         self.context = int(context)
@@ -110,7 +111,9 @@ class SliceDataset(Dataset):
 
     def _open(self) -> None:
         """(Re)open the reader and RNG in this process: first use, or first use after a fork."""
-        self._reader = SliceReader(self.store_path, self.size, self.store_case_ids)
+        self._reader = SliceReader(
+            self.store_path, self.size, self.store_case_ids, identity=self.store_identity
+        )
         self._seed_rng()
 
     def _seed_rng(self) -> None:
