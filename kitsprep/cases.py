@@ -360,7 +360,12 @@ def _inflate_bounded(blob: bytes, name: str, path: Path) -> bytes:
     sizes. Inflates the first bytes twice (the header, then everything): negligible."""
     head = zlib.decompressobj(31)
     try:
-        first = head.decompress(blob, HEADER_BYTES)
+        # a prefix of the input: with max_length, zlib copies all unused input aside
+        first = head.decompress(memoryview(blob)[: 1 << 16], HEADER_BYTES)
+        if len(first) < HEADER_BYTES and not head.eof:
+            first += head.decompress(
+                head.unconsumed_tail + blob[1 << 16 :], HEADER_BYTES - len(first)
+            )
         hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(first))
     except Exception as exc:  # noqa: BLE001 - zlib's, nibabel's: a bad header either way
         raise KitsError(
