@@ -7,9 +7,11 @@ viewed in place from the inflated bytes, with no copy and no float64 conversion.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
-import struct
+import stat
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,14 +22,12 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 from kitsprep.geometry import check_header_spacing
-
-try:
-    from isal import igzip as _gzip
-    from isal.isal_zlib import error as _InflateError  # not a zlib.error nor an OSError
-except ImportError:  # isal is a dependency; plain gzip keeps a broken install working
-    import gzip as _gzip
-
-    _InflateError = zlib.error
+from kitsprep.gzipped import (  # source_fingerprint: named here too, for `build.plan`
+    HEADER_BYTES,
+    gzip_fingerprint,
+    inflate_bounded,
+    source_fingerprint,  # noqa: F401
+)
 
 CASE_RE = re.compile(r"^case_(\d{5})$")
 NEAR_CASE_RE = re.compile(r"^case", re.IGNORECASE)  # meant as a case, but not case_XXXXX
@@ -92,10 +92,53 @@ def case_name(number: int) -> str:
 
 
 def _first_existing(folder: Path, names: Iterable[str]) -> Path | None:
+    """The first of `names` in `folder`; one that is there but is no regular file (a
+    FIFO, a folder, a broken link) is an error naming it, never silently skipped."""
     for name in names:
-        if (folder / name).is_file():
-            return folder / name
+        path = folder / name
+        if path.is_file():
+            return path
+        if path.is_symlink() or path.exists():
+            raise KitsError(
+                f"{folder.name}: {path} is {_kind(path)}, not a regular file; put the "
+                f"NIfTI file there, or remove it"
+            )
     return None
+
+
+def _kind(path: Path) -> str:
+    """What a path that is no regular file is, in words."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if path.is_symlink():
+            return "a symlink loop" if exc.errno == errno.ELOOP else "a broken symlink"
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(st.st_mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file"
+
+
+def unusable_case_entries(src: Path) -> list[str]:
+    """Entries of `src` named case_XXXXX that are not folders one can open (a broken or
+    looping symlink, a file, an unreadable folder): `find_cases` leaves them out, and the
+    CLIs say so once, with why."""
+    src = Path(src)
+    if not src.is_dir():
+        return []
+    out = []
+    for p in sorted(src.iterdir()):
+        if not CASE_RE.match(p.name):
+            continue
+        if not p.is_dir():
+            out.append(f"{p.name} ({_kind(p) if p.is_symlink() or not p.exists() else 'a file'})")
+        elif not os.access(p, os.R_OK | os.X_OK):
+            out.append(f"{p.name} (a folder this user cannot read)")
+    return out
 
 
 def find_cases(src: Path) -> list[CaseRef]:
@@ -108,7 +151,11 @@ def find_cases(src: Path) -> list[CaseRef]:
         )
     if not src.is_dir():
         raise KitsError(f"--src must be a folder of case_XXXXX/ folders, found a file: {src}")
-    entries = sorted(p for p in src.iterdir() if p.is_dir() and CASE_RE.match(p.name))
+    entries = sorted(
+        p
+        for p in src.iterdir()
+        if p.is_dir() and CASE_RE.match(p.name) and os.access(p, os.R_OK | os.X_OK)
+    )
     if not entries:
         if not any(src.iterdir()):
             raise KitsError(
@@ -274,6 +321,11 @@ def _check_raw_header(path: Path, name: str) -> None:
 
 def read_header(path: Path, case_id: str = "") -> NiftiHeader:
     """Header only (a few KB of the gzip stream): shape and geometry before any decoding."""
+    if not os.access(path, os.R_OK) and Path(path).exists():
+        raise KitsError(
+            f"{case_id or path.parent.name}: cannot read {path}: permission denied; give "
+            "this user read access (chmod a+r), or leave the case out with --cases"
+        )
     _check_raw_header(path, case_id or path.parent.name)
     try:
         img = nib.load(str(path))
@@ -295,53 +347,28 @@ def read_header(path: Path, case_id: str = "") -> NiftiHeader:
     return header
 
 
-def _gzip_fingerprint(raw: bytes) -> str:
-    """CRC32 and length of the uncompressed content, from the gzip trailer: content-based
-    and free, since the decoder verifies it anyway."""
-    crc, isize = struct.unpack("<II", raw[-8:])
-    return f"gz:{len(raw)}:{crc:08x}:{isize}"
-
-
-def source_fingerprint(path: Path) -> str:
-    """`read_volume`'s fingerprint without inflating: a gzip file's trailer and length (a
-    few bytes); an uncompressed file is read whole. `--resume` spots edited sources by it."""
-    if path.name.endswith(".gz"):
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 8))
-            crc, isize = struct.unpack("<II", f.read(8).rjust(8, b"\0"))
-        return f"gz:{size}:{crc:08x}:{isize}"
-    blob = path.read_bytes()
-    return f"raw:{len(blob)}:{zlib.crc32(blob):08x}"
-
-
 def read_volume(path: Path, case_id: str = "") -> Volume:
-    """Inflate and view the voxels in place (Fortran order, as stored)."""
+    """Inflate (never past the size its header gives) and view the voxels in place
+    (Fortran order, as stored)."""
     name = case_id or path.parent.name
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise KitsError(f"{name}: cannot read {path} ({exc.strerror}); check permissions") from None
     if path.name.endswith(".gz"):
-        try:
-            data = _gzip.decompress(blob)
-        except (OSError, EOFError, ValueError, zlib.error, _InflateError) as exc:
-            raise KitsError(
-                f"{name}: {path.name} is truncated or corrupt ({exc}); "
-                "re-download the case, or skip it with --skip-bad"
-            ) from None
-        fingerprint = _gzip_fingerprint(blob)
+        data = inflate_bounded(blob, name, path)
+        fingerprint = gzip_fingerprint(blob)
     else:
         data = blob
         fingerprint = f"raw:{len(blob)}:{zlib.crc32(blob):08x}"
     try:
-        raw = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:544]), check=False)
+        raw = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:HEADER_BYTES]), check=False)
     except Exception:
         raw = None  # reported just below, by the checked read
     if raw is not None:
         check_header_spacing(raw, name, path.name)
     try:
-        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:544]))
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data[:HEADER_BYTES]))
     except Exception as exc:
         raise KitsError(
             f"{name}: {path.name} has no valid NIfTI header ({exc}); re-download the case"
@@ -362,6 +389,13 @@ def read_volume(path: Path, case_id: str = "") -> Volume:
 
 def check_pair(case_id: str, img: NiftiHeader, seg: NiftiHeader) -> None:
     """Imaging and segmentation must describe the same voxels."""
+    for what, h in (("imaging", img), ("segmentation", seg)):
+        if not np.isfinite(h.affine).all():
+            raise KitsError(
+                f"{case_id}: the {what}'s header holds a non-finite (NaN/Inf) affine "
+                "(voxel spacing or orientation); fix the header's pixdim/sform, or "
+                "re-download the case"
+            )
     if img.shape != seg.shape:
         raise KitsError(
             f"{case_id}: imaging shape {img.shape} differs from segmentation shape "

@@ -44,6 +44,10 @@ _OS_FIXES = {
     "continues with --resume",
     errno.EDQUOT: "free space within your quota (or write elsewhere), then rerun; a build or "
     "fit continues with --resume",
+    errno.EFBIG: "the file passed the size limit of this file system or shell (ulimit -f); "
+    "write elsewhere or raise the limit, then rerun; a build or fit continues with --resume",
+    errno.EIO: "the disk reported an I/O error; check it (or write elsewhere), then rerun; a "
+    "build or fit continues with --resume",
     errno.EACCES: "choose a location you can write to, or fix its permissions",
     errno.EPERM: "choose a location you can write to, or fix its permissions",
     errno.EROFS: "the file system is read-only; write elsewhere",
@@ -79,9 +83,19 @@ DEFAULT_DIVISOR = 2**DEFAULT_DEPTH
 
 
 def _warn_misnamed(src: Path) -> None:
-    """Folders that look like cases but are skipped for their name: said once."""
-    from kitsprep.cases import misnamed_case_folders
+    """Entries skipped for their name, or because they cannot be opened: said once."""
+    from kitsprep.cases import misnamed_case_folders, unusable_case_entries
 
+    unusable = unusable_case_entries(src)
+    if unusable:
+        shown = ", ".join(unusable[:5]) + (
+            f" and {len(unusable) - 5} more" if len(unusable) > 5 else ""
+        )
+        click.echo(
+            f"warning: skipping {len(unusable)} case entr{'y' if len(unusable) == 1 else 'ies'} "
+            f"in {src} that are not folders one can open: {shown}; fix or remove them",
+            err=True,
+        )
     odd = misnamed_case_folders(src)
     if odd:
         shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
@@ -259,7 +273,7 @@ def build(
         progress.advance(ev.slices, postfix=f"{cases['done']}/{cases['total']} cases")
 
     try:
-        report = build_store(cfg, on_case=on_case, on_start=on_start)
+        report = build_store(cfg, on_case=on_case, on_start=on_start, on_note=progress.note)
     finally:
         progress.close()
     click.echo(

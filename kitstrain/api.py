@@ -117,6 +117,7 @@ class Predictor:
                 "pass the image data, e.g. nib.load(path).get_fdata()"
             )
         spacing = (1.0, 1.0, 1.0) if spacing is None else _spacing(spacing)
+        self._check_in_plane(volume.shape)
         # float32, the precision the windowing kernel reads a float32 NIfTI in: the labels
         # equal `kitstrain predict`'s for the same voxels
         data = np.asarray(volume, np.float32)
@@ -137,6 +138,21 @@ class Predictor:
         volume = read_volume(path, path.parent.name)
         labels = self._predict(volume, path.parent.name)
         return prediction_image(labels, nib.load(str(path)))
+
+    def _check_in_plane(self, shape: tuple[int, ...]) -> None:
+        """Slices smaller than the network's down-sampling (2**depth pixels a side) hold
+        nothing it can segment, and resized to the store's size each one costs a whole
+        slice: (100000, 1, 1) would run for minutes on gigabytes. Refused in one line; it is
+        most often a volume with its axes in another order."""
+        side = 2 ** int(self.run.config.train.depth)
+        rows, cols = shape[1], shape[2]
+        if rows < side or cols < side:
+            raise KitsError(
+                f"Predictor.predict: slices of {rows}x{cols} pixels (shape {tuple(shape)}) "
+                f"are smaller than the {side}x{side} this run's network needs; expected "
+                "(slices, rows, cols) with the axial axis first, e.g. (90, 512, 512) "
+                "(np.moveaxis a volume stored otherwise, or use predict_nifti)"
+            )
 
     def _predict(self, volume: Volume, case_id: str) -> np.ndarray:
         return self.inference.volume(volume, self.run.window, self.run.size, case_id)

@@ -264,15 +264,20 @@ def score(
 @click.option(
     "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="--out holds another run's predictions: remove them and write this run's.",
+)
 def predict(
-    run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size, checkpoint
+    run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size, checkpoint, overwrite
 ) -> None:
     """Predictions in the source geometry, named for the edition's official evaluator."""
     from kitsprep.cli import _warn_misnamed
     from kitstrain.report.score import format_table
     from kitstrain.runs.predict import PredictConfig, check_predict_out, predict_run
 
-    check_predict_out(src, out)
+    check_predict_out(src, out, overlays)
     _warn_misnamed(src)
     cfg = PredictConfig(
         run_dir=run_dir,
@@ -286,6 +291,7 @@ def predict(
         which=checkpoint,
         data=data,
         naming=naming,
+        overwrite=overwrite,
     )
     report = predict_run(cfg)
     for w in report.warnings:

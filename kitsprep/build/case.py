@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import DTypeLike
 
+from kitsprep import failpoints
 from kitsprep.build.config import AllowedLabels, CaseJob
 from kitsprep.build.resume import save_record
 from kitsprep.cases import CaseRef, Volume, check_pair, read_volume
@@ -170,6 +171,7 @@ def process_case(job: CaseJob) -> CaseWritten:
                 image, vol.header.slope, vol.header.inter, window, plane, s0, s1, slab[: s1 - s0]
             )
             _write_runs(fd, out, job.offsets[s0:s1])
+            failpoints.hit(f"write {ref.case_id} slices {s0}-{s1}")
             _uncache(fd, job.offsets[s0:s1], slice_bytes)  # starts their writeback
             crc[s0:s1] = [crc32(out[i]) for i in range(s1 - s0)]
             if labels is not None:
@@ -209,7 +211,7 @@ def process_case(job: CaseJob) -> CaseWritten:
         unlabelled_reason=ref.unlabelled_reason,
     )
     written = CaseWritten(meta, counts, chunks, top, crc)
-    save_record(job.record, written)
+    save_record(job.record, written, job.fsync)
     return written
 
 

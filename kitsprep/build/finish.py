@@ -1,6 +1,7 @@
-"""The end of a build: decide the store's edition, let the single writer
-(`store.finalize`) write labels, attributes and index from the commit records, and
-rename the finished store onto OUT (so a file at OUT is always complete)."""
+"""The end of a build: decide the store's edition, save the undo journal, let the single
+writer (`store.finalize`) write labels, attributes and index from the commit records, and
+rename the finished store onto OUT (so a file at OUT is always complete). A kill or a full
+disk anywhere in here is redone by `--resume` from the journal (`store.journal`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
+from kitsprep import failpoints
 from kitsprep.build.case import present_values
 from kitsprep.build.config import BuildConfig
 from kitsprep.cases import CaseRef, folder_edition
 from kitsprep.files import fsync_path
 from kitsprep.labels import EDITIONS, LabelSet
 from kitsprep.store.format import CaseWritten
-from kitsprep.store.write import finalize
+from kitsprep.store.journal import reserve, save_journal, unreserve
+from kitsprep.store.write import finalize, index_nbytes
+
+JOURNAL = "finalize.journal"  # in OUT.partial, beside the store
+# OUT.partial without its store but with the journal: the store was renamed onto OUT and
+# only the clean-up was left (`run.finished_earlier`)
+FINISHED_MARK = JOURNAL
 
 
 def decide_labels(
@@ -42,14 +52,36 @@ def finish_build(
     store: Path,
     written: list[CaseWritten],
     bad: dict[str, str],
+    offsets: dict[str, np.ndarray],
 ) -> tuple[LabelSet, str]:
     """Finalize the partial build's store and move it onto ``cfg.out``; returns the store's
     label set and why it was chosen."""
     labels, why = decide_labels(cfg.edition, written, folder_edition(cfg.src, refs))
+    chunk_bytes = cfg.size * cfg.size * 2
+    save_journal(
+        store, store.parent / JOURNAL, [offsets[w.meta.case_id] for w in written], chunk_bytes
+    )
+    # What finalize appends: label chunks, their chunk indexes, the index, attributes
+    label_bytes = sum(len(c) for w in written for c in (w.label_chunks or []))
+    slices = sum(w.meta.slices for w in written)
+    reserve(store, 2 * label_bytes + 2 * index_nbytes(labels, slices) + 128 * slices + (4 << 20))
     finalize(store, written, bad, labels, why)
+    unreserve(store)
     # Not `atomic_path`: the store was built in OUT.partial, where --resume finds it.
     fsync_path(store)
     os.replace(store, cfg.out)
+    failpoints.hit(f"rename {cfg.out.name}")
     fsync_path(cfg.out.parent)
-    shutil.rmtree(store.parent, ignore_errors=True)
+    remove_partial(store.parent)
     return labels, why
+
+
+def remove_partial(work: Path) -> None:
+    """Remove OUT.partial, its journal last: while the journal is there, a --resume knows
+    the store it renamed onto OUT is complete."""
+    for p in work.iterdir():
+        if p.name != JOURNAL:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    failpoints.hit("remove partial build")
+    (work / JOURNAL).unlink(missing_ok=True)
+    work.rmdir()

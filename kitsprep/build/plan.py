@@ -13,12 +13,14 @@ import numpy as np
 
 from kitsprep import __version__
 from kitsprep.build.config import BuildConfig
+from kitsprep.build.finish import JOURNAL
 from kitsprep.build.resume import partial_dir, record_fingerprint
 from kitsprep.cases import CaseRef, check_pair, read_header, source_fingerprint
 from kitsprep.errors import KitsError
 from kitsprep.files import write_atomic
 from kitsprep.geometry import axial_axes
 from kitsprep.store.format import CasePlan
+from kitsprep.store.journal import restore_journal
 from kitsprep.store.superblock import clear_write_flags
 from kitsprep.store.write import create_layout, image_offsets
 
@@ -48,7 +50,13 @@ def open_partial_build(
     manifest_path = work / "manifest.json"
     store = work / "store.h5"
     if work.exists() and cfg.resume and manifest_path.is_file() and store.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise KitsError(
+                f"the interrupted build's manifest {manifest_path} is unreadable ({exc}); "
+                "start over with --overwrite"
+            ) from None
         wanted = [r.case_id for r in refs]
         if manifest["identity"] != cfg.identity() or manifest["selected"] != wanted:
             raise KitsError(
@@ -59,6 +67,8 @@ def open_partial_build(
         bad.update(manifest["bad"])
         plans = [CasePlan(**p) for p in manifest["plans"]]
         try:
+            # a kill or a full disk during the final write: the store as it was before it
+            restore_journal(store, work / JOURNAL)
             clear_write_flags(store)  # a kill during finalize left the file "open for write"
             offsets = image_offsets(store)
         except (OSError, KeyError) as exc:  # HDF5 metadata torn by a kill, or a stray edit

@@ -24,6 +24,7 @@ from kitsprep.build.config import BuildConfig, CaseEvent, CaseJob
 from kitsprep.build.resume import partial_dir
 from kitsprep.cases import CaseRef, read_volume
 from kitsprep.errors import KitsError
+from kitsprep.lifeline import die_with_parent
 
 
 def run_jobs(
@@ -169,6 +170,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _worker_init() -> None:
+    die_with_parent()  # a killed build leaves no worker behind
     _tune_malloc(True)
 
 

@@ -7,7 +7,7 @@ Layout (format `kits-slices`, version 2):
                              size, edition, edition_reason, labels (the edition's LabelSet,
                              JSON), num_classes,
                              image_dtype, build (JSON), cases (JSON list), bad_cases (JSON),
-                             complete
+                             complete, attrs_checksum (of all the others)
     /cases/<case_id>/image   (slices, size, size) float16, one uncompressed slice per chunk,
                              allocated at creation so chunk offsets never move
     /cases/<case_id>/label   (slices, size, size) uint8, one deflated slice per chunk
@@ -45,6 +45,26 @@ except ImportError:
 FORMAT = "kits-slices"
 FORMAT_VERSION = 2  # 2: the store carries its label set; per-label counts in the index
 LABEL_LEVEL = 1  # deflate level for label chunks: mostly zeros, level 1 is already tiny
+
+
+ATTRS_CHECKSUM = "attrs_checksum"
+
+
+def attrs_checksum(attrs) -> str:
+    """SHA-256 (hex, 16 digits) of a store's root attributes other than this one, by name:
+    a flipped byte in the window, the label set or the case list is seen on open."""
+    import hashlib
+
+    def plain(v):
+        if isinstance(v, bytes):
+            return v.decode(errors="replace")
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        return v.item() if isinstance(v, np.generic) else v
+
+    items = {k: plain(attrs[k]) for k in sorted(attrs.keys()) if k != ATTRS_CHECKSUM}
+    blob = json.dumps(items, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def index_dtype(num_classes: int) -> np.dtype:

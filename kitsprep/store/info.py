@@ -14,7 +14,8 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
-from kitsprep.store.format import FORMAT, FORMAT_VERSION, CaseMeta
+from kitsprep.store.format import ATTRS_CHECKSUM, FORMAT, FORMAT_VERSION, CaseMeta, attrs_checksum
+from kitsprep.store.integrity import index_problems
 from kitsprep.store.superblock import HDF5_SIGNATURE, read_superblock
 from kitsprep.window import Window
 
@@ -34,6 +35,10 @@ class StoreInfo:
     cases: dict[str, CaseMeta]
     index: np.ndarray
     edition_reason: str = ""  # why the build chose the edition (e.g. "kits23.json in SRC")
+    # the file opened (device, inode, size, mtime): a reader that finds another file at the
+    # path names the store as replaced, not damaged
+    identity: tuple[int, ...] = ()
+    problems: tuple[str, ...] = ()  # found by the open's checks (`open_store(check=False)`)
 
     @property
     def num_classes(self) -> int:
@@ -99,24 +104,39 @@ def _unreadable(path: Path, exc: Exception) -> KitsError:
     return KitsError(f"{path} is not an HDF5 file; expected a store written by `kitsprep build`")
 
 
-def open_store(path: Path | str) -> StoreInfo:
+def file_identity(path: Path | str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_store(path: Path | str, check: bool = True) -> StoreInfo:
     """Read attributes, case metadata and the index; refuse anything that is not a complete
     store of a format version this code understands, and name a damaged one as such
-    (HDF5 reports a torn header or metadata checksum as OSError or KeyError)."""
+    (HDF5 reports a torn header or metadata checksum as OSError or KeyError), including
+    what the cheap whole-store checks find (`integrity`). `check=False` keeps those in
+    `problems` instead (`kitsprep verify` lists them)."""
     path = Path(path)
     if not path.is_file():
         raise KitsError(
             f"store {path} does not exist; build one with `kitsprep build --src DIR --out FILE.h5`"
         )
     try:
-        return _read_store(path)
+        info = _read_store(path)
     except KitsError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
         raise _unreadable(path, exc) from None
+    if check and info.problems:
+        more = f" (and {len(info.problems) - 1} more)" if len(info.problems) > 1 else ""
+        raise KitsError(
+            f"{path} is damaged: {info.problems[0]}{more}; run `kitsprep verify {path}`, "
+            "then rebuild it with `kitsprep build --overwrite`"
+        )
+    return info
 
 
 def _read_store(path: Path) -> StoreInfo:
+    identity = file_identity(path)
     with h5py.File(path, "r") as f:
         a = f.attrs
         if a.get("format") != FORMAT:
@@ -137,9 +157,19 @@ def _read_store(path: Path) -> StoreInfo:
             raise KitsError(
                 f"{path} is an unfinished build; finish it with `kitsprep build ... --resume`"
             )
+        problems = []
+        if ATTRS_CHECKSUM in a and str(a[ATTRS_CHECKSUM]) != attrs_checksum(a):
+            problems.append("its root attributes fail their checksum (changed after the build)")
         cases = {
             cid: CaseMeta.from_attrs(cid, f["cases"][cid].attrs) for cid in json.loads(a["cases"])
         }
+        index = f["index"][...]
+        problems += index_problems(
+            index,
+            [(c, m.row_start, m.slices, m.labelled) for c, m in cases.items()],
+            int(a["size"]),
+            identity[2],
+        )
         return StoreInfo(
             path=path,
             format_version=version,
@@ -150,8 +180,10 @@ def _read_store(path: Path) -> StoreInfo:
             build=json.loads(a["build"]),
             bad_cases=json.loads(a.get("bad_cases", "{}")),
             cases=cases,
-            index=f["index"][...],
+            index=index,
             edition_reason=str(a.get("edition_reason", "")),
+            identity=identity,
+            problems=tuple(problems),
         )
 
 

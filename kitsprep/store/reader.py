@@ -40,13 +40,19 @@ class SliceReader:
         size: int,
         case_ids: Sequence[str] = (),
         check_crc: bool | None = None,
+        identity: tuple[int, ...] = (),
     ):
         self.path = Path(path)
         self.size = size
         self.case_ids = tuple(case_ids)
         self.check_crc = CRC_ON_READ if check_crc is None else bool(check_crc)
+        self.identity = tuple(identity)  # the file its index came from (`StoreInfo.identity`)
         self._slice_bytes = size * size * 2
         self._fd = os.open(self.path, os.O_RDONLY)
+        if self.identity and self._replaced():
+            os.close(self._fd)
+            self._fd = -1
+            raise self._replaced_error()
 
     def image(self, row: np.void | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(size, size) float16 copy of one slice (into `out` if given)."""
@@ -105,7 +111,25 @@ class SliceReader:
             )
         return lab.reshape(self.size, self.size)
 
+    def _replaced(self) -> bool:
+        """The file at the path is not the one the index was read from (rebuilt with
+        --overwrite, copied over): its reads would not match the index."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity
+
+    def _replaced_error(self) -> KitsError:
+        return KitsError(
+            f"{self.path} was replaced while in use (the file at that path changed since it "
+            "was opened: rebuilt with --overwrite or copied over?); rerun the command "
+            "(`kitstrain fit --resume` continues a run) once the new store is complete"
+        )
+
     def _damaged(self, row: np.void, what: str) -> NoReturn:
+        if self.identity and self._replaced():
+            raise self._replaced_error()
         pos = int(row["case"])
         case = self.case_ids[pos] if pos < len(self.case_ids) else f"case #{pos}"
         raise KitsError(
@@ -131,6 +155,7 @@ class SliceReader:
             "size": self.size,
             "case_ids": self.case_ids,
             "check_crc": self.check_crc,
+            "identity": self.identity,
         }
 
     def __setstate__(self, state: dict) -> None:

@@ -9,15 +9,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from kitsprep import __version__
+from kitsprep import __version__, failpoints
 from kitsprep.labels import LabelSet
 from kitsprep.store.format import (
+    ATTRS_CHECKSUM,
     FORMAT,
     FORMAT_VERSION,
     LABEL_LEVEL,
     CaseMeta,
     CasePlan,
     CaseWritten,
+    attrs_checksum,
     index_dtype,
 )
 from kitsprep.window import Window
@@ -78,6 +80,11 @@ def image_offsets(path: Path) -> dict[str, np.ndarray]:
         }
 
 
+def index_nbytes(labels: LabelSet, slices: int) -> int:
+    """Bytes of the index of a store of `slices` slices."""
+    return index_dtype(labels.num_classes).itemsize * slices
+
+
 def finalize(
     path: Path,
     written: list[CaseWritten],
@@ -124,10 +131,12 @@ def finalize(
                     r["label_nbytes"][i] = info.size
             rows.append(r)
             row += meta.slices
+            failpoints.hit(f"h5 case {cid}")
         index = np.concatenate(rows) if rows else np.zeros(0, dtype)
         if "index" in f:  # left by a run killed after this point: finalize again, same result
             del f["index"]
         f.create_dataset("index", data=index)
+        failpoints.hit("h5 index")
         f.attrs["cases"] = json.dumps(order)
         f.attrs["edition"] = labels.edition
         f.attrs["edition_reason"] = edition_reason
@@ -135,3 +144,5 @@ def finalize(
         f.attrs["num_classes"] = labels.num_classes
         f.attrs["bad_cases"] = json.dumps(bad_cases, sort_keys=True)
         f.attrs["complete"] = True
+        f.attrs[ATTRS_CHECKSUM] = attrs_checksum(f.attrs)
+        failpoints.hit("h5 attributes")

@@ -15,10 +15,8 @@ or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import os
-import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +24,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from kitsprep import locks
 from kitsprep.errors import KitsError
-from kitsprep.files import atomic_path, write_atomic
+from kitsprep.files import atomic_path, remove_stale_temps, write_atomic, write_errors
+from kitstrain.core.metricslog import (  # noqa: F401 - the run directory's log, named here too
+    METRICS,
+    append_metrics,
+    cut_metrics,
+    last_finite_loss,
+    last_validation,
+    read_metrics,
+)
+from kitstrain.core.rng import rng_state, set_rng_state  # noqa: F401 - checkpoints hold them
 
 RUNS_ROOT = Path("runs")
 CONFIG = "config.json"
 SPLIT = "split.json"
-METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 OOM_RECORD = "oom.json"
 WEIGHTS_FILE = "model.safetensors"  # weights only, beside best.pt
@@ -84,10 +90,13 @@ _created_here: set[Path] = set()  # run directories this process made (see drop_
 
 def prepare(out: Path | None, resume: bool, main: bool) -> Path:
     """The run directory: `out`, a new runs/<timestamp>/, or (resume) the newest run. Rank
-    0 creates and locks it; a new run refuses a directory that holds one."""
+    0 creates and locks it, and removes the temporary files a killed run left; a new run
+    refuses a directory that holds one. A --resume of a folder that a run was killed in
+    before it wrote its record (config.json, written last) starts that run afresh
+    (`unstarted`)."""
     if resume:
         run_dir = out or newest_run()
-        if not (run_dir / CONFIG).is_file():
+        if not (run_dir / CONFIG).is_file() and not unstarted(run_dir):
             raise KitsError(
                 f"--resume: {run_dir} holds no run (config.json missing); start a "
                 "new run without --resume"
@@ -109,7 +118,19 @@ def prepare(out: Path | None, resume: bool, main: bool) -> Path:
                 "choose an --out in a writable folder"
             ) from None
         acquire_lock(run_dir)
+        for folder in (run_dir, run_dir / CHECKPOINTS):
+            remove_stale_temps(folder)
     return run_dir
+
+
+def unstarted(run_dir: Path) -> bool:
+    """A folder a run was killed in before it wrote config.json (its record, written after
+    split.json): no checkpoint either, so starting it afresh loses nothing."""
+    return (
+        run_dir.is_dir()
+        and not (run_dir / CONFIG).is_file()
+        and not any((run_dir / CHECKPOINTS).glob("*.pt"))
+    )
 
 
 def drop_unstarted(run_dir: Path) -> None:
@@ -121,39 +142,21 @@ def drop_unstarted(run_dir: Path) -> None:
 
 
 def acquire_lock(run_dir: Path) -> None:
-    """One training process per run directory; a lock left by a killed run is taken over."""
-    lock = run_dir / LOCK
-    if lock.is_file():
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except ValueError:
-            pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
-            raise KitsError(
-                f"{run_dir} is in use by process {pid}; wait for it, stop it, or "
-                "choose another --out"
-            )
-    lock.write_text(str(os.getpid()))
+    """One training process per run directory: a POSIX record lock on `lock` (holding the
+    pid), taken atomically (`kitsprep.locks`); the kernel frees a killed run's lock, and the
+    loader's workers do not inherit it."""
+    try:
+        locks.take(run_dir / LOCK)
+    except locks.LockBusy as busy:
+        raise KitsError(
+            f"{run_dir} is in use by process {busy.pid}; wait for it, stop it, or "
+            "choose another --out"
+        ) from None
 
 
 def release_lock(run_dir: Path) -> None:
-    """Remove the lock if this process holds it."""
-    lock = run_dir / LOCK
-    if lock.is_file() and lock.read_text().strip() == str(os.getpid()):
-        lock.unlink()
-
-
-def _alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (state Z in /proc/<pid>/stat): a killed
-    run's pid may linger as a zombie of the shell that started it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.is_file() and stat.read_text().split()[2] == "Z")
+    """Release (and remove) the lock if this process holds it."""
+    locks.release(run_dir / LOCK)
 
 
 # --------------------------------------------------------------------------- config, split
@@ -198,57 +201,23 @@ def read_split(run_dir: Path) -> dict:
     return read_json(run_dir, SPLIT)
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def append_metrics(run_dir: Path, record: dict) -> None:
-    """One line per event; appended, so a kill loses at most the line being written."""
-    with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every record of metrics.jsonl, in order; none before the first."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def last_validation(run_dir: Path) -> dict | None:
-    """The run's latest validation record, if it has one."""
-    vals = [r for r in read_metrics(run_dir) if r.get("kind") == "val"]
-    return vals[-1] if vals else None
-
-
-def last_finite_loss(run_dir: Path) -> str:
-    """'; last logged loss L at step S' for a divergence message, or ''."""
-    logged = [
-        r
-        for r in read_metrics(run_dir)
-        if r.get("kind") == "train"
-        and isinstance(r.get("loss"), float)
-        and math.isfinite(r["loss"])
-    ]
-    if not logged:
-        return ""
-    return f"; last logged loss {logged[-1]['loss']:.4g} at step {logged[-1]['step']}"
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write to a temporary name, fsync, rename: a kill at any instant leaves the previous
-    checkpoint intact. Payload holds tensors, numbers, strings, lists and dicts only."""
+    checkpoint intact. Payload holds tensors, numbers, strings, lists and dicts only. A full
+    disk, a file-size limit or an I/O error is one line (`disk_error`); --resume goes on
+    from the previous checkpoint once it is fixed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+    with _disk_errors(path), atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
 
 
-def export_weights(path: Path, state_dict: dict) -> None:
+def export_weights(path: Path, state_dict: dict, step: int | None = None) -> None:
     """Weights only, as safetensors (`model.safetensors` beside `best.pt`): what users share,
-    loadable without torch.load. Written atomically, as checkpoints are."""
+    loadable without torch.load. Written atomically and durably, as checkpoints are; its
+    metadata names the step of the checkpoint it came from."""
     from safetensors.torch import save_file
 
     tensors = {
@@ -256,8 +225,20 @@ def export_weights(path: Path, state_dict: dict) -> None:
         for k, v in state_dict.items()
         if isinstance(v, torch.Tensor)
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "kitstrain"})
+    meta = {"format": "pt", "producer": "kitstrain"}
+    if step is not None:
+        meta["step"] = str(step)
+    with _disk_errors(path), atomic_path(path, fsync=True) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _disk_errors(path: Path) -> contextlib.AbstractContextManager:
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+    return write_errors(
+        path,
+        "the previous checkpoint is intact; free space (or fix the disk), then continue "
+        f"with `kitstrain fit STORE --resume --out {run_dir}`",
+    )
 
 
 def nonfinite_weights(state_dict: dict) -> int:
@@ -285,11 +266,43 @@ def refuse_nonfinite(run_dir: Path, weights: dict, step: int) -> None:
 
 def save_training(run_dir: Path, which: list[str], payload: dict) -> None:
     """A training checkpoint (weights, optimizer, scaler, `State`, every rank's RNG
-    streams) as each of `which`; 'best' also exports its weights as safetensors."""
-    for w in which:
-        save_checkpoint(checkpoint_path(run_dir, w), payload)
+    streams) as each of `which`; 'best' also exports its weights as safetensors. In the
+    order that keeps the set consistent at every instant: best.pt, then its export, then
+    last.pt, which records that best (a kill before last.pt is written redoes the steps
+    since the previous one, and writes the same best again)."""
+    step = json.loads(payload["state"])["step"] if "state" in payload else None
     if "best" in which:
-        export_weights(checkpoint_path(run_dir, "best").with_name(WEIGHTS_FILE), payload["model"])
+        save_checkpoint(checkpoint_path(run_dir, "best"), payload)
+        export_weights(weights_path(run_dir), payload["model"], step)
+    for w in which:
+        if w != "best":
+            save_checkpoint(checkpoint_path(run_dir, w), payload)
+
+
+def weights_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS / WEIGHTS_FILE
+
+
+def repair_export(run_dir: Path) -> bool:
+    """`model.safetensors` from best.pt again where it is missing or from another step
+    (a run killed between the two by an older kits). True if it was rewritten."""
+    best = checkpoint_path(run_dir, "best")
+    if not best.is_file():
+        return False
+    ckpt = load_checkpoint(best)
+    step = json.loads(ckpt["state"])["step"] if "state" in ckpt else None
+    path = weights_path(run_dir)
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("step") == str(step):
+                    return False
+        except Exception:  # noqa: BLE001 - a torn export is rewritten
+            pass
+    export_weights(path, ckpt["model"], step)
+    return True
 
 
 def restore_training(
@@ -318,38 +331,6 @@ def restore_training(
 def record_oom(run_dir: Path, step: int, rank: int, micro_batch: int) -> None:
     """What `--resume` continues with after a DDP rank ran out of memory."""
     write_json(run_dir / OOM_RECORD, {"step": step, "rank": rank, "micro_batch": micro_batch})
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's RNG streams; on CUDA its own device's only."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": (
-            torch.cuda.get_rng_state(device)
-            if device.type == "cuda"
-            else torch.zeros(0, dtype=torch.uint8)
-        ),
-        "numpy": json.dumps(np.random.get_state()[1].tolist()),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": json.dumps(random.getstate(), default=list),
-    }
-
-
-def set_rng_state(saved: dict, rank: int, device: torch.device) -> None:
-    """Restore this rank's streams from a checkpoint's per-rank list (`rng_state` of each
-    rank). A rank the saved run did not have keeps its freshly seeded streams."""
-    states = saved["ranks"]
-    if rank >= len(states):
-        return
-    s = states[rank]
-    torch.set_rng_state(s["torch"].cpu())
-    if device.type == "cuda" and s["cuda"].numel():
-        torch.cuda.set_rng_state(s["cuda"].cpu(), device)
-    np.random.set_state(
-        ("MT19937", np.array(json.loads(s["numpy"]), np.uint32), s["numpy_pos"], 0, 0.0)
-    )
-    py = json.loads(s["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -63,6 +63,78 @@ def check_shared_memory(nbytes: int, what: str, shm: Path = SHM) -> None:
         )
 
 
+def pool_budget(shm: Path = SHM) -> int:
+    """The most shared memory a loader's pool may take: a quarter of the machine's memory
+    (at least 2 GiB), and no more than /dev/shm has free."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 8 * 2**30
+    budget = max(2 * 2**30, ram // 4)
+    try:
+        st = os.statvfs(shm)
+        budget = min(budget, st.f_bavail * st.f_frsize)
+    except OSError:
+        pass
+    return budget
+
+
+def check_pool_budget(
+    batch_size: int, channels: int, patch: int, slots: int, budget: int | None = None
+) -> None:
+    """Refuse, before anything is allocated, a pool of `slots` batches that the budget
+    (`pool_budget`) cannot hold, naming the largest batch that fits."""
+    budget = pool_budget() if budget is None else budget
+    need = slots * batch_nbytes(batch_size, channels, patch)
+    if need <= budget:
+        return
+    largest = budget // max(1, slots * batch_nbytes(1, channels, patch))
+    raise KitsError(
+        f"--batch-size {batch_size} needs {need / 2**20:.0f} MB of shared memory for the "
+        f"loader's {slots} batch slots of {patch}x{patch}, more than the "
+        f"{budget / 2**20:.0f} MB it may use (a quarter of this machine's memory, within "
+        f"/dev/shm's free space); the largest batch that fits is {largest}: lower "
+        "--batch-size (or --workers)"
+    )
+
+
+def sweep_dead_segments(shm: Path = SHM) -> list[Path]:
+    """Remove the shared-memory segments that torch processes which are gone left in
+    /dev/shm (`torch_<pid>_*`). torch names a segment, sizes it, then unlinks it once mapped;
+    a process killed in between (out of memory while sizing a large pool) leaves it there,
+    holding RAM, for good. Only this user's, only under torch's file_descriptor strategy
+    (where no live process opens a segment by name), only of pids that no longer exist."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return []
+    removed = []
+    try:
+        entries = list(shm.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        parts = p.name.split("_")
+        if len(parts) < 3 or parts[0] != "torch" or not parts[1].isdigit():
+            continue
+        try:
+            if p.stat().st_uid != os.getuid() or _alive(int(parts[1])):
+                continue
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class BatchPool:
     """`slots_per_worker` (image, label) batch slots per worker in shared memory, and per
     worker a queue of its free slots (a pipe: the hand-back is ordered after the main
@@ -87,6 +159,8 @@ class BatchPool:
             ctx = multiprocessing.get_context(ctx)
         n = workers * slots_per_worker
         batch_bytes = batch_nbytes(batch_size, channels, patch)
+        check_pool_budget(batch_size, channels, patch, n)
+        sweep_dead_segments()
         check_shared_memory(
             n * batch_bytes,
             f"{workers} worker(s) x {slots_per_worker} batches of {batch_bytes / 2**20:.1f} MB",

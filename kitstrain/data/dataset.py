@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from kitsprep.errors import KitsError
+from kitsprep.lifeline import die_with_parent
 from kitsprep.store import SliceReader, StoreInfo
 from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
@@ -58,6 +59,11 @@ class SliceDataset(Dataset):
     ):
         if context < 0:
             raise KitsError(f"--context must be >= 0, found {context}")
+        if not Path(store_path).is_file():
+            raise KitsError(
+                f"store {store_path} does not exist or is not a file; pass the path of a "
+                "store written by `kitsprep build` (e.g. open_store(path).path)"
+            )
         require_labelled_cases(
             info,
             cases,
@@ -72,6 +78,7 @@ class SliceDataset(Dataset):
             )
         self.store_path = Path(store_path)
         self.store_case_ids = tuple(info.case_ids)  # names a damaged slice's case
+        self.store_identity = info.identity  # tells a replaced store from a damaged one
         self.size = info.size
         self.patch = info.size if patch is None else int(patch)
         self.context = int(context)
@@ -125,7 +132,9 @@ class SliceDataset(Dataset):
 
     def _open(self) -> None:
         """(Re)open the reader and RNG in this process: first use, or first use after a fork."""
-        self._reader = SliceReader(self.store_path, self.size, self.store_case_ids)
+        self._reader = SliceReader(
+            self.store_path, self.size, self.store_case_ids, identity=self.store_identity
+        )
         self._seed_rng()
 
     def _seed_rng(self) -> None:
@@ -302,8 +311,10 @@ def collate_slices(batch: list[tuple] | PooledBatch) -> tuple | PooledBatch:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy's and Python's global RNGs per worker from torch's per-worker seed, so
-    any stray use of them differs between workers and repeats for a seed."""
+    """Die with the main process (a `kill -9` of fit leaves no loader worker behind), and
+    seed numpy's and Python's global RNGs per worker from torch's per-worker seed, so any
+    stray use of them differs between workers and repeats for a seed."""
+    die_with_parent()
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)

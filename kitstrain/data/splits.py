@@ -31,6 +31,10 @@ class Split:
 
     @classmethod
     def from_json(cls, d: dict) -> Split:
+        for side in ("train", "val"):
+            ids = d[side]
+            if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+                raise ValueError(f"{side} is {ids!r}, expected a list of case ids")
         return cls(
             train=tuple(d["train"]), val=tuple(d["val"]), mode=str(d["mode"]), seed=int(d["seed"])
         )
@@ -43,7 +47,12 @@ def shown_cases(ids: Sequence[str]) -> str:
 def require_labelled_cases(
     info: StoreInfo, cases: Sequence[str], *, what: str, fix: str, unlabelled_fix: str
 ) -> None:
-    """Every case is in the store and has a segmentation; else one line naming them."""
+    """Every case is in the store and has a segmentation; else one line naming them. A
+    string where the list belongs is refused as such (not read letter by letter)."""
+    if isinstance(cases, (str, bytes)) or not all(isinstance(c, str) for c in cases):
+        raise KitsError(
+            f"{what}: expected a list of case ids like ['case_00000'], found {cases!r}; pass a list"
+        )
     absent = [c for c in cases if c not in info.cases]
     if absent:
         raise KitsError(

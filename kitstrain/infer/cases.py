@@ -87,7 +87,7 @@ def store_predictions(
     for case_id in cases:
         require_scorable(info, case_id)
     own = reader is None
-    sm = SliceReader(info.path, info.size, info.case_ids) if own else reader
+    sm = SliceReader(info.path, info.size, info.case_ids, identity=info.identity) if own else reader
     w = info.window
     try:
         for case_id in cases:

@@ -25,8 +25,8 @@ import torch
 
 from kitsprep import __version__
 from kitsprep.errors import KitsError
-from kitsprep.files import atomic_path, check_output_folder, write_atomic
-from kitstrain.core import rundir as runlib
+from kitsprep.files import atomic_path, write_atomic
+from kitsprep.outputs import check_output
 from kitstrain.infer.inference import model_region_writes
 from kitstrain.runs.loaded import LoadedRun, load_run, load_run_model
 
@@ -56,36 +56,16 @@ def export_paths(out: Path) -> tuple[Path, Path]:
     return out, out.with_suffix(".json")
 
 
-def _in_a_run(path: Path) -> Path | None:
-    """The run directory (config.json beside checkpoints/) that holds `path`, if any."""
-    for parent in path.parents:
-        if (parent / runlib.CONFIG).is_file() and (parent / runlib.CHECKPOINTS).is_dir():
-            return parent
-    return None
-
-
 def _refuse_inputs(run: LoadedRun, targets: tuple[Path, ...]) -> None:
-    """An export never replaces what it or a run reads: the run's store, or an existing file
-    of any run directory (config, split, checkpoints, scores). A new file inside a run
-    directory is fine."""
-    store = run.store.path.resolve() if run.store is not None else None
-    recorded = Path(run.config.store).resolve() if run.config.store else None
+    """An export never replaces what it or a run reads: the run's store, its own files, a
+    source folder or another run's directory (`kitsprep.outputs.check_output`). A new file
+    inside this run's directory is fine."""
+    store = run.store.path if run.store is not None else None
+    recorded = Path(run.config.store) if run.config.store else None
     for target in targets:
-        where = target.resolve()
-        if where.is_dir():
+        if target.is_dir():
             raise KitsError(f"--out: {target} is a folder; name a file, e.g. {target}/model.onnx")
-        if where in (store, recorded):
-            raise KitsError(
-                f"--out: {target} is the store the run trained on; an export never replaces "
-                "an input, choose another path"
-            )
-        holder = _in_a_run(where)
-        if holder is not None and where.exists():
-            raise KitsError(
-                f"--out: {target} is a file of the run {holder}; an export never replaces a "
-                "run's files, choose a new name (e.g. model.onnx)"
-            )
-        check_output_folder(where, "--out")
+        check_output(target, "--out", reading=(store, recorded), run=run.run_dir)
 
 
 def _sha256(path: Path) -> str:

@@ -22,8 +22,9 @@ import numpy as np
 
 from kitsprep.cases import find_cases, select_cases
 from kitsprep.errors import KitsError
-from kitsprep.files import atomic_path, check_output_folder
+from kitsprep.files import atomic_path
 from kitsprep.labels import EDITIONS, LabelSet, edition
+from kitsprep.outputs import check_output
 from kitsprep.progress import Progress
 from kitstrain.core.device import resolve_device
 from kitstrain.infer.cases import source_predictions, source_slices
@@ -32,6 +33,7 @@ from kitstrain.metrics import CaseScore, mean_score, score_case
 from kitstrain.report.plots import prediction_overlay
 from kitstrain.report.score import TRAINED_FLAG, ScoreReport, case_line, overlay_title
 from kitstrain.runs.loaded import load_run, run_inference, training_cases
+from kitstrain.runs.provenance import claim_folder, provenance
 
 __all__ = [
     "PredictConfig",
@@ -60,6 +62,7 @@ class PredictConfig:
     data: Path | None = None  # the run's store, where it has moved
     amp: bool = True  # autocast in the run's training precision
     naming: str | None = None  # an edition whose file names to use; None: the store's
+    overwrite: bool = False  # replace another run's predictions in `out`
 
 
 @dataclass
@@ -134,27 +137,23 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     return path
 
 
-def check_predict_out(src: Path, out: Path) -> None:
-    """--out is a folder for predictions: never the source folder or a case in it (next to
-    the imaging a submission would mix with the data), never a file (the imaging itself)."""
-    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+def check_predict_out(src: Path, out: Path, overlays: Path | None = None) -> None:
+    """--out is a folder for predictions: never the source folder or anything in it (next
+    to the imaging a submission would mix with the data), never a file (the imaging
+    itself), never inside a run directory (`kitsprep.outputs`). --overlays likewise."""
+    out_r = Path(out).resolve()
     if out_r.exists() and not out_r.is_dir():
         raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
-    if out_r == src_r or (
-        src_r in out_r.parents and out_r.relative_to(src_r).parts[0].startswith("case_")
-    ):
-        raise KitsError(
-            f"--out {out} is the source folder or a case in it; write predictions "
-            "to a folder of their own (e.g. --out predictions)"
-        )
-    check_output_folder(out, "--out")
+    check_output(out, "--out", reading=[src])
+    if overlays is not None:
+        check_output(overlays, "--overlays", reading=[src])
 
 
 def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> PredictReport:
     """Predict every selected case under `cfg.src` into `cfg.out`. Raises KitsError for
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
-    check_predict_out(cfg.src, out)
+    check_predict_out(cfg.src, out, cfg.overlays)
     run = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
     naming = run.labels if cfg.naming is None else edition(cfg.naming)
     trained = set(training_cases(run.run_dir))
@@ -162,7 +161,7 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     inference = run_inference(
         run, resolve_device(cfg.device), amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size
     )
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, provenance(run, inference), cfg.overwrite)
     progress = progress if progress is not None else Progress()
     report = PredictReport(
         run_dir=run.run_dir,

@@ -11,6 +11,7 @@ from pathlib import Path
 from kitsprep.cases import CaseRef, find_cases, parse_case_spec
 from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
+from kitsprep.outputs import check_output
 from kitsprep.progress import Progress
 from kitstrain.core import rundir as runlib
 from kitstrain.core.device import resolve_device
@@ -133,6 +134,10 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         runs_root=cfg.runs_root,
         store_required=cfg.src is None,
     )
+    reading = [run.store.path if run.store is not None else None, cfg.src]
+    for path, option in ((cfg.json, "--json"), (cfg.overlays, "--overlays")):
+        if path is not None:
+            check_output(path, option, reading=reading, run=run.run_dir)
     if cfg.src is None:
         info = run.store
         chosen = _store_cases(run, cfg.cases)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,13 @@ def fit(
         info = open_store(cfg.store)
         # rank 0 chooses (and locks) the run directory; the others take its choice
         run_dir = distributed.from_main(d, lambda: rundir.prepare(cfg.out, cfg.resume, True))
+        if cfg.resume and rundir.unstarted(run_dir):
+            if d.main:
+                echo(
+                    f"{run_dir} holds no run record yet (stopped before it wrote config.json): "
+                    "starting it afresh with the options given"
+                )
+            cfg = replace(cfg, resume=False)
         result = _fit(cfg, d, device, info, run_dir, show_progress, echo, on_validation)
         failed = False
         distributed.finished(d)

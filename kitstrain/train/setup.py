@@ -23,7 +23,7 @@ from kitstrain.core import rundir
 from kitstrain.core.config import RESUMABLE, TrainConfig
 from kitstrain.core.record import RunRecord, StoreAttrs, write_record
 from kitstrain.data.loaders import batches_per_epoch
-from kitstrain.data.splits import Split, make_split
+from kitstrain.data.splits import Split, check_split, make_split
 from kitstrain.model.layers import NORMS
 from kitstrain.model.losses import LOSSES
 from kitstrain.model.networks import NETWORKS
@@ -75,11 +75,20 @@ def check_names(tc: TrainConfig) -> None:
 
 
 def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Path) -> Split:
-    """The recorded split on --resume; a new (seeded) one otherwise."""
+    """The recorded split on --resume, checked as a new one is (sides disjoint, non-empty,
+    in the store, labelled); a new (seeded) one otherwise."""
     if cfg.resume:
-        return rundir.from_record(
+        split = rundir.from_record(
             run_dir, rundir.SPLIT, Split.from_json, rundir.read_split(run_dir)
         )
+        try:
+            check_split(split, info)
+        except KitsError as exc:
+            raise KitsError(
+                f"{run_dir / rundir.SPLIT}: {exc}; restore the file `kitstrain fit` wrote, "
+                "or start a new run"
+            ) from None
+        return split
     return make_split(info, cfg.train_cases, cfg.val_cases, seed=tc.seed)
 
 
@@ -137,10 +146,17 @@ def restore_or_restart(
     echo: Callable[[str], None],
 ) -> State:
     """The state of last.pt; a run killed before its first checkpoint starts again from
-    step 0, with the config and split it recorded."""
+    step 0, with the config and split it recorded. The metrics log is cut back to that
+    step (the steps redone are logged once), and a best export that is not best.pt's is
+    written again from it."""
     if rundir.checkpoint_path(run_dir, "last").is_file():
-        return rundir.restore_training(run_dir, model, optimizer, scaler, d.rank, device)
+        state = rundir.restore_training(run_dir, model, optimizer, scaler, d.rank, device)
+        if d.main:
+            rundir.cut_metrics(run_dir, state.step)
+            rundir.repair_export(run_dir)
+        return state
     if d.main:
+        rundir.cut_metrics(run_dir, 0)
         echo(
             f"{run_dir} has no checkpoint yet (stopped before its first one): starting it again "
             "from step 0 with its recorded options and split"
@@ -232,7 +248,7 @@ def record_run(
     batch_info: dict,
     lr_info: dict,
 ) -> None:
-    """config.json (every resolved option, the store, the environment) and split.json."""
+    """split.json, then config.json (every resolved option, the store, the environment)."""
     info, tc = plan.info, plan.tc
     record = RunRecord(
         store=str(Path(cfg.store).resolve()),
@@ -258,8 +274,10 @@ def record_run(
         precision_reason=plan.precision_reason,
         env=environment(plan.device, plan.d),
     )
-    write_record(plan.run_dir, record)
+    # split.json first: config.json marks the run as started (a kill between the two
+    # leaves a folder that a new run, or --resume, starts afresh: `rundir.unstarted`)
     rundir.write_json(plan.run_dir / rundir.SPLIT, plan.split.to_json())
+    write_record(plan.run_dir, record)
 
 
 def finished(

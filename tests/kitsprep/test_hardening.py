@@ -5,7 +5,6 @@ disk, damaged stores; each ends in a working --resume or one line, exit 1."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from kitsprep import locks
 from kitsprep.cli import main
 from kitsprep.store import open_store, superblock
 from tests.kitsprep.conftest import (
@@ -128,18 +128,39 @@ def test_clearing_the_write_flags_redoes_the_superblock_checksum(tmp_path: Path)
 # --------------------------------------------------------------------------- item 9
 
 
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the lock at `path` (`kitsprep.locks`) until its stdin closes."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kitsprep import locks; locks.take(sys.argv[1]); "
+            "print('held', flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_second_concurrent_build_is_told_the_first_is_running(built, tmp_path: Path) -> None:
     src, _ = built
     out = tmp_path / "c.h5"
-    lock = os.open(out.with_name("c.h5.lock"), os.O_RDWR | os.O_CREAT)
+    holder = hold_lock(out.with_name("c.h5.lock"))
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        os.write(lock, b"4242")
         r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1)
-        assert_user_error(r, "a build of", "is running (process 4242)")
+        assert_user_error(r, "a build of", f"is running (process {holder.pid})")
         assert not (tmp_path / "c.h5.partial").exists()
+        # a record lock: not inherited, and this process cannot take it twice either
+        with pytest.raises(locks.LockBusy):
+            locks.take(out.with_name("c.h5.lock"))
     finally:
-        os.close(lock)
+        holder.stdin.close()
+        holder.wait()
     r = run("build", "--src", src, "--out", out, "--size", 32, "--workers", 1, "--no-fsync")
     assert r.exit_code == 0, r.output
     assert not out.with_name("c.h5.lock").exists()

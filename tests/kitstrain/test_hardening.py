@@ -238,7 +238,7 @@ def test_a_full_disk_during_fit_is_one_line_and_resume_works(
 
     monkeypatch.setattr(os, "fsync", full)
     r = cli("fit", loader_store, "--out", out, *TINY, "--max-steps", 2)
-    assert_user_error(r, "last.pt", "No space left on device", "--resume")
+    assert_user_error(r, "best.pt", "No space left on device", "--resume")
     assert not list(out.rglob("*.tmp"))  # nothing half-written
     monkeypatch.undo()
     r = cli("fit", loader_store, "--out", out, *TINY, "--max-steps", 2, "--resume")
@@ -251,7 +251,8 @@ def test_predict_refuses_an_out_inside_a_case_and_an_empty_volume(
     src = loader_store.parent / "src"
     assert_user_error(
         cli("predict", trained, "--src", src, "--out", src / "case_00000"),
-        "is the source folder or a case in it",
+        "is inside",
+        "which this command reads",
     )
     assert_user_error(
         cli("predict", trained, "--src", src, "--out", src / "case_00000" / "imaging.nii.gz"),

@@ -17,30 +17,57 @@ from kitsprep.errors import KitsError
 from kitstrain.core import rundir
 from kitstrain.core.rundir import State
 
+ROOT = Path(__file__).resolve().parents[3]
+_CONTENDER = """
+import sys, time
+from pathlib import Path
+from kitsprep.errors import KitsError
+from kitstrain.core import rundir
+start = Path(sys.argv[2])
+while not start.exists():
+    time.sleep(0.001)
+try:
+    rundir.acquire_lock(Path(sys.argv[1]))
+    print("took", flush=True)
+except KitsError as exc:
+    print("busy", exc, flush=True)
+sys.stdin.read()
+"""
 
-def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_or_zombie_one(
-    tmp_path: Path,
-) -> None:
-    lock = tmp_path / rundir.LOCK
-    lock.write_text(str(os.getppid()))  # a live process that is not us
-    with pytest.raises(KitsError, match=f"in use by process {os.getppid()}"):
-        rundir.acquire_lock(tmp_path)
-    rundir.release_lock(tmp_path)  # not ours: left alone
-    assert lock.read_text() == str(os.getppid())
-    # a child that exited but was not reaped yet: a zombie, so the run it held is over
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    stat = Path(f"/proc/{child.pid}/stat")
-    deadline = time.time() + 30
-    while stat.read_text().split()[2] != "Z" and time.time() < deadline:
-        time.sleep(0.05)
-    lock.write_text(str(child.pid))
+
+def _contender(run_dir: Path, start: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _CONTENDER, str(run_dir), str(start)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_the_lock_is_taken_by_one_process_of_many_and_freed_by_death(tmp_path: Path) -> None:
+    """Processes released at once: exactly one takes the run directory, the others are told
+    who holds it; once the holder is killed the lock is free at once, though its file (with
+    the dead pid) is still there."""
+    start = tmp_path / "go"
+    procs = [_contender(tmp_path, start) for _ in range(6)]
+    time.sleep(1.0)  # all started and polling
+    start.touch()
+    answers = [p.stdout.readline().strip() for p in procs]
+    took = [p for p, a in zip(procs, answers, strict=True) if a == "took"]
+    assert len(took) == 1, answers
+    assert all(f"in use by process {took[0].pid}" in a for a in answers if a != "took")
+    took[0].kill()
+    took[0].wait()
+    for p in procs:
+        p.stdin.close()
+        p.wait()
+    assert (tmp_path / rundir.LOCK).read_text() == str(took[0].pid)  # left by the killed one
     rundir.acquire_lock(tmp_path)
-    assert lock.read_text() == str(os.getpid())
-    child.wait()
-    lock.write_text(str(child.pid))  # reaped: no such process
-    rundir.acquire_lock(tmp_path)
+    with pytest.raises(KitsError, match=f"in use by process {os.getpid()}"):
+        rundir.acquire_lock(tmp_path)  # a record lock does not exclude its own process: kept
     rundir.release_lock(tmp_path)
-    assert not lock.exists()
+    assert not (tmp_path / rundir.LOCK).exists()
 
 
 def test_prepare_refuses_what_it_cannot_continue_and_drops_what_it_did_not_start(

@@ -136,7 +136,7 @@ def test_export_never_replaces_an_input(exported, tmp_path: Path) -> None:
     config = (run / "config.json").read_bytes()
     # config.onnx is new, but its JSON would be the run's config.json
     line = one_error_line(cli.invoke(main, ["export", str(run), "--out", str(run / "config.onnx")]))
-    assert "config.json is a file of the run" in line
+    assert "config.json is the run's own config.json" in line
     assert (run / "config.json").read_bytes() == config and not (run / "config.onnx").exists()
     # a run whose store is named like the JSON the export would write
     other = tmp_path / "run"
@@ -148,7 +148,7 @@ def test_export_never_replaces_an_input(exported, tmp_path: Path) -> None:
     line = one_error_line(
         cli.invoke(main, ["export", str(other), "--out", str(tmp_path / "slices.onnx")])
     )
-    assert "slices.json is the store the run trained on" in line
+    assert "slices.json would overwrite" in line and "which this command reads" in line
     line = one_error_line(cli.invoke(main, ["export", str(run), "--out", str(tmp_path / "m.pt")]))
     assert "ending in .onnx" in line
     # a new file inside the run is fine

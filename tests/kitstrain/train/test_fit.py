@@ -506,9 +506,28 @@ def test_a_run_recorded_with_the_old_amp_flag_is_refused_in_one_line(
 def test_run_directory_in_use_is_refused(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "busy"
     out.mkdir()
-    (out / "lock").write_text(str(os.getppid()))  # a live process that is not us
-    r = fit_cli(*tiny_args(store, out, "--max-steps", "1"))
-    assert r.exit_code == 1 and "in use by process" in r.output
+    holder = subprocess.Popen(  # another process holding the run's lock
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kitsprep import locks; locks.take(sys.argv[1]); "
+            "print('held', flush=True); sys.stdin.read()",
+            str(out / "lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = fit_cli(*tiny_args(store, out, "--max-steps", "1"))
+        assert r.exit_code == 1 and f"in use by process {holder.pid}" in r.output
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    (out / "lock").write_text(str(os.getppid()))  # a pid in a lock file nobody holds: free
+    assert fit_cli(*tiny_args(store, out, "--max-steps", "1")).exit_code == 0
 
 
 def test_existing_run_needs_resume(
