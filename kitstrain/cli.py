@@ -277,7 +277,7 @@ def predict(
     from kitstrain.report.score import format_table
     from kitstrain.runs.predict import PredictConfig, check_predict_out, predict_run
 
-    check_predict_out(src, out, overlays)
+    check_predict_out(src, out, overlays, run_dir)
     _warn_misnamed(src)
     cfg = PredictConfig(
         run_dir=run_dir,

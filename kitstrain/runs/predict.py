@@ -137,23 +137,27 @@ def write_prediction(labels: np.ndarray, imaging: Path, path: Path) -> Path:
     return path
 
 
-def check_predict_out(src: Path, out: Path, overlays: Path | None = None) -> None:
+def check_predict_out(
+    src: Path, out: Path, overlays: Path | None = None, run: Path | None = None
+) -> None:
     """--out is a folder for predictions: never the source folder or anything in it (next
     to the imaging a submission would mix with the data), never a file (the imaging
-    itself), never inside a run directory (`kitsprep.outputs`). --overlays likewise."""
+    itself), never inside another run's directory nor over `run`'s own files
+    (`kitsprep.outputs`; a new folder inside `run`, e.g. RUN/predictions, is fine).
+    --overlays likewise."""
     out_r = Path(out).resolve()
     if out_r.exists() and not out_r.is_dir():
         raise KitsError(f"--out {out} is a file; expected a folder for prediction_XXXXX.nii.gz")
-    check_output(out, "--out", reading=[src])
+    check_output(out, "--out", reading=[src], run=run)
     if overlays is not None:
-        check_output(overlays, "--overlays", reading=[src])
+        check_output(overlays, "--overlays", reading=[src], run=run)
 
 
 def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> PredictReport:
     """Predict every selected case under `cfg.src` into `cfg.out`. Raises KitsError for
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
-    check_predict_out(cfg.src, out, cfg.overlays)
+    check_predict_out(cfg.src, out, cfg.overlays, cfg.run_dir)
     run = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
     naming = run.labels if cfg.naming is None else edition(cfg.naming)
     trained = set(training_cases(run.run_dir))

@@ -276,8 +276,9 @@ def test_a_nan_affine_and_an_unreadable_file_are_named_as_such(
         raw[254:256] = np.int16(0).tobytes()  # sform_code: the qform (with pixdim) rules
         (folder / name).write_bytes(gzip.compress(bytes(raw)))
     r = run("build", "--src", tmp_path / "src", "--out", tmp_path / "s.h5", "--size", 16)
-    msg = one_line(r, "case_00000", "non-finite (NaN/Inf) affine")
-    assert "differ" not in msg
+    # named as the NaN spacing it is (never as "imaging and segmentation affines differ")
+    msg = one_line(r, "case_00000", "voxel spacing (nan, 0.8, 0.8)")
+    assert "differ" not in msg and "imaging.nii.gz" in msg
     write_case(tmp_path / "ok", 0, image, np.zeros((4, 16, 16), np.uint8))
     real = os.access
     monkeypatch.setattr(
