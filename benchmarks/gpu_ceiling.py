@@ -19,7 +19,7 @@ from kitstrain.core.precision import resolve_precision
 from kitstrain.core.record import read_record
 from kitstrain.model.losses import make_loss
 from kitstrain.train.fit import build_training_model
-from kitstrain.train.optim import make_optimizer
+from kitstrain.train.optim import apply_gradients, make_optimizer
 
 
 def main() -> None:
@@ -50,16 +50,7 @@ def main() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(model, optimizer, scaler, tc.grad_clip)
 
     for _ in range(10):  # warm-up: cuDNN's choice, the allocator
         step()

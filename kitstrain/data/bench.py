@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kitsprep.errors import KitsError
-from kitsprep.store import CRC_ON_READ, SliceReader, crc32, open_store
+from kitsprep.store import CRC_ON_READ, SliceReader, StoreInfo, crc32, open_store
 from kitstrain.data.augment import AugmentConfig, compile_kernels
 from kitstrain.data.dataset import SliceDataset
 from kitstrain.data.loaders import close_loader, train_loader_for
@@ -197,13 +197,7 @@ def bench_loader(
     < 400 MB apart from the pool's shared batch slots (`worker_shmem_mb`, bounded by the
     prefetch budget), whatever the store's size."""
     store_path = Path(store_path)
-    info = open_store(store_path)
-    cases = info.labelled_cases
-    if not cases:
-        raise KitsError(
-            f"{store_path} holds no labelled case; the loader benchmark reads "
-            "training slices, build a store with segmentations"
-        )
+    info, cases = labelled_store(store_path)
     aug = AugmentConfig() if augment else None
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else None
@@ -301,6 +295,18 @@ def bench_loader(
             "cpus": os.cpu_count(),
         },
     }
+
+
+def labelled_store(store_path: Path) -> tuple[StoreInfo, list[str]]:
+    """The store and its labelled cases, which every loader benchmark reads; a store
+    without any is one line."""
+    info = open_store(store_path)
+    if not info.labelled_cases:
+        raise KitsError(
+            f"{store_path} holds no labelled case; the loader benchmark reads "
+            "training slices, build a store with segmentations"
+        )
+    return info, info.labelled_cases
 
 
 def _crc_us_per_slice(store_path: Path, info, rows: np.ndarray, n: int = 64) -> float:

@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kitsprep.errors import KitsError
-from kitsprep.store import open_store
 from kitstrain.core.config import PRESETS, TrainConfig
 from kitstrain.core.workers import resolve_workers
 from kitstrain.data.augment import AugmentConfig, compile_kernels
-from kitstrain.data.bench import _mb, _proc_kb, _run
+from kitstrain.data.bench import _mb, _proc_kb, _run, labelled_store
 from kitstrain.data.dataset import SliceDataset
 from kitstrain.data.device_augment import augment_batch
 from kitstrain.data.loaders import train_loader_for
@@ -46,13 +44,7 @@ def bench_training_loader(
 ) -> dict:
     """Measure the default training loader on a store (see the module's docstring)."""
     store_path = Path(store_path)
-    info = open_store(store_path)
-    cases = info.labelled_cases
-    if not cases:
-        raise KitsError(
-            f"{store_path} holds no labelled case; the loader benchmark reads training "
-            "slices, build a store with segmentations"
-        )
+    info, cases = labelled_store(store_path)
     preset = PRESETS["default"]
     cuda = torch.cuda.is_available()
     side = ("device" if cuda else "workers") if augment_on == "auto" else augment_on

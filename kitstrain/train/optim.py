@@ -65,3 +65,23 @@ def lr_at(p: float, tc: TrainConfig) -> float:
         return tc.lr * max(p / tc.warmup, 0.01)
     q = (p - tc.warmup) / max(1e-8, 1 - tc.warmup)
     return tc.lr * SCHEDULES[tc.schedule](q)
+
+
+def apply_gradients(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+) -> None:
+    """The end of a step, once its gradients are in: unscale (fp16), clip, step, zero.
+    The trainer and the GPU ceiling benchmark step alike through here."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

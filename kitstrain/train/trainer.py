@@ -33,7 +33,7 @@ from kitstrain.train.evaluate import estimate_val_seconds, evaluate, unwrap, val
 from kitstrain.train.faults import clock_skew, install_faults
 from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
 from kitstrain.train.memory import cudnn_tuning, free_memory, is_oom, peak_memory_mb
-from kitstrain.train.optim import lr_at, progress_of
+from kitstrain.train.optim import apply_gradients, lr_at, progress_of
 
 CHECKPOINT_EVERY_S = 120.0  # a `last` checkpoint at least this often, besides validations
 STOP_TIME, CHECKPOINT_DUE = 1, 2  # bits of the decision rank 0 broadcasts per log window
@@ -207,16 +207,7 @@ class Trainer:
                     loss = self.loss_fn(model(x), y) * (x.shape[0] / n)
                 (scaler.scale(loss) if scaler else loss).backward()
             total += loss.detach()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if self.tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(model, optimizer, scaler, self.tc.grad_clip)
         return total
 
     # ------------------------------------------------------------------ logging
