@@ -7,33 +7,31 @@ U-Net's), so loading works for any registered architecture."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from kitsprep.errors import KitsError
 from kitstrain.core import rundir as runlib
-from kitstrain.core.record import read_record
+from kitstrain.core.record import RunRecord, read_record
 from kitstrain.model.networks import build_network, config_from_record
 
-__all__ = ["load_model", "model_config"]
-
-
-def model_config(run_dir: Path) -> Any:
-    """The run's network config (a `UNetConfig` for a U-Net), as recorded."""
-    record = read_record(run_dir)
-    return runlib.from_record(run_dir, runlib.CONFIG, config_from_record, record.model)
+__all__ = ["load_model"]
 
 
 def load_model(
-    run_dir: Path, which: str = "best", device: str | torch.device = "cpu"
+    run_dir: Path,
+    which: str = "best",
+    device: str | torch.device = "cpu",
+    record: RunRecord | None = None,
 ) -> tuple[nn.Module, dict]:
-    """The run's model with weights from `which` ('best', falling back to 'last')."""
+    """The run's model with weights from `which` ('best', falling back to 'last'), built as
+    its record (`record`, or read from config.json) describes."""
     run_dir = Path(run_dir)
     path = runlib.resolve_checkpoint(run_dir, which)
     ckpt = runlib.load_checkpoint(path, map_location=device)
-    cfg = model_config(run_dir)
+    record = record if record is not None else read_record(run_dir)
+    cfg = runlib.from_record(run_dir, runlib.CONFIG, config_from_record, record.model)
     model = build_network(cfg.network, cfg)
     try:
         model.load_state_dict(ckpt["model"])

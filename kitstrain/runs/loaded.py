@@ -157,7 +157,7 @@ def load_run(
 def load_run_model(run: LoadedRun, device: torch.device) -> nn.Module:
     """The run's model from its resolved checkpoint, on `device`, checked against the
     context the run recorded (a model fed the wrong number of slices is silently wrong)."""
-    model, _ = load_model(run.run_dir, run.which, device)
+    model, _ = load_model(run.run_dir, run.which, device, run.config)
     if device.type == "cuda":
         pad_input_channels(model)  # as fit trains on CUDA: tensor-core kernels for 5 channels
     expected = 1 + 2 * run.context
