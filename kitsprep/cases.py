@@ -1,4 +1,5 @@
-"""Find KiTS cases (KiTS19/23 and KiTS21 layouts), parse case specs, read NIfTI volumes fast.
+"""Find KiTS cases (KiTS19/23 and KiTS21 layouts, and through `kitsprep.layouts` an nnU-Net
+raw dataset or a MONAI datalist), parse case specs, read NIfTI volumes fast.
 
 Decompression is the floor of a build's cost, so `.nii.gz` files are inflated in one call
 with ISA-L (`isal.igzip`, ~3x zlib; measured in benchmarks/prep.py) and the voxels are
@@ -20,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from kitsprep.caseref import CASE_RE, CaseRef, case_name
 from kitsprep.errors import KitsError
 from kitsprep.geometry import check_header_spacing
 from kitsprep.gzipped import (  # source_fingerprint: named here too, for `build.plan`
@@ -28,8 +30,9 @@ from kitsprep.gzipped import (  # source_fingerprint: named here too, for `build
     inflate_bounded,
     source_fingerprint,  # noqa: F401
 )
+from kitsprep.layouts.datalist import datalist_cases, datalist_splits, is_datalist
+from kitsprep.layouts.nnunet import dataset_edition, is_nnunet_dataset, nnunet_cases
 
-CASE_RE = re.compile(r"^case_(\d{5})$")
 NEAR_CASE_RE = re.compile(r"^case", re.IGNORECASE)  # meant as a case, but not case_XXXXX
 IMAGING_NAMES = ("imaging.nii.gz", "imaging.nii")
 SEGMENTATION_NAMES = ("segmentation.nii.gz", "segmentation.nii")
@@ -40,22 +43,6 @@ NO_MASK_REASON = f"no {SEGMENTATION_NAMES[0]} or {KITS21_SEGMENTATION}"
 # KiTS21 both call theirs kits.json, which therefore says nothing.
 EDITION_FILES = {"kits23.json": "kits23", "kits21.json": "kits21"}
 MAX_RANGE = 100_000  # case ids have five digits
-
-
-@dataclass(frozen=True)
-class CaseRef:
-    """One case directory: imaging, and segmentation when the case is labelled (else why
-    not, for `kitsprep info` to say)."""
-
-    case_id: str
-    imaging: Path
-    segmentation: Path | None
-    unlabelled_reason: str = ""
-
-    @property
-    def labelled(self) -> bool:
-        """Whether the case has a mask (the KiTS test cases have none)."""
-        return self.segmentation is not None
 
 
 @dataclass(frozen=True)
@@ -84,11 +71,6 @@ def case_number(case_id: str) -> int:
     if not m:
         raise KitsError(f"expected a case id like case_00042, found {case_id!r}")
     return int(m.group(1))
-
-
-def case_name(number: int) -> str:
-    """``case_00042`` for 42: the KiTS folder name."""
-    return f"case_{number:05d}"
 
 
 def _first_existing(folder: Path, names: Iterable[str]) -> Path | None:
@@ -142,15 +124,24 @@ def unusable_case_entries(src: Path) -> list[str]:
 
 
 def find_cases(src: Path) -> list[CaseRef]:
-    """Every `case_XXXXX/` under `src` (the KiTS19 `data/` folder), sorted by number."""
+    """The cases of a source, sorted by id: every `case_XXXXX/` under a KiTS data folder
+    (KiTS19 `data/`, KiTS21/23 `dataset/`), the images of an nnU-Net raw dataset folder
+    (`dataset.json`), or the entries of a MONAI datalist JSON file."""
     src = Path(src)
+    if is_datalist(src):
+        return datalist_cases(src)
     if not src.exists():
         raise KitsError(
             f"source folder {src} does not exist; pass the KiTS19 data/ folder "
             "(with case_00000/ ...) or make one with `kitsprep synth --out DIR`"
         )
     if not src.is_dir():
-        raise KitsError(f"--src must be a folder of case_XXXXX/ folders, found a file: {src}")
+        raise KitsError(
+            "--src must be a folder of case_XXXXX/ folders, an nnU-Net dataset folder or a "
+            f"MONAI datalist .json, found a file: {src}"
+        )
+    if is_nnunet_dataset(src):
+        return nnunet_cases(src)
     entries = sorted(
         p
         for p in src.iterdir()
@@ -180,8 +171,11 @@ def find_cases(src: Path) -> list[CaseRef]:
 
 
 def folder_edition(src: Path, cases: Iterable[CaseRef]) -> tuple[str, str] | None:
-    """The KiTS edition a source folder declares, and why: the release's metadata file
-    (``kits23.json``, ``kits21.json``) or KiTS21's mask name; None when it says nothing."""
+    """The KiTS edition a source declares, and why: an nnU-Net dataset's labels, the
+    release's metadata file (``kits23.json``, ``kits21.json``) or KiTS21's mask name; None
+    when it says nothing."""
+    if is_nnunet_dataset(src):
+        return dataset_edition(Path(src))
     for name, edition in EDITION_FILES.items():
         if (Path(src) / name).is_file():
             return edition, f"{name} in {src}"
@@ -189,6 +183,25 @@ def folder_edition(src: Path, cases: Iterable[CaseRef]) -> tuple[str, str] | Non
         if ref.segmentation is not None and ref.segmentation.name == KITS21_SEGMENTATION:
             return "kits21", f"{ref.case_id} has KiTS21's {KITS21_SEGMENTATION}"
     return None
+
+
+def check_edition(src: Path, requested: str) -> None:
+    """An ``--edition`` the source's declared labels disagree with (an nnU-Net dataset's) is
+    one line, before any case is read."""
+    if requested != "auto" and is_nnunet_dataset(src):
+        dataset_edition(Path(src), requested)
+
+
+def recorded_splits(src: Path, case_ids: Iterable[str]) -> list[dict] | None:
+    """The folds a source records (a MONAI datalist's), in nnU-Net's ``splits_final.json``
+    form, over ``case_ids`` only (the cases the store holds); None when it records none."""
+    if not is_datalist(src):
+        return None
+    keep = set(case_ids)
+    splits = datalist_splits(Path(src))
+    if splits is None:
+        return None
+    return [{k: [c for c in fold[k] if c in keep] for k in ("train", "val")} for fold in splits]
 
 
 def misnamed_case_folders(src: Path) -> list[str]:
@@ -206,7 +219,8 @@ def misnamed_case_folders(src: Path) -> list[str]:
 
 def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[str]:
     """`0-19,50-54`, `case_00003`, `3`, or `@file` (one id a line) -> sorted case ids.
-    With `available`, every id must be one of them."""
+    With `available`, every id must be one of them, and any of them may be named as it is
+    (numbers and ranges reach only the ids called case_XXXXX)."""
     spec = spec.strip()
     if spec.startswith("@"):
         path = Path(spec[1:])
@@ -218,13 +232,17 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
         tokens = [t.strip() for t in spec.split(",") if t.strip()]
     if not tokens:
         raise KitsError(f"empty case spec {spec!r}; expected e.g. 0-19,50-54 or case_00003")
-    have_numbers = None
+    have_numbers, have = None, set()
     if available is not None:
-        available = list(available)
-        have_numbers = sorted(int(m.group(1)) for m in map(CASE_RE.match, available) if m)
+        have = set(available)
+        have_numbers = sorted(int(m.group(1)) for m in map(CASE_RE.match, have) if m)
     numbers: set[int] = set()
+    names: set[str] = set()  # ids as given: the only way to name a case not called case_XXXXX
     n_missing, first_missing = 0, []
     for tok in tokens:
+        if tok in have:
+            names.add(tok)
+            continue
         m = re.fullmatch(r"(?:case_)?(\d+)\s*-\s*(?:case_)?(\d+)", tok)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
@@ -251,15 +269,18 @@ def parse_case_spec(spec: str, available: Iterable[str] | None = None) -> list[s
                 n += 1
             continue
         m = re.fullmatch(r"(?:case_)?(\d+)", tok)
-        if not m:
+        if m:
+            numbers.add(int(m.group(1)))
+        elif available is not None:  # a name, but none of the cases there
+            n_missing += 1
+            first_missing.append(tok)
+        else:
             raise KitsError(
                 f"cannot read case {tok!r} in spec {spec!r}; "
-                "expected e.g. 0-19,50-54, case_00003 or @file"
+                "expected e.g. 0-19,50-54, case_00003, a case id, or @file"
             )
-        numbers.add(int(m.group(1)))
-    ids = [case_name(n) for n in sorted(numbers)]
+    ids = sorted({case_name(n) for n in numbers} | names)
     if available is not None:
-        have = set(available)
         missing = [c for c in ids if c not in have]
         n_missing += len(missing)
         first_missing = sorted(set(first_missing + missing[:5]))[:5]

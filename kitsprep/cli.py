@@ -162,7 +162,9 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
     "--src",
     type=click.Path(path_type=Path),
     required=True,
-    help="KiTS data folder of case_XXXXX/ folders (KiTS19, KiTS21 or KiTS23 layout).",
+    help="KiTS data folder of case_XXXXX/ folders (KiTS19, KiTS21 or KiTS23 layout), an "
+    "nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/, imagesTs/), or a MONAI "
+    "datalist .json (its folds become the store's recorded splits).",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to write.")
 @click.option(
@@ -208,8 +210,9 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
     type=click.Choice(["auto", *EDITIONS]),
     default="auto",
     show_default=True,
-    help="KiTS edition whose labels the masks hold; auto: what the folder declares "
-    "(kits23.json, kits21.json, KiTS21's aggregated_MAJ_seg.nii.gz), else kits23 "
+    help="KiTS edition whose labels the masks hold; auto: what the source declares "
+    "(an nnU-Net dataset.json's labels, kits23.json, kits21.json, KiTS21's "
+    "aggregated_MAJ_seg.nii.gz), else kits23 "
     "when a mask holds a cyst (label 3), else kits19.",
 )
 def build(
@@ -336,6 +339,10 @@ def info(store: Path, as_json: bool) -> None:
         f"foreground   {100 * summary['fg_slice_share']:.1f}% of labelled slices hold "
         f"a foreground label; {shares} of labelled pixels"
     )
+    if summary["folds"]:
+        click.echo(
+            f"folds        {summary['folds']} recorded by the source (kitstrain fit --fold K)"
+        )
     if summary["bad_cases"]:
         click.echo(f"bad cases    {len(summary['bad_cases'])} skipped at build:")
         for cid, why in summary["bad_cases"].items():

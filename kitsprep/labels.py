@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kitsprep.caseref import CASE_RE
 from kitsprep.errors import KitsError
 
 __all__ = [
@@ -130,8 +131,10 @@ class LabelSet:
         return sorted(int(v) for v in np.unique(np.asarray(present)) if int(v) not in allowed)
 
     def prediction_file(self, case_id: str) -> str:
-        """The file name the edition's official evaluator expects for ``case_XXXXX``."""
-        return self.prediction_name.format(int(case_id.rsplit("_", 1)[-1]))
+        """The file name the edition's official evaluator expects for ``case_XXXXX``; a case
+        named otherwise (an nnU-Net or MONAI source) keeps its name, as nnU-Net's are."""
+        m = CASE_RE.match(case_id)
+        return self.prediction_name.format(int(m.group(1))) if m else f"{case_id}.nii.gz"
 
     def to_json(self) -> str:
         """The label set as the store's ``labels`` attribute keeps it."""

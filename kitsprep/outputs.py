@@ -12,6 +12,7 @@ from pathlib import Path
 from kitsprep.cases import CASE_RE, IMAGING_NAMES
 from kitsprep.errors import KitsError
 from kitsprep.files import check_output_folder
+from kitsprep.layouts.nnunet import is_nnunet_dataset
 
 __all__ = ["RUN_FILES", "check_output", "enclosing_run", "enclosing_source"]
 
@@ -30,8 +31,9 @@ def is_run_dir(folder: Path) -> bool:
 
 
 def is_source_dir(folder: Path) -> bool:
-    """A case folder (it holds imaging.nii.gz) or a KiTS data folder (case_XXXXX/ in it)."""
-    if any((folder / n).exists() for n in IMAGING_NAMES):
+    """A case folder (it holds imaging.nii.gz), a KiTS data folder (case_XXXXX/ in it) or
+    an nnU-Net raw dataset (dataset.json in it)."""
+    if any((folder / n).exists() for n in IMAGING_NAMES) or is_nnunet_dataset(folder):
         return True
     try:
         return any(CASE_RE.match(p.name) and p.is_dir() for p in folder.iterdir())

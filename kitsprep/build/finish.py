@@ -14,7 +14,7 @@ import numpy as np
 from kitsprep import failpoints
 from kitsprep.build.case import present_values
 from kitsprep.build.config import BuildConfig
-from kitsprep.cases import CaseRef, folder_edition
+from kitsprep.cases import CaseRef, folder_edition, recorded_splits
 from kitsprep.files import fsync_path
 from kitsprep.labels import EDITIONS, LabelSet
 from kitsprep.store.format import CaseWritten
@@ -65,7 +65,8 @@ def finish_build(
     label_bytes = sum(len(c) for w in written for c in (w.label_chunks or []))
     slices = sum(w.meta.slices for w in written)
     reserve(store, 2 * label_bytes + 2 * index_nbytes(labels, slices) + 128 * slices + (4 << 20))
-    finalize(store, written, bad, labels, why)
+    splits = recorded_splits(cfg.src, [w.meta.case_id for w in written])
+    finalize(store, written, bad, labels, why, splits)
     unreserve(store)
     # Not `atomic_path`: the store was built in OUT.partial, where --resume finds it.
     fsync_path(store)

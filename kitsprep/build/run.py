@@ -17,7 +17,7 @@ from kitsprep.build.lock import build_lock
 from kitsprep.build.plan import check_changed_sources, open_partial_build
 from kitsprep.build.resume import load_record, partial_dir, readable_records
 from kitsprep.build.workers import run_jobs
-from kitsprep.cases import CaseRef, find_cases, read_header, select_cases
+from kitsprep.cases import CaseRef, check_edition, find_cases, read_header, select_cases
 from kitsprep.errors import KitsError
 from kitsprep.files import remove_stale_temps
 from kitsprep.geometry import fit_in_plane
@@ -95,6 +95,7 @@ def _build_locked(
     if cfg.out.exists() and cfg.out.is_dir():
         raise KitsError(f"--out {cfg.out} is a folder; expected a file path like slices.h5")
     refs = select_cases(find_cases(cfg.src), cfg.cases)
+    check_edition(cfg.src, cfg.edition)
     bad: dict[str, str] = {}
     store, plans, offsets = open_partial_build(cfg, refs, bad)
     work = store.parent

@@ -7,7 +7,9 @@ Layout (format `kits-slices`, version 2):
                              size, edition, edition_reason, labels (the edition's LabelSet,
                              JSON), num_classes,
                              image_dtype, build (JSON), cases (JSON list), bad_cases (JSON),
-                             complete, attrs_checksum (of all the others)
+                             complete, attrs_checksum (of all the others); splits (JSON,
+                             only when the source recorded folds: nnU-Net splits_final.json
+                             form over store case ids)
     /cases/<case_id>/image   (slices, size, size) float16, one uncompressed slice per chunk,
                              allocated at creation so chunk offsets never move
     /cases/<case_id>/label   (slices, size, size) uint8, one deflated slice per chunk
@@ -48,6 +50,7 @@ LABEL_LEVEL = 1  # deflate level for label chunks: mostly zeros, level 1 is alre
 
 
 ATTRS_CHECKSUM = "attrs_checksum"
+SPLITS = "splits"
 
 
 def attrs_checksum(attrs) -> str:

@@ -14,7 +14,14 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
-from kitsprep.store.format import ATTRS_CHECKSUM, FORMAT, FORMAT_VERSION, CaseMeta, attrs_checksum
+from kitsprep.store.format import (
+    ATTRS_CHECKSUM,
+    FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    CaseMeta,
+    attrs_checksum,
+)
 from kitsprep.store.integrity import index_problems
 from kitsprep.store.superblock import HDF5_SIGNATURE, read_superblock
 from kitsprep.window import Window
@@ -39,6 +46,9 @@ class StoreInfo:
     # path names the store as replaced, not damaged
     identity: tuple[int, ...] = ()
     problems: tuple[str, ...] = ()  # found by the open's checks (`open_store(check=False)`)
+    # the folds the source recorded (a MONAI datalist's), in nnU-Net's splits_final.json
+    # form over store case ids; None when it recorded none
+    splits: list[dict] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -184,6 +194,7 @@ def _read_store(path: Path) -> StoreInfo:
             edition_reason=str(a.get("edition_reason", "")),
             identity=identity,
             problems=tuple(problems),
+            splits=json.loads(a[SPLITS]) if SPLITS in a else None,
         )
 
 
@@ -228,6 +239,7 @@ def summarise(info: StoreInfo) -> dict:
             name: float(info.label_pixels(name, lab).sum() / pixels) for name in info.labels.names
         },
         "bad_cases": info.bad_cases,
+        "folds": len(info.splits) if info.splits is not None else 0,
         "build": info.build,
         "per_case": {
             cid: {

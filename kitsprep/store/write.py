@@ -16,6 +16,7 @@ from kitsprep.store.format import (
     FORMAT,
     FORMAT_VERSION,
     LABEL_LEVEL,
+    SPLITS,
     CaseMeta,
     CasePlan,
     CaseWritten,
@@ -91,8 +92,11 @@ def finalize(
     bad_cases: dict[str, str],
     labels: LabelSet,
     edition_reason: str = "",
+    splits: list[dict] | None = None,
 ) -> None:
-    """Write labels, per-case attributes and the index, then mark the file complete."""
+    """Write labels, per-case attributes and the index, then mark the file complete.
+    ``splits``: the folds the source recorded (nnU-Net's splits_final.json form), kept as
+    the ``splits`` attribute for `kitstrain fit --fold`."""
     rows = []
     dtype = index_dtype(labels.num_classes)
     with h5py.File(path, "r+") as f:
@@ -143,6 +147,8 @@ def finalize(
         f.attrs["labels"] = labels.to_json()
         f.attrs["num_classes"] = labels.num_classes
         f.attrs["bad_cases"] = json.dumps(bad_cases, sort_keys=True)
+        if splits is not None:
+            f.attrs[SPLITS] = json.dumps(splits)
         f.attrs["complete"] = True
         f.attrs[ATTRS_CHECKSUM] = attrs_checksum(f.attrs)
         failpoints.hit("h5 attributes")
