@@ -194,7 +194,9 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
     type=click.IntRange(1, 256),
     help="Decoding processes [default: all cores].",
 )
-@click.option("--cases", "case_spec", default=None, help="Cases to include: 0-19,50-54 or @file.")
+@click.option(
+    "--cases", "case_spec", default=None, help="Cases to include: 0-19,50-54, case ids, or @file."
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option(
@@ -355,7 +357,7 @@ def info(store: Path, as_json: bool) -> None:
     "--src",
     type=click.Path(path_type=Path),
     default=None,
-    help="Also check labels against the source masks in this KiTS19 folder.",
+    help="Also check labels against the source masks here (any --src that build reads).",
 )
 def verify(store: Path, src: Path | None) -> None:
     """Integrity: cases complete, index consistent; with --src, labels equal the source."""

@@ -152,7 +152,7 @@ def dataset_edition(root: Path, requested: str = "auto") -> tuple[str, str]:
                 f"{where}: {diffs[requested][0]}, so it is not --edition {requested}; "
                 "choose the edition its masks hold, or fix its labels"
             )
-        return requested, f"--edition, labels agree with {where}"
+        return requested, "--edition"
     agree = [name for name, d in diffs.items() if not d]
     if not agree:
         nearest = min(reversed(diffs), key=lambda n: len(diffs[n]))
@@ -162,7 +162,9 @@ def dataset_edition(root: Path, requested: str = "auto") -> tuple[str, str]:
             + ", ".join(f"{v} {n}" for n, v in EDITIONS[nearest].labels)
             + "); fix dataset.json's labels, or relabel the masks"
         )
-    named = f"{root.name} {_read_json(root).get('name', '')}".lower().replace("20", "")
+    # the folder or the dataset's name (Dataset220_KiTS2023, "KiTS2021") names the edition
+    names = f"{root.name} {_read_json(root).get('name', '')}".lower()
+    named = re.sub(r"kits20(\d\d)", r"kits\1", names)
     chosen = next((n for n in agree if n in named), agree[-1])
     return chosen, f"labels in {where}"
 

@@ -17,6 +17,7 @@ from kitsprep.errors import KitsError
 from kitsprep.labels import EDITIONS
 from kitsprep.layouts.datalist import case_id_of
 from kitsprep.layouts.nnunet import label_differences, parse_labels
+from kitsprep.outputs import check_output
 from kitsprep.store import open_store
 from tests.kitsprep.conftest import build, kits_affine, random_case, write_case, write_nifti
 
@@ -137,6 +138,13 @@ def test_nnunet_dataset_builds_with_the_edition_its_labels_declare(
 def test_kits21_named_dataset_reads_as_kits21(tmp_path):
     src = write_nnunet(tmp_path / "Dataset100_KiTS2021", V2)
     assert folder_edition(src, [])[0] == "kits21"
+    assert folder_edition(write_nnunet(tmp_path / "d", V2, name="KiTS21"), [])[0] == "kits21"
+
+
+def test_an_output_inside_an_nnunet_dataset_is_refused(tmp_path):
+    src = write_nnunet(tmp_path / "Dataset220_KiTS2023", V2)
+    with pytest.raises(KitsError, match="inside the source folder"):
+        check_output(src / "imagesTs" / "predictions", "--out")
 
 
 def test_nnunet_labels_no_edition_has_are_one_line(tmp_path):
