@@ -166,43 +166,35 @@ def test_edition_option_must_agree_with_the_dataset_labels(tmp_path):
 @pytest.mark.parametrize(
     "change,needle",
     [
-        (lambda d: d["dataset.json"].write_text("{nope"), "cannot be read as JSON"),
+        (lambda d: (d / "dataset.json").write_text("{nope"), "cannot be read as JSON"),
         (lambda d: _edit(d, labels=None), "has no 'labels'"),
         (lambda d: _edit(d, channel_names=None), "no 'channel_names'"),
         (lambda d: _edit(d, channel_names={"0": "CT", "1": "PET"}), "2 channels"),
         (lambda d: _edit(d, file_ending=".mha"), "file_ending '.mha'"),
         (
-            lambda d: (d["labelsTr"] / "case_00001.nii.gz").unlink(),
+            lambda d: (d / "labelsTr" / "case_00001.nii.gz").unlink(),
             "imagesTr/case_00001_0000.nii.gz has no label",
         ),
         (
-            lambda d: (d["imagesTr"] / "case_00001_0000.nii.gz").unlink(),
+            lambda d: (d / "imagesTr" / "case_00001_0000.nii.gz").unlink(),
             "labelsTr/case_00001.nii.gz has no image",
         ),
         (
-            lambda d: (d["imagesTr"] / "case_00001_0001.nii.gz").write_bytes(b""),
+            lambda d: (d / "imagesTr" / "case_00001_0001.nii.gz").write_bytes(b""),
             "channel 1 of case_00001",
         ),
     ],
 )
 def test_nnunet_dataset_errors_name_the_file_and_the_fix(tmp_path, change, needle):
     src = write_nnunet(tmp_path / "d", V2)
-    change(_Dataset(src))
+    change(src)
     with pytest.raises(KitsError) as exc:
         find_cases(src)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
-class _Dataset:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def __getitem__(self, name: str) -> Path:
-        return self.root / name
-
-
-def _edit(d: _Dataset, **fields) -> None:
-    path = d["dataset.json"]
+def _edit(d: Path, **fields) -> None:
+    path = d / "dataset.json"
     meta = json.loads(path.read_text())
     for k, v in fields.items():
         if v is None:
