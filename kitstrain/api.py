@@ -1,4 +1,5 @@
-"""The Python API for notebooks and scripts: a trained run as a function from CT to labels.
+"""The Python API for notebooks and scripts: a trained run (or an ensemble of runs, or of a
+cross-validation folder's folds) as a function from CT to labels.
 
 `Predictor` wraps what `kitstrain predict` does for one volume at a time, through the same
 code (`runs.loaded` to load the run into an `infer.inference.Inference`, whose `volume`
