@@ -1,4 +1,5 @@
-"""The Python API for notebooks and scripts: a trained run as a function from CT to labels.
+"""The Python API for notebooks and scripts: a trained run (or an ensemble of runs, or of a
+cross-validation folder's folds) as a function from CT to labels.
 
 `Predictor` wraps what `kitstrain predict` does for one volume at a time, through the same
 code (`runs.loaded` to load the run into an `infer.inference.Inference`, whose `volume`
@@ -29,7 +30,8 @@ from kitstrain.core.device import resolve_device
 from kitstrain.data.dataset import SliceDataset
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
 from kitstrain.infer.inference import Inference
-from kitstrain.runs.loaded import LoadedRun, load_run, run_inference
+from kitstrain.runs.ensemble import load_ensemble
+from kitstrain.runs.loaded import LoadedRun
 from kitstrain.runs.predict import prediction_image
 
 __all__ = ["Predictor", "SliceDataset", "open_store"]
@@ -79,21 +81,30 @@ class Predictor:
     @classmethod
     def from_run(
         cls,
-        run_dir: Path | str,
+        run_dir: Path | str | Sequence[Path | str],
         which: str = "best",
         device: str = "auto",
         tta: bool = False,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        postprocess: bool = True,
     ) -> Predictor:
-        """Load `run_dir` (written by `kitstrain fit`) with its `which` checkpoint ("best",
-        falling back to "last" before the first validation, or "last") on `device` ("auto",
-        "cpu", "cuda"); `tta` averages the four flips. KitsError when the run is missing
-        or incomplete."""
+        """Load `run_dir` (written by `kitstrain fit`; several runs or a cross-validation
+        folder: an ensemble averaging their probabilities) with its `which` checkpoint
+        ("best", falling back to "last" before the first validation, or "last") on `device`
+        ("auto", "cpu", "cuda"); `tta` averages the four flips; `postprocess` applies the
+        post-processing recorded beside the models (`postprocessing.json`), as `kitstrain
+        predict` does. KitsError when a run is missing or incomplete, or the runs differ."""
         if which not in ("best", "last"):
             raise KitsError(f"which={which!r}: expected 'best' or 'last'")
-        run = load_run(Path(run_dir), None, which=which, store_required=False)
-        return cls(run, run_inference(run, resolve_device(device), tta=tta, batch_size=batch_size))
+        paths = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+        if not paths:
+            raise KitsError("Predictor.from_run: expected a run directory, found none")
+        ens = load_ensemble([Path(p) for p in paths], None, which=which, store_required=False)
+        inference = ens.inference(
+            resolve_device(device), tta=tta, batch_size=batch_size, postprocess=postprocess
+        )
+        return cls(ens.primary, inference)
 
     @property
     def labels(self) -> LabelSet:
@@ -144,7 +155,8 @@ class Predictor:
         nothing it can segment, and resized to the store's size each one costs a whole
         slice: (100000, 1, 1) would run for minutes on gigabytes. Refused in one line; it is
         most often a volume with its axes in another order."""
-        side = 2 ** int(self.run.config.train.depth)
+        # an ensemble's members may differ in depth: the deepest one decides
+        side = max(2 ** int(m.cfg.depth) for m in self.inference.models)
         rows, cols = shape[1], shape[2]
         if rows < side or cols < side:
             raise KitsError(

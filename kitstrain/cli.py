@@ -171,8 +171,16 @@ def _writable_file(path: Path | None, option: str) -> None:
     check_output_folder(path, option)
 
 
+_NO_POSTPROCESS = click.option(
+    "--no-postprocess",
+    is_flag=True,
+    help="Leave out the post-processing recorded beside the models (postprocessing.json "
+    "in the CV folder or the run).",
+)
+
+
 @main.command()
-@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--data",
     type=click.Path(path_type=Path),
@@ -199,19 +207,30 @@ def _writable_file(path: Path | None, option: str) -> None:
 @click.option(
     "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
 )
+@_NO_POSTPROCESS
 def score(
-    run_dir, data, cases, src, tta, json_path, overlays, device, batch_size, checkpoint
+    run_dirs,
+    data,
+    cases,
+    src,
+    tta,
+    json_path,
+    overlays,
+    device,
+    batch_size,
+    checkpoint,
+    no_postprocess,
 ) -> None:
     """Official Dice and surface Dice of every region of the store's KiTS edition, per case
-    and mean, beside the all-background accuracy."""
+    and mean, beside the all-background accuracy. RUN_DIRS: a run [default: the newest],
+    or several runs or a cross-validation folder, whose probabilities are averaged."""
     from kitstrain.core.rundir import newest_run
     from kitstrain.report.score import format_table
     from kitstrain.runs.score import ScoreConfig, score_run
 
     _writable_file(json_path, "--json")
-    run_dir = run_dir or newest_run()
     cfg = ScoreConfig(
-        run_dir=run_dir,
+        run_dir=tuple(run_dirs) or newest_run(),
         data=data,
         cases=cases,
         src=src,
@@ -221,6 +240,7 @@ def score(
         device=device,
         batch_size=batch_size,
         which=checkpoint,
+        postprocess=not no_postprocess,
     )
     report = score_run(cfg)
     for w in report.warnings:
@@ -233,7 +253,7 @@ def score(
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--src",
     type=click.Path(path_type=Path),
@@ -245,10 +265,11 @@ def score(
 )
 @click.option(
     "--naming",
-    type=click.Choice(sorted(EDITIONS)),
+    type=click.Choice([*sorted(EDITIONS), "nnunet"]),
     default=None,
     help="File names for this edition's evaluator: kits19 prediction_XXXXX.nii.gz, "
-    "kits21/kits23 case_XXXXX.nii.gz [default: the store's edition].",
+    "kits21/kits23 case_XXXXX.nii.gz; nnunet: the case name, NAME.nii.gz "
+    "[default: the store's edition].",
 )
 @click.option("--cases", default=None)
 @click.option(
@@ -269,18 +290,33 @@ def score(
     is_flag=True,
     help="--out holds another run's predictions: remove them and write this run's.",
 )
+@_NO_POSTPROCESS
 def predict(
-    run_dir, src, out, naming, cases, data, overlays, tta, device, batch_size, checkpoint, overwrite
+    run_dirs,
+    src,
+    out,
+    naming,
+    cases,
+    data,
+    overlays,
+    tta,
+    device,
+    batch_size,
+    checkpoint,
+    overwrite,
+    no_postprocess,
 ) -> None:
-    """Predictions in the source geometry, named for the edition's official evaluator."""
+    """Predictions in the source geometry, named for the edition's official evaluator.
+    RUN_DIRS: a run, or several runs or a cross-validation folder, whose probabilities
+    are averaged."""
     from kitsprep.cli import _warn_misnamed
     from kitstrain.report.score import format_table
     from kitstrain.runs.predict import PredictConfig, check_predict_out, predict_run
 
-    check_predict_out(src, out, overlays, run_dir)
+    check_predict_out(src, out, overlays, run_dirs[0] if len(run_dirs) == 1 else None)
     _warn_misnamed(src)
     cfg = PredictConfig(
-        run_dir=run_dir,
+        run_dir=tuple(run_dirs),
         src=src,
         out=out,
         cases=cases,
@@ -292,6 +328,7 @@ def predict(
         data=data,
         naming=naming,
         overwrite=overwrite,
+        postprocess=not no_postprocess,
     )
     report = predict_run(cfg)
     for w in report.warnings:

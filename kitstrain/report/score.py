@@ -92,6 +92,9 @@ class ScoreReport:
     overlays: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resized: bool = False  # store-geometry scores of cases the store resized
+    runs: list[Path] = field(default_factory=list)  # an ensemble's members; [] for one run
+    # {"applied": bool, "steps": [...], "decision": path or None}; None: not asked
+    postprocessing: dict | None = None
 
     @property
     def flagged(self) -> list[str]:
@@ -106,6 +109,8 @@ class ScoreReport:
             "src": None if self.src is None else str(self.src),
             "geometry": self.geometry,
             "tta": self.tta,
+            "runs": [str(r) for r in self.runs],
+            "postprocessing": self.postprocessing,
             "edition": ls.edition,
             "regions": [
                 {"name": r.name, "labels": list(r.labels), "tolerance_mm": surface_tolerance(ls, r)}
@@ -242,6 +247,21 @@ def format_table(report: ScoreReport) -> str:
         f"{report.run_dir}  checkpoint {report.checkpoint.name}  "
         f"geometry: {report.geometry}" + ("  tta: flips" if report.tta else "")
     )
+    if report.runs:
+        lines += textwrap.wrap(
+            f"ensemble of {len(report.runs)} runs (probabilities averaged): "
+            + ", ".join(map(str, report.runs)),
+            96,
+            subsequent_indent="  ",
+        )
+    post = report.postprocessing
+    if post is not None:
+        steps = "; ".join(post["steps"]) or "no step kept"
+        lines.append(
+            f"post-processing: {steps} ({post['decision']})"
+            if post["applied"]
+            else "post-processing: none"
+        )
     lines += textwrap.wrap(definition(ls), 96, subsequent_indent="  ")
     lines += textwrap.wrap(
         f"{BACKGROUND_FLAG}: the truth has foreground and the prediction under "
@@ -269,7 +289,8 @@ def format_table(report: ScoreReport) -> str:
         )
     if report.trained:
         lines.append(
-            f"{len(report.trained)} of {len(report.scores)} case(s) were in the run's "
-            "training split: their scores say nothing about new patients"
+            f"{len(report.trained)} of {len(report.scores)} case(s) were in the "
+            + ("training split of a member run" if report.runs else "run's training split")
+            + ": their scores say nothing about new patients"
         )
     return "\n".join(lines)

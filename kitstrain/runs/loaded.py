@@ -8,6 +8,7 @@ gone) and which precision inference runs in (the run's own, as `fit` validated).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from kitsprep.window import Window
 from kitstrain.core import rundir as runlib
 from kitstrain.core.precision import Amp, amp_dtype
 from kitstrain.core.record import RunRecord, StoreAttrs, read_record
-from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
+from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, PostProcess
 from kitstrain.infer.inference import Inference, tta_flips
 from kitstrain.model.load import load_model
 from kitstrain.model.unet import pad_input_channels
@@ -183,23 +184,27 @@ def inference_amp(run: LoadedRun, device: torch.device) -> Amp:
 
 
 def run_inference(
-    run: LoadedRun,
+    runs: Sequence[LoadedRun],
     device: torch.device,
     *,
     amp: bool = True,
     tta: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    postprocess: PostProcess | None = None,
 ) -> Inference:
-    """The run's model on `device`, applied as `fit` validated it (an `Inference` of one
-    model, its decoding read from the model); `amp=False` forces fp32, `tta` averages the
-    four flips."""
+    """The runs' models on `device`, applied as `fit` validated them (an `Inference` of one
+    model, or an ensemble averaging their probabilities, its decoding read from the models);
+    `amp=False` forces fp32 (as does a precision the runs do not share), `tta` averages the
+    four flips, `postprocess` runs on each case's labels."""
+    amps = {inference_amp(run, device) for run in runs} if amp else {False}
     return Inference(
-        [load_run_model(run, device)],
-        run.context,
+        [load_run_model(run, device) for run in runs],
+        runs[0].context,
         device,
-        amp=inference_amp(run, device) if amp else False,
+        amp=amps.pop() if len(amps) == 1 else False,
         flips=tta_flips(tta),
         batch_size=batch_size,
+        postprocess=postprocess,
     )
 
 

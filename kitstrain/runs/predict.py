@@ -6,7 +6,9 @@ model trained on, predicted through `infer.cases.source_predictions`, mapped bac
 recorded in-plane fit and orientation, and written uint8 with the imaging's shape, affine
 and sform/qform codes. The file name is the one the edition's evaluator expects
 (`LabelSet.prediction_file`: KiTS19 `prediction_XXXXX.nii.gz`, KiTS21/23 `case_XXXXX.nii.gz`
-in one folder): the store's edition by default, `--naming` to choose. Cases that do have a
+in one folder): the store's edition by default, `--naming` to choose another edition's, or
+`nnunet` for nnU-Net's `NAME.nii.gz` (the case name). `RUN_DIR` may be several runs or a CV
+folder (`runs.ensemble`), with the post-processing recorded there applied. Cases that do have a
 segmentation are also scored (official Dice and surface Dice, source geometry), and those in
 the run's training split are marked: their scores say nothing about new patients.
 """
@@ -32,10 +34,11 @@ from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
 from kitstrain.metrics import CaseScore, mean_score, score_case
 from kitstrain.report.plots import prediction_overlay
 from kitstrain.report.score import TRAINED_FLAG, ScoreReport, case_line, overlay_title
-from kitstrain.runs.loaded import load_run, run_inference, training_cases
+from kitstrain.runs.ensemble import load_ensemble
 from kitstrain.runs.provenance import claim_folder, provenance
 
 __all__ = [
+    "NNUNET_NAMING",
     "PredictConfig",
     "PredictReport",
     "check_predict_out",
@@ -46,11 +49,15 @@ __all__ = [
 ]
 
 
+# `--naming nnunet`: nnU-Net's file names, the case name itself (NAME.nii.gz)
+NNUNET_NAMING = "nnunet"
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """What `kitstrain predict` was asked."""
 
-    run_dir: Path
+    run_dir: Path | tuple[Path, ...]  # one run, several (an ensemble) or a CV folder
     src: Path
     out: Path
     cases: str | None = None
@@ -61,8 +68,10 @@ class PredictConfig:
     which: str = "best"
     data: Path | None = None  # the run's store, where it has moved
     amp: bool = True  # autocast in the run's training precision
-    naming: str | None = None  # an edition whose file names to use; None: the store's
+    # an edition whose file names to use, or NNUNET_NAMING; None: the store's
+    naming: str | None = None
     overwrite: bool = False  # replace another run's predictions in `out`
+    postprocess: bool = True  # apply the recorded post-processing (postprocessing.json)
 
 
 @dataclass
@@ -79,6 +88,8 @@ class PredictReport:
     overlays: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)  # predicted cases of the training split
+    runs: list[Path] = field(default_factory=list)  # an ensemble's members; [] for one run
+    postprocessing: dict | None = None  # as ScoreReport.postprocessing
 
     @property
     def mean(self) -> CaseScore | None:
@@ -99,12 +110,16 @@ class PredictReport:
             mean=self.mean,
             labels=self.labels,
             trained=self.trained,
+            runs=self.runs,
+            postprocessing=self.postprocessing,
         )
 
 
-def prediction_name(case_id: str, naming: LabelSet = EDITIONS["kits19"]) -> str:
+def prediction_name(case_id: str, naming: LabelSet | str = EDITIONS["kits19"]) -> str:
     """The evaluator's file name: KiTS19 case_00210 -> prediction_00210.nii.gz, KiTS21/23
-    case_00210 -> case_00210.nii.gz."""
+    case_00210 -> case_00210.nii.gz; `NNUNET_NAMING`: the case name, case_00210.nii.gz."""
+    if naming == NNUNET_NAMING:
+        return f"{case_id}.nii.gz"
     return naming.prediction_file(case_id)
 
 
@@ -157,15 +172,25 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     """Predict every selected case under `cfg.src` into `cfg.out`. Raises KitsError for
     anything the user can fix (no run, no store, no cases, an --out that is a file)."""
     out = Path(cfg.out)
-    check_predict_out(cfg.src, out, cfg.overlays, cfg.run_dir)
-    run = load_run(cfg.run_dir, cfg.data, which=cfg.which, store_required=False)
-    naming = run.labels if cfg.naming is None else edition(cfg.naming)
-    trained = set(training_cases(run.run_dir))
+    paths = [cfg.run_dir] if isinstance(cfg.run_dir, (str, Path)) else list(cfg.run_dir)
+    single_dir = paths[0] if len(paths) == 1 else None
+    check_predict_out(cfg.src, out, cfg.overlays, single_dir)
+    ens = load_ensemble(paths, cfg.data, which=cfg.which, store_required=False)
+    run = ens.primary
+    if cfg.naming is None:
+        naming: LabelSet | str = run.labels
+    else:
+        naming = NNUNET_NAMING if cfg.naming == NNUNET_NAMING else edition(cfg.naming)
+    trained = ens.training_cases()
     refs = select_cases(find_cases(Path(cfg.src)), cfg.cases)
-    inference = run_inference(
-        run, resolve_device(cfg.device), amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size
+    inference = ens.inference(
+        resolve_device(cfg.device),
+        amp=cfg.amp,
+        tta=cfg.tta,
+        batch_size=cfg.batch_size,
+        postprocess=cfg.postprocess,
     )
-    claim_folder(out, provenance(run, inference), cfg.overwrite)
+    claim_folder(out, provenance(ens.runs, inference), cfg.overwrite)
     progress = progress if progress is not None else Progress()
     report = PredictReport(
         run_dir=run.run_dir,
@@ -173,7 +198,9 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
         out=out,
         labels=run.labels,
         tta=inference.tta,
-        warnings=list(run.warnings),
+        warnings=ens.warnings,
+        runs=[] if len(ens.runs) == 1 else ens.run_dirs,
+        postprocessing=ens.postprocessing_record(inference.postprocess),
     )
     progress.start(source_slices(refs), "predict")
     try:

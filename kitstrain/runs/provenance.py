@@ -1,18 +1,21 @@
-"""Which run wrote a folder of predictions: `kitstrain predict` records it there
-(`PROVENANCE`: run, checkpoint, flips, post-processing) and refuses, in one line, to add
-another run's predictions to the folder, which would leave a mix of two models that no
-file name tells apart. `--overwrite` clears the old predictions first; the same run again
-just writes them again."""
+"""Which run (or ensemble of runs) wrote a folder of predictions: `kitstrain predict`
+records it there (`PROVENANCE`: run(s), checkpoint, flips, post-processing steps) and
+refuses, in one line, to add another run's predictions to the folder, which would leave a
+mix of two models that no file name tells apart. `--overwrite` clears the old predictions
+first; the same run again just writes them again."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from kitsprep.errors import KitsError
 from kitsprep.files import write_atomic
+from kitstrain.infer.engine import PostProcess
 from kitstrain.infer.inference import Inference
+from kitstrain.infer.postprocess import Postprocessor
 from kitstrain.runs.loaded import LoadedRun
 
 __all__ = ["PROVENANCE", "claim_folder", "provenance"]
@@ -22,15 +25,24 @@ PROVENANCE = "kitstrain-predict.json"
 PREDICTION_RE = re.compile(r"^(prediction|case)_\d{5}\.nii\.gz$")
 
 
-def provenance(run: LoadedRun, inference: Inference) -> dict:
-    """What decides the predictions' values: the run, its checkpoint, flips, post-processing."""
+def provenance(runs: Sequence[LoadedRun], inference: Inference) -> dict:
+    """What decides the predictions' values: the run (an ensemble's runs, comma-separated),
+    its checkpoint, flips, post-processing steps."""
     post = inference.postprocess
     return {
-        "run": str(Path(run.run_dir).resolve()),
-        "checkpoint": run.checkpoint.name,
+        "run": ", ".join(str(Path(run.run_dir).resolve()) for run in runs),
+        "checkpoint": runs[0].checkpoint.name,
         "tta": bool(inference.tta),
-        "postprocessing": None if post is None else getattr(post, "__name__", repr(post)),
+        "postprocessing": None if post is None else _described(post),
     }
+
+
+def _described(post: PostProcess) -> list[str] | str:
+    return (
+        post.describe()
+        if isinstance(post, Postprocessor)
+        else getattr(post, "__name__", repr(post))
+    )
 
 
 def _predictions(out: Path) -> list[Path]:

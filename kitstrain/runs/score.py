@@ -1,6 +1,7 @@
-"""`kitstrain score` as a job: load the run, choose the cases, predict them in store or
-source geometry, score each (`kitstrain.metrics`), and hand the report to
-`kitstrain.report.score` for the table, CSV and JSON."""
+"""`kitstrain score` as a job: load the run (or the ensemble of several runs or of a CV
+folder's folds, `runs.ensemble`), choose the cases, predict them in store or source
+geometry, score each (`kitstrain.metrics`), and hand the report to `kitstrain.report.score`
+for the table, CSV and JSON."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from kitstrain.report.score import (
     write_csv,
     write_report_json,
 )
-from kitstrain.runs.loaded import LoadedRun, default_cases, load_run, run_inference, training_cases
+from kitstrain.runs.ensemble import load_ensemble
+from kitstrain.runs.loaded import LoadedRun, default_cases
 
 __all__ = ["ScoreConfig", "score_cases", "score_run"]
 
@@ -41,7 +43,8 @@ __all__ = ["ScoreConfig", "score_cases", "score_run"]
 class ScoreConfig:
     """What `kitstrain score` was asked; None means the run's own default."""
 
-    run_dir: Path | None = None  # None: the newest run under runs_root
+    # one run, several (an ensemble) or a CV folder; None or (): the newest run under runs_root
+    run_dir: Path | tuple[Path, ...] | None = None
     data: Path | None = None  # store override (the run's store moved)
     cases: str | None = None  # case spec; None: the run's validation cases
     src: Path | None = None  # score in source geometry against these NIfTI masks
@@ -52,6 +55,7 @@ class ScoreConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     which: str = "best"
     amp: bool = True  # autocast in the run's training precision
+    postprocess: bool = True  # apply the recorded post-processing (postprocessing.json)
     runs_root: Path = runlib.RUNS_ROOT
 
 
@@ -124,20 +128,24 @@ def score_cases(
 
 
 def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
-    """Score a run's checkpoint per case; writes <run>/score.csv, and the JSON and overlays
-    when asked. Raises KitsError for anything the user can fix."""
+    """Score a run's checkpoint (or an ensemble's) per case; writes <run>/score.csv (one
+    run only), and the JSON and overlays when asked. Raises KitsError for anything the
+    user can fix."""
     # In source geometry the store only lends its preprocessing, which the run also records.
-    run = load_run(
-        cfg.run_dir,
+    paths = () if cfg.run_dir is None else cfg.run_dir
+    ens = load_ensemble(
+        [paths] if isinstance(paths, (str, Path)) else list(paths),
         cfg.data,
         which=cfg.which,
         runs_root=cfg.runs_root,
         store_required=cfg.src is None,
     )
+    run = ens.primary
+    single = len(ens.runs) == 1
     reading = [run.store.path if run.store is not None else None, cfg.src]
     for path, option in ((cfg.json, "--json"), (cfg.overlays, "--overlays")):
         if path is not None:
-            check_output(path, option, reading=reading, run=run.run_dir)
+            check_output(path, option, reading=reading, run=run.run_dir if single else None)
     if cfg.src is None:
         info = run.store
         chosen = _store_cases(run, cfg.cases)
@@ -148,8 +156,12 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         refs = _src_cases(run, Path(cfg.src), cfg.cases)
         total, desc = source_slices(refs), "score --src"
         resized, geometry = False, "source"
-    inference = run_inference(
-        run, resolve_device(cfg.device), amp=cfg.amp, tta=cfg.tta, batch_size=cfg.batch_size
+    inference = ens.inference(
+        resolve_device(cfg.device),
+        amp=cfg.amp,
+        tta=cfg.tta,
+        batch_size=cfg.batch_size,
+        postprocess=cfg.postprocess,
     )
     progress = progress if progress is not None else Progress()
     progress.start(total, desc)
@@ -163,9 +175,9 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         scores, pictures = score_cases(cases, run.labels, progress, cfg.overlays)
     finally:
         progress.close()
-    trained = set(training_cases(run.run_dir))
+    trained = ens.training_cases()
     report = ScoreReport(
-        run_dir=run.run_dir,
+        run_dir=run.run_dir if single else ens.folder or run.run_dir,
         checkpoint=run.checkpoint,
         store=run.store.path if run.store is not None else None,
         src=None if cfg.src is None else Path(cfg.src),
@@ -174,13 +186,17 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         scores=scores,
         mean=mean_score(scores),
         labels=run.labels,
-        csv_path=run.run_dir / SCORE_CSV,
+        # an ensemble owns no run directory to keep its CSV in: --json records it
+        csv_path=run.run_dir / SCORE_CSV if single else None,
         overlays=pictures,
-        warnings=list(run.warnings),
+        warnings=ens.warnings,
         resized=resized,
         trained=[s.case for s in scores if s.case in trained],
+        runs=[] if single else ens.run_dirs,
+        postprocessing=ens.postprocessing_record(inference.postprocess),
     )
-    write_csv(report, report.csv_path)
+    if report.csv_path is not None:
+        write_csv(report, report.csv_path)
     if cfg.json is not None:
         report.json_path = write_report_json(report, Path(cfg.json))
     return report
