@@ -95,7 +95,9 @@ def run_cv(
             echo(f"fold {k}: done before, skipped")
             result.skipped.append(k)
             continue
-        if k not in record.done:
+        if k in record.done:
+            echo(f"fold {k}: trained before; writing its missing out-of-fold predictions")
+        else:
             _train_fold(cfg, out, k, record.folds, echo, show_progress, on_validation)
             result.trained.append(k)
         result.predicted += _out_of_fold(cfg, info, out, k, show_progress)
