@@ -51,7 +51,7 @@ def stratified_folds(sizes: Mapping[str, int], folds: int, seed: int = 0) -> lis
             order = sorted(order, key=lambda k: len(val[k]))
         for case, k in zip(stratum, order, strict=False):
             val[int(k)].append(case)
-    return [{"train": sorted(c for c in cases if c not in set(v)), "val": sorted(v)} for v in val]
+    return [{"train": sorted(set(cases) - set(v)), "val": sorted(v)} for v in val]
 
 
 def tumour_sizes(info: StoreInfo) -> dict[str, int]:

@@ -199,7 +199,7 @@ def _continue(
                 f"this cross-validation trains; {fix}"
             )
     echo(f"continuing the cross-validation in {out}: folds done {record.done or 'none'}")
-    record = replace(record, fit={**record.fit, **fit_options})
+    record = replace(record, fit=fit_options)  # the limits and loader knobs given now
     write_cv(out, record)
     return record, folds
 
