@@ -30,10 +30,12 @@ class Folds:
     """Checked folds and where they came from (a path, or the store's record)."""
 
     splits: list[dict]
-    source: str
+    source: str  # as messages name it
+    path: Path | None = None  # the file; None: the store's record
 
     def record(self, fold: int) -> FoldRecord:
-        return FoldRecord(fold, len(self.splits), self.source, splits_digest(self.splits))
+        where = self.source if self.path is None else str(self.path.resolve())
+        return FoldRecord(fold, len(self.splits), where, splits_digest(self.splits))
 
     def split(self, fold: int | None, seed: int) -> Split | None:
         """Fold `fold` as a run's split (None for None); a fold outside them is an error."""
@@ -58,24 +60,22 @@ def resolve_folds(
     source's count, or 5 for new folds) must match the source's count; `fold`, if given,
     must be one of them (checked before anything is written)."""
     if splits_file is not None or recorded is not None or default_file.is_file():
-        if splits_file is not None:
-            source, raw = str(splits_file), read_splits_file(splits_file)
-        elif recorded is not None:
-            source, raw = f"the folds recorded in {info.path}", recorded
-        else:
-            source, raw = str(default_file), read_splits_file(default_file)
+        path = splits_file if splits_file is not None or recorded is not None else default_file
+        raw = recorded if path is None else read_splits_file(path)
+        source = f"the folds recorded in {info.path}" if path is None else str(path)
         splits = check_folds(raw, info, source)
         if folds is not None and folds != len(splits):
             raise KitsError(
                 f"--folds {folds}, but {source} holds {len(splits)} folds; drop --folds, or "
                 f"pass --splits with a file of {folds} folds"
             )
-        found = Folds(splits, source)
+        found = Folds(splits, source, path)
         found.split(fold, seed)
         echo(f"folds: read {len(splits)} folds from {source}")
         return found
     n = DEFAULT_FOLDS if folds is None else folds
-    found = Folds(stratified_folds(tumour_sizes(info), n, seed), str(default_file))
+    splits = stratified_folds(tumour_sizes(info), n, seed)
+    found = Folds(splits, str(default_file), default_file)
     found.split(fold, seed)
     if write:
         default_file.parent.mkdir(parents=True, exist_ok=True)
