@@ -1,4 +1,4 @@
-"""`kitstrain`: thin click commands (fit, score, predict, export, plot, bench-loader)."""
+"""`kitstrain`: thin click commands (fit, cv, score, predict, export, plot, bench-loader)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,25 @@ def click_type(opt: Option) -> click.ParamType | type:
 @click.option("--train-cases", default=None, help="e.g. 0-159 or @file [default: seeded 80%].")
 @click.option("--val-cases", default=None, help="e.g. 160-209 or @file [default: the rest].")
 @click.option(
+    "--fold",
+    type=click.IntRange(0),
+    default=None,
+    help="Train cross-validation fold K (0-based) of --splits, or of splits.json beside the "
+    "run (written there once, stratified by tumour size, if absent).",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(2),
+    default=None,
+    help="With --fold: the number of folds [default: the splits file's, or 5].",
+)
+@click.option(
+    "--splits",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --fold: an nnU-Net splits_final.json or a kits splits.json.",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or the newest run).")
@@ -127,21 +146,19 @@ def fit(
     preset: str,
     train_cases: str | None,
     val_cases: str | None,
+    fold: int | None,
+    folds: int | None,
+    splits: Path | None,
     device: str,
     resume: bool,
     **options: object,
 ) -> None:
     """Train a U-Net on STORE (a file written by `kitsprep build`)."""
-    from kitstrain.core.config import parse_overrides, resolve
     from kitstrain.report.plots import plot_curves
     from kitstrain.train.fit import FitConfig
     from kitstrain.train.fit import fit as run_fit
 
-    overrides = parse_overrides(options)
-    tc = resolve(preset, overrides)
-    explicit = frozenset(k for k, v in overrides.items() if v is not None)
-    if preset != "default":
-        explicit |= {"preset"}
+    tc, explicit = _train_config(preset, options)
     cfg = FitConfig(
         store=store,
         train=tc,
@@ -151,6 +168,9 @@ def fit(
         device=device,
         resume=resume,
         explicit=explicit,
+        fold=fold,
+        folds=folds,
+        splits=splits,
     )
     result = run_fit(cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves)
     v = result.last_val or {}
@@ -159,6 +179,83 @@ def fit(
         f"done ({result.stop_reason}) after {result.steps} steps: validation Dice "
         f"{dice or 'n/a'}; loader stall {100 * result.stall:.1f}%; run in "
         f"{result.run_dir}"
+    )
+
+
+def _train_config(preset: str, options: dict[str, object]) -> tuple[TrainConfig, frozenset[str]]:
+    """The preset with the flags given on top, and which fields those flags set."""
+    from kitstrain.core.config import parse_overrides, resolve
+
+    overrides = parse_overrides(options)
+    tc = resolve(preset, overrides)
+    explicit = frozenset(k for k, v in overrides.items() if v is not None)
+    if preset != "default":
+        explicit |= {"preset"}
+    return tc, explicit
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The cross-validation folder (cv.json, splits.json, fold_K/, oof/).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="default",
+    show_default=True,
+    help="seed: the origin report's setup; default: ours.",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(2),
+    default=None,
+    help="Number of folds [default: the splits file's, or 5].",
+)
+@click.option(
+    "--splits",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An nnU-Net splits_final.json or a kits splits.json [default: the store's recorded "
+    "folds, or new ones stratified by tumour size].",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@train_options
+def cv(
+    store: Path,
+    out: Path,
+    preset: str,
+    folds: int | None,
+    splits: Path | None,
+    device: str,
+    **options: object,
+) -> None:
+    """Cross-validate on STORE: train every fold in turn (--time-limit is per fold), then
+    predict each fold's validation cases with its model (out-of-fold predictions). Rerun
+    the same command to go on where it stopped; score with `kitstrain score OUT`."""
+    from kitstrain.report.plots import plot_curves
+    from kitstrain.runs.cv import CvConfig, run_cv
+
+    tc, explicit = _train_config(preset, options)
+    cfg = CvConfig(
+        store=store,
+        out=out,
+        train=tc,
+        explicit=explicit,
+        folds=folds,
+        splits=splits,
+        device=device,
+    )
+    result = run_cv(cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves)
+    click.echo(
+        f"done: {result.folds} folds ({len(result.trained)} trained now, "
+        f"{len(result.skipped)} done before); {result.predicted} out-of-fold predictions "
+        f"written to {out / 'oof'}; score them with `kitstrain score {out}`"
     )
 
 
@@ -207,6 +304,11 @@ _NO_POSTPROCESS = click.option(
 @click.option(
     "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
 )
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="A cross-validation folder with folds missing: score the folds done.",
+)
 @_NO_POSTPROCESS
 def score(
     run_dirs,
@@ -219,16 +321,29 @@ def score(
     device,
     batch_size,
     checkpoint,
+    partial,
     no_postprocess,
 ) -> None:
     """Official Dice and surface Dice of every region of the store's KiTS edition, per case
     and mean, beside the all-background accuracy. RUN_DIRS: a run [default: the newest],
-    or several runs or a cross-validation folder, whose probabilities are averaged."""
+    or several runs or a cross-validation folder, whose probabilities are averaged. A
+    cross-validation folder (`kitstrain cv`) alone, without --cases or --src: its
+    out-of-fold predictions, per case, per fold and over the folds."""
+    from kitstrain.core.cvdir import is_cv_dir
     from kitstrain.core.rundir import newest_run
     from kitstrain.report.score import format_table
     from kitstrain.runs.score import ScoreConfig, score_run
 
     _writable_file(json_path, "--json")
+    if len(run_dirs) == 1 and is_cv_dir(run_dirs[0]) and cases is None and src is None:
+        _score_cv(
+            run_dirs[0], data, json_path, partial, not no_postprocess, tta=tta, overlays=overlays
+        )
+        return
+    if partial:
+        raise KitsError(
+            "--partial applies to a cross-validation folder (one with cv.json); drop it"
+        )
     cfg = ScoreConfig(
         run_dir=tuple(run_dirs) or newest_run(),
         data=data,
@@ -250,6 +365,32 @@ def score(
         click.echo(f"scores in {report.csv_path}" + (f" and {json_path}" if json_path else ""))
     if overlays:
         click.echo(f"overlays in {overlays}")
+
+
+def _score_cv(
+    cv_dir: Path,
+    data: Path | None,
+    json_path: Path | None,
+    partial: bool,
+    postprocess: bool,
+    **run_only: object,
+) -> None:
+    """`score CV_DIR`: the out-of-fold table; no model runs, so run-only options are refused."""
+    from kitstrain.report.cv import format_cv
+    from kitstrain.runs.cvscore import score_cv
+
+    given = [f"--{k}" for k, v in run_only.items() if v]
+    if given:
+        raise KitsError(
+            f"{cv_dir} is a cross-validation folder, scored from its out-of-fold predictions; "
+            f"{', '.join(given)} apply to a run's own inference: drop them"
+        )
+    report = score_cv(cv_dir, data=data, partial=partial, json=json_path, postprocess=postprocess)
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(format_cv(report))
+    if json_path:
+        click.echo(f"scores in {json_path}")
 
 
 @main.command()

@@ -21,7 +21,14 @@ from kitsprep.window import Window
 from kitstrain.core import rundir
 from kitstrain.core.config import TrainConfig
 
-__all__ = ["RECORD_VERSION", "RunRecord", "StoreAttrs", "read_record", "write_record"]
+__all__ = [
+    "RECORD_VERSION",
+    "FoldRecord",
+    "RunRecord",
+    "StoreAttrs",
+    "read_record",
+    "write_record",
+]
 
 RECORD_VERSION = 1
 
@@ -35,6 +42,18 @@ class StoreAttrs:
     size: int | None = None
     num_classes: int | None = None
     labels: LabelSet | None = None
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """The cross-validation fold a run trained (`fit --fold`): which one, of how many, and
+    the folds it came from (a splits file, or the store's recorded list) with their digest
+    (`kitstrain.data.folds.splits_digest`)."""
+
+    fold: int
+    folds: int
+    splits: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,7 @@ class RunRecord:
     augment_side: str | None = None  # --augment-on resolved: 'device', 'workers', None (off)
     precision_reason: str = ""  # what --precision resolved to here, and why
     env: dict[str, Any] = field(default_factory=dict)
+    fold: FoldRecord | None = None  # None: not a cross-validation fold
     version: int = RECORD_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -118,6 +138,10 @@ def _parse(raw: dict[str, Any]) -> RunRecord:
             ),
         )
         _check_fields(values["store_attrs"], "store_attrs")
+    if values.get("fold") is not None:
+        _expect(values["fold"], dict, "fold")
+        values["fold"] = FoldRecord(**values["fold"])
+        _check_fields(values["fold"], "fold")
     _expect(values.get("train"), dict, "train")
     values["train"] = TrainConfig(**values["train"])
     _check_fields(values["train"], "train")

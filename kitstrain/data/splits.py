@@ -18,7 +18,8 @@ class Split:
 
     train: tuple[str, ...]
     val: tuple[str, ...]
-    mode: str  # "explicit" (from --train-cases/--val-cases) or "seeded" (default split)
+    # "explicit" (--train-cases/--val-cases), "seeded" (default split) or "fold" (`folds`)
+    mode: str
     seed: int
 
     def to_json(self) -> dict:

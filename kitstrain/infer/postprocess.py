@@ -191,6 +191,15 @@ class Decision:
             indent=2,
         )
 
+    def summary(self) -> str:
+        """One line: the steps kept, and each region's mean Dice before and after."""
+        kept = "; ".join(s.describe() for s in self.steps) or "no step raises Dice, none kept"
+        dice = ", ".join(
+            f"{r} {self.dice_before[r]:.4f} -> {self.dice_after.get(r, self.dice_before[r]):.4f}"
+            for r in self.dice_before
+        )
+        return f"{kept} (mean Dice over {self.cases} cases: {dice})"
+
     @classmethod
     def from_json(cls, text: str) -> Decision:
         """A decision `to_json` wrote; ValueError for another version or a damaged text."""

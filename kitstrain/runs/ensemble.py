@@ -23,7 +23,7 @@ from kitstrain.core import rundir as runlib
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
 from kitstrain.infer.inference import Inference
 from kitstrain.infer.postprocess import Decision, Postprocessor
-from kitstrain.runs.cvfolder import fold_dirs, is_cv_folder
+from kitstrain.core.cvdir import fold_dirs, is_cv_dir
 from kitstrain.runs.loaded import LoadedRun, load_run, run_inference, training_cases
 from kitstrain.runs.postprocessing import POSTPROCESSING, read_decision
 
@@ -104,7 +104,7 @@ def member_dirs(
     paths = [Path(p) for p in paths] or [runlib.newest_run(runs_root)]
     members: list[Path] = []
     for path in paths:
-        members += fold_dirs(path) if is_cv_folder(path) else [path]
+        members += fold_dirs(path) if is_cv_dir(path) else [path]
     seen: dict[Path, Path] = {}
     for m in members:
         key = m.resolve()

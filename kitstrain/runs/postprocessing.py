@@ -15,7 +15,7 @@ from kitsprep.labels import LabelSet
 from kitsprep.store import SliceReader, open_store
 from kitstrain.infer.engine import read_store_labels, store_box
 from kitstrain.infer.postprocess import Decision, decide
-from kitstrain.runs.cvfolder import OOF, read_cv
+from kitstrain.core.cvdir import OOF, read_cv
 
 __all__ = ["POSTPROCESSING", "read_decision", "record_postprocessing"]
 
@@ -49,7 +49,7 @@ def record_postprocessing(cv_dir: Path) -> Path:
     store geometry) against the labels of the store `cv.json` names, scored inside the
     stored image (`store_box`), and write `cv_dir/postprocessing.json` atomically."""
     cv_dir = Path(cv_dir)
-    info = open_store(Path(read_cv(cv_dir)["store"]))
+    info = open_store(Path(read_cv(cv_dir).store))
     files = sorted((cv_dir / OOF).glob("*.npz"))
     if not files:
         raise KitsError(

@@ -25,6 +25,9 @@ class FitConfig:
     device: str = "auto"
     resume: bool = False
     explicit: frozenset[str] = frozenset()  # TrainConfig fields given on the command line
+    fold: int | None = None  # a cross-validation fold (`train.folds`); None: a plain split
+    folds: int | None = None  # None: the splits file's count, or 5 for new folds
+    splits: Path | None = None  # None: splits.json in the run's parent folder
 
 
 @dataclass(frozen=True)

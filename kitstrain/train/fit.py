@@ -120,7 +120,7 @@ def _fit(
     label_weights = label_weights_by_value(
         info.labels, tc.label_weights, strict="label_weights" in cfg.explicit
     )
-    split = resolve_split(cfg, info, tc, run_dir)
+    split, fold = resolve_split(cfg, info, tc, run_dir, recorded, d.main, echo)
     seed_everything(tc.seed + d.rank)
     dtype, precision_reason = resolve_precision(device, tc.precision)
     model, mcfg = build_training_model(info, tc, device, tc.network)
@@ -149,7 +149,7 @@ def _fit(
         model = torch.compile(model)
 
     if d.main and not cfg.resume:
-        record_run(plan, cfg, mcfg, label_weights, batch_info, lr_info)
+        record_run(plan, cfg, mcfg, label_weights, batch_info, lr_info, fold)
     if d.main:
         announce(plan, cfg, model, batch_info, lr_info, state, echo)
     done = finished(plan, cfg, state, echo)

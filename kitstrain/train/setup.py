@@ -21,7 +21,7 @@ from kitsprep.store import CRC_ON_READ, StoreInfo
 from kitstrain import __version__
 from kitstrain.core import rundir
 from kitstrain.core.config import RESUMABLE, TrainConfig
-from kitstrain.core.record import RunRecord, StoreAttrs, write_record
+from kitstrain.core.record import FoldRecord, RunRecord, StoreAttrs, write_record
 from kitstrain.data.loaders import batches_per_epoch
 from kitstrain.data.splits import Split, check_split, make_split
 from kitstrain.model.layers import NORMS
@@ -37,6 +37,7 @@ from kitstrain.train.config import (
     step_limit,
 )
 from kitstrain.train.distributed import Dist
+from kitstrain.train.folds import resolve_fold_split
 from kitstrain.train.memory import choose_batch_size, effective_lr
 from kitstrain.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -74,10 +75,33 @@ def check_names(tc: TrainConfig) -> None:
             )
 
 
-def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Path) -> Split:
-    """The recorded split on --resume, checked as a new one is (sides disjoint, non-empty,
-    in the store, labelled); a new (seeded) one otherwise."""
+def resolve_split(
+    cfg: FitConfig,
+    info: StoreInfo,
+    tc: TrainConfig,
+    run_dir: Path,
+    recorded: RunRecord | None,
+    main: bool,
+    echo: Callable[[str], None],
+) -> tuple[Split, FoldRecord | None]:
+    """The recorded split (and fold) on --resume, checked as a new one is (sides disjoint,
+    non-empty, in the store, labelled); else fold `--fold` of the folds (`train.folds`), or
+    a new (seeded) split. Only the main rank writes a new splits.json."""
+    if cfg.fold is not None and (cfg.train_cases is not None or cfg.val_cases is not None):
+        raise KitsError(
+            "--fold takes its cases from the folds; --train-cases/--val-cases choose them "
+            "by hand: give one or the other"
+        )
+    if cfg.fold is None and (cfg.folds is not None or cfg.splits is not None):
+        raise KitsError("--folds/--splits choose the folds of --fold; add --fold K (0-based)")
     if cfg.resume:
+        kept = recorded.fold if recorded is not None else None
+        if cfg.fold is not None and (kept is None or kept.fold != cfg.fold):
+            was = "no fold" if kept is None else f"fold {kept.fold}"
+            raise KitsError(
+                f"--resume keeps the run's split, but --fold {cfg.fold} differs from "
+                f"{run_dir}/config.json ({was}); drop --fold, or start a new run"
+            )
         split = rundir.from_record(
             run_dir, rundir.SPLIT, Split.from_json, rundir.read_split(run_dir)
         )
@@ -88,8 +112,21 @@ def resolve_split(cfg: FitConfig, info: StoreInfo, tc: TrainConfig, run_dir: Pat
                 f"{run_dir / rundir.SPLIT}: {exc}; restore the file `kitstrain fit` wrote, "
                 "or start a new run"
             ) from None
-        return split
-    return make_split(info, cfg.train_cases, cfg.val_cases, seed=tc.seed)
+        return split, kept
+    if cfg.fold is not None:
+        split, fold = resolve_fold_split(
+            info,
+            cfg.fold,
+            cfg.folds,
+            cfg.splits,
+            run_dir,
+            tc.seed,
+            write=main,
+            echo=echo if main else lambda s: None,
+        )
+        check_split(split, info)
+        return split, fold
+    return make_split(info, cfg.train_cases, cfg.val_cases, seed=tc.seed), None
 
 
 def check_store(cfg: FitConfig, info: StoreInfo, run_dir: Path, config: RunRecord | None) -> None:
@@ -247,8 +284,10 @@ def record_run(
     label_weights: dict[int, float],
     batch_info: dict,
     lr_info: dict,
+    fold: FoldRecord | None,
 ) -> None:
-    """split.json, then config.json (every resolved option, the store, the environment)."""
+    """split.json, then config.json (every resolved option, the store, the environment,
+    the cross-validation fold)."""
     info, tc = plan.info, plan.tc
     record = RunRecord(
         store=str(Path(cfg.store).resolve()),
@@ -273,6 +312,7 @@ def record_run(
         augment_side=plan.augment_side,
         precision_reason=plan.precision_reason,
         env=environment(plan.device, plan.d),
+        fold=fold,
     )
     # split.json first: config.json marks the run as started (a kill between the two
     # leaves a folder that a new run, or --resume, starts afresh: `rundir.unstarted`)

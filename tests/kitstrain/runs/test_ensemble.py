@@ -51,7 +51,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     win = make_run(runs / "win", other, random_unet(4), val=["case_00000"])
     cv = root / "cv"
     cv.mkdir()
-    (cv / "cv.json").write_text(json.dumps({"version": 1, "folds": 2, "store": str(store)}))
+    (cv / "cv.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "folds": 2,
+                "store": str(store),
+                "splits": "splits.json",
+                "fit": {},
+                "done": [0, 1],
+            }
+        )
+    )
     shutil.copytree(a, cv / "fold_0")
     shutil.copytree(b, cv / "fold_1")
     decision = Decision("kits19", (Step(LARGEST, "kidney", KIDNEY_SHARE),), {}, {}, 3)
@@ -156,8 +167,12 @@ def test_naming_nnunet_writes_the_case_name(setup, tmp_path: Path) -> None:
 def test_an_unfinished_cv_folder_or_a_run_twice_is_refused(setup, tmp_path: Path) -> None:
     cv = tmp_path / "cv"
     shutil.copytree(setup["cv"], cv)
-    (cv / "cv.json").write_text(json.dumps({"folds": 3, "store": "s.h5", "done": [0, 1]}))
-    with pytest.raises(KitsError, match="fold 2 of 3 has not finished"):
+    (cv / "cv.json").write_text(
+        json.dumps(
+            {"folds": 3, "store": "s.h5", "splits": "splits.json", "fit": {}, "done": [0, 1]}
+        )
+    )
+    with pytest.raises(KitsError, match="fold.s. 2 of 3 have not finished"):
         Predictor.from_run(cv, device="cpu")
     with pytest.raises(KitsError, match="is in the ensemble twice"):
         Predictor.from_run([setup["cv"], setup["cv"] / "fold_1"], device="cpu")
