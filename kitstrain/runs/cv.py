@@ -105,7 +105,8 @@ def run_cv(
         record = replace(record, done=sorted({*record.done, k}))
         write_cv(out, record)
     if result.trained or result.predicted or not (out / POSTPROCESSING).is_file():
-        decision = read_decision(record_postprocessing(out), info.labels)
+        record_postprocessing(out)
+        decision = read_decision(out, info.labels)
         echo(f"post-processing decided on the out-of-fold predictions: {decision.summary()}")
     return result
 
@@ -213,7 +214,7 @@ def _out_of_fold(cfg: CvConfig, info: StoreInfo, out: Path, fold: int, show: boo
     geometry, each written to oof/<case>.npz (padding around a resized case: background)."""
     run = load_run(fold_dir(out, fold), cfg.store, which="best")
     cases = default_cases(run)
-    inference = run_inference(run, resolve_device(cfg.device), batch_size=cfg.batch_size)
+    inference = run_inference([run], resolve_device(cfg.device), batch_size=cfg.batch_size)
     progress = Progress(enabled=show).start(
         sum(info.cases[c].slices for c in cases), f"fold {fold} out-of-fold"
     )

@@ -20,10 +20,10 @@ import torch
 
 from kitsprep.errors import KitsError
 from kitstrain.core import rundir as runlib
+from kitstrain.core.cvdir import fold_dirs, is_cv_dir
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE
 from kitstrain.infer.inference import Inference
 from kitstrain.infer.postprocess import Decision, Postprocessor
-from kitstrain.core.cvdir import fold_dirs, is_cv_dir
 from kitstrain.runs.loaded import LoadedRun, load_run, run_inference, training_cases
 from kitstrain.runs.postprocessing import POSTPROCESSING, read_decision
 

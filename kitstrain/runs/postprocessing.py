@@ -13,9 +13,9 @@ from kitsprep.errors import KitsError
 from kitsprep.files import write_atomic
 from kitsprep.labels import LabelSet
 from kitsprep.store import SliceReader, open_store
+from kitstrain.core.cvdir import OOF, read_cv
 from kitstrain.infer.engine import read_store_labels, store_box
 from kitstrain.infer.postprocess import Decision, decide
-from kitstrain.core.cvdir import OOF, read_cv
 
 __all__ = ["POSTPROCESSING", "read_decision", "record_postprocessing"]
 

@@ -16,6 +16,7 @@ from kitsprep.store import SliceReader, open_store
 from kitstrain.cli import main
 from kitstrain.core.record import read_record
 from kitstrain.infer.engine import read_store_labels, store_box, store_spacing
+from kitstrain.infer.postprocess import Decision, apply_steps
 from kitstrain.metrics import score_case
 from tests.kitstrain.train.test_fit import TINY
 
@@ -118,12 +119,17 @@ def test_a_rerun_with_other_options_is_refused(
     one_line_error(r, f"--splits {other} holds other folds than")
 
 
+@pytest.mark.parametrize("postprocess", [True, False])
 def test_score_cv_dir_is_the_out_of_fold_table(
-    cv_dir: Path, loader_store: Path, tmp_path: Path
+    cv_dir: Path, loader_store: Path, tmp_path: Path, postprocess: bool
 ) -> None:
     report = tmp_path / "oof.json"
-    r = cli("score", cv_dir, "--json", report)
+    flags = () if postprocess else ("--no-postprocess",)
+    r = cli("score", cv_dir, "--json", report, *flags)
     assert r.exit_code == 0, r.output
+    decision = Decision.from_json((cv_dir / "postprocessing.json").read_text())
+    steps = decision.steps if postprocess else ()
+    assert got_steps(report) == [s.describe() for s in steps]
     assert "geometry: store 32x32, out of fold" in r.output and "mean ± sd" in r.output
     assert "2 of 2 folds" in r.output
     got = json.loads(report.read_text())
@@ -137,7 +143,7 @@ def test_score_cv_dir_is_the_out_of_fold_table(
             case = row["case"]
             rows, cols = store_box(info, case)
             with np.load(cv_dir / "oof" / f"{case}.npz") as z:
-                pred = z["pred"][:, rows, cols]
+                pred = apply_steps(z["pred"][:, rows, cols], steps, info.labels)
             truth = read_store_labels(reader, info, case)[:, rows, cols]
             s = score_case(case, pred, truth, info.labels, store_spacing(info, case))
             assert row["kidney_dice"] == pytest.approx(s.dice["kidney"])
@@ -154,6 +160,17 @@ def test_score_cv_dir_is_the_out_of_fold_table(
     assert overall["mean_over_folds"]["mean_dice"] == pytest.approx(np.mean(fold_means))
     assert overall["sd_over_folds"]["mean_dice"] == pytest.approx(np.std(fold_means, ddof=1))
     assert got["missing_folds"] == [] and got["folds"] == 2
+
+
+def got_steps(report: Path) -> list[str]:
+    return json.loads(report.read_text())["postprocessing"]["steps"]
+
+
+def test_cv_records_its_post_processing_decision(cv_dir: Path) -> None:
+    decision = Decision.from_json((cv_dir / "postprocessing.json").read_text())
+    assert decision.edition == "kits19" and decision.cases == 6
+    for region, after in decision.dice_after.items():
+        assert after >= decision.dice_before[region]  # a step is kept only where it helps
 
 
 def test_score_of_an_unfinished_cv_names_the_folds_missing(

@@ -86,6 +86,6 @@ def test_record_postprocessing_names_what_is_wrong(store: Path, tmp_path: Path) 
     with pytest.raises(KitsError, match="not an out-of-fold prediction"):
         record_postprocessing(bad)
     (bad / "cv.json").write_text("{}")
-    with pytest.raises(KitsError, match="lacks a fold count"):
+    with pytest.raises(KitsError, match="cv.json does not match this kits"):
         record_postprocessing(bad)
     assert not (bad / POSTPROCESSING).exists()
