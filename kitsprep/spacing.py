@@ -76,10 +76,11 @@ def resolve_spacing(option: str, in_plane: Sequence[tuple[float, float]]) -> Spa
 
 
 def mask_box(mask: np.ndarray, share: float = 0.0) -> Box | None:
-    """Bounding box of a (..., rows, cols) mask over its leading axes; rows and columns
+    """Bounding box of a (slices, rows, cols) mask over all its slices; rows and columns
     holding no more than `share` of the busiest one's voxels are left out. None if empty."""
-    rows = mask.reshape(-1, *mask.shape[-2:]).sum(axis=(0, 2), dtype=np.int64)
-    cols = mask.reshape(-1, *mask.shape[-2:]).sum(axis=(0, 1), dtype=np.int64)
+    # Summed over slices first: along NIfTI's contiguous axis, with no copy of the volume.
+    plane = mask.sum(axis=0, dtype=np.int64)
+    rows, cols = plane.sum(axis=1), plane.sum(axis=0)
     if not rows.any():
         return None
     r = np.flatnonzero(rows > share * rows.max())
