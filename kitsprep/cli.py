@@ -175,6 +175,16 @@ def synth(out: Path, cases: int, size: int, seed: int, edition: str) -> None:
     help="In-plane size of every stored slice (aspect kept, padded with air).",
 )
 @click.option(
+    "--spacing",
+    default="none",
+    show_default=True,
+    metavar="auto|MM|none",
+    help="In-plane mm per stored pixel: auto (the median spacing of the cases built), a "
+    "number, or none (the whole slice resized to --size). With a spacing, each case is "
+    "cropped to its body and padded to --size; one that does not fit is resized further "
+    "down (reported), never cutting a labelled voxel.",
+)
+@click.option(
     "--window",
     "window_name",
     default=None,
@@ -221,6 +231,7 @@ def build(
     src: Path,
     out: Path,
     size: int,
+    spacing: str,
     window_name: str | None,
     window_range: tuple[float, float] | None,
     workers: int | None,
@@ -233,8 +244,10 @@ def build(
 ) -> None:
     """Build one chunked HDF5 slice store from every NIfTI case in --src."""
     from kitsprep.build import BuildConfig, CaseEvent, build_store
+    from kitsprep.spacing import parse_spacing
     from kitsprep.window import resolve_window
 
+    spacing = parse_spacing(spacing)
     window = resolve_window(window_name, tuple(window_range) if window_range else None)
     _warn_misnamed(src)
     if size % DEFAULT_DIVISOR:
@@ -258,6 +271,7 @@ def build(
         skip_bad=skip_bad,
         fsync=not no_fsync,
         edition=edition,
+        spacing=spacing,
     )
     progress = Progress(sys.stderr)
     cases = {"total": 0, "done": 0}
@@ -299,6 +313,23 @@ def build(
         )
     )
     click.echo(f"edition {report.edition} ({report.edition_reason})")
+    if report.spacing.mm is not None:
+        click.echo(
+            f"spacing {report.spacing.mm:.4g} mm per pixel (--spacing {report.spacing.option})"
+            + _shrunk_note(report.shrunk)
+        )
+
+
+def _shrunk_note(shrunk: dict[str, float]) -> str:
+    """The cases resized beyond the target spacing to fit the square, in a few words."""
+    if not shrunk:
+        return ""
+    shown = ", ".join(f"{c} x{f:.3g}" for c, f in list(shrunk.items())[:10])
+    more = f" and {len(shrunk) - 10} more" if len(shrunk) > 10 else ""
+    return (
+        f"; {len(shrunk)} case(s) resized further to fit --size: {shown}{more} "
+        "(a larger --size or --spacing keeps them at the target)"
+    )
 
 
 @main.command()
@@ -326,6 +357,13 @@ def info(store: Path, as_json: bool) -> None:
         f"{summary['unlabelled_cases']} unlabelled" + (f": {why})" if why else ")")
     )
     click.echo(f"slices       {summary['slices']} of {summary['size']}x{summary['size']}")
+    if summary["target_spacing"] is None:
+        click.echo("spacing      none (each slice resized whole to the size)")
+    else:
+        click.echo(
+            f"spacing      {summary['target_spacing']:.4g} mm per pixel "
+            f"(--spacing {summary['spacing']})" + _shrunk_note(summary["shrunk"])
+        )
     reason = f" ({summary['edition_reason']})" if summary["edition_reason"] else ""
     click.echo(
         f"labels       {summary['edition']}{reason}: 0 background, "

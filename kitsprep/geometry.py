@@ -1,5 +1,6 @@
-"""Slice geometry, pure: which voxel axis is axial, and the in-plane fit to a square of
-`size` (keep aspect, pad). Both are recorded per case so that predictions map back."""
+"""Slice geometry, pure: which voxel axis is axial, and the in-plane transform to a square
+of `size` (crop, resize, pad; `kitsprep.spacing` chooses it at a target spacing). Both are
+recorded per case so that predictions map back."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from kitsprep.errors import KitsError
 
 @dataclass(frozen=True)
 class InPlane:
-    """Resize (src_h, src_w) -> (new_h, new_w) keeping aspect, then pad into size x size at
-    (pad_top, pad_left). Inverse: crop the padded box, resize back to (src_h, src_w)."""
+    """One case's in-plane transform, source slice -> stored square: crop the source to
+    rows [crop_top, crop_top + crop_h) and columns [crop_left, crop_left + crop_w), resize
+    that box to (new_h, new_w), pad it into size x size at (pad_top, pad_left). Inverse:
+    take the padded box, resize it back to the crop, put it at the crop's place in a
+    (src_h, src_w) slice of background. `shrink` is 1, or the factor (< 1) by which a
+    case was resized beyond its target spacing so that its body and labels fit the square.
+    Records written before the crop existed (format 2) read as the whole slice."""
 
     src_h: int
     src_w: int
@@ -25,12 +31,42 @@ class InPlane:
     pad_top: int
     pad_left: int
     size: int
+    crop_top: int = 0
+    crop_left: int = 0
+    crop_h: int = -1  # -1: the whole slice (set in __post_init__)
+    crop_w: int = -1
+    shrink: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.crop_h < 0:
+            object.__setattr__(self, "crop_h", self.src_h)
+        if self.crop_w < 0:
+            object.__setattr__(self, "crop_w", self.src_w)
 
     @property
     def is_identity(self) -> bool:
-        return self.src_h == self.new_h == self.size and self.src_w == self.new_w == self.size
+        return (
+            self.src_h == self.new_h == self.crop_h == self.size
+            and self.src_w == self.new_w == self.crop_w == self.size
+        )
 
-    def as_dict(self) -> dict[str, int]:
+    @property
+    def crop(self) -> tuple[slice, slice]:
+        """Rows and columns of a source slice that the stored square shows."""
+        return (
+            slice(self.crop_top, self.crop_top + self.crop_h),
+            slice(self.crop_left, self.crop_left + self.crop_w),
+        )
+
+    @property
+    def box(self) -> tuple[slice, slice]:
+        """Rows and columns of a stored square that hold the (resized) crop, not padding."""
+        return (
+            slice(self.pad_top, self.pad_top + self.new_h),
+            slice(self.pad_left, self.pad_left + self.new_w),
+        )
+
+    def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
 
@@ -40,6 +76,25 @@ def fit_in_plane(src_h: int, src_w: int, size: int) -> InPlane:
     new_h = min(size, max(1, round(src_h * scale)))
     new_w = min(size, max(1, round(src_w * scale)))
     return InPlane(src_h, src_w, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2, size)
+
+
+def nearest_taps(n_src: int, n_new: int) -> np.ndarray:
+    """Source index of each of `n_new` output pixels, nearest neighbour with half-pixel
+    centres: the label kernel's rule (`kernels.labels._nearest_taps`)."""
+    return np.minimum(((np.arange(n_new) + 0.5) * (n_src / n_new)).astype(np.int64), n_src - 1)
+
+
+def restore_labels(labels: np.ndarray, plane: InPlane) -> np.ndarray:
+    """Stored labels (slices, size, size) back on the source grid (slices, src_h, src_w),
+    nearest neighbour, background outside the crop: the inverse of the label transform,
+    exact wherever the store did not downsample (crop_h <= new_h and crop_w <= new_w)."""
+    rows, cols = plane.box
+    box = labels[:, rows, cols]
+    out = np.zeros((labels.shape[0], plane.src_h, plane.src_w), labels.dtype)
+    ys = nearest_taps(plane.new_h, plane.crop_h)
+    xs = nearest_taps(plane.new_w, plane.crop_w)
+    out[(slice(None), *plane.crop)] = box[:, ys[:, None], xs[None, :]]
+    return out
 
 
 def axial_axes(affine: np.ndarray) -> tuple[int, int, int]:

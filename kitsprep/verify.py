@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from kitsprep.cases import find_cases, read_volume
+from kitsprep.geometry import InPlane, restore_labels
 from kitsprep.kernels.labels import label_counts, labels_resample
 from kitsprep.labels import counted_values
 from kitsprep.store.format import crc32
@@ -117,6 +118,25 @@ def _verify_case(
             return
 
 
+def _verify_inverse(
+    cid: str, plane: InPlane, labels: np.ndarray, stored: np.ndarray, report: VerifyReport
+) -> None:
+    """Predictions go back to the source through the recorded transform's inverse: no
+    labelled source voxel may lie outside the crop, and where the store did not downsample
+    the stored labels mapped back must be the source mask itself."""
+    cut = int(np.count_nonzero(labels)) - int(np.count_nonzero(labels[(slice(None), *plane.crop)]))
+    if cut:
+        report.problems.append(f"{cid}: {cut} labelled source voxels lie outside the recorded crop")
+    elif plane.crop_h <= plane.new_h and plane.crop_w <= plane.new_w:
+        back = restore_labels(stored, plane)
+        if not np.array_equal(back, labels):
+            n = int((back != labels).sum())
+            report.problems.append(
+                f"{cid}: {n} voxels differ from the source mask once the stored labels are "
+                "mapped back through the recorded transform"
+            )
+
+
 def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyReport) -> None:
     meta = info.cases[cid]
     ref = sources.get(cid)
@@ -143,6 +163,7 @@ def _verify_source(info: StoreInfo, cid: str, sources: dict, report: VerifyRepor
     if not np.array_equal(expected, stored):
         n = int((expected != stored).sum())
         report.problems.append(f"{cid}: {n} label voxels differ from the source mask")
+    _verify_inverse(cid, meta.in_plane, labels, stored, report)
     # Per label of the store's edition: the index the samplers read equals the source.
     index = info.rows(cid)["counts"][:, 1:]
     for name, value in info.labels.labels:

@@ -114,8 +114,9 @@ class Predictor:
     def predict(self, volume: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
         """Labels (uint8, the shape of `volume`) of a CT volume in HU, shaped (slices, rows,
         cols) with the axial axis first (module docstring). `spacing` (mm per axis) is
-        optional and only checked: as in `kitsprep build`, each slice is resized to the
-        store's square whatever its spacing, so spacing does not change the labels."""
+        needed when the run's store has a target spacing (`kitsprep build --spacing`): the
+        slices are resampled to it as the store's were. Otherwise it is optional and only
+        checked: each slice is resized whole to the store's square, whatever its spacing."""
         volume = np.asarray(volume)
         if volume.ndim != 3 or 0 in volume.shape:
             raise KitsError(
@@ -126,6 +127,12 @@ class Predictor:
             raise KitsError(
                 f"Predictor.predict: expected real numbers (HU), found dtype {volume.dtype}; "
                 "pass the image data, e.g. nib.load(path).get_fdata()"
+            )
+        if spacing is None and self.run.spacing is not None:
+            raise KitsError(
+                f"Predictor.predict: this run's store resamples slices to "
+                f"{self.run.spacing:g} mm per pixel, so the volume's spacing is needed; pass "
+                "spacing=(slice, row, col) mm, e.g. nib.load(path).header.get_zooms()"
             )
         spacing = (1.0, 1.0, 1.0) if spacing is None else _spacing(spacing)
         self._check_in_plane(volume.shape)
@@ -167,4 +174,6 @@ class Predictor:
             )
 
     def _predict(self, volume: Volume, case_id: str) -> np.ndarray:
-        return self.inference.volume(volume, self.run.window, self.run.size, case_id)
+        return self.inference.volume(
+            volume, self.run.window, self.run.size, case_id, target_spacing=self.run.spacing
+        )

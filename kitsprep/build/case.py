@@ -18,11 +18,12 @@ from kitsprep.build.config import AllowedLabels, CaseJob
 from kitsprep.build.resume import save_record
 from kitsprep.cases import CaseRef, Volume, check_pair, read_volume
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axcodes, axial_axes, fit_in_plane, voxel_spacing
+from kitsprep.geometry import axcodes, axial_axes, voxel_spacing
 from kitsprep.kernels.image import window_resample
 from kitsprep.kernels.labels import NEGATIVE_LABEL, label_counts, labels_resample
 from kitsprep.kernels.nonfinite import count_nonfinite
 from kitsprep.labels import counted_values
+from kitsprep.spacing import case_plane
 from kitsprep.store.format import CaseMeta, CaseWritten, compress_label_slice, crc32
 
 # Output buffer of one kernel call (float16 image; labels take half as much): at 512x512 up
@@ -152,11 +153,14 @@ def process_case(job: CaseJob) -> CaseWritten:
             f"{ref.case_id}: {ref.imaging.name} now has {n_slices} slices, but "
             f"the build planned {len(job.offsets)}; start over with --overwrite"
         )
-    plane = fit_in_plane(h, w, job.size)
+    spacing = tuple(voxel_spacing(affine)[a] for a in axes)
+    labels = seg.data.transpose(axes) if seg is not None else None
+    plane = case_plane(
+        image, vol.header.slope, vol.header.inter, spacing[1:], job.size, job.target_spacing, labels
+    )
     counts = label_counts(n_slices, counted_values(job.labels.labels))
     crc = np.zeros(n_slices, np.uint32)
     chunks: list[bytes] | None = [] if seg is not None else None
-    labels = seg.data.transpose(axes) if seg is not None else None
     top = 0
     if (plane.new_h, plane.new_w) != (job.size, job.size):  # else the kernels fill them
         slab[...] = window.pad_value
@@ -202,7 +206,7 @@ def process_case(job: CaseJob) -> CaseWritten:
         slices=n_slices,
         row_start=0,
         source_shape=tuple(int(v) for v in vol.header.shape),
-        spacing=tuple(voxel_spacing(affine)[a] for a in axes),
+        spacing=spacing,
         affine=affine,
         axcodes=axcodes(affine),
         axes=axes,

@@ -12,6 +12,7 @@ import numpy as np
 
 from kitsprep.cases import CaseRef
 from kitsprep.labels import ANY_EDITION, EDITIONS, any_edition_labels
+from kitsprep.spacing import NO_SPACING, Spacing
 from kitsprep.window import Window
 
 
@@ -42,6 +43,7 @@ class BuildConfig:
     skip_bad: bool = False
     fsync: bool = True
     edition: str = "auto"  # a key of labels.EDITIONS, or "auto" (from the folder or masks)
+    spacing: str = "none"  # `spacing.parse_spacing`'s: auto, none, or mm per pixel
 
     def identity(self) -> dict:
         """The options that decide the store's contents: a resume must match them."""
@@ -49,6 +51,7 @@ class BuildConfig:
             "size": self.size,
             "window": json.loads(self.window.to_json()),
             "edition": self.edition,
+            "spacing": self.spacing,
         }
 
     @property
@@ -70,6 +73,7 @@ class CaseJob:
     record: Path
     fsync: bool
     labels: AllowedLabels  # values outside it stop the case
+    target_spacing: float | None = None  # in-plane mm per stored pixel; None: fit the slice
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class BuildReport:
     edition: str = ""
     edition_reason: str = ""
     compile_seconds: float = 0.0  # kernels compiled or loaded from cache; not in `seconds`
+    spacing: Spacing = NO_SPACING
+    # cases resized beyond the target spacing so that their body and labels fit: the factor
+    shrunk: dict[str, float] = field(default_factory=dict)
 
     @property
     def slices_per_s(self) -> float:

@@ -18,7 +18,8 @@ from kitsprep.build.resume import partial_dir, record_fingerprint
 from kitsprep.cases import CaseRef, check_pair, read_header, source_fingerprint
 from kitsprep.errors import KitsError
 from kitsprep.files import write_atomic
-from kitsprep.geometry import axial_axes
+from kitsprep.geometry import axial_axes, voxel_spacing
+from kitsprep.spacing import Spacing, parse_spacing, resolve_spacing
 from kitsprep.store.format import CasePlan
 from kitsprep.store.journal import restore_journal
 from kitsprep.store.superblock import clear_write_flags
@@ -42,8 +43,24 @@ def plan_cases(refs: list[CaseRef], skip_bad: bool, bad: dict[str, str]) -> list
     return plans
 
 
+def build_spacing(cfg: BuildConfig, refs: list[CaseRef]) -> Spacing:
+    """`--spacing` resolved over the cases being built (headers only): auto takes the median
+    in-plane spacing of those whose header reads (a bad one is named by its own case)."""
+    option = parse_spacing(cfg.spacing)  # a BuildConfig made in Python is checked too
+    in_plane = []
+    if option == "auto":
+        for ref in refs:
+            try:
+                img = read_header(ref.imaging, ref.case_id)
+            except KitsError:
+                continue
+            spacing, axes = voxel_spacing(img.affine), axial_axes(img.affine)
+            in_plane.append((spacing[axes[1]], spacing[axes[2]]))
+    return resolve_spacing(option, in_plane)
+
+
 def open_partial_build(
-    cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str]
+    cfg: BuildConfig, refs: list[CaseRef], bad: dict[str, str], spacing: Spacing
 ) -> tuple[Path, list[CasePlan], dict[str, np.ndarray]]:
     """Create the partial build, or reopen it for --resume after checking it matches."""
     work = partial_dir(cfg.out)
@@ -62,7 +79,7 @@ def open_partial_build(
             raise KitsError(
                 f"the interrupted build in {work} used other options or cases "
                 f"({manifest['identity']}, {len(manifest['selected'])} cases); rerun it with "
-                "the same --size/--window/--cases, or start over with --overwrite"
+                "the same --size/--window/--spacing/--cases, or start over with --overwrite"
             )
         bad.update(manifest["bad"])
         plans = [CasePlan(**p) for p in manifest["plans"]]
@@ -94,7 +111,7 @@ def open_partial_build(
         "skip_bad": cfg.skip_bad,
         "kitsprep_version": __version__,
     }
-    offsets = create_layout(store, plans, cfg.size, cfg.window, build_opts)
+    offsets = create_layout(store, plans, cfg.size, cfg.window, build_opts, spacing)
     manifest = {
         "identity": cfg.identity(),
         "selected": [r.case_id for r in refs],

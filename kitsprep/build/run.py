@@ -14,7 +14,7 @@ import numpy as np
 from kitsprep.build.config import BuildConfig, BuildReport, CaseEvent, CaseJob
 from kitsprep.build.finish import FINISHED_MARK, finish_build
 from kitsprep.build.lock import build_lock
-from kitsprep.build.plan import check_changed_sources, open_partial_build
+from kitsprep.build.plan import build_spacing, check_changed_sources, open_partial_build
 from kitsprep.build.resume import load_record, partial_dir, readable_records
 from kitsprep.build.workers import run_jobs
 from kitsprep.cases import CaseRef, check_edition, find_cases, read_header, select_cases
@@ -26,7 +26,7 @@ from kitsprep.kernels.labels import label_counts, labels_resample
 from kitsprep.kernels.nonfinite import count_nonfinite
 from kitsprep.labels import counted_values
 from kitsprep.outputs import check_output
-from kitsprep.store.info import open_store
+from kitsprep.store.info import open_store, shrunk_cases
 from kitsprep.window import Window
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -97,7 +97,8 @@ def _build_locked(
     refs = select_cases(find_cases(cfg.src), cfg.cases)
     check_edition(cfg.src, cfg.edition)
     bad: dict[str, str] = {}
-    store, plans, offsets = open_partial_build(cfg, refs, bad)
+    spacing = build_spacing(cfg, refs)
+    store, plans, offsets = open_partial_build(cfg, refs, bad, spacing)
     work = store.parent
     for folder in (work, work / "cases"):
         remove_stale_temps(folder)
@@ -122,6 +123,7 @@ def _build_locked(
             record[p.case_id],
             cfg.fsync,
             cfg.allowed_labels,
+            spacing.mm,
         )
         for p in todo
     ]
@@ -148,6 +150,8 @@ def _build_locked(
         compile_seconds=compile_s,
         edition=labels.edition,
         edition_reason=why,
+        spacing=spacing,
+        shrunk=shrunk_cases(w.meta for w in written),
     )
 
 
@@ -178,6 +182,8 @@ def _report_finished(cfg: BuildConfig, t0: float) -> BuildReport:
         bad_cases=info.bad_cases,
         edition=info.labels.edition,
         edition_reason=info.edition_reason,
+        spacing=info.spacing,
+        shrunk=shrunk_cases(info.cases.values()),
     )
 
 

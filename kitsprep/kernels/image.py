@@ -210,7 +210,8 @@ def window_resample(
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Slices [s_begin, s_end) of `vol` (slices first, any strides) -> float16
-    (n, size, size), windowed and fitted into the square with air padding. Pass `out`
+    (n, size, size), windowed, the plane's crop resized and padded into the square with
+    air. Pass `out`
     (float16) to reuse a buffer: the kernel writes only the resized box, so the caller's
     padding must already be there. One call over many slices is faster than many calls
     over few (longer contiguous reads per column)."""
@@ -220,6 +221,7 @@ def window_resample(
         out = np.full((n, plane.size, plane.size), window.pad_value, dtype=np.float16)
     if n <= 0 or out.size == 0:
         return out
+    vol = vol[(slice(None), *plane.crop)]  # a view: the kernel resizes the crop
     if not _flattenable(vol):
         vol = np.ascontiguousarray(vol)
     target = out if _flattenable(out) else out.copy()

@@ -183,12 +183,12 @@ def labels_resample(
     s_end: int | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Nearest-neighbour labels into a uint8 (n, size, size) square (background padding),
-    adding per-slice pixel counts of label values 1..k into `counts` (slices, k) int64,
-    column j for value j + 1 (`label_counts` makes one; k + 1 values, background included,
-    at most 256). Returns the labels and the largest label seen, so callers can refuse
-    labels that uint8 can't hold or that `counts` has no column for (a negative label v is
-    reported as NEGATIVE_LABEL - v: above any real label)."""
+    """Nearest-neighbour labels of the plane's crop into a uint8 (n, size, size) square
+    (background padding), adding per-slice pixel counts of label values 1..k into `counts`
+    (slices, k) int64, column j for value j + 1 (`label_counts` makes one; k + 1 values,
+    background included, at most 256). Returns the labels and the largest label seen, so
+    callers can refuse labels that uint8 can't hold or that `counts` has no column for (a
+    negative label v is reported as NEGATIVE_LABEL - v: above any real label)."""
     _check_label_values(counts.shape[1] + 1)
     s_end = seg.shape[0] if s_end is None else s_end
     n = s_end - s_begin
@@ -196,6 +196,7 @@ def labels_resample(
         out = np.zeros((n, plane.size, plane.size), dtype=np.uint8)
     if n <= 0 or out.size == 0:
         return out, 0
+    seg = seg[(slice(None), *plane.crop)]  # a view: the kernel resizes the crop
     if seg.dtype.kind == "b":
         seg = seg.view(np.uint8)
     elif seg.dtype.kind not in "iu":  # not a mask dtype; truncated, as int64(v) would

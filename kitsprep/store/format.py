@@ -1,11 +1,13 @@
 """The slice store's format: what every byte means, so writer and readers agree. Both
 packages read and write the store through `kitsprep.store`; this module defines it.
 
-Layout (format `kits-slices`, version 2):
+Layout (format `kits-slices`, version 3; version 2 stores still read):
 
     /                 attrs: format, format_version, kitsprep_version, window (JSON),
-                             size, edition, edition_reason, labels (the edition's LabelSet,
-                             JSON), num_classes,
+                             size, spacing (the --spacing option), target_spacing (mm per
+                             stored pixel; absent under --spacing none), edition,
+                             edition_reason, labels (the edition's LabelSet, JSON),
+                             num_classes,
                              image_dtype, build (JSON), cases (JSON list), bad_cases (JSON),
                              complete, attrs_checksum (of all the others); splits (JSON,
                              only when the source recorded folds: nnU-Net splits_final.json
@@ -16,7 +18,8 @@ Layout (format `kits-slices`, version 2):
                              (absent for unlabelled cases)
         attrs: labelled, unlabelled_reason (why a case has no labels, e.g. no mask file),
                slices, row_start, source_shape, spacing, affine, axcodes, axes,
-               in_plane (JSON), fingerprint (JSON), source dtypes
+               in_plane (JSON: `geometry.InPlane`, crop + resize + pad; version 2
+               has no crop fields: the whole slice), fingerprint (JSON), source dtypes
     /index            one row per slice (`index_dtype`): what samplers and `info` read;
                       `counts[v]` is the slice's pixel count of label value v.
 
@@ -45,7 +48,10 @@ except ImportError:
     CRC_ON_READ = False
 
 FORMAT = "kits-slices"
-FORMAT_VERSION = 2  # 2: the store carries its label set; per-label counts in the index
+# 2: the store carries its label set; per-label counts in the index. 3: a target spacing
+# (root `spacing`, `target_spacing`) and a crop in each case's in-plane transform.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # a version 2 store reads as one built with --spacing none
 LABEL_LEVEL = 1  # deflate level for label chunks: mostly zeros, level 1 is already tiny
 
 

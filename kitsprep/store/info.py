@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 from kitsprep.labels import LabelSet
+from kitsprep.spacing import NO_SPACING, Spacing
 from kitsprep.store.format import (
     ATTRS_CHECKSUM,
     FORMAT,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     SPLITS,
     CaseMeta,
     attrs_checksum,
@@ -42,6 +45,7 @@ class StoreInfo:
     cases: dict[str, CaseMeta]
     index: np.ndarray
     edition_reason: str = ""  # why the build chose the edition (e.g. "kits23.json in SRC")
+    spacing: Spacing = NO_SPACING  # --spacing, and the target it resolved to
     # the file opened (device, inode, size, mtime): a reader that finds another file at the
     # path names the store as replaced, not damaged
     identity: tuple[int, ...] = ()
@@ -84,6 +88,8 @@ class StoreInfo:
 
         h = hashlib.sha256()
         h.update(f"{FORMAT}:{self.format_version}:{self.window.to_json()}:{self.size}".encode())
+        if self.spacing.mm is not None:  # stores of other spacings hold other pixels
+            h.update(f":spacing {self.spacing.mm!r}".encode())
         for cid, meta in self.cases.items():
             h.update(f"{cid}:{json.dumps(meta.fingerprint, sort_keys=True)}".encode())
         return h.hexdigest()[:16]
@@ -156,11 +162,11 @@ def _read_store(path: Path) -> StoreInfo:
                 "`kitsprep build`"
             )
         version = int(a["format_version"])
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise KitsError(
-                f"{path} has store format version {version}; this kits reads "
-                f"version {FORMAT_VERSION} (which carries the KiTS edition's label "
-                "set). Rebuild it: `kitsprep build --src DIR --out "
+                f"{path} has store format version {version}; this kits reads versions "
+                f"{READABLE_VERSIONS[0]} to {FORMAT_VERSION} (which carry the KiTS edition's "
+                "label set). Rebuild it: `kitsprep build --src DIR --out "
                 f"{path.name} --overwrite`"
             )
         if not bool(a.get("complete", False)):
@@ -192,10 +198,20 @@ def _read_store(path: Path) -> StoreInfo:
             cases=cases,
             index=index,
             edition_reason=str(a.get("edition_reason", "")),
+            spacing=Spacing(
+                str(a.get("spacing", "none")),
+                float(a["target_spacing"]) if "target_spacing" in a else None,
+            ),
             identity=identity,
             problems=tuple(problems),
             splits=json.loads(a[SPLITS]) if SPLITS in a else None,
         )
+
+
+def shrunk_cases(metas: Iterable[CaseMeta]) -> dict[str, float]:
+    """Cases resized beyond the target spacing so that their body and labels fit the
+    square, with the factor (`geometry.InPlane.shrink`)."""
+    return {m.case_id: m.in_plane.shrink for m in metas if m.in_plane.shrink < 1}
 
 
 def file_size(path: Path) -> int:
@@ -228,6 +244,9 @@ def summarise(info: StoreInfo) -> dict:
         "unlabelled_reasons": why_unlabelled,
         "slices": int(len(idx)),
         "size": info.size,
+        "spacing": info.spacing.option,
+        "target_spacing": info.spacing.mm,
+        "shrunk": shrunk_cases(info.cases.values()),
         "num_classes": info.num_classes,
         "edition": info.labels.edition,
         "edition_reason": info.edition_reason,
@@ -248,6 +267,7 @@ def summarise(info: StoreInfo) -> dict:
                 **({"unlabelled_reason": m.unlabelled_reason} if not m.labelled else {}),
                 "source_shape": list(m.source_shape),
                 "spacing": list(m.spacing),
+                "in_plane": m.in_plane.as_dict(),
             }
             for cid, m in info.cases.items()
         },

@@ -11,6 +11,7 @@ import numpy as np
 
 from kitsprep import __version__, failpoints
 from kitsprep.labels import LabelSet
+from kitsprep.spacing import NO_SPACING, Spacing
 from kitsprep.store.format import (
     ATTRS_CHECKSUM,
     FORMAT,
@@ -27,7 +28,12 @@ from kitsprep.window import Window
 
 
 def create_layout(
-    path: Path, plans: list[CasePlan], size: int, window: Window, build: dict
+    path: Path,
+    plans: list[CasePlan],
+    size: int,
+    window: Window,
+    build: dict,
+    spacing: Spacing = NO_SPACING,
 ) -> dict[str, np.ndarray]:
     """Create every dataset before any voxel is written, allocating image chunks up front.
     Returns each case's image-chunk byte offsets. After this the file's metadata does not
@@ -40,6 +46,9 @@ def create_layout(
         f.attrs["kitsprep_version"] = __version__
         f.attrs["window"] = window.to_json()
         f.attrs["size"] = size
+        f.attrs["spacing"] = spacing.option
+        if spacing.mm is not None:
+            f.attrs["target_spacing"] = spacing.mm
         f.attrs["image_dtype"] = "float16"
         f.attrs["build"] = json.dumps(build, sort_keys=True)
         f.attrs["cases"] = json.dumps([p.case_id for p in plans])

@@ -42,6 +42,7 @@ class StoreAttrs:
     size: int | None = None
     num_classes: int | None = None
     labels: LabelSet | None = None
+    spacing: float | None = None  # in-plane mm per stored pixel (None: slices fitted whole)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class RunRecord:
                 "size": attrs.size,
                 "num_classes": attrs.num_classes,
                 "labels": None if attrs.labels is None else json.loads(attrs.labels.to_json()),
+                "spacing": attrs.spacing,
             }
         return out
 
@@ -136,6 +138,7 @@ def _parse(raw: dict[str, Any]) -> RunRecord:
                 if attrs.get("labels") is None
                 else LabelSet.from_json(json.dumps(attrs["labels"]))
             ),
+            spacing=attrs.get("spacing"),
         )
         _check_fields(values["store_attrs"], "store_attrs")
     if values.get("fold") is not None:

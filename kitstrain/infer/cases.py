@@ -136,17 +136,18 @@ def source_predictions(
     size: int,
     *,
     progress: SliceProgress | None = None,
+    target_spacing: float | None = None,
 ) -> Iterator[CasePrediction]:
     """NIfTI cases predicted in their own geometry (`engine.predict_volume`, with the store's
-    `window` and slice `size`), each with its segmentation when it has one, and the spacing
-    from the segmentation's header (the evaluator's)."""
+    `window`, slice `size` and target spacing), each with its segmentation when it has one,
+    and the spacing from the segmentation's header (the evaluator's)."""
     for ref in refs:
         vol = read_volume(ref.imaging, ref.case_id)
         seg = None
         if ref.segmentation is not None:
             seg = read_volume(ref.segmentation, ref.case_id)
             check_pair(ref.case_id, vol.header, seg.header)
-        pred = inference.volume(vol, window, size, ref.case_id, progress)
+        pred = inference.volume(vol, window, size, ref.case_id, progress, target_spacing)
         axes = axial_axes(vol.header.affine)
         yield CasePrediction(
             case_id=ref.case_id,

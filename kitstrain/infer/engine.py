@@ -11,9 +11,10 @@ Two geometries:
   would otherwise inflate the accuracy of a non-square case and punish stray predictions
   on pixels that do not exist.
 - source geometry: the NIfTI voxel grid. `predict_volume` preprocesses raw voxels with the
-  very kernels `kitsprep build` uses (window, resample, pad), runs the model, then inverts
-  the recorded in-plane fit (crop the padding, bilinear resize of the logits) and the axis
-  permutation. Used by `predict` and by `score --src` (the official setting).
+  very kernels `kitsprep build` uses (window, crop, resample, pad; at the store's target
+  spacing), runs the model, then inverts the in-plane transform (drop the padding, bilinear
+  resize of the logits back to the crop, background around it) and the axis permutation.
+  Used by `predict` and by `score --src` (the official setting).
 
 Every function here takes an `infer.inference.Inference` (`InferenceSettings`): what one
 validation, score or predict applies to all its cases. One model is decoded from its
@@ -37,9 +38,10 @@ from torch import Tensor, nn
 
 from kitsprep.cases import Volume
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes, fit_in_plane, voxel_spacing
+from kitsprep.geometry import axial_axes, voxel_spacing
 from kitsprep.kernels import count_nonfinite, window_resample
 from kitsprep.labels import LabelSet
+from kitsprep.spacing import case_plane
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.core.precision import Amp
@@ -282,8 +284,7 @@ def read_store_images(reader: SliceReader, info: StoreInfo, case_id: str) -> np.
 
 def store_box(info: StoreInfo, case_id: str) -> tuple[slice, slice]:
     """Rows and columns of a stored slice that hold the (resized) image, not padding."""
-    p = info.cases[case_id].in_plane
-    return slice(p.pad_top, p.pad_top + p.new_h), slice(p.pad_left, p.pad_left + p.new_w)
+    return info.cases[case_id].in_plane.box
 
 
 def require_scorable(info: StoreInfo, case_id: str) -> None:
@@ -313,10 +314,10 @@ def read_store_labels(reader: SliceReader, info: StoreInfo, case_id: str) -> np.
 
 def store_spacing(info: StoreInfo, case_id: str) -> Spacing:
     """Voxel spacing (mm) of a stored case's slices inside `store_box`: the source spacing,
-    in-plane scaled by the recorded resize."""
+    in-plane scaled by the recorded resize of the crop."""
     m = info.cases[case_id]
     p = m.in_plane
-    return (m.spacing[0], m.spacing[1] * p.src_h / p.new_h, m.spacing[2] * p.src_w / p.new_w)
+    return (m.spacing[0], m.spacing[1] * p.crop_h / p.new_h, m.spacing[2] * p.crop_w / p.new_w)
 
 
 def predict_store_case(
@@ -361,9 +362,12 @@ def predict_volume(
     size: int,
     case_id: str = "",
     progress: SliceProgress | None = None,
+    target_spacing: float | None = None,
 ) -> np.ndarray:
     """Labels uint8 with the shape of `volume.data` (a `kitsprep.cases.Volume`), in its
-    voxel order. Preprocessing is `kitsprep build`'s, with the store's window and size.
+    voxel order. Preprocessing is `kitsprep build`'s, with the store's window, size and
+    target spacing (`kitsprep.spacing.case_plane`: the crop is the volume's body, as for a
+    new patient, whose labels are not known); voxels outside the crop are background.
     Post-processing, when the inference has a step, sees the labels axial axis first, with
     the header's spacing in that order, before they go back to the volume's voxel order."""
     data, hdr = volume.data, volume.header
@@ -378,20 +382,27 @@ def predict_volume(
     axes = axial_axes(hdr.affine)
     image = data.transpose(axes)
     n_slices, src_h, src_w = image.shape
-    plane = fit_in_plane(src_h, src_w, size)
+    spacing = voxel_spacing(hdr.affine)
+    in_plane = (spacing[axes[1]], spacing[axes[2]])
+    plane = case_plane(image, hdr.slope, hdr.inter, in_plane, size, target_spacing)
     # The whole case windowed at store size costs what the raw volume does; slices are
     # needed more than once anyway (2.5D context).
     squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
-    out = np.empty((n_slices, src_h, src_w), np.uint8)
-    top, left, context = plane.pad_top, plane.pad_left, inference.context
+    whole = (plane.crop_h, plane.crop_w) == (src_h, src_w)
+    out = (np.empty if whole else np.zeros)((n_slices, src_h, src_w), np.uint8)
+    rows, cols = plane.box
+    crop, context = (slice(None), *plane.crop), inference.context
 
     def to_source(logits: Tensor) -> Tensor:
-        # Logits go back to the source grid before decoding (an ensemble's each, before
-        # they become probabilities), so labels are decided per source voxel.
-        box = logits[:, :, top : top + plane.new_h, left : left + plane.new_w]
-        if (plane.new_h, plane.new_w) != (src_h, src_w):
+        # Logits go back to the source grid (the crop of it) before decoding (an
+        # ensemble's each, before they become probabilities), so labels are decided per
+        # source voxel.
+        box = logits[:, :, rows, cols]
+        if (plane.new_h, plane.new_w) != (plane.crop_h, plane.crop_w):
             # Half-pixel centres (align_corners=False), the kernel's convention.
-            box = F.interpolate(box, size=(src_h, src_w), mode="bilinear", align_corners=False)
+            box = F.interpolate(
+                box, size=(plane.crop_h, plane.crop_w), mode="bilinear", align_corners=False
+            )
         return box
 
     to_grid = None if plane.is_identity else to_source
@@ -403,7 +414,6 @@ def predict_volume(
             progress,
             to_grid,
         ):
-            out[s0:s1] = _labels_u8(inference, scores)
-    spacing = voxel_spacing(hdr.affine)
+            out[s0:s1][crop] = _labels_u8(inference, scores)
     out = _post_process(inference, out, (spacing[axes[0]], spacing[axes[1]], spacing[axes[2]]))
     return out.transpose(np.argsort(axes))

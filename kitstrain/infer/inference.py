@@ -126,7 +126,8 @@ class Inference:
         size: int,
         case_id: str = "",
         progress: SliceProgress | None = None,
+        target_spacing: float | None = None,
     ) -> np.ndarray:
         """Labels uint8 of a CT volume in its own geometry (`engine.predict_volume`),
-        preprocessed with the store's `window` and slice `size`."""
-        return predict_volume(self, volume, window, size, case_id, progress)
+        preprocessed with the store's `window`, slice `size` and target spacing."""
+        return predict_volume(self, volume, window, size, case_id, progress, target_spacing)

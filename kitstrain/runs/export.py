@@ -27,6 +27,7 @@ from kitsprep import __version__
 from kitsprep.errors import KitsError
 from kitsprep.files import atomic_path, write_atomic
 from kitsprep.outputs import check_output
+from kitsprep.spacing import BODY_HU
 from kitstrain.infer.inference import model_region_writes
 from kitstrain.runs.loaded import LoadedRun, load_run, load_run_model
 
@@ -108,10 +109,18 @@ def runtime_meta(run: LoadedRun, model: torch.nn.Module, onnx_name: str, opset: 
         },
         "slice": {
             "size": run.size,
-            "fit": "axial axis first; each slice resized bilinearly keeping its aspect ratio "
-            "so its longer side is size, centred and padded to size x size with air "
+            "target_spacing": run.spacing,
+            "fit": (
+                "axial axis first; each slice resized bilinearly keeping its aspect ratio "
+                "so its longer side is size"
+                if run.spacing is None
+                else f"axial axis first; each slice resized bilinearly to target_spacing mm "
+                f"per pixel, cropped to the body (HU > {BODY_HU:g}; a case too large for "
+                "size x size is resized further down until it fits)"
+            )
+            + ", centred and padded to size x size with air "
             f"(-1024 HU, {window.pad_value:.6g} after the window); invert by cropping the "
-            "pad and resizing the logits back",
+            "pad and resizing the logits back (to the crop, background around it)",
         },
         "output": {
             "name": OUTPUT,

@@ -52,6 +52,7 @@ class LoadedRun:
     which: str  # the checkpoint asked for: best or last
     checkpoint: Path  # the file `which` resolves to (best falls back to last)
     warnings: list[str]
+    spacing: float | None = None  # the store's target in-plane spacing (None: slices whole)
 
 
 def load_run(
@@ -65,11 +66,12 @@ def load_run(
     """Resolve a run directory (None: the newest under `runs_root`), its checkpoint and the
     store it trained on (or `data`).
 
-    A store given with `--data` must have the run's preprocessing (window and slice size;
+    A store given with `--data` must have the run's preprocessing (window, slice size and
+    target spacing;
     otherwise: error, the model would see inputs it never trained on). Other differences in
     content (cases added, rebuilt from other files) only warn: scoring other cases with the
     same preprocessing is legitimate. Without `store_required` a missing store is replaced
-    by the window, size and label set the run recorded."""
+    by the window, size, spacing and label set the run recorded."""
     run_dir = Path(run_dir) if run_dir is not None else runlib.newest_run(runs_root)
     if not run_dir.is_dir():
         raise KitsError(
@@ -106,8 +108,8 @@ def load_run(
 
     if info is None:  # the store is gone: what the run recorded is all preprocessing needs
         warnings.append(
-            f"the run's store {recorded_path} is missing; using the window and size "
-            "recorded in the run's config"
+            f"the run's store {recorded_path} is missing; using the window, size and "
+            "spacing recorded in the run's config"
         )
         return LoadedRun(
             run_dir,
@@ -120,6 +122,7 @@ def load_run(
             which,
             checkpoint,
             warnings,
+            recorded.spacing,
         )
     want_window, want_size = recorded.window, recorded.size
     if want_window is not None and want_window != info.window:
@@ -133,6 +136,16 @@ def load_run(
             f"{info.path} holds {info.size}x{info.size} slices, but the run "
             f"trained on {want_size}x{want_size}; score with the store the run "
             f"trained on, or rebuild with --size {want_size}"
+        )
+    if config.store_attrs is not None and recorded.spacing != info.spacing.mm:
+
+        def shown(mm: float | None) -> str:
+            return "none" if mm is None else f"{mm:g}"
+
+        raise KitsError(
+            f"{info.path} was built with --spacing {shown(info.spacing.mm)}, but the run "
+            f"trained on --spacing {shown(recorded.spacing)}; score with the store the run "
+            f"trained on, or rebuild with --spacing {shown(recorded.spacing)}"
         )
     fingerprint = config.store_fingerprint
     if fingerprint is not None and fingerprint != info.fingerprint:
@@ -152,6 +165,7 @@ def load_run(
         which,
         checkpoint,
         warnings,
+        info.spacing.mm,
     )
 
 

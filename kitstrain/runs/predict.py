@@ -205,7 +205,12 @@ def predict_run(cfg: PredictConfig, progress: Progress | None = None) -> Predict
     progress.start(source_slices(refs), "predict")
     try:
         for case in source_predictions(
-            inference, refs, run.window, run.size, progress=progress.advance
+            inference,
+            refs,
+            run.window,
+            run.size,
+            progress=progress.advance,
+            target_spacing=run.spacing,
         ):
             name = prediction_name(case.case_id, naming)
             report.paths.append(write_prediction(case.pred, case.imaging, out / name))

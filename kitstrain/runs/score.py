@@ -170,7 +170,12 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
             cases = store_predictions(inference, info, chosen, progress=progress.advance)
         else:
             cases = source_predictions(
-                inference, refs, run.window, run.size, progress=progress.advance
+                inference,
+                refs,
+                run.window,
+                run.size,
+                progress=progress.advance,
+                target_spacing=run.spacing,
             )
         scores, pictures = score_cases(cases, run.labels, progress, cfg.overlays)
     finally:

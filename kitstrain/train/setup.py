@@ -292,7 +292,9 @@ def record_run(
     record = RunRecord(
         store=str(Path(cfg.store).resolve()),
         store_fingerprint=info.fingerprint,
-        store_attrs=StoreAttrs(info.window, info.size, info.num_classes, info.labels),
+        store_attrs=StoreAttrs(
+            info.window, info.size, info.num_classes, info.labels, info.spacing.mm
+        ),
         label_weights_applied={
             n: label_weights[v] for n, v in info.labels.labels if v in label_weights
         },

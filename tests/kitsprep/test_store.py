@@ -87,7 +87,8 @@ def test_open_store_foreign_format(store, tmp_path):
 
 def test_open_store_wrong_version(store, tmp_path):
     newer = FORMAT_VERSION + 1
-    with pytest.raises(KitsError, match=f"format version {newer}.*reads version {FORMAT_VERSION}"):
+    match = f"format version {newer}.*reads versions 2 to {FORMAT_VERSION}"
+    with pytest.raises(KitsError, match=match):
         open_store(_copy(store, tmp_path, format_version=newer))
 
 
@@ -121,7 +122,13 @@ def test_summarise(store):
         "unlabelled_reason": no_mask,
         "source_shape": [6, 24, 24],
         "spacing": pytest.approx([3.0, 0.8, 0.8]),
+        "in_plane": {
+            **{"src_h": 24, "src_w": 24, "new_h": 32, "new_w": 32, "size": 32},
+            **{"pad_top": 0, "pad_left": 0, "crop_top": 0, "crop_left": 0},
+            **{"crop_h": 24, "crop_w": 24, "shrink": 1.0},
+        },
     }
+    assert s["spacing"] == "none" and s["target_spacing"] is None and s["shrunk"] == {}
     assert s["unlabelled_reasons"] == {no_mask: 1}
     assert s["edition_reason"] == "no mask holds a label beyond kidney and tumour"
     assert s["per_case"]["case_00001"]["labelled"] is True

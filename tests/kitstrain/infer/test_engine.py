@@ -152,6 +152,7 @@ def make_run(
                 "size": info.size,
                 "num_classes": info.num_classes,
                 "labels": json.loads(info.labels.to_json()),
+                "spacing": info.spacing.mm,
             },
             "train": {"precision": "auto"},
             "context": context,
