@@ -131,9 +131,13 @@ def fit(
     resume: bool,
     **options: object,
 ) -> None:
-    """Train a U-Net on STORE (a file written by `kitsprep build`)."""
+    """Train a U-Net on STORE (a file written by `kitsprep build`). With --cascade (or
+    --preset cascade), two stages: RUN/coarse/ then RUN/fine/ (see README)."""
+    from kitstrain.core import rundir
+    from kitstrain.core.cascade import read_cascade
     from kitstrain.core.config import parse_overrides, resolve
     from kitstrain.report.plots import plot_curves
+    from kitstrain.train.cascade import fit_cascade
     from kitstrain.train.fit import FitConfig
     from kitstrain.train.fit import fit as run_fit
 
@@ -152,7 +156,10 @@ def fit(
         resume=resume,
         explicit=explicit,
     )
-    result = run_fit(cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves)
+    cascade = tc.cascade or (resume and read_cascade(out or rundir.newest_run()) is not None)
+    result = (fit_cascade if cascade else run_fit)(
+        cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves
+    )
     v = result.last_val or {}
     dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
     click.echo(

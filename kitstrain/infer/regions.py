@@ -16,6 +16,7 @@ __all__ = [
     "Box",
     "find_regions",
     "fit_box",
+    "grow_box",
     "merge_boxes",
     "paste",
     "voxel_share",
@@ -72,34 +73,43 @@ def merge_boxes(boxes: Sequence[Box]) -> list[Box]:
     return sorted(out)
 
 
+def grow_box(box: Box, spacing: Sequence[float], margin_mm: float, shape: Sequence[int]) -> Box:
+    """`box` grown by `margin_mm` on every side, in voxels of each axis (`spacing`: mm per
+    voxel, slices then rows then cols: thick CT slices take fewer voxels than pixels),
+    clipped to a volume of `shape`."""
+    grow = [int(math.ceil(margin_mm / s)) if s > 0 else 0 for s in spacing]
+    bounds = []
+    for lo, hi, g, n in zip(box[::2], box[1::2], grow, shape, strict=True):
+        bounds += [max(0, lo - g), min(n, hi + g)]
+    return Box(*bounds)
+
+
 def find_regions(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[Box]:
     """Boxes around the 3D connected components of `mask` (26-connectivity), each grown by
-    `margin_mm` on every side in voxels of that axis (`spacing`: mm per voxel, slices then
-    rows then cols; anisotropic CT has thick slices, so fewer slices than pixels), clipped
-    to the volume and merged where they overlap. An empty mask has no regions."""
+    the margin (`grow_box`) and merged where they overlap. An empty mask has no regions."""
     labelled, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return []
-    grow = [int(math.ceil(margin_mm / s)) if s > 0 else 0 for s in spacing]
-    boxes = []
-    for found in ndimage.find_objects(labelled):
-        lo_hi = []
-        for sl, g, n_axis in zip(found, grow, mask.shape, strict=True):
-            lo_hi += [max(0, sl.start - g), min(n_axis, sl.stop + g)]
-        boxes.append(Box(*lo_hi))
+    boxes = [
+        grow_box(
+            Box(*(v for sl in found for v in (sl.start, sl.stop))), spacing, margin_mm, mask.shape
+        )
+        for found in ndimage.find_objects(labelled)
+    ]
     return merge_boxes(boxes)
 
 
-def fit_box(box: Box, divisor: int, shape: Sequence[int]) -> Box:
+def fit_box(box: Box, divisor: int, shape: Sequence[int], side: int | None = None) -> Box:
     """`box` with its in-plane sides grown to multiples of `divisor` (what the U-Net takes),
-    shifted back inside a (slices, H, W) volume where it would cross an edge. H and W must
-    be multiples of `divisor` themselves."""
+    or to a square of `side`, kept centred and shifted back inside a (slices, H, W) volume
+    where it would cross an edge. H and W must be multiples of `divisor` themselves."""
     _, h, w = shape
     bounds = []
     for lo, hi, n in ((box.y0, box.y1, h), (box.x0, box.x1, w)):
-        side = min(n, -(-(hi - lo) // divisor) * divisor)
-        lo = min(max(0, lo - (side - (hi - lo)) // 2), n - side)
-        bounds += [lo, lo + side]
+        want = side if side is not None else -(-(hi - lo) // divisor) * divisor
+        want = min(n, want)
+        lo = min(max(0, lo - (want - (hi - lo)) // 2), n - want)
+        bounds += [lo, lo + want]
     return Box(box.z0, box.z1, *bounds)
 
 
