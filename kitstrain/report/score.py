@@ -92,6 +92,8 @@ class ScoreReport:
     overlays: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resized: bool = False  # store-geometry scores of cases the store resized
+    # a cascade run's per case: its fine-stage regions, their voxel share, the fallback
+    cascade: dict[str, dict] | None = None
 
     @property
     def flagged(self) -> list[str]:
@@ -112,7 +114,13 @@ class ScoreReport:
                 for r in ls.regions
             ],
             "definition": definition(ls),
-            "cases": [score_row(s, ls, s.case in self.trained) for s in self.scores],
+            "cases": [
+                {
+                    **score_row(s, ls, s.case in self.trained),
+                    **({"cascade": self.cascade[s.case]} if self.cascade else {}),
+                }
+                for s in self.scores
+            ],
             "mean": score_row(self.mean, ls),
             "warnings": self.warnings,
         }

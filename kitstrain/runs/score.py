@@ -179,6 +179,7 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         warnings=list(run.warnings),
         resized=resized,
         trained=[s.case for s in scores if s.case in trained],
+        cascade=getattr(inference, "notes", None),
     )
     write_csv(report, report.csv_path)
     if cfg.json is not None:
