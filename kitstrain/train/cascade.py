@@ -47,11 +47,13 @@ def stage_budget(tc: TrainConfig, spent_s: float = 0.0) -> dict[str, dict]:
 
 
 def fine_patch(tc: TrainConfig, size: int, side: int, divisor: int) -> int:
-    """The fine stage's patch: `--patch` when it is a side in pixels, else 3/8 of the
-    store's side (192 at 512²: a kidney with context), rounded to the network; never more
-    than the fine store's side."""
+    """The fine stage's patch: `--patch` when it is a side in pixels (`full`: the fine
+    store's side), else 3/8 of the store's side (192 at 512²: a kidney with context),
+    rounded to the network; never more than the fine store's side."""
     if isinstance(tc.patch, int):
         return min(tc.patch, side)
+    if tc.patch in (None, "full"):
+        return side
     want = max(2 * divisor, (size * 3 // 8) // divisor * divisor)
     return min(want, side)
 
@@ -120,9 +122,10 @@ def fit_cascade(
         record["train"] = asdict(tc)
         write_cascade(run_dir, record)
     cas = record[CASCADE]
-    result = None
     for stage in STAGES:
-        if stage in cas["done"]:
+        # a finished stage trains again only under new limits; the last one always answers
+        # (a finished run says so, as a single-stage --resume does)
+        if stage in cas["done"] and not limits_given and stage != STAGES[-1]:
             continue
         budget = cas["budget"][stage]
         stage_tc = replace(
@@ -149,11 +152,9 @@ def fit_cascade(
         result = fit(stage_cfg, show_progress, echo, on_validation)
         if stage == "coarse":  # one split for both stages, and for `score`'s default cases
             rundir.write_json(run_dir / rundir.SPLIT, rundir.read_split(out))
-        cas["done"].append(stage)
-        write_cascade(run_dir, record)
-    if result is None:  # both stages were done already
-        echo(f"cascade: {run_dir} has finished both stages")
-        return FitResult(run_dir, 0, 0, float("nan"), None, 0.0, "done")
+        if stage not in cas["done"]:
+            cas["done"].append(stage)
+            write_cascade(run_dir, record)
     return replace(result, run_dir=run_dir)
 
 
