@@ -337,14 +337,16 @@ def export(run_dir: Path, out: Path, checkpoint: str, opset: int) -> None:
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 def plot(run_dir: Path | None) -> None:
-    """Loss and validation Dice curves of a run, as a PNG."""
+    """Loss and validation Dice curves of a run (of each stage of a cascade), as a PNG."""
+    from kitstrain.core.cascade import STAGES, read_cascade
     from kitstrain.core.record import read_record
     from kitstrain.core.rundir import newest_run
     from kitstrain.report.plots import plot_curves
 
     run_dir = run_dir or newest_run()
-    read_record(run_dir)
-    click.echo(f"wrote {plot_curves(run_dir)}")
+    for folder in [run_dir / s for s in STAGES] if read_cascade(run_dir) else [run_dir]:
+        read_record(folder)
+        click.echo(f"wrote {plot_curves(folder)}")
 
 
 @main.command("bench-loader")

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kitsprep.errors import KitsError
 from kitsprep.store import open_store
 from kitsprep.synth import SynthConfig, write_cohort
 from kitstrain.cli import main
+from kitstrain.core.record import read_record
 from tests.conftest import build
 
 SIZE = 64
@@ -107,3 +109,12 @@ def test_bad_cascade_options_exit_1_in_one_line(
     assert r.exit_code == 1 and expected in r.output, r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_plot_draws_each_stage_and_a_stage_is_named_where_one_run_is_needed(run: Path) -> None:
+    r = kits("plot", run)
+    assert r.exit_code == 0, r.output
+    assert f"wrote {run / 'coarse' / 'curves.png'}" in r.output
+    assert f"wrote {run / 'fine' / 'curves.png'}" in r.output
+    with pytest.raises(KitsError, match="is a cascade of two runs"):
+        read_record(run)
