@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from kitsprep.cases import NiftiHeader, Volume
+from kitsprep.window import WINDOW_PRESETS
 from kitstrain.infer.cascade import CascadeInference
 from kitstrain.infer.inference import Inference
 
@@ -59,3 +61,19 @@ def test_no_kidney_falls_back_to_whole_slices_and_says_so() -> None:
     out = c.labels(np.zeros((4, 32, 32), np.float16), (2.5, 0.8, 0.8), "b")
     assert c.notes["b"] == {"regions": [], "fine_voxel_share": 1.0, "fallback": True}
     assert (out == 2).all()
+
+
+def test_a_resized_source_volume_comes_back_in_its_own_grid() -> None:
+    # 32 rows x 16 cols are stored as 64x32 inside a 64x64 square (padded left and right)
+    data = np.zeros((5, 32, 16), np.float32)
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
+    volume = Volume(data, NiftiHeader(data.shape, affine, data.dtype, 1.0, 0.0, 0, 0), "")
+    c = cascade(Square(1, 0.25, 0.5))
+    out = c.volume(volume, WINDOW_PRESETS["mlperf"], 64, "v")
+    assert out.shape == data.shape and out.dtype == np.uint8
+    # at the store's side a pixel is 0.5 mm: the 2 mm margin is 4 px, so the region is
+    # rows and cols 12..36 (the image spans cols 16..48): source rows 6..18, cols 0..10
+    assert c.notes["v"]["regions"] == [[0, 5, 12, 36, 12, 36]]
+    assert (out[:, 6:18, 0:10] == 2).all()
+    out[:, 6:18, 0:10] = 0
+    assert not out.any()
