@@ -153,8 +153,12 @@ def fit(
     resume: bool,
     **options: object,
 ) -> None:
-    """Train a U-Net on STORE (a file written by `kitsprep build`)."""
+    """Train a U-Net on STORE (a file written by `kitsprep build`). With --cascade (or
+    --preset cascade), two stages: RUN/coarse/ then RUN/fine/ (see README)."""
+    from kitstrain.core import rundir
+    from kitstrain.core.cascade import read_cascade
     from kitstrain.report.plots import plot_curves
+    from kitstrain.train.cascade import fit_cascade
     from kitstrain.train.fit import FitConfig
     from kitstrain.train.fit import fit as run_fit
 
@@ -172,7 +176,10 @@ def fit(
         folds=folds,
         splits=splits,
     )
-    result = run_fit(cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves)
+    cascade = tc.cascade or (resume and read_cascade(out or rundir.newest_run()) is not None)
+    result = (fit_cascade if cascade else run_fit)(
+        cfg, echo=lambda s: click.echo(s, err=True), on_validation=plot_curves
+    )
     v = result.last_val or {}
     dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
     click.echo(
@@ -508,14 +515,16 @@ def export(run_dir: Path, out: Path, checkpoint: str, opset: int) -> None:
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 def plot(run_dir: Path | None) -> None:
-    """Loss and validation Dice curves of a run, as a PNG."""
+    """Loss and validation Dice curves of a run (of each stage of a cascade), as a PNG."""
+    from kitstrain.core.cascade import STAGES, read_cascade
     from kitstrain.core.record import read_record
     from kitstrain.core.rundir import newest_run
     from kitstrain.report.plots import plot_curves
 
     run_dir = run_dir or newest_run()
-    read_record(run_dir)
-    click.echo(f"wrote {plot_curves(run_dir)}")
+    for folder in [run_dir / s for s in STAGES] if read_cascade(run_dir) else [run_dir]:
+        read_record(folder)
+        click.echo(f"wrote {plot_curves(folder)}")
 
 
 @main.command("bench-loader")

@@ -134,6 +134,34 @@ class TrainConfig:
     )
     grad_clip: float | None = option(12.0, kind=float, low=0, open_low=True)
     log_every: int = option(20, "Steps per log line.", kind=int, low=1, resumable=True)
+    # issue 19: a coarse whole-slice stage at low resolution finds the kidneys, a fine
+    # stage at full resolution segments their regions (kitstrain.train.cascade)
+    cascade: bool = option(
+        False,
+        "Two stages in one run: a coarse model on whole slices at --coarse-size, then a "
+        "fine model on full-resolution crops of the kidney regions; inference runs both.",
+        kind=bool,
+        off="--no-cascade",
+    )
+    cascade_margin: float = option(
+        20.0, "Cascade: mm added around each kidney region.", kind=float, low=0
+    )
+    # None: a quarter of the slice side on stores of 256 and above, the side below that
+    coarse_size: int | None = option(
+        None,
+        "Cascade: the coarse stage's slice side; divides the store's [default: side/4 "
+        "from 256 up, else the side].",
+        kind=int,
+        low=1,
+    )
+    coarse_share: float = option(
+        0.3,
+        "Cascade: share of --time-limit / --max-steps the coarse stage trains.",
+        kind=float,
+        low=0,
+        high=1,
+        open_low=True,
+    )
 
 
 PRESETS: dict[str, dict] = {
@@ -187,6 +215,8 @@ PRESETS: dict[str, dict] = {
         regions=True,
     ),
 }
+# the recommended recipe in two stages (issue 19); whether it becomes the default is measured
+PRESETS["cascade"] = {**PRESETS["default"], "cascade": True}
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 # the options a --resume may change: limits and loader knobs, never the recipe
@@ -281,6 +311,10 @@ def _check(cfg: TrainConfig) -> None:
         raise KitsError(f"--dist-timeout must be longer than 0 s, found {cfg.dist_timeout:g}")
     if cfg.context < 0:
         raise KitsError(f"--context must be >= 0, found {cfg.context}")
+    if not 0 < cfg.coarse_share < 1:
+        raise KitsError(
+            f"--coarse-share must be between 0 and 1 (both stages train), found {cfg.coarse_share}"
+        )
 
 
 def check_patch(patch: object) -> None:

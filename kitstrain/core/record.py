@@ -109,6 +109,11 @@ def read_record(run_dir: Path) -> RunRecord:
     naming the file and the fix."""
     raw = rundir.read_json(run_dir, rundir.CONFIG)
     path = Path(run_dir) / rundir.CONFIG
+    if isinstance(raw.get("cascade"), dict):  # `core.cascade`'s record: two runs inside
+        raise KitsError(
+            f"{run_dir} is a cascade of two runs (`fit --cascade`); name a stage: "
+            f"{Path(run_dir) / 'coarse'} or {Path(run_dir) / 'fine'}"
+        )
     version = raw.get("version", 0)
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise KitsError(

@@ -56,6 +56,7 @@ __all__ = [
     "SliceProgress",
     "Spacing",
     "logits_to_labels",
+    "predict_stack",
     "predict_store_case",
     "predict_volume",
     "read_store_images",
@@ -342,6 +343,16 @@ def predict_store_case(
     finally:
         if own:
             sm.close()
+    return _post_process(
+        inference, predict_stack(inference, images, progress), store_spacing(info, case_id)
+    )
+
+
+def predict_stack(
+    inference: InferenceSettings, images: np.ndarray, progress: SliceProgress | None = None
+) -> np.ndarray:
+    """Labels uint8 of a stack of preprocessed slices (N, H, W), 2.5D context clamped at
+    the stack's ends; no post-processing."""
     out = np.empty(images.shape, np.uint8)
     context = inference.context
     with _eval_modes(inference.models):
@@ -349,7 +360,7 @@ def predict_store_case(
             inference, lambda a, b: stack_context(images, context, a, b), len(images), progress
         ):
             out[s0:s1] = _labels_u8(inference, scores)
-    return _post_process(inference, out, store_spacing(info, case_id))
+    return out
 
 
 # --------------------------------------------------------------------------- source geometry

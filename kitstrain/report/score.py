@@ -95,6 +95,8 @@ class ScoreReport:
     runs: list[Path] = field(default_factory=list)  # an ensemble's members; [] for one run
     # {"applied": bool, "steps": [...], "decision": path or None}; None: not asked
     postprocessing: dict | None = None
+    # a cascade run's per case: its fine-stage regions, their voxel share, the fallback
+    cascade: dict[str, dict] | None = None
 
     @property
     def flagged(self) -> list[str]:
@@ -117,7 +119,13 @@ class ScoreReport:
                 for r in ls.regions
             ],
             "definition": definition(ls),
-            "cases": [score_row(s, ls, s.case in self.trained) for s in self.scores],
+            "cases": [
+                {
+                    **score_row(s, ls, s.case in self.trained),
+                    **({"cascade": self.cascade[s.case]} if self.cascade else {}),
+                }
+                for s in self.scores
+            ],
             "mean": score_row(self.mean, ls),
             "warnings": self.warnings,
         }

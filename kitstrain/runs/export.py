@@ -162,6 +162,11 @@ def export_run(
         raise KitsError(f"--opset must be at least 17, found {opset}")
     onnx_path, meta_path = export_paths(out)
     run = load_run(Path(run_dir), None, which=which, store_required=False)
+    if run.stages is not None:
+        raise KitsError(
+            f"{run_dir} is a cascade of two models; export each stage: "
+            f"{Path(run_dir) / 'coarse'} and {Path(run_dir) / 'fine'}"
+        )
     _refuse_inputs(run, (onnx_path, meta_path))
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     model = load_run_model(run, torch.device("cpu")).to(memory_format=torch.contiguous_format)

@@ -20,8 +20,10 @@ from kitsprep.labels import LabelSet
 from kitsprep.store import StoreInfo, open_store
 from kitsprep.window import Window
 from kitstrain.core import rundir as runlib
+from kitstrain.core.cascade import CASCADE, read_cascade
 from kitstrain.core.precision import Amp, amp_dtype
 from kitstrain.core.record import RunRecord, StoreAttrs, read_record
+from kitstrain.infer.cascade import CascadeInference
 from kitstrain.infer.engine import DEFAULT_BATCH_SIZE, PostProcess
 from kitstrain.infer.inference import Inference, tta_flips
 from kitstrain.model.load import load_model
@@ -53,6 +55,10 @@ class LoadedRun:
     checkpoint: Path  # the file `which` resolves to (best falls back to last)
     warnings: list[str]
     spacing: float | None = None  # the store's target in-plane spacing (None: slices whole)
+    # a cascade run (`fit --cascade`): its coarse and fine stages, each loaded as a run,
+    # and RUN/config.json's cascade record; `config` and `checkpoint` are the fine stage's
+    stages: tuple[LoadedRun, LoadedRun] | None = None
+    cascade: dict | None = None
 
 
 def load_run(
@@ -78,6 +84,9 @@ def load_run(
             f"run directory {run_dir} does not exist; pass a folder written by "
             "`kitstrain fit` (runs/<timestamp>)"
         )
+    cascade = read_cascade(run_dir)
+    if cascade is not None:
+        return _load_cascade(run_dir, cascade[CASCADE], data, which, store_required)
     config = read_record(run_dir)
     checkpoint = runlib.resolve_checkpoint(run_dir, which)
     if not checkpoint.is_file():
@@ -169,6 +178,53 @@ def load_run(
     )
 
 
+def _load_cascade(
+    run_dir: Path, cascade: dict, data: Path | None, which: str, store_required: bool
+) -> LoadedRun:
+    """A cascade run: both stages loaded from their own folders, and the preprocessing of
+    the store the cascade was derived from (`data` where it moved), at whose side the
+    cascade predicts. Without that store, the stages' shared window and its recorded side."""
+    coarse, fine = (
+        load_run(run_dir / s, None, which=which, store_required=False) for s in ("coarse", "fine")
+    )
+    size = int(cascade["store_size"])
+    path = Path(data) if data is not None else Path(cascade["store"])
+    info = None
+    warnings = [*coarse.warnings, *fine.warnings]
+    if path.is_file():
+        info = open_store(path)
+        if info.size != size or info.window != fine.window:
+            raise KitsError(
+                f"{info.path} holds {info.size}x{info.size} slices with window "
+                f"{info.window.to_json()}, but the cascade in {run_dir} was trained from "
+                f"{size}x{size} slices with {fine.window.to_json()}; pass the store it "
+                "trained from with --data"
+            )
+    elif store_required or data is not None:
+        raise KitsError(
+            f"the store the cascade in {run_dir} trained from, {path}, is missing (moved or "
+            "deleted); pass --data FILE.h5 with its new location"
+        )
+    else:
+        warnings.append(
+            f"the cascade's store {path} is missing; using its recorded window and size"
+        )
+    return LoadedRun(
+        run_dir,
+        fine.config,
+        fine.context,
+        info,
+        fine.window,
+        size,
+        info.labels if info is not None else fine.labels,
+        which,
+        fine.checkpoint,
+        warnings,
+        stages=(coarse, fine),
+        cascade=cascade,
+    )
+
+
 def load_run_model(run: LoadedRun, device: torch.device) -> nn.Module:
     """The run's model from its resolved checkpoint, on `device`, checked against the
     context the run recorded (a model fed the wrong number of slices is silently wrong)."""
@@ -205,11 +261,30 @@ def run_inference(
     tta: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     postprocess: PostProcess | None = None,
-) -> Inference:
+) -> Inference | CascadeInference:
     """The runs' models on `device`, applied as `fit` validated them (an `Inference` of one
     model, or an ensemble averaging their probabilities, its decoding read from the models);
     `amp=False` forces fp32 (as does a precision the runs do not share), `tta` averages the
-    four flips, `postprocess` runs on each case's labels."""
+    four flips, `postprocess` runs on each case's labels. A cascade run gives a
+    `CascadeInference` of its two stages so loaded."""
+    cascades = [run for run in runs if run.stages is not None]
+    if cascades and len(runs) > 1:
+        raise KitsError(
+            f"{cascades[0].run_dir} is a cascade run (fit --cascade), which cannot join an "
+            "ensemble yet; predict or score it alone"
+        )
+    if cascades:
+        run = cascades[0]
+        coarse, fine = (
+            run_inference([s], device, amp=amp, tta=tta, batch_size=batch_size) for s in run.stages
+        )
+        return CascadeInference(
+            coarse,
+            fine,
+            factor=int(run.cascade["coarse_factor"]),
+            margin_mm=float(run.cascade["margin_mm"]),
+            divisor=2 ** int(run.stages[1].config.train.depth),
+        )
     amps = {inference_amp(run, device) for run in runs} if amp else {False}
     return Inference(
         [load_run_model(run, device) for run in runs],

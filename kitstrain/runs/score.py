@@ -199,6 +199,7 @@ def score_run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport
         trained=[s.case for s in scores if s.case in trained],
         runs=[] if single else ens.run_dirs,
         postprocessing=ens.postprocessing_record(inference.postprocess),
+        cascade=getattr(inference, "notes", None),
     )
     if report.csv_path is not None:
         write_csv(report, report.csv_path)

@@ -283,11 +283,11 @@ def test_fit_help_shows_every_presets_values() -> None:
     from kitstrain.core.config import PRESETS
 
     text = " ".join(cli("fit", "--help").output.split())
-    lr = f"[presets: default {PRESETS['default']['lr']}; seed {PRESETS['seed']['lr']}]"
-    assert lr in text
-    assert "[presets: default --regions; seed --classes]" in text
-    assert "Down-sampling steps. [presets: default 4; seed 4]" in text  # depth
-    assert "[presets: default tumour=4,cyst=2; seed none]" in text  # label weights
+    default, seed = PRESETS["default"]["lr"], PRESETS["seed"]["lr"]
+    assert f"[presets: default {default}; seed {seed}; cascade {default}]" in text
+    assert "[presets: default --regions; seed --classes; cascade --regions]" in text
+    assert "Down-sampling steps. [presets: default 4; seed 4; cascade 4]" in text  # depth
+    assert "[presets: default tumour=4,cyst=2; seed none; cascade tumour=4,cyst=2]" in text
 
 
 def test_the_build_time_depth_warning_matches_the_default_preset() -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -566,7 +567,8 @@ def test_presets_are_data_and_flags_override() -> None:
     assert resolve("seed", {}).label_weights == {}
     resolve("default", {}).label_weights["kidney"] = 9.0  # a run's copy, not the preset's
     assert "kidney" not in resolve("default", {}).label_weights
-    assert set(PRESETS) == {"seed", "default"}
+    assert set(PRESETS) == {"seed", "default", "cascade"}
+    assert resolve("cascade", {}) == replace(resolve("default", {}), preset="cascade", cascade=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

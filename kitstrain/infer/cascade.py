@@ -1,0 +1,177 @@
+"""Cascade inference, the same path for `score`, `predict` and `Predictor`: the coarse
+model on the whole volume at its low resolution, its kidney labels grown back and split
+into 3D connected components with the margin (`infer.regions`), the fine model on those
+crops only (with their 2.5D context), pasted into full-resolution labels that are
+background elsewhere. A volume where the coarse model finds no kidney gets the fine model
+on whole slices. `CascadeInference` has `Inference`'s `store_case` and `volume`, so the
+per-case loop (`infer.cases`) runs it unchanged; `notes` keeps per case what it did."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kitsprep.cases import Volume
+from kitsprep.errors import KitsError
+from kitsprep.geometry import axial_axes, voxel_spacing
+from kitsprep.kernels import count_nonfinite, window_resample
+from kitsprep.spacing import case_plane
+from kitsprep.store import SliceReader, StoreInfo
+from kitsprep.window import Window
+from kitstrain.data.downsample import downsample_images, upsample_labels
+from kitstrain.infer.engine import (
+    SliceProgress,
+    predict_stack,
+    read_store_images,
+    store_spacing,
+)
+from kitstrain.infer.inference import Inference
+from kitstrain.infer.regions import Box, find_regions, fit_box, merge_boxes, paste, voxel_share
+
+__all__ = ["CascadeInference", "fine_boxes"]
+
+
+def fine_boxes(
+    mask: np.ndarray, spacing: Sequence[float], margin_mm: float, divisor: int
+) -> list[Box]:
+    """The fine stage's boxes for a (slices, H, W) kidney `mask`: components with the
+    margin, fitted to the network's `divisor`, merged again where fitting made them meet
+    (until nothing changes: boxes only grow)."""
+    boxes = find_regions(mask, spacing, margin_mm)
+    while True:
+        fitted = merge_boxes([fit_box(b, divisor, mask.shape) for b in boxes])
+        if fitted == boxes:
+            return boxes
+        boxes = fitted
+
+
+@dataclass(frozen=True)
+class CascadeInference:
+    """A coarse and a fine `Inference`; `factor` shrinks slices to the coarse side,
+    `divisor` is the fine network's 2**depth."""
+
+    coarse: Inference
+    fine: Inference
+    factor: int
+    margin_mm: float
+    divisor: int
+    # case id -> {"regions", "fine_voxel_share", "fallback"}: what `score --json` reports
+    notes: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def tta(self) -> bool:
+        return self.fine.tta
+
+    @property
+    def context(self) -> int:
+        return self.fine.context
+
+    @property
+    def postprocess(self) -> None:
+        """No post-processing step: the regions already confine the labels."""
+        return None
+
+    def labels(
+        self,
+        images: np.ndarray,
+        spacing: Sequence[float],
+        case_id: str = "",
+        progress: SliceProgress | None = None,
+    ) -> np.ndarray:
+        """Labels uint8 (slices, S, S) of preprocessed slices at the store's side S."""
+        coarse = predict_stack(self.coarse, downsample_images(images, self.factor), progress)
+        mask = upsample_labels(coarse > 0, self.factor)
+        boxes = fine_boxes(mask, spacing, self.margin_mm, self.divisor)
+        if not boxes:
+            self.notes[case_id] = {"regions": [], "fine_voxel_share": 1.0, "fallback": True}
+            return predict_stack(self.fine, images)
+        crops = [self._crop(images, b) for b in boxes]
+        self.notes[case_id] = {
+            "regions": [list(b) for b in boxes],
+            "fine_voxel_share": round(voxel_share(boxes, images.shape), 6),
+            "fallback": False,
+        }
+        return paste(images.shape, boxes, crops)
+
+    def _crop(self, images: np.ndarray, box: Box) -> np.ndarray:
+        """The fine model's labels inside `box`, its slices' 2.5D context read beyond the
+        box (clamped at the volume's ends, as on whole volumes)."""
+        k = self.fine.context
+        z0, z1 = max(0, box.z0 - k), min(len(images), box.z1 + k)
+        sub = np.ascontiguousarray(images[z0:z1, box.y0 : box.y1, box.x0 : box.x1])
+        out = predict_stack(self.fine, sub)
+        return out[box.z0 - z0 : box.z1 - z0]
+
+    def store_case(
+        self,
+        reader: SliceReader | None,
+        info: StoreInfo,
+        case_id: str,
+        progress: SliceProgress | None = None,
+    ) -> np.ndarray:
+        """Labels uint8 (slices, size, size) of a stored case, as `Inference.store_case`."""
+        if case_id not in info.cases:
+            raise KitsError(
+                f"{case_id} is not in the store {info.path}; pick cases it holds "
+                "(`kitsprep info` lists them)"
+            )
+        own = reader is None
+        sm = SliceReader(info.path, info.size, info.case_ids) if own else reader
+        try:
+            images = read_store_images(sm, info, case_id)
+        finally:
+            if own:
+                sm.close()
+        return self.labels(images, store_spacing(info, case_id), case_id, progress)
+
+    def volume(
+        self,
+        volume: Volume,
+        window: Window,
+        size: int,
+        case_id: str = "",
+        progress: SliceProgress | None = None,
+        target_spacing: float | None = None,
+    ) -> np.ndarray:
+        """Labels uint8 of a CT volume in its own geometry, as `Inference.volume`: the
+        store's preprocessing, the cascade at the store's side, and the labels taken back
+        to the source grid (nearest neighbour where the store resized the slices)."""
+        data, hdr = volume.data, volume.header
+        if data.ndim != 3:
+            raise KitsError(
+                f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}"
+            )
+        bad = count_nonfinite(data)
+        if bad:
+            raise KitsError(
+                f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
+                "is damaged, re-download it or leave it out with --cases"
+            )
+        axes = axial_axes(hdr.affine)
+        image = data.transpose(axes)
+        n_slices, src_h, src_w = image.shape
+        sp = voxel_spacing(hdr.affine)
+        plane = case_plane(
+            image, hdr.slope, hdr.inter, (sp[axes[1]], sp[axes[2]]), size, target_spacing
+        )
+        squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
+        spacing = (
+            sp[axes[0]],
+            sp[axes[1]] * plane.crop_h / plane.new_h,
+            sp[axes[2]] * plane.crop_w / plane.new_w,
+        )
+        out = self.labels(squares, spacing, case_id, progress)
+        box = out[(slice(None), *plane.box)]
+        if (plane.new_h, plane.new_w) != (plane.crop_h, plane.crop_w):
+            box = F.interpolate(
+                torch.from_numpy(np.ascontiguousarray(box))[None],
+                size=(plane.crop_h, plane.crop_w),
+                mode="nearest-exact",
+            )[0].numpy()
+        full = np.zeros((n_slices, src_h, src_w), np.uint8)  # background outside the crop
+        full[(slice(None), *plane.crop)] = box
+        return full.transpose(np.argsort(axes))
