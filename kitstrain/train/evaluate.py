@@ -4,6 +4,8 @@ that validating stays a bounded share of the run."""
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import time
 from dataclasses import asdict
 
@@ -109,9 +111,10 @@ class _Probed(Exception):
 def seconds_per_slice(model: torch.nn.Module, plan: Plan) -> float:
     """A validation slice's cost on this run's model, device, precision and batch, timed on
     the path validation takes (`score_store_cases`' inference of one validation case, the
-    smallest that has enough slices): `PROBE_SLICES` slices after a warm-up batch, which
-    pays for first-call set-up. Before any validation has run, this prices the final one,
-    so --time-limit holds."""
+    smallest that has enough slices): the median per slice of the batches after a warm-up
+    one (which pays for first-call set-up), over `PROBE_SLICES` slices, so one stalled
+    batch on a busy machine does not set the run's plan. Before any validation has run,
+    this prices the final one, so --time-limit holds."""
     net, info = unwrap(model), plan.info
     need = PROBE_SLICES + plan.val_batch
     case = min(plan.split.val, key=lambda c: (info.cases[c].slices < need, info.cases[c].slices, c))
@@ -130,7 +133,7 @@ def seconds_per_slice(model: torch.nn.Module, plan: Plan) -> float:
         pass
     if len(marks) < 2:  # a one-batch case: warm-up included, an over-estimate
         return (marks[0][0] - t0) / marks[0][1]
-    return (marks[-1][0] - marks[0][0]) / sum(k for _, k in marks[1:])
+    return statistics.median((b - a) / n for (a, _), (b, n) in itertools.pairwise(marks))
 
 
 def _inference(net: torch.nn.Module, plan: Plan) -> Inference:

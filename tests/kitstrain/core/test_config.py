@@ -35,6 +35,7 @@ def test_only_limits_and_loader_knobs_may_change_on_resume() -> None:
         "max_steps",
         "time_limit",
         "val_every",
+        "val_budget",
         "log_every",
     }
 
