@@ -327,12 +327,14 @@ class Trainer:
             return True
         if not self.said_pace:
             self.said_pace = True
-            self.log.say(
+            line = (
                 f"validating less often than asked: a validation takes about "
                 f"{seconds_text(one)}, and validation may use {seconds_text(v.budget_s)} of "
                 f"--time-limit {seconds_text(limit)} (--val-budget {self.tc.val_budget:g}), "
                 "the final one's share kept; the rest is spread over the run"
             )
+            self.log.say(line)
+            self.log.record({"kind": "note", "step": state.step, "message": line})
         return False
 
     def check_pace(self) -> None:

@@ -269,6 +269,8 @@ def test_training_stops_in_time_for_the_final_validation_within_the_limit(
     assert [v["final"] for v in vals] == [True]  # the epoch end at step 3 did not fit
     assert t.state.val_seconds == pytest.approx(0.4)
     assert sum("validating less often than asked" in line for line in said) == 1
+    (note,) = [r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "note"]
+    assert note["step"] == 3 and note["message"] in said
 
 
 def test_validations_along_the_way_spread_over_the_run(
@@ -328,3 +330,28 @@ def test_the_pace_at_step_20_predicts_too_few_steps_in_one_line(
     assert line.startswith("warning: at 3.00 s a step") and "about 200 steps" in line
     assert "--time-limit 10m" in line and "--val-budget" in line
     assert paced(0.5) == []  # about 1,200 steps: quiet
+
+
+def test_a_validation_slice_is_priced_on_the_validation_path(
+    loader_store: Path, tmp_path: Path
+) -> None:
+    """The probe runs the run's model through validation's inference (batch, context), in
+    eval mode and back: a forward that costs 20 ms a slice prices a slice at about that."""
+    import time
+
+    from kitstrain.train.evaluate import seconds_per_slice
+
+    t = make_trainer(loader_store, tmp_path / "run")
+    modes: list[bool] = []
+
+    def slow(module, args):
+        modes.append(module.training)
+        time.sleep(0.02 * args[0].shape[0])
+
+    t.model.register_forward_pre_hook(slow)
+    price = seconds_per_slice(t.model, t.plan)
+    assert 0.02 <= price < 1.0
+    assert modes and not any(modes) and t.model.training
+    # a warm-up batch, then up to 8 slices in batches of 1 (the case may hold fewer)
+    (case,) = t.plan.split.val
+    assert len(modes) == min(1 + 8, t.plan.info.cases[case].slices) >= 2
