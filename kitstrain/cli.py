@@ -182,8 +182,10 @@ def fit(
     )
     v = result.last_val or {}
     dice = ", ".join(f"{r} {v[f'{r}_dice']:.3f}" for r in v.get("regions", []))
+    # a run that trained too little for its time limit is still a valid run: exit 0
+    head = f"warning: {result.warning}; stopped" if result.warning else "done"
     click.echo(
-        f"done ({result.stop_reason}) after {result.steps} steps: validation Dice "
+        f"{head} ({result.stop_reason}) after {result.steps} steps: validation Dice "
         f"{dice or 'n/a'}; loader stall {100 * result.stall:.1f}%; run in "
         f"{result.run_dir}"
     )

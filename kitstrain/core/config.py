@@ -69,6 +69,17 @@ class TrainConfig:
     val_every: int | None = option(
         None, "Also validate every N steps.", kind=int, low=1, resumable=True
     )
+    val_budget: float = option(
+        0.15,
+        "With --time-limit: the share of it that all validation together may use (the final "
+        "one included); where validating every case would take more, a seeded subset spread "
+        "over tumour sizes is validated, and less often.",
+        kind=float,
+        low=0,
+        high=1,
+        open_low=True,
+        resumable=True,
+    )
     seed: int = option(0, kind=int)
     compile: bool = option(False, "torch.compile the model.", kind=bool)
     precision: str = option(
@@ -286,6 +297,8 @@ def _check(cfg: TrainConfig) -> None:
             f"--time-limit must be longer than 0 s, found {cfg.time_limit:g}; "
             "leave it out for no limit"
         )
+    if not 0 < cfg.val_budget <= 1:
+        raise KitsError(f"--val-budget must be a share within (0, 1], found {cfg.val_budget}")
     if cfg.epochs < 1:
         raise KitsError(f"--epochs must be at least 1, found {cfg.epochs}")
     check_patch(cfg.patch)

@@ -83,6 +83,9 @@ class RunRecord:
     precision_reason: str = ""  # what --precision resolved to here, and why
     env: dict[str, Any] = field(default_factory=dict)
     fold: FoldRecord | None = None  # None: not a cross-validation fold
+    # under --time-limit, what in-training validation covers (`train.budget.ValidationPlan`);
+    # empty without a limit, and in records written before it existed
+    validation: dict[str, Any] = field(default_factory=dict)
     version: int = RECORD_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -59,6 +59,8 @@ class State:
     best: float = -1.0
     micro_batch: int = 0
     last_val_seconds: float = 0.0
+    train_seconds: float = 0.0  # in training steps (loader waits included), over the run
+    val_seconds: float = 0.0  # in validations, over the run
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:

@@ -12,6 +12,7 @@ from kitsprep.store import StoreInfo
 from kitstrain.core.config import TrainConfig
 from kitstrain.core.rundir import State
 from kitstrain.data.splits import Split
+from kitstrain.train.budget import ValidationPlan
 from kitstrain.train.distributed import Dist
 
 
@@ -52,10 +53,16 @@ class Plan:
     workers_reason: str = ""
     augment_side: str | None = None  # 'device' or 'workers'; None: no augmentation
     precision_reason: str = ""
+    validation: ValidationPlan | None = None  # under --time-limit (`setup.plan_budget`)
 
     @property
     def unit(self) -> str:
         return "patches" if self.patch < self.info.size else "slices"
+
+    @property
+    def val_cases(self) -> list[str]:
+        """The cases each in-training validation scores: the budget's subset, else all."""
+        return list(self.validation.cases) if self.validation else list(self.split.val)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class FitResult:
     last_val: dict | None
     stall: float
     stop_reason: str
+    warning: str = ""  # why a time-limited run trained too little, and what to change
 
 
 def step_limit(state: State, tc: TrainConfig, total_steps: int) -> str:

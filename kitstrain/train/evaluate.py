@@ -4,6 +4,9 @@ that validating stays a bounded share of the run."""
 
 from __future__ import annotations
 
+import itertools
+import statistics
+import time
 from dataclasses import asdict
 
 import torch
@@ -16,40 +19,33 @@ from kitstrain.infer.inference import Inference
 from kitstrain.metrics import CaseScore, mean_score
 from kitstrain.train import distributed
 from kitstrain.train.config import Plan
+from kitstrain.train.memory import cudnn_tuning
 
 VAL_SHARE = 0.10  # epoch-end validations skip while they would cost more than this
-# a validated sample's cost in training samples (forward only, plus reading and counting on
-# the host): estimates the final validation before any has run, so --time-limit holds
-VAL_COST = 0.5
+PROBE_SLICES = 8  # validation slices timed, after one warm-up batch, to price a validation
 
 
 def evaluate(model: torch.nn.Module, plan: Plan, progress: Progress | None = None) -> dict:
-    """Per-case 3D Dice of every region of the store's label set on the validation cases,
-    whole cases
-    sharded across ranks by slice count (`shard_cases`) and gathered, so every rank sees
-    the same numbers. Rank 0's batch-norm statistics are broadcast first: DDP here does not
-    broadcast buffers each forward, and every rank must score the same model. Keys:
-    ``<region>_dice`` per region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their
-    mean, what picks the best checkpoint), ``regions`` (the names, in order) and
-    ``per_case`` (each case's region Dice, in that order). `progress` (rank 0's) shows this
-    rank's cases as `predict` does: slices with an ETA on a terminal, a line per case
-    otherwise; it is driven from the inference loop, never from a training step."""
+    """Per-case 3D Dice of every region of the store's label set on the plan's validation
+    cases (`Plan.val_cases`: under a time budget, its subset), whole cases sharded across
+    ranks by slice count (`shard_cases`) and gathered, so every rank sees the same numbers.
+    Rank 0's batch-norm statistics are broadcast first: DDP here does not broadcast buffers
+    each forward, and every rank must score the same model. Keys: ``<region>_dice`` per
+    region (KiTS19: kidney_dice, tumour_dice), ``mean_dice`` (their mean, what picks the
+    best checkpoint), ``regions`` (the names, in order) and ``per_case`` (each case's region
+    Dice, in that order). `progress` (rank 0's) shows this rank's cases as `predict` does:
+    slices with an ETA on a terminal, a line per case otherwise; it is driven from the
+    inference loop, never from a training step."""
     net, d, info = unwrap(model), plan.d, plan.info
     distributed.broadcast_buffers(net, d)
     net.eval()
-    mine = shard_cases(info, plan.split.val, d.rank, d.world)
+    mine = shard_cases(info, plan.val_cases, d.rank, d.world)
     report = _CaseReport(progress, info, mine) if progress is not None and mine else None
     try:
         with torch.no_grad():
             scores = (
                 score_store_cases(
-                    Inference(
-                        [net],
-                        plan.tc.context,
-                        plan.device,
-                        amp=plan.dtype or False,
-                        batch_size=plan.val_batch,
-                    ),
+                    _inference(net, plan),
                     info,
                     mine,
                     progress=report.slices if report else None,
@@ -108,14 +104,43 @@ def validation_due(trained_s: float, last_val_s: float, share: float = VAL_SHARE
     return last_val_s <= 0 or trained_s * share >= last_val_s * (1 - share)
 
 
-def estimate_val_seconds(
-    val_slices: int, size: int, patch: int, train_samples_per_s: float
-) -> float:
-    """A validation's duration before one has run, from the training throughput: whole
-    slices hold (size/patch)**2 patches, each costing `VAL_COST` of a training sample."""
-    if train_samples_per_s <= 0:
-        return 0.0
-    return val_slices * (size / patch) ** 2 * VAL_COST / train_samples_per_s
+class _Probed(Exception):
+    """Enough slices timed: leaves the probe's inference loop."""
+
+
+def seconds_per_slice(model: torch.nn.Module, plan: Plan) -> float:
+    """A validation slice's cost on this run's model, device, precision and batch, timed on
+    the path validation takes (`score_store_cases`' inference of one validation case, the
+    smallest that has enough slices): the median per slice of the batches after a warm-up
+    one (which pays for first-call set-up), over `PROBE_SLICES` slices, so one stalled
+    batch on a busy machine does not set the run's plan. Before any validation has run,
+    this prices the final one, so --time-limit holds."""
+    net, info = unwrap(model), plan.info
+    need = PROBE_SLICES + plan.val_batch
+    case = min(plan.split.val, key=lambda c: (info.cases[c].slices < need, info.cases[c].slices, c))
+    marks: list[tuple[float, int]] = []  # (time, slices) after each batch
+
+    def tick(n: int) -> None:
+        marks.append((time.perf_counter(), n))
+        if sum(k for _, k in marks[1:]) >= PROBE_SLICES:
+            raise _Probed
+
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), cudnn_tuning(False):
+            _inference(net, plan).store_case(None, info, case, tick)
+    except _Probed:
+        pass
+    if len(marks) < 2:  # a one-batch case: warm-up included, an over-estimate
+        return (marks[0][0] - t0) / marks[0][1]
+    return statistics.median((b - a) / n for (a, _), (b, n) in itertools.pairwise(marks))
+
+
+def _inference(net: torch.nn.Module, plan: Plan) -> Inference:
+    """Validation's inference settings: the run's context, device, precision and batch."""
+    return Inference(
+        [net], plan.tc.context, plan.device, amp=plan.dtype or False, batch_size=plan.val_batch
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -49,6 +49,7 @@ from kitstrain.train.setup import (
     check_store,
     finished,
     make_plan,
+    plan_budget,
     record_run,
     resolve_split,
     resolve_train_config,
@@ -134,6 +135,7 @@ def _fit(
         torch.backends.cudnn.benchmark = True  # shapes are fixed now: choose kernels once
     plan = make_plan(run_dir, info, split, tc, lr_info, d, device, dtype, patch, batch_size)
     plan = loader_plan(plan, precision_reason)
+    plan = plan_budget(plan, model, recorded)
 
     # ---- optimizer and state (restored on --resume), then the DDP and compile wrappers
     optimizer = make_optimizer(model, plan.run_tc)

@@ -29,6 +29,7 @@ from kitstrain.model.losses import LOSSES
 from kitstrain.model.networks import NETWORKS
 from kitstrain.model.unet import count_parameters
 from kitstrain.train import distributed
+from kitstrain.train.budget import VALIDATIONS_PLANNED, ValidationPlan, plan_validation
 from kitstrain.train.config import (
     FitConfig,
     FitResult,
@@ -38,6 +39,7 @@ from kitstrain.train.config import (
 )
 from kitstrain.train.distributed import Dist
 from kitstrain.train.folds import resolve_fold_split
+from kitstrain.train.evaluate import seconds_per_slice
 from kitstrain.train.memory import choose_batch_size, effective_lr
 from kitstrain.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -277,6 +279,49 @@ def make_plan(
     )
 
 
+def plan_budget(plan: Plan, model: torch.nn.Module, recorded: RunRecord | None) -> Plan:
+    """Under --time-limit, the cases in-training validation covers (`budget.plan_validation`,
+    priced by timing validation slices on this run's model and device); a resumed run keeps
+    the cases its record names, so its curves compare. Without a limit, the plan as it is."""
+    tc, info = plan.tc, plan.info
+    if not tc.time_limit:
+        return plan
+    sps = distributed.from_main(plan.d, lambda: seconds_per_slice(model, plan))
+    slices = {c: info.cases[c].slices for c in plan.split.val}
+    kept = recorded.validation if recorded is not None else {}
+    cases = [c for c in kept.get("cases", []) if c in slices]
+    if cases:
+        validation = ValidationPlan(
+            tuple(cases),
+            len(slices),
+            sum(slices[c] for c in cases),
+            sps,
+            tc.val_budget * tc.time_limit,
+            int(kept.get("planned", 1)),
+            str(kept.get("note", "")),
+        )
+        return replace(plan, validation=validation)
+    periodic = tc.epochs - 1 + (plan.total_steps // tc.val_every if tc.val_every else 0)
+    validation = plan_validation(
+        slices,
+        tumour_voxels(info, plan.split.val),
+        sps,
+        tc.time_limit,
+        tc.val_budget,
+        min(VALIDATIONS_PLANNED, 1 + periodic),
+        tc.seed,
+        plan.d.world,
+    )
+    return replace(plan, validation=validation)
+
+
+def tumour_voxels(info: StoreInfo, cases: list[str]) -> dict[str, int]:
+    """Voxels of each case's most specific region (the last written back: the tumour of
+    every KiTS edition), from the index alone."""
+    labels = list(info.labels.regions[-1].labels)
+    return {c: int(info.rows(c)["counts"][:, labels].sum()) for c in cases}
+
+
 def record_run(
     plan: Plan,
     cfg: FitConfig,
@@ -315,6 +360,7 @@ def record_run(
         precision_reason=plan.precision_reason,
         env=environment(plan.device, plan.d),
         fold=fold,
+        validation=plan.validation.to_json() if plan.validation else {},
     )
     # split.json first: config.json marks the run as started (a kill between the two
     # leaves a folder that a new run, or --resume, starts afresh: `rundir.unstarted`)
@@ -400,6 +446,8 @@ def announce(
         )
         + f"; precision {plan.precision_reason}"
     )
+    if plan.validation is not None and plan.validation.note:
+        echo(plan.validation.note)
     if batch_info.get("reason") and batch_info.get("mode") == "auto":
         echo(f"batch {plan.batch_size} (auto): {batch_info['reason']}")
     if not CRC_ON_READ:

@@ -26,10 +26,18 @@ from kitstrain.data.device_augment import augment_batch
 from kitstrain.data.loaders import next_batch
 from kitstrain.data.prefetch import DeviceBatches
 from kitstrain.train import distributed
+from kitstrain.train.budget import (
+    EARLY_CHECK_STEP,
+    early_warning,
+    periodic_allowed,
+    predicted_steps,
+    seconds_text,
+    shortfall_warning,
+)
 from kitstrain.train.config import FitResult, Plan, step_limit
 from kitstrain.train.distributed import agree, agree_max
 from kitstrain.train.divergence import Divergence
-from kitstrain.train.evaluate import estimate_val_seconds, evaluate, unwrap, validation_due
+from kitstrain.train.evaluate import evaluate, unwrap, validation_due
 from kitstrain.train.faults import clock_skew, install_faults
 from kitstrain.train.log import STALL_WARN, LogWindow, RunLog
 from kitstrain.train.memory import cudnn_tuning, free_memory, is_oom, peak_memory_mb
@@ -61,6 +69,8 @@ class Trainer:
         install_faults(unwrap(model), lambda: self.state.step, self.d.rank)  # tests only
         self.window = LogWindow()
         self.warned_stall = False
+        self.said_pace = False  # the one line saying validations wait for the budget
+        self.paced_from: tuple[int, float] | None = None  # (step, train s) after the 1st step
         self.stop_reason = ""
         self.last_val: dict | None = None
         self.peaks: list[float] | None = None  # each rank's peak GPU memory over the run
@@ -70,7 +80,6 @@ class Trainer:
         self.trained_since_val = 0.0
         self.step0 = state.step
         self.t_fetch = self.t_got = time.perf_counter()  # around the last loader wait
-        self.val_slices = int(sum(plan.info.cases[c].slices for c in plan.split.val))
 
     # ------------------------------------------------------------------ the loop
 
@@ -138,8 +147,10 @@ class Trainer:
         self.window.add(loss, batch[0].shape[0] * self.d.world, self.t_got - self.t_fetch)
         now = time.perf_counter()
         self.trained_since_val += now - self.t_fetch
+        state.train_seconds += now - self.t_fetch
         state.elapsed = now - self.t_run
         self.log.stepped()
+        self.check_pace()
         return self.decide()
 
     def optimize(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -284,24 +295,65 @@ class Trainer:
         return (STOP_TIME if stop else 0) | (CHECKPOINT_DUE if ckpt else 0)
 
     def val_estimate(self) -> float:
-        """The next validation's duration: the last one's, or an estimate before any."""
+        """The next validation's duration: the last one's, or before any, the budget's
+        estimate from timed validation slices (`evaluate.seconds_per_slice`)."""
         if self.state.last_val_seconds:
             return self.state.last_val_seconds
-        sps = (
-            (self.state.step - self.step0)
-            * self.plan.batch_size
-            * self.d.world
-            / max(self.state.elapsed, 1e-9)
-        )
-        return estimate_val_seconds(self.val_slices, self.plan.info.size, self.plan.patch, sps)
+        v = self.plan.validation
+        return v.seconds(self.d.world) if v is not None else 0.0
 
     def step_validation_due(self) -> bool:
-        return bool(self.tc.val_every) and self.state.step % self.tc.val_every == 0
+        """Every --val-every steps, while the time budget allows (rank 0 decides that)."""
+        if not self.tc.val_every or self.state.step % self.tc.val_every:
+            return False
+        return not self.tc.time_limit or bool(
+            agree(self.d, self.plan.device, int(self.budget_allows()))
+        )
 
     def epoch_validation_due(self) -> bool:
         """A bounded share of the run: rank 0 decides, every rank follows."""
         due = validation_due(self.trained_since_val, self.state.last_val_seconds)
-        return bool(agree(self.d, self.plan.device, int(due)))
+        return bool(agree(self.d, self.plan.device, int(due and self.budget_allows())))
+
+    def budget_allows(self) -> bool:
+        """Under --time-limit, whether a validation along the way fits --val-budget with
+        the final one's share kept (`budget.periodic_allowed`); the first time one does
+        not, one line says validations wait for it."""
+        v, limit, state = self.plan.validation, self.tc.time_limit, self.state
+        if v is None or not limit:
+            return True
+        one = self.val_estimate()
+        if periodic_allowed(state.val_seconds, one, v.budget_s, state.elapsed, limit):
+            return True
+        if not self.said_pace:
+            self.said_pace = True
+            line = (
+                f"validating less often than asked: a validation takes about "
+                f"{seconds_text(one)}, and validation may use {seconds_text(v.budget_s)} of "
+                f"--time-limit {seconds_text(limit)} (--val-budget {self.tc.val_budget:g}), "
+                "the final one's share kept; the rest is spread over the run"
+            )
+            self.log.say(line)
+            self.log.record({"kind": "note", "step": state.step, "message": line})
+        return False
+
+    def check_pace(self) -> None:
+        """At `EARLY_CHECK_STEP` steps into a time-limited run, one warning when the pace of
+        the steps since the first (which pays for start-up) predicts too few steps."""
+        limit, state = self.tc.time_limit, self.state
+        if not limit:
+            return
+        done = state.step - self.step0
+        if done == 1:
+            self.paced_from = (state.step, state.train_seconds)
+        if done != EARLY_CHECK_STEP or self.paced_from is None:
+            return
+        step_s = (state.train_seconds - self.paced_from[1]) / (state.step - self.paced_from[0])
+        steps = predicted_steps(state.step, step_s, state.elapsed, self.val_estimate(), limit)
+        line = early_warning(steps, step_s, limit)
+        if line is not None:
+            self.log.say(line)
+            self.log.record({"kind": "warning", "step": state.step, "message": line})
 
     # ------------------------------------------------------------------ epochs, validation
 
@@ -339,6 +391,7 @@ class Trainer:
         with cudnn_tuning(False):  # whole slices: new shapes, which must not tune again
             val = evaluate(self.model, plan, self.log.validation_progress())
         state.last_val_seconds = time.perf_counter() - t
+        state.val_seconds += state.last_val_seconds
         state.elapsed = time.perf_counter() - self.t_run
         improved = val["mean_dice"] > state.best
         if improved:
@@ -381,8 +434,19 @@ class Trainer:
         self.last_checkpoint = time.perf_counter()
 
     def finish(self) -> FitResult:
-        """The `end` record and the result."""
-        state = self.state
+        """The `end` record and the result; a run stopped by its time limit that trained
+        too little carries a warning saying why and what to change (`shortfall_warning`)."""
+        state, tc = self.state, self.tc
+        warning = None
+        if self.stop_reason == "time_limit" and tc.time_limit:
+            warning = shortfall_warning(
+                state.step,
+                state.train_seconds,
+                state.val_seconds,
+                state.elapsed,
+                tc.time_limit,
+                self.validated(),
+            )
         self.log.record(
             {
                 "kind": "end",
@@ -393,6 +457,9 @@ class Trainer:
                 "peak_memory_mb": max(self.peaks) if self.peaks else None,
                 "peak_memory_mb_ranks": self.peaks,
                 "elapsed": state.elapsed,
+                "train_seconds": state.train_seconds,
+                "val_seconds": state.val_seconds,
+                "warning": warning,
             }
         )
         return FitResult(
@@ -403,4 +470,12 @@ class Trainer:
             self.last_val,
             self.log.stall,
             self.stop_reason,
+            warning or "",
         )
+
+    def validated(self) -> str:
+        """What one validation covers, e.g. "3 of 15 cases (412 slices at 512x512)"."""
+        cases, v, size = self.plan.val_cases, self.plan.validation, self.plan.info.size
+        n = sum(self.plan.info.cases[c].slices for c in cases)
+        of = f" of {v.all_cases}" if v is not None and v.all_cases != len(cases) else ""
+        return f"{len(cases)}{of} case(s) ({n:,} slices at {size}x{size})"

@@ -35,6 +35,7 @@ def test_only_limits_and_loader_knobs_may_change_on_resume() -> None:
         "max_steps",
         "time_limit",
         "val_every",
+        "val_budget",
         "log_every",
     }
 
@@ -55,3 +56,11 @@ def test_presets_name_only_declared_fields() -> None:
     for name, values in PRESETS.items():
         assert resolve(name, {}).preset == name
         assert set(values) <= {f.name for f in fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
+def test_a_validation_budget_outside_its_share_is_refused(share: float) -> None:
+    """The CLI's range refuses it first; a Python caller's config is checked here."""
+    with pytest.raises(KitsError, match=r"--val-budget must be a share within \(0, 1\]"):
+        resolve("default", {"val_budget": share})
+    assert resolve("default", {"val_budget": 1.0}).val_budget == 1.0

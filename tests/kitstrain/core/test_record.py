@@ -73,3 +73,15 @@ def test_a_mistyped_training_option_is_named(tmp_path: Path) -> None:
     rundir.write_json(tmp_path / rundir.CONFIG, raw)
     with pytest.raises(KitsError, match="train.epochs is 'many', expected an integer"):
         read_record(tmp_path)
+
+
+def test_a_record_from_before_the_time_budget_is_read(tmp_path: Path) -> None:
+    """Records written before --val-budget and the validation plan existed still load, with
+    the defaults: the whole validation set, the default share."""
+    write_record(tmp_path, record())
+    raw = json.loads((tmp_path / rundir.CONFIG).read_text())
+    del raw["validation"], raw["train"]["val_budget"]
+    (tmp_path / rundir.CONFIG).write_text(json.dumps(raw))
+    got = read_record(tmp_path)
+    assert got.validation == {} and got.train.val_budget == 0.15
+    assert got == record()

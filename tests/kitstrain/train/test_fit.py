@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def test_a_few_steps_write_a_self_describing_run(
     assert "done (max_steps) after 6 steps" in r.output
     config = json.loads((out / "config.json").read_text())
     assert config["store_fingerprint"] and config["train"]["max_steps"] == 6
+    assert config["validation"] == {}  # no --time-limit: no budget, every case validated
     # the store's label set is recorded; the preset's cyst weight does not apply to KiTS19
     assert config["store_attrs"]["labels"]["edition"] == "kits19"
     assert config["label_weights_applied"] == {"tumour": 4.0}
@@ -311,6 +313,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(store: Path, tmp_path: P
 def test_time_limit_stops_cleanly(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """...and a run that trained too few steps for its limit (here: any run, the threshold
+    raised) ends with the warning line, not "done", still exiting 0, and records it."""
+    from kitstrain.train import budget
+
+    monkeypatch.setattr(budget, "FEW_STEPS", 10**6)
     out = tmp_path / "timed"
     r = fit_cli(*tiny_args(store, out, "--time-limit", "2s", "--epochs", "1000"))
     assert r.exit_code == 0, r.output
@@ -318,6 +325,39 @@ def test_time_limit_stops_cleanly(
     assert end["reason"] == "time_limit"
     assert [x for x in runlib.read_metrics(out) if x["kind"] == "val"][-1]["final"]
     assert (out / "checkpoints" / "last.pt").is_file()
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"warning: {end['warning']}; stopped (time_limit) after "), last
+    assert re.match(rf"trained {end['step']} steps? in 2\.0s \(", end["warning"])
+    assert "--val-budget" in last and "done (" not in r.output
+    assert end["train_seconds"] > 0 and end["val_seconds"] > 0
+
+
+def test_a_time_budget_validates_a_recorded_subset_and_resume_keeps_it(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation priced at 1 s a slice (injected): 33 slices of 3 cases do not fit 4
+    validations in 15 % of 10 minutes, so a subset is validated, said, and recorded; a
+    resume on a machine where everything would fit validates the same cases."""
+    from kitstrain.train import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "seconds_per_slice", lambda model, plan: 1.0)
+    out = tmp_path / "budget"
+    limits = ("--time-limit", "10m", "--max-steps")
+    r = fit_cli(*tiny_args(store, out, "--train-cases", "0-1", "--val-cases", "2-4", *limits, "3"))
+    assert r.exit_code == 0, r.output
+    assert "done (max_steps) after 3 steps" in r.output  # the steps it asked for: no warning
+    v = json.loads((out / "config.json").read_text())["validation"]
+    assert v["all_cases"] == 3 and 1 <= len(v["cases"]) < 3 and v["seconds_per_slice"] == 1.0
+    assert v["budget_s"] == pytest.approx(90.0) and v["slices"] * v["planned"] <= 90
+    assert f"validating {len(v['cases'])} of 3 validation cases" in v["note"]
+    assert v["note"] in r.output
+    monkeypatch.setattr(setup_module, "seconds_per_slice", lambda model, plan: 1e-6)
+    r = fit_cli(*tiny_args(store, out, *limits, "5", "--resume"))
+    assert r.exit_code == 0, r.output
+    vals = [x for x in runlib.read_metrics(out) if x["kind"] == "val"]
+    assert [x["step"] for x in vals] == [3, 5]
+    assert all(sorted(x["per_case"]) == sorted(v["cases"]) for x in vals)
+    assert runlib.read_metrics(out)[-1]["warning"] is None
 
 
 @pytest.mark.parametrize(
@@ -757,14 +797,12 @@ def test_one_failing_rank_stops_every_rank_within_seconds(store: Path, tmp_path:
         assert "rank 1 failed" in err or "another rank stopped" in err, err[-2000:]
 
 
-def test_validation_costs_a_bounded_share_and_the_time_limit_counts_it() -> None:
-    from kitstrain.train.evaluate import estimate_val_seconds, validation_due
+def test_epoch_end_validation_costs_a_bounded_share() -> None:
+    from kitstrain.train.evaluate import validation_due
 
     assert validation_due(trained_s=0.0, last_val_s=0.0)  # none yet: validate
     assert not validation_due(trained_s=50.0, last_val_s=10.0)  # would be 17 % of the time
     assert validation_due(trained_s=90.0, last_val_s=10.0)  # 10 %
-    # 100 whole 256x256 slices, trained on 128x128 patches at 400 patches/s
-    assert estimate_val_seconds(100, 256, 128, 400.0) == pytest.approx(100 * 4 * 0.5 / 400)
 
 
 def test_a_damaged_label_chunk_stops_fit_with_one_line(store: Path, tmp_path: Path) -> None:

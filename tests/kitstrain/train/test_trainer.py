@@ -200,3 +200,158 @@ def test_validation_runs_with_cudnn_tuning_off(
     t = make_trainer(loader_store, tmp_path / "run")
     t.validate()
     assert seen == [False] and torch.backends.cudnn.benchmark is True
+
+
+def budgeted(t: Trainer, one_s: float, budget_s: float) -> Trainer:
+    """`t` with a time budget whose validation of its cases is priced at `one_s` seconds."""
+    from dataclasses import replace
+
+    from kitstrain.train.budget import ValidationPlan
+
+    cases = tuple(t.plan.split.val)
+    slices = sum(t.plan.info.cases[c].slices for c in cases)
+    v = ValidationPlan(cases, len(cases), slices, one_s / slices, budget_s, 1)
+    t.plan = replace(t.plan, validation=v)
+    return t
+
+
+class FakeClock:
+    """The trainer's clock (`time` in its module): a step costs `step_s` and a validation
+    `val_s`, whatever the machine's load, so the budget's decisions are exact."""
+
+    def __init__(self, step_s: float, val_s: float) -> None:
+        self.now, self.step_s, self.val_s = 1000.0, step_s, val_s
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def clocked(
+    monkeypatch: pytest.MonkeyPatch, step_s: float, val_s: float, store: Path, run: Path, **opts
+) -> Trainer:
+    """A budgeted trainer (validation priced at `val_s`, a budget of `val_budget` of the
+    limit) on a fake clock: steps and validations advance it by their injected costs."""
+    from kitstrain.train import trainer as trainer_module
+
+    clock = FakeClock(step_s, val_s)
+    monkeypatch.setattr(trainer_module, "time", clock)
+
+    def evaluate(model, plan, progress=None):
+        clock.now += clock.val_s
+        return {"mean_dice": 0.5, "regions": [], "per_case": {}}
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    t = make_trainer(store, run, **opts)
+    optimize = t.optimize
+
+    def timed(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        clock.now += clock.step_s
+        return optimize(images, labels)
+
+    t.optimize = timed
+    return budgeted(t, val_s, t.tc.val_budget * t.tc.time_limit)
+
+
+def test_training_stops_in_time_for_the_final_validation_within_the_limit(
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1.55 s run of 0.2 s steps whose validation takes 0.4 s of a 0.62 s budget: the
+    epoch-end validation waits (the final one's share is kept, one line says so), training
+    stops in time for the final one, and the run ends within a step of its limit."""
+    opts = {"epochs": 1000, "time_limit": 1.55, "val_budget": 0.4}
+    t = clocked(monkeypatch, 0.2, 0.4, loader_store, tmp_path / "run", **opts)
+    said: list[str] = []
+    t.log.echo = said.append
+    result = t.run()
+    assert (result.stop_reason, result.steps) == ("time_limit", 6)  # 1.2 s + 0.4 s >= 1.55 s
+    assert t.state.elapsed == pytest.approx(1.6)
+    vals = [r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "val"]
+    assert [v["final"] for v in vals] == [True]  # the epoch end at step 3 did not fit
+    assert t.state.val_seconds == pytest.approx(0.4)
+    assert sum("validating less often than asked" in line for line in said) == 1
+    (note,) = [r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "note"]
+    assert note["step"] == 3 and note["message"] in said
+
+
+def test_validations_along_the_way_spread_over_the_run(
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--val-every 1 in a 2.05 s run of 0.25 s steps, 0.1 s validations and a 0.5 s
+    budget: 0.4 s for the ones along the way, released with the clock, not all at once."""
+    opts = {"epochs": 1000, "time_limit": 2.05, "val_budget": 0.5 / 2.05, "val_every": 1}
+    t = clocked(monkeypatch, 0.25, 0.1, loader_store, tmp_path / "run", **opts)
+    t.run()
+    vals = [r for r in rundir.read_metrics(t.plan.run_dir) if r["kind"] == "val"]
+    assert vals[-1]["final"] and 1 <= len(vals) - 1 < t.state.step  # fewer than asked
+    assert t.state.val_seconds <= 0.5 + 1e-9 and t.state.elapsed <= 2.05 + 0.25
+    assert vals[0]["step"] > 1  # the first step's share of the budget was too small
+
+
+def test_a_run_that_trained_too_little_ends_with_a_recorded_warning(
+    loader_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = {"epochs": 1000, "time_limit": 1.0, "val_budget": 0.7}
+    t = clocked(monkeypatch, 0.2, 0.7, loader_store, tmp_path / "run", **opts)
+    result = t.run()
+    assert (result.stop_reason, result.steps) == ("time_limit", 2)
+    assert result.warning.startswith("trained 2 steps in 1.0s (0.4s of training, 40% ")
+    assert "validation of " in result.warning and "took 0.7s" in result.warning
+    end = rundir.read_metrics(t.plan.run_dir)[-1]
+    assert end["kind"] == "end" and end["warning"] == result.warning
+    assert end["train_seconds"] == pytest.approx(0.4) and end["val_seconds"] == pytest.approx(0.7)
+
+
+def test_a_max_steps_run_that_reached_its_steps_is_not_warned(
+    loader_store: Path, tmp_path: Path
+) -> None:
+    opts = {"epochs": 2, "max_steps": 4, "time_limit": 600}
+    t = budgeted(make_trainer(loader_store, tmp_path / "run", **opts), 0.1, 90)
+    result = t.run()
+    assert (result.stop_reason, result.warning) == ("max_steps", "")
+    assert rundir.read_metrics(t.plan.run_dir)[-1]["warning"] is None
+
+
+def test_the_pace_at_step_20_predicts_too_few_steps_in_one_line(
+    loader_store: Path, tmp_path: Path
+) -> None:
+    from kitstrain.train.budget import EARLY_CHECK_STEP
+
+    def paced(step_s: float) -> list[str]:
+        t = make_trainer(loader_store, tmp_path / f"run{step_s}", time_limit=600)
+        said: list[str] = []
+        t.log.echo = said.append
+        for step in range(1, EARLY_CHECK_STEP + 2):
+            t.state.step, t.state.elapsed = step, step * step_s
+            t.state.train_seconds = step * step_s
+            t.check_pace()
+        return said
+
+    (line,) = paced(3.0)  # 20 steps in a minute: 600 s holds about 200
+    assert line.startswith("warning: at 3.00 s a step") and "about 200 steps" in line
+    assert "--time-limit 10m" in line and "--val-budget" in line
+    assert paced(0.5) == []  # about 1,200 steps: quiet
+
+
+def test_a_validation_slice_is_priced_on_the_validation_path(
+    loader_store: Path, tmp_path: Path
+) -> None:
+    """The probe runs the run's model through validation's inference (batch, context), in
+    eval mode and back: a forward that costs 20 ms a slice prices a slice at about that."""
+    import time
+
+    from kitstrain.train.evaluate import seconds_per_slice
+
+    t = make_trainer(loader_store, tmp_path / "run")
+    modes: list[bool] = []
+
+    def slow(module, args):
+        modes.append(module.training)
+        time.sleep(0.02 * args[0].shape[0])
+
+    t.model.register_forward_pre_hook(slow)
+    price = seconds_per_slice(t.model, t.plan)
+    assert 0.02 <= price < 1.0
+    assert modes and not any(modes) and t.model.training
+    # a warm-up batch, then up to 8 slices in batches of 1 (the case may hold fewer)
+    (case,) = t.plan.split.val
+    assert len(modes) == min(1 + 8, t.plan.info.cases[case].slices) >= 2
