@@ -38,8 +38,8 @@ from kitstrain.train.config import (
     step_limit,
 )
 from kitstrain.train.distributed import Dist
-from kitstrain.train.folds import resolve_fold_split
 from kitstrain.train.evaluate import seconds_per_slice
+from kitstrain.train.folds import resolve_fold_split
 from kitstrain.train.memory import choose_batch_size, effective_lr
 from kitstrain.train.optim import OPTIMIZERS, SCHEDULES
 
