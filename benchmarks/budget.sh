@@ -6,7 +6,7 @@
 #   bash benchmarks/budget.sh                                  # 10 minutes, 512x512
 #   TIME=20s SIZE=64 NVAL=3 bash benchmarks/budget.sh          # a try in under a minute
 # Settings (environment):
-#   DATA   KiTS19-layout cases (/work/main/data/realmasks-kits19, painted by real_masks.sh)
+#   DATA   KiTS19-layout cases (data/realmasks-kits19, painted by real_masks.sh)
 #   SIZE   stored slice side (512)          STORE  the store (data/budget-SIZE.h5; built once)
 #   TIME   --time-limit (10m)               WIDTH  U-Net width (16)     PATCH  --patch (128)
 #   NVAL   validation cases: the last NVAL cases of the store (15)
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
-DATA=${DATA:-/work/main/data/realmasks-kits19} SIZE=${SIZE:-512}
+DATA=${DATA:-data/realmasks-kits19} SIZE=${SIZE:-512}
 STORE=${STORE:-data/budget-$SIZE.h5} TIME=${TIME:-10m} WIDTH=${WIDTH:-16}
 PATCH=${PATCH:-128} NVAL=${NVAL:-15} OUT=${OUT:-runs/budget-$(date +%Y%m%d-%H%M%S)}
 

@@ -7,7 +7,7 @@
 #   bash benchmarks/spacing.sh                         # painted real masks, 5 min of training each
 #   TIME=10s TRAIN=4-7 VAL=40-49 bash benchmarks/spacing.sh   # a smoke run
 # Settings (environment):
-#   DATA        KiTS19-layout folder (data/realmasks-kits19 of /work/main: CT painted around the
+#   DATA        KiTS19-layout folder (data/realmasks-kits19: CT painted around the
 #               real masks by benchmarks/real_masks.sh)
 #   TRAIN, VAL  case specs (0-39, 40-49); only the cases present in DATA are used
 #   SIZE        stored slice side (128)          TIME   training time limit per store (5m)
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
-DATA=${DATA:-/work/main/data/realmasks-kits19}
+DATA=${DATA:-data/realmasks-kits19}
 TRAIN=${TRAIN:-0-39} VAL=${VAL:-40-49} SIZE=${SIZE:-128} TIME=${TIME:-5m}
 WIDTH=${WIDTH:-16} WORKERS=${WORKERS:-2} SEED=${SEED:-0} OUT=${OUT:-runs/spacing}
 [ -d "$DATA" ] || { echo "spacing: $DATA is absent; paint it with benchmarks/real_masks.sh" >&2; exit 1; }
