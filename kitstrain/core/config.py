@@ -165,6 +165,15 @@ class TrainConfig:
         kind=int,
         low=1,
     )
+    # None: 2 on stores of 512 and above (the fine stage at 256-equivalent resolution: a
+    # quarter of the pixels per step), else 1
+    fine_factor: int | None = option(
+        None,
+        "Cascade: the fine stage trains and predicts the kidney regions shrunk by this "
+        "factor; divides the store's side [default: 2 from 512 up, else 1].",
+        kind=int,
+        low=1,
+    )
     coarse_share: float = option(
         0.3,
         "Cascade: share of --time-limit / --max-steps the coarse stage trains.",

@@ -9,7 +9,13 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 
-__all__ = ["coarse_factor", "downsample_images", "downsample_labels", "upsample_labels"]
+__all__ = [
+    "coarse_factor",
+    "downsample_images",
+    "downsample_labels",
+    "fine_factor",
+    "upsample_labels",
+]
 
 
 def coarse_factor(size: int, coarse_size: int | None) -> int:
@@ -23,6 +29,19 @@ def coarse_factor(size: int, coarse_size: int | None) -> int:
             f"at most {size}; use e.g. {size // 4 if size % 4 == 0 else size}"
         )
     return size // coarse_size
+
+
+def fine_factor(size: int, given: int | None) -> int:
+    """The cascade fine stage's shrink factor on a store of side `size` (None: 2 from 512
+    up, where full-resolution regions cost four times the pixels per step, else 1)."""
+    if given is None:
+        return 2 if size >= 512 else 1
+    if given < 1 or size % given:
+        raise KitsError(
+            f"--fine-factor {given} must divide the store's slice side {size}; "
+            f"use e.g. {2 if size % 2 == 0 else 1}"
+        )
+    return given
 
 
 def _blocks(a: np.ndarray, factor: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Cascade inference, the same path for `score`, `predict` and `Predictor`: the coarse
 model on the whole volume at its low resolution, its kidney labels grown back and split
 into 3D connected components with the margin (`infer.regions`), the fine model on those
-crops only (with their 2.5D context), pasted into full-resolution labels that are
+crops only (with their 2.5D context; shrunk by the fine factor, its logits resized back
+bilinearly before they become labels), pasted into full-resolution labels that are
 background elsewhere. A volume where the coarse model finds no kidney gets the fine model
 on whole slices. `CascadeInference` has `Inference`'s `store_case` and `volume`, so the
 per-case loop (`infer.cases`) runs it unchanged; `notes` keeps per case what it did."""
@@ -52,13 +53,15 @@ def fine_boxes(
 @dataclass(frozen=True)
 class CascadeInference:
     """A coarse and a fine `Inference`; `factor` shrinks slices to the coarse side,
-    `divisor` is the fine network's 2**depth."""
+    `divisor` is the fine network's 2**depth, `fine_factor` shrinks the fine stage's
+    crops (1: full resolution; a record without one)."""
 
     coarse: Inference
     fine: Inference
     factor: int
     margin_mm: float
     divisor: int
+    fine_factor: int = 1
     # case id -> {"regions", "fine_voxel_share", "fallback"}: what `score --json` reports
     notes: dict[str, dict] = field(default_factory=dict)
 
@@ -85,10 +88,12 @@ class CascadeInference:
         """Labels uint8 (slices, S, S) of preprocessed slices at the store's side S."""
         coarse = predict_stack(self.coarse, downsample_images(images, self.factor), progress)
         mask = upsample_labels(coarse > 0, self.factor)
-        boxes = fine_boxes(mask, spacing, self.margin_mm, self.divisor)
+        # the mask and `spacing` are at the store's side, so the margin is measured there;
+        # sides fitted to factor * 2**depth shrink to what the fine network takes
+        boxes = fine_boxes(mask, spacing, self.margin_mm, self.divisor * self.fine_factor)
         if not boxes:
             self.notes[case_id] = {"regions": [], "fine_voxel_share": 1.0, "fallback": True}
-            return predict_stack(self.fine, images)
+            return self._fine(images)
         crops = [self._crop(images, b) for b in boxes]
         self.notes[case_id] = {
             "regions": [list(b) for b in boxes],
@@ -97,13 +102,19 @@ class CascadeInference:
         }
         return paste(images.shape, boxes, crops)
 
+    def _fine(self, images: np.ndarray) -> np.ndarray:
+        """The fine model's labels of full-resolution slices (N, H, W; H and W multiples of
+        the fine factor): shrunk as its store was, decided back at (H, W)."""
+        f = self.fine_factor
+        return predict_stack(self.fine, downsample_images(images, f), scale=f)
+
     def _crop(self, images: np.ndarray, box: Box) -> np.ndarray:
         """The fine model's labels inside `box`, its slices' 2.5D context read beyond the
         box (clamped at the volume's ends, as on whole volumes)."""
         k = self.fine.context
         z0, z1 = max(0, box.z0 - k), min(len(images), box.z1 + k)
         sub = np.ascontiguousarray(images[z0:z1, box.y0 : box.y1, box.x0 : box.x1])
-        out = predict_stack(self.fine, sub)
+        out = self._fine(sub)
         return out[box.z0 - z0 : box.z1 - z0]
 
     def store_case(

@@ -349,15 +349,30 @@ def predict_store_case(
 
 
 def predict_stack(
-    inference: InferenceSettings, images: np.ndarray, progress: SliceProgress | None = None
+    inference: InferenceSettings,
+    images: np.ndarray,
+    progress: SliceProgress | None = None,
+    scale: int = 1,
 ) -> np.ndarray:
     """Labels uint8 of a stack of preprocessed slices (N, H, W), 2.5D context clamped at
-    the stack's ends; no post-processing."""
-    out = np.empty(images.shape, np.uint8)
+    the stack's ends; no post-processing. `scale` > 1 decides the labels on a grid that
+    many times finer, (N, H*scale, W*scale): the logits (an ensemble's each) resized
+    bilinearly first, as `predict_volume` takes them back to the source grid."""
+    n, h, w = images.shape
+    out = np.empty((n, h * scale, w * scale), np.uint8)
     context = inference.context
+
+    def finer(logits: Tensor) -> Tensor:
+        # half-pixel centres (align_corners=False): each coarse pixel is its block's centre
+        return F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+
     with _eval_modes(inference.models):
         for s0, s1, scores in _score_batches(
-            inference, lambda a, b: stack_context(images, context, a, b), len(images), progress
+            inference,
+            lambda a, b: stack_context(images, context, a, b),
+            n,
+            progress,
+            finer if scale > 1 else None,
         ):
             out[s0:s1] = _labels_u8(inference, scores)
     return out

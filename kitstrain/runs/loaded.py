@@ -284,6 +284,7 @@ def run_inference(
             factor=int(run.cascade["coarse_factor"]),
             margin_mm=float(run.cascade["margin_mm"]),
             divisor=2 ** int(run.stages[1].config.train.depth),
+            fine_factor=int(run.cascade.get("fine_factor", 1)),  # older records: full size
         )
     amps = {inference_amp(run, device) for run in runs} if amp else {False}
     return Inference(

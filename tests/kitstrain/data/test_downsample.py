@@ -10,6 +10,7 @@ from kitstrain.data.downsample import (
     coarse_factor,
     downsample_images,
     downsample_labels,
+    fine_factor,
     upsample_labels,
 )
 
@@ -37,3 +38,11 @@ def test_coarse_factor():
     for bad in (48, 128):
         with pytest.raises(KitsError, match="--coarse-size"):
             coarse_factor(64, bad)
+
+
+def test_fine_factor():
+    assert fine_factor(512, None) == 2 and fine_factor(256, None) == 1
+    assert fine_factor(64, 2) == 2 and fine_factor(64, 1) == 1
+    for bad in (3, 128):
+        with pytest.raises(KitsError, match=f"--fine-factor {bad} must divide"):
+            fine_factor(64, bad)

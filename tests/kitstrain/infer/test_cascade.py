@@ -35,12 +35,57 @@ class Square(nn.Module):
         return out
 
 
-def cascade(coarse: nn.Module) -> CascadeInference:
-    fine = Square(2)  # labels tumour everywhere it runs
+class Bright(nn.Module):
+    """Tumour where the centre channel (of 3: context 1) is above 0.5, else background."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        out = torch.zeros(n, 3, h, w)
+        out[:, 0] = 0.5
+        out[:, 2] = x[:, 1]
+        return out
+
+
+def cascade(
+    coarse: nn.Module, fine: nn.Module | None = None, fine_factor: int = 1
+) -> CascadeInference:
+    fine = fine or Square(2)  # labels tumour everywhere it runs
     cpu = torch.device("cpu")
     return CascadeInference(
-        Inference([coarse], 0, cpu), Inference([fine], 1, cpu), factor=2, margin_mm=2.0, divisor=4
+        Inference([coarse], 0, cpu),
+        Inference([fine], 1, cpu),
+        factor=2,
+        margin_mm=2.0,
+        divisor=4,
+        fine_factor=fine_factor,
     )
+
+
+def test_a_shrunk_crop_comes_back_exactly_inside_its_box() -> None:
+    c = cascade(Square(1, 0.25, 0.5), Bright(), fine_factor=2)
+    images = np.zeros((10, 64, 64), np.float16)
+    images[:, 16:32, 16:32] = 1.0  # the kidney the coarse model finds, bright
+    images[:, 48:60, 48:60] = 1.0  # bright too, but outside every region
+    out = c.labels(images, (1.0, 1.0, 1.0), "a")
+    # 14..34 with the margin, fitted to 2 * 4 = 8: 12..36, 12x12 at the fine side
+    assert c.notes["a"]["regions"] == [[0, 10, 12, 36, 12, 36]]
+    assert out.shape == images.shape
+    expected = np.zeros_like(out)
+    expected[:, 16:32, 16:32] = 2  # shrunk, decided, resized back: the same pixels
+    assert (out == expected).all()
+
+
+def test_the_fallback_runs_the_fine_stage_at_its_factor() -> None:
+    c = cascade(Square(0), Bright(), fine_factor=2)
+    images = np.zeros((3, 32, 32), np.float16)
+    images[:, 4:10, 6:20] = 1.0
+    out = c.labels(images, (1.0, 1.0, 1.0), "b")
+    assert c.notes["b"]["fallback"] and out.shape == images.shape
+    assert (out[:, 4:10, 6:20] == 2).all() and (out == 2).sum() == 3 * 6 * 14
 
 
 def test_fine_stage_runs_only_inside_the_coarse_regions() -> None:

@@ -52,7 +52,10 @@ def test_both_stages_train_in_one_run_with_one_split(run: Path) -> None:
     assert cas["budget"]["coarse"]["max_steps"] == 1 and cas["budget"]["fine"]["max_steps"] == 2
     coarse, fine = (json.loads((run / s / "config.json").read_text()) for s in ("coarse", "fine"))
     assert coarse["store_attrs"]["size"] == 32 and fine["store_attrs"]["size"] == cas["fine_side"]
-    assert not coarse["train"]["cascade"] and coarse["train"]["patch"] == "full"
+    # the coarse stage trains half-side patches, as a single-stage run at 32² would
+    assert not coarse["train"]["cascade"] and coarse["train"]["patch"] == 16
+    assert cas["coarse_patch"] == 16 and cas["fine_factor"] == 1  # auto: 1 below 512²
+    assert cas["fine_patch"] == fine["train"]["patch"] == min(128, cas["fine_side"])
     splits = [json.loads((run / s / "split.json").read_text()) for s in ("coarse", "fine", ".")]
     assert splits[0]["val"] == splits[1]["val"] == splits[2]["val"] == ["case_00002"]
     assert splits[0]["train"] == splits[1]["train"]
@@ -84,6 +87,8 @@ def test_resume_after_the_coarse_stage_trains_only_the_fine(run: Path, data: Pat
     shutil.copytree(run, out, ignore=shutil.ignore_patterns("fine", "lock"))
     record = json.loads((out / "config.json").read_text())
     record["cascade"]["done"] = ["coarse"]
+    for key in ("fine_factor", "coarse_patch"):  # as a record written before them
+        record["cascade"].pop(key)
     (out / "config.json").write_text(json.dumps(record))
     coarse_metrics = (out / "coarse" / "metrics.jsonl").read_text()
     r = kits("fit", data / "s.h5", "--out", out, "--resume", "--workers", "0")
@@ -92,6 +97,35 @@ def test_resume_after_the_coarse_stage_trains_only_the_fine(run: Path, data: Pat
     assert (out / "coarse" / "metrics.jsonl").read_text() == coarse_metrics
     assert json.loads((out / "config.json").read_text())["cascade"]["done"] == ["coarse", "fine"]
     assert (out / "fine" / "checkpoints" / "last.pt").is_file()
+    r = kits("score", out, "--json", data / "resumed.json")  # an old record: factor 1
+    assert r.exit_code == 0, r.output
+    assert "fine_factor" not in json.loads((out / "config.json").read_text())["cascade"]
+
+
+def test_fine_factor_2_trains_scores_and_predicts_at_half_resolution(data: Path) -> None:
+    out = data / "half"
+    r = kits("fit", data / "s.h5", "--out", out, "--cascade", "--coarse-size", "32",
+             "--fine-factor", "2", *TINY, "--max-steps", "3")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cas = json.loads((out / "config.json").read_text())["cascade"]
+    assert cas["fine_factor"] == 2 and cas["done"] == ["coarse", "fine"]
+    fine_store = open_store(out / "stores" / "fine.h5")
+    assert fine_store.size == cas["fine_side"] and cas["fine_side"] % 4 == 0
+    assert fine_store.build["region_side"] == 2 * cas["fine_side"]
+    assert fine_store.build["fine_factor"] == 2
+    for box in fine_store.build["regions"].values():  # cut at the store's side
+        assert box[3] - box[2] == box[5] - box[4] == 2 * cas["fine_side"]
+    assert cas["fine_patch"] == min(128, cas["fine_side"])
+    r = kits("score", out, "--json", data / "half.json")
+    assert r.exit_code == 0, r.output
+    case = json.loads((data / "half.json").read_text())["cases"][0]
+    note = case["cascade"]
+    assert 0 < note["fine_voxel_share"] <= 1
+    for b in note["regions"]:  # sides fit fine factor * 2**depth = 8
+        assert (b[3] - b[2]) % 8 == 0 and (b[5] - b[4]) % 8 == 0
+    r = kits("predict", out, "--src", data / "src", "--out", data / "pred2", "--cases", "2")
+    assert r.exit_code == 0, r.output
+    assert (data / "pred2" / "prediction_00002.nii.gz").is_file()
 
 
 @pytest.mark.parametrize(
@@ -100,6 +134,8 @@ def test_resume_after_the_coarse_stage_trains_only_the_fine(run: Path, data: Pat
         (["--coarse-size", "48"], "--coarse-size 48 must divide"),
         (["--coarse-size", "128"], "--coarse-size 128 must divide"),
         (["--coarse-share", "1"], "--coarse-share must be between 0 and 1"),
+        (["--fine-factor", "3"], "--fine-factor 3 must divide the store's slice side 64"),
+        (["--fine-factor", "32"], "--fine-factor 32 leaves 2x2 slices"),
     ],
 )
 def test_bad_cascade_options_exit_1_in_one_line(
