@@ -50,11 +50,15 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optim
     return OPTIMIZERS[tc.optimizer](params, tc.lr, tc.weight_decay, fused=True if cuda else None)
 
 
-def progress_of(state: State, total_steps: int, tc: TrainConfig) -> float:
-    """How far the run is, by whichever limit ends it first: steps or wall time."""
+def progress_of(
+    state: State, total_steps: int, tc: TrainConfig, reserve_s: float = 0.0
+) -> float:
+    """How far the run is, by whichever limit ends it first: steps or wall time. Training
+    under a time limit stops `reserve_s` early for the final validation, so the schedule
+    ends there, not at the limit (else the last stretch of annealing is never reached)."""
     p = state.step / max(1, total_steps)
     if tc.time_limit:
-        p = max(p, state.elapsed / tc.time_limit)
+        p = max(p, state.elapsed / max(1e-6, tc.time_limit - reserve_s))
     return min(1.0, p)
 
 

@@ -72,6 +72,7 @@ class Trainer:
         self.said_pace = False  # the one line saying validations wait for the budget
         self.paced_from: tuple[int, float] | None = None  # (step, train s) after the 1st step
         self.stop_reason = ""
+        self.progress = 0.0  # of the schedule (`optim.progress_of`), never going back
         self.last_val: dict | None = None
         self.peaks: list[float] | None = None  # each rank's peak GPU memory over the run
         # the run's clock, across resumes (a test may skew one rank's: `faults.clock_skew`)
@@ -137,7 +138,12 @@ class Trainer:
         """One optimizer step at the schedule's learning rate, and its bookkeeping; returns
         the decisions every rank takes at this step (`decide`)."""
         state = self.state
-        lr = lr_at(progress_of(state, self.plan.total_steps, self.plan.run_tc), self.plan.run_tc)
+        # monotone: the final validation's estimate may shrink once one has been timed
+        self.progress = max(
+            self.progress,
+            progress_of(state, self.plan.total_steps, self.plan.run_tc, self.val_estimate()),
+        )
+        lr = lr_at(self.progress, self.plan.run_tc)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         loss = self.optimize(batch[0], batch[1])

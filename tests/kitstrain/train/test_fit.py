@@ -594,6 +594,9 @@ def test_durations_and_schedule() -> None:
     timed = TrainConfig(time_limit=100.0)
     assert progress_of(State(step=10, elapsed=50.0), 1000, timed) == 0.5
     assert progress_of(State(step=900, elapsed=50.0), 1000, timed) == 0.9
+    # the schedule ends where training stops: before the final validation's reserve
+    assert progress_of(State(step=10, elapsed=40.0), 1000, timed, reserve_s=20.0) == 0.5
+    assert progress_of(State(step=10, elapsed=90.0), 1000, timed, reserve_s=20.0) == 1.0
 
 
 def test_presets_are_data_and_flags_override() -> None:
