@@ -50,9 +50,7 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optim
     return OPTIMIZERS[tc.optimizer](params, tc.lr, tc.weight_decay, fused=True if cuda else None)
 
 
-def progress_of(
-    state: State, total_steps: int, tc: TrainConfig, reserve_s: float = 0.0
-) -> float:
+def progress_of(state: State, total_steps: int, tc: TrainConfig, reserve_s: float = 0.0) -> float:
     """How far the run is, by whichever limit ends it first: steps or wall time. Training
     under a time limit stops `reserve_s` early for the final validation, so the schedule
     ends there, not at the limit (else the last stretch of annealing is never reached)."""
