@@ -124,7 +124,7 @@ def _train_fold(
     run_dir = fold_dir(out, k)
     resume = (run_dir / rundir.CONFIG).is_file()
     echo(f"fold {k} of {folds}: {'resuming' if resume else 'training'} {run_dir}")
-    fit(
+    result = fit(
         FitConfig(
             store=cfg.store,
             train=cfg.train,
@@ -139,6 +139,8 @@ def _train_fold(
         echo=echo,
         on_validation=on_validation,
     )
+    if result.warning:
+        echo(f"warning: fold {k}: {result.warning}")
 
 
 def _start(

@@ -212,3 +212,12 @@ def test_bad_input_is_one_line(cv_dir: Path, loader_store: Path, tmp_path: Path)
         "inside the run directory",
     )
     assert not (tmp_path / "x" / "cv.json").exists()
+
+
+def test_a_fold_that_trained_too_little_says_so(loader_store: Path, tmp_path: Path) -> None:
+    args = [a for a in CV_ARGS if a not in ("--max-steps", "2")]
+    r = cli("cv", loader_store, "--out", tmp_path / "cv", *args, "--time-limit", "2s")
+    assert r.exit_code == 0, r.output
+    warned = [line for line in r.output.splitlines() if line.startswith("warning: fold ")]
+    assert {line.split(":")[1].strip() for line in warned} == {"fold 0", "fold 1"}, r.output
+    assert all("fewer than" in w or "of the limit" in w for w in warned), warned
