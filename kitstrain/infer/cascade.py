@@ -31,6 +31,7 @@ from kitstrain.infer.engine import (
     store_spacing,
 )
 from kitstrain.infer.inference import Inference
+from kitstrain.infer.postprocess import KIDNEY_SHARE, keep_large_components
 from kitstrain.infer.regions import Box, find_regions, fit_box, merge_boxes, paste, voxel_share
 
 __all__ = ["CascadeInference", "fine_boxes"]
@@ -87,7 +88,10 @@ class CascadeInference:
     ) -> np.ndarray:
         """Labels uint8 (slices, S, S) of preprocessed slices at the store's side S."""
         coarse = predict_stack(self.coarse, downsample_images(images, self.factor), progress)
-        mask = upsample_labels(coarse > 0, self.factor)
+        # specks of the coarse stage are no kidney: components under a share of the largest
+        # would each cost a fine region and paste the fine model's guesses there
+        found = keep_large_components(coarse > 0, KIDNEY_SHARE)
+        mask = upsample_labels(found, self.factor)
         # the mask and `spacing` are at the store's side, so the margin is measured there;
         # sides fitted to factor * 2**depth shrink to what the fine network takes
         boxes = fine_boxes(mask, spacing, self.margin_mm, self.divisor * self.fine_factor)

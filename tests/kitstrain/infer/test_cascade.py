@@ -122,3 +122,30 @@ def test_a_resized_source_volume_comes_back_in_its_own_grid() -> None:
     assert (out[:, 6:18, 0:10] == 2).all()
     out[:, 6:18, 0:10] = 0
     assert not out.any()
+
+
+class Kidney(nn.Module):
+    """Kidney where the slice (context 0) is above 0.5, else background."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        out = torch.zeros(n, 3, h, w)
+        out[:, 0] = 0.5
+        out[:, 1] = x[:, 0]
+        return out
+
+
+def test_a_speck_of_the_coarse_stage_gets_no_fine_region() -> None:
+    c = cascade(Kidney())
+    images = np.zeros((10, 64, 64), np.float16)
+    images[:, 8:24, 8:24] = 1.0  # a kidney
+    images[:, 8:20, 40:52] = 1.0  # the other, smaller, kept (over a fifth of the first)
+    images[4, 56:58, 56:58] = 1.0  # one coarse pixel on one slice: a speck
+    c.labels(images, (1.0, 1.0, 1.0), "s")
+    regions = c.notes["s"]["regions"]
+    assert len(regions) == 2, regions
+    assert not any(y0 <= 56 < y1 and x0 <= 56 < x1 for _, _, y0, y1, x0, x1 in regions)
