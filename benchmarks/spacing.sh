@@ -30,7 +30,9 @@ from kitsprep.cases import case_number, parse_case_spec
 
 data, train_spec, val_spec = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 have = sorted(p.parent.name for p in data.glob("case_*/imaging.nii.gz"))
-train, val = parse_case_spec(train_spec, have), parse_case_spec(val_spec, have)
+# the ranges name what the real masks hold; only the painted cases among them are used
+train = [c for c in parse_case_spec(train_spec) if c in have]
+val = [c for c in parse_case_spec(val_spec) if c in have]
 if set(train) & set(val):
     sys.exit(f"TRAIN {train_spec} and VAL {val_spec} share cases; make them disjoint")
 if not train or not val:
