@@ -17,17 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from kitsprep.cases import Volume
-from kitsprep.errors import KitsError
 from kitsprep.geometry import axial_axes, voxel_spacing
-from kitsprep.kernels import count_nonfinite, window_resample
+from kitsprep.kernels import window_resample
 from kitsprep.spacing import case_plane
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.data.downsample import downsample_images, upsample_labels
 from kitstrain.infer.engine import (
     SliceProgress,
+    check_volume,
     predict_stack,
-    read_store_images,
+    read_case_images,
     store_spacing,
 )
 from kitstrain.infer.inference import Inference
@@ -129,18 +129,7 @@ class CascadeInference:
         progress: SliceProgress | None = None,
     ) -> np.ndarray:
         """Labels uint8 (slices, size, size) of a stored case, as `Inference.store_case`."""
-        if case_id not in info.cases:
-            raise KitsError(
-                f"{case_id} is not in the store {info.path}; pick cases it holds "
-                "(`kitsprep info` lists them)"
-            )
-        own = reader is None
-        sm = SliceReader(info.path, info.size, info.case_ids) if own else reader
-        try:
-            images = read_store_images(sm, info, case_id)
-        finally:
-            if own:
-                sm.close()
+        images = read_case_images(reader, info, case_id)
         return self.labels(images, store_spacing(info, case_id), case_id, progress)
 
     def volume(
@@ -156,16 +145,7 @@ class CascadeInference:
         store's preprocessing, the cascade at the store's side, and the labels taken back
         to the source grid (nearest neighbour where the store resized the slices)."""
         data, hdr = volume.data, volume.header
-        if data.ndim != 3:
-            raise KitsError(
-                f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}"
-            )
-        bad = count_nonfinite(data)
-        if bad:
-            raise KitsError(
-                f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
-                "is damaged, re-download it or leave it out with --cases"
-            )
+        check_volume(data, case_id)
         axes = axial_axes(hdr.affine)
         image = data.transpose(axes)
         n_slices, src_h, src_w = image.shape

@@ -331,6 +331,14 @@ def predict_store_case(
     """Predicted labels (slices, size, size) uint8 of one stored case, in store geometry,
     post-processed (with `store_spacing`) when the inference has a step for it. `reader`
     may be None to open (and close) one here."""
+    images = read_case_images(reader, info, case_id)
+    return _post_process(
+        inference, predict_stack(inference, images, progress), store_spacing(info, case_id)
+    )
+
+
+def read_case_images(reader: SliceReader | None, info: StoreInfo, case_id: str) -> np.ndarray:
+    """A stored case's images (slices, size, size); `reader` None opens (and closes) one."""
     if case_id not in info.cases:
         raise KitsError(
             f"{case_id} is not in the store {info.path}; pick cases it holds "
@@ -339,13 +347,22 @@ def predict_store_case(
     own = reader is None
     sm = SliceReader(info.path, info.size, info.case_ids) if own else reader
     try:
-        images = read_store_images(sm, info, case_id)
+        return read_store_images(sm, info, case_id)
     finally:
         if own:
             sm.close()
-    return _post_process(
-        inference, predict_stack(inference, images, progress), store_spacing(info, case_id)
-    )
+
+
+def check_volume(data: np.ndarray, case_id: str) -> None:
+    """A CT volume inference can take: 3D, every voxel finite."""
+    if data.ndim != 3:
+        raise KitsError(f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}")
+    bad = count_nonfinite(data)
+    if bad:
+        raise KitsError(
+            f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
+            "is damaged, re-download it or leave it out with --cases"
+        )
 
 
 def predict_stack(
@@ -397,14 +414,7 @@ def predict_volume(
     Post-processing, when the inference has a step, sees the labels axial axis first, with
     the header's spacing in that order, before they go back to the volume's voxel order."""
     data, hdr = volume.data, volume.header
-    if data.ndim != 3:
-        raise KitsError(f"{case_id or 'volume'}: expected a 3D volume, found shape {data.shape}")
-    bad = count_nonfinite(data)
-    if bad:
-        raise KitsError(
-            f"{case_id or 'volume'}: imaging holds {bad} NaN/Inf voxels; the scan "
-            "is damaged, re-download it or leave it out with --cases"
-        )
+    check_volume(data, case_id)
     axes = axial_axes(hdr.affine)
     image = data.transpose(axes)
     n_slices, src_h, src_w = image.shape
