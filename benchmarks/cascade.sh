@@ -9,7 +9,7 @@
 #   bash benchmarks/cascade.sh                            # 512² and 128², 10 min each
 #   TIME=10s SIZE=64 SMALL=32 PATCH=32 NTRAIN=2 NVAL=1 bash benchmarks/cascade.sh   # a try
 # Settings (environment):
-#   DATA    KiTS19-layout folder (data/realmasks-kits19)   OUT   work folder (bench-cascade)
+#   DATA    KiTS19-layout folder (data/realmasks-kits19)   OUT   work folder (runs/bench-cascade)
 #   TIME    --time-limit of every run (10m)                SIZE, SMALL  store sides (512, 128)
 #   WIDTH   U-Net width (16)        PATCH  (c)'s --patch (128)       SEED  (0)
 #   TRAIN, VAL  case numbers (0-39, 40-49), of the cases present in DATA
@@ -17,7 +17,7 @@
 #   PY      the Python with kits installed (python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-data/realmasks-kits19} OUT=${OUT:-bench-cascade} PY=${PY:-python}
+DATA=${DATA:-data/realmasks-kits19} OUT=${OUT:-runs/bench-cascade} PY=${PY:-python}
 TIME=${TIME:-10m} SIZE=${SIZE:-512} SMALL=${SMALL:-128} WIDTH=${WIDTH:-16} PATCH=${PATCH:-128}
 TRAIN=${TRAIN:-0-39} VAL=${VAL:-40-49} NTRAIN=${NTRAIN:-0} NVAL=${NVAL:-0}
 SEED=${SEED:-0} WORKERS=${WORKERS:-2}
@@ -54,10 +54,14 @@ declare -A runs=([a]="$OUT/a-cascade-$SIZE" [b]="$OUT/b-single-$SMALL" [c]="$OUT
 [ -f "${runs[a]}/config.json" ] || kitstrain fit "$OUT/store$SIZE.h5" --out "${runs[a]}" --cascade "${common[@]}"
 [ -f "${runs[b]}/config.json" ] || kitstrain fit "$OUT/store$SMALL.h5" --out "${runs[b]}" "${common[@]}"
 [ -f "${runs[c]}/config.json" ] || kitstrain fit "$OUT/store$SIZE.h5" --out "${runs[c]}" --patch "$PATCH" "${common[@]}"
+# Each arm is fitted, scored and timed once: delete an arm's run folder (and score-K.json,
+# predict-K.s) to redo it alone.
 for k in a b c; do
-  kitstrain score "${runs[$k]}" --src "$DATA" --json "$OUT/score-$k.json" > /dev/null
+  [ -f "$OUT/score-$k.json" ] ||
+    kitstrain score "${runs[$k]}" --src "$DATA" --json "$OUT/score-$k.json" > /dev/null
 done
 for k in a c; do
+  [ -f "$OUT/predict-$k.s" ] && continue
   rm -rf "$OUT/pred-$k"
   start=$(date +%s.%N)
   kitstrain predict "${runs[$k]}" --src "$DATA" --cases "$val" --out "$OUT/pred-$k" > /dev/null
