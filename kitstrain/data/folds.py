@@ -14,7 +14,7 @@ import numpy as np
 
 from kitsprep.errors import KitsError
 from kitsprep.store import StoreInfo
-from kitstrain.data.splits import Split, shown_cases
+from kitstrain.data.splits import Split, require_labelled_cases, shown_cases
 
 __all__ = [
     "DEFAULT_FOLDS",
@@ -83,18 +83,13 @@ def check_folds(splits: object, info: StoreInfo, source: str) -> list[dict]:
             )
         out.append({"train": list(sides["train"]), "val": list(sides["val"])})
     named = sorted({c for fold in out for s in ("train", "val") for c in fold[s]})
-    unknown = [c for c in named if c not in info.cases]
-    if unknown:
-        raise KitsError(
-            f"{source} names case(s) {shown_cases(unknown)} that are not in {info.path}; "
-            f"expected case ids of this store (e.g. {info.case_ids[0]}), {fix}"
-        )
-    unlabelled = [c for c in named if not info.cases[c].labelled]
-    if unlabelled:
-        raise KitsError(
-            f"{source} names case(s) {shown_cases(unlabelled)}, which have no segmentation "
-            f"in {info.path}; folds hold labelled cases only, {fix}"
-        )
+    require_labelled_cases(
+        info,
+        named,
+        what=f"{source} names case(s)",
+        fix=fix,
+        unlabelled_fix=f"folds hold labelled cases only, {fix}",
+    )
     for k, fold in enumerate(out):
         both = sorted(set(fold["train"]) & set(fold["val"]))
         if both:

@@ -77,7 +77,7 @@ def test_a_given_list_is_checked_against_the_store(loader_store: Path) -> None:
     ]
     assert check_folds(good, info, "f.json") == good
     unknown = [{"train": labelled[1:], "val": ["case_00099"]}]
-    with pytest.raises(KitsError, match=r"f.json names case\(s\) case_00099 that are not in"):
+    with pytest.raises(KitsError, match=r"f.json names case\(s\) case_00099 are not in"):
         check_folds(unknown, info, "f.json")
     overlap = [{"train": labelled, "val": labelled[:1]}]
     with pytest.raises(KitsError, match=f"fold 0 trains and validates on {labelled[0]}"):

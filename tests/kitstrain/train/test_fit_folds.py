@@ -79,7 +79,7 @@ def test_an_nnunet_splits_file_is_read(loader_store: Path, tmp_path: Path) -> No
         (["--folds", "3"], "add --fold K"),
         (["--fold", "0", "--folds", "7"], "7 folds need at least 7 labelled cases, found 6"),
         (["--fold", "3", "--folds", "3"], "--fold 3 is outside the 3 folds"),
-        (["--fold", "0", "--splits", "BAD"], "names case(s) case_00042 that are not in"),
+        (["--fold", "0", "--splits", "BAD"], "names case(s) case_00042 are not in"),
         (["--fold", "0", "--splits", "OVERLAP"], "fold 0 trains and validates on case_00000"),
         (["--fold", "0", "--folds", "3", "--splits", "TWO"], "--folds 3, but"),
         (["--fold", "0", "--splits", "MISSING"], "does not exist"),
