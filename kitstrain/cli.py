@@ -99,6 +99,19 @@ def click_type(opt: Option) -> click.ParamType | type:
     return str
 
 
+# the options `fit` and `cv` share beside `train_options`
+_PRESET = click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="default",
+    show_default=True,
+    help="seed: the origin report's setup; default: ours.",
+)
+_TRAIN_DEVICE = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
@@ -107,13 +120,7 @@ def click_type(opt: Option) -> click.ParamType | type:
     default=None,
     help="Run directory [default: runs/<timestamp>].",
 )
-@click.option(
-    "--preset",
-    type=click.Choice(sorted(PRESETS)),
-    default="default",
-    show_default=True,
-    help="seed: the origin report's setup; default: ours.",
-)
+@_PRESET
 @click.option("--train-cases", default=None, help="e.g. 0-159 or @file [default: seeded 80%].")
 @click.option("--val-cases", default=None, help="e.g. 160-209 or @file [default: the rest].")
 @click.option(
@@ -135,9 +142,7 @@ def click_type(opt: Option) -> click.ParamType | type:
     default=None,
     help="With --fold: an nnU-Net splits_final.json or a kits splits.json.",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@_TRAIN_DEVICE
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or the newest run).")
 @train_options
 def fit(
@@ -211,13 +216,7 @@ def _train_config(preset: str, options: dict[str, object]) -> tuple[TrainConfig,
     required=True,
     help="The cross-validation folder (cv.json, splits.json, fold_K/, oof/).",
 )
-@click.option(
-    "--preset",
-    type=click.Choice(sorted(PRESETS)),
-    default="default",
-    show_default=True,
-    help="seed: the origin report's setup; default: ours.",
-)
+@_PRESET
 @click.option(
     "--folds",
     type=click.IntRange(2),
@@ -231,9 +230,7 @@ def _train_config(preset: str, options: dict[str, object]) -> tuple[TrainConfig,
     help="An nnU-Net splits_final.json or a kits splits.json [default: the store's recorded "
     "folds, or new ones stratified by tumour size].",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@_TRAIN_DEVICE
 @train_options
 def cv(
     store: Path,
