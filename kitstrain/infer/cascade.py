@@ -13,21 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from kitsprep.cases import Volume
-from kitsprep.geometry import axial_axes, voxel_spacing
-from kitsprep.kernels import window_resample
-from kitsprep.spacing import case_plane
+from kitsprep.geometry import restore_labels
 from kitsprep.store import SliceReader, StoreInfo
 from kitsprep.window import Window
 from kitstrain.data.downsample import downsample_images, upsample_labels
 from kitstrain.infer.engine import (
     SliceProgress,
-    check_volume,
     predict_stack,
     read_case_images,
+    source_squares,
+    squares_spacing,
     store_spacing,
 )
 from kitstrain.infer.inference import Inference
@@ -144,29 +141,6 @@ class CascadeInference:
         """Labels uint8 of a CT volume in its own geometry, as `Inference.volume`: the
         store's preprocessing, the cascade at the store's side, and the labels taken back
         to the source grid (nearest neighbour where the store resized the slices)."""
-        data, hdr = volume.data, volume.header
-        check_volume(data, case_id)
-        axes = axial_axes(hdr.affine)
-        image = data.transpose(axes)
-        n_slices, src_h, src_w = image.shape
-        sp = voxel_spacing(hdr.affine)
-        plane = case_plane(
-            image, hdr.slope, hdr.inter, (sp[axes[1]], sp[axes[2]]), size, target_spacing
-        )
-        squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
-        spacing = (
-            sp[axes[0]],
-            sp[axes[1]] * plane.crop_h / plane.new_h,
-            sp[axes[2]] * plane.crop_w / plane.new_w,
-        )
-        out = self.labels(squares, spacing, case_id, progress)
-        box = out[(slice(None), *plane.box)]
-        if (plane.new_h, plane.new_w) != (plane.crop_h, plane.crop_w):
-            box = F.interpolate(
-                torch.from_numpy(np.ascontiguousarray(box))[None],
-                size=(plane.crop_h, plane.crop_w),
-                mode="nearest-exact",
-            )[0].numpy()
-        full = np.zeros((n_slices, src_h, src_w), np.uint8)  # background outside the crop
-        full[(slice(None), *plane.crop)] = box
-        return full.transpose(np.argsort(axes))
+        squares, plane, axes, sp = source_squares(volume, window, size, case_id, target_spacing)
+        out = self.labels(squares, squares_spacing(sp, plane), case_id, progress)
+        return restore_labels(out, plane).transpose(np.argsort(axes))

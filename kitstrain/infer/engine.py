@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from kitsprep.cases import Volume
 from kitsprep.errors import KitsError
-from kitsprep.geometry import axial_axes, voxel_spacing
+from kitsprep.geometry import InPlane, axial_axes, voxel_spacing
 from kitsprep.kernels import count_nonfinite, window_resample
 from kitsprep.labels import LabelSet
 from kitsprep.spacing import case_plane
@@ -317,8 +317,17 @@ def store_spacing(info: StoreInfo, case_id: str) -> Spacing:
     """Voxel spacing (mm) of a stored case's slices inside `store_box`: the source spacing,
     in-plane scaled by the recorded resize of the crop."""
     m = info.cases[case_id]
-    p = m.in_plane
-    return (m.spacing[0], m.spacing[1] * p.crop_h / p.new_h, m.spacing[2] * p.crop_w / p.new_w)
+    return squares_spacing(m.spacing, m.in_plane)
+
+
+def squares_spacing(spacing: Sequence[float], plane: InPlane) -> Spacing:
+    """The spacing (axial first) of a case's stored squares: the source's, in-plane scaled
+    by the transform's resize of the crop."""
+    return (
+        spacing[0],
+        spacing[1] * plane.crop_h / plane.new_h,
+        spacing[2] * plane.crop_w / plane.new_w,
+    )
 
 
 def predict_store_case(
@@ -413,17 +422,8 @@ def predict_volume(
     new patient, whose labels are not known); voxels outside the crop are background.
     Post-processing, when the inference has a step, sees the labels axial axis first, with
     the header's spacing in that order, before they go back to the volume's voxel order."""
-    data, hdr = volume.data, volume.header
-    check_volume(data, case_id)
-    axes = axial_axes(hdr.affine)
-    image = data.transpose(axes)
-    n_slices, src_h, src_w = image.shape
-    spacing = voxel_spacing(hdr.affine)
-    in_plane = (spacing[axes[1]], spacing[axes[2]])
-    plane = case_plane(image, hdr.slope, hdr.inter, in_plane, size, target_spacing)
-    # The whole case windowed at store size costs what the raw volume does; slices are
-    # needed more than once anyway (2.5D context).
-    squares = window_resample(image, hdr.slope, hdr.inter, window, plane)
+    squares, plane, axes, spacing = source_squares(volume, window, size, case_id, target_spacing)
+    n_slices, src_h, src_w = len(squares), plane.src_h, plane.src_w
     whole = (plane.crop_h, plane.crop_w) == (src_h, src_w)
     out = (np.empty if whole else np.zeros)((n_slices, src_h, src_w), np.uint8)
     rows, cols = plane.box
@@ -451,5 +451,28 @@ def predict_volume(
             to_grid,
         ):
             out[s0:s1][crop] = _labels_u8(inference, scores)
-    out = _post_process(inference, out, (spacing[axes[0]], spacing[axes[1]], spacing[axes[2]]))
+    out = _post_process(inference, out, spacing)
     return out.transpose(np.argsort(axes))
+
+
+def source_squares(
+    volume: Volume,
+    window: Window,
+    size: int,
+    case_id: str = "",
+    target_spacing: float | None = None,
+) -> tuple[np.ndarray, InPlane, tuple[int, int, int], Spacing]:
+    """A CT volume preprocessed as `kitsprep build` stores it (the store's window, size and
+    target spacing; the crop from the volume's body alone): the squares (slices, size,
+    size), their in-plane transform, the permutation that put the axial axis first, and
+    the header's spacing in that order."""
+    data, hdr = volume.data, volume.header
+    check_volume(data, case_id)
+    axes = axial_axes(hdr.affine)
+    image = data.transpose(axes)
+    sp = voxel_spacing(hdr.affine)
+    spacing = (sp[axes[0]], sp[axes[1]], sp[axes[2]])
+    plane = case_plane(image, hdr.slope, hdr.inter, spacing[1:], size, target_spacing)
+    # The whole case windowed at store size costs what the raw volume does; slices are
+    # needed more than once anyway (2.5D context).
+    return window_resample(image, hdr.slope, hdr.inter, window, plane), plane, axes, spacing
