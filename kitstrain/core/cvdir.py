@@ -12,11 +12,15 @@ Every file is written atomically (`kitsprep.files`).
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kitsprep.errors import KitsError
+from kitsprep.store import StoreInfo
 from kitstrain.core import rundir
 
 CV_JSON = "cv.json"
@@ -53,6 +57,30 @@ def fold_dir(cv_dir: Path, fold: int) -> Path:
 
 def oof_path(cv_dir: Path, case_id: str) -> Path:
     return Path(cv_dir) / OOF / f"{case_id}.npz"
+
+
+def read_oof(cv_dir: Path, case_id: str, info: StoreInfo, fold: int | None = None) -> np.ndarray:
+    """One out-of-fold prediction, checked to be what `kitstrain cv` writes for this store
+    (and, given `fold`, by that fold's model)."""
+    path = oof_path(cv_dir, case_id)
+    if case_id not in info.cases:
+        raise KitsError(
+            f"{path} predicts {case_id}, which is not in {info.path}; delete it, or pass "
+            "--data with the store the cross-validation trained on"
+        )
+    shape = (info.cases[case_id].slices, info.size, info.size)
+    fix = f"delete it and rerun `kitstrain cv` with --out {cv_dir} to predict it again"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            pred, got_fold = z["pred"], int(z["fold"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise KitsError(f"{path} is not an out-of-fold prediction ({exc}); {fix}") from None
+    if pred.shape != shape or pred.dtype != np.uint8 or fold not in (None, got_fold):
+        raise KitsError(
+            f"{path} holds {pred.dtype} {pred.shape} of fold {got_fold}, expected uint8 "
+            f"{shape}{'' if fold is None else f' of fold {fold}'} ({info.path}); {fix}"
+        )
+    return pred
 
 
 def check_report_path(cv_dir: Path, path: Path, option: str) -> None:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from kitsprep.errors import KitsError
 from kitsprep.outputs import check_output
 from kitsprep.progress import Progress
 from kitsprep.store import SliceReader, StoreInfo, open_store
-from kitstrain.core.cvdir import CvRecord, check_report_path, oof_path, read_cv
+from kitstrain.core.cvdir import CvRecord, check_report_path, oof_path, read_cv, read_oof
 from kitstrain.data.folds import check_folds
 from kitstrain.data.foldsfile import read_splits_file
 from kitstrain.infer.engine import read_store_labels, store_box, store_spacing
@@ -39,24 +37,6 @@ def missing_folds(cv_dir: Path, record: CvRecord, folds: list[dict]) -> list[int
         for k, fold in enumerate(folds)
         if k not in record.done or not all(oof_path(cv_dir, c).is_file() for c in fold["val"])
     ]
-
-
-def read_oof(cv_dir: Path, case_id: str, info: StoreInfo, fold: int) -> np.ndarray:
-    """One out-of-fold prediction, checked to be what `kitstrain cv` writes for this store."""
-    path = oof_path(cv_dir, case_id)
-    shape = (info.cases[case_id].slices, info.size, info.size)
-    fix = f"delete it and rerun `kitstrain cv` with --out {cv_dir} to predict it again"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            pred, got_fold = z["pred"], int(z["fold"])
-    except (OSError, KeyError, ValueError, EOFError) as exc:
-        raise KitsError(f"{path} is not an out-of-fold prediction ({exc}); {fix}") from None
-    if pred.shape != shape or pred.dtype != np.uint8 or got_fold != fold:
-        raise KitsError(
-            f"{path} holds {pred.dtype} {pred.shape} of fold {got_fold}, expected uint8 "
-            f"{shape} of fold {fold} ({info.path}); {fix}"
-        )
-    return pred
 
 
 def score_cv(

@@ -4,16 +4,13 @@ back by `score`, `predict` and `Predictor` (also from a single run directory hol
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
-
-import numpy as np
 
 from kitsprep.errors import KitsError
 from kitsprep.files import write_atomic
 from kitsprep.labels import LabelSet
 from kitsprep.store import SliceReader, open_store
-from kitstrain.core.cvdir import OOF, read_cv
+from kitstrain.core.cvdir import OOF, read_cv, read_oof
 from kitstrain.infer.engine import read_store_labels, store_box
 from kitstrain.infer.postprocess import Decision, decide
 
@@ -61,20 +58,8 @@ def record_postprocessing(cv_dir: Path) -> Path:
     def cases():
         for path in files:
             case_id = path.stem
-            try:
-                with np.load(path) as npz:
-                    pred = npz["pred"]
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-                raise KitsError(
-                    f"{path} is not an out-of-fold prediction with key 'pred' ({exc}); "
-                    "write it again with `kitstrain cv`"
-                ) from None
+            pred = read_oof(cv_dir, case_id, info)
             truth = read_store_labels(reader, info, case_id)
-            if pred.shape != truth.shape:
-                raise KitsError(
-                    f"{path}: prediction of shape {pred.shape}, but {case_id} is "
-                    f"{truth.shape} in {info.path}; write it again in the store's geometry"
-                )
             rows, cols = store_box(info, case_id)
             yield case_id, pred[:, rows, cols], truth[:, rows, cols]
 

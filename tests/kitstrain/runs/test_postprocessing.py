@@ -80,7 +80,7 @@ def test_record_postprocessing_names_what_is_wrong(store: Path, tmp_path: Path) 
     with pytest.raises(KitsError, match="holds no out-of-fold predictions"):
         record_postprocessing(empty)
     bad = cv_folder(tmp_path / "bad", store, {"case_00000": np.zeros((2, 8, 8), np.uint8)})
-    with pytest.raises(KitsError, match=r"shape \(2, 8, 8\).*store's geometry"):
+    with pytest.raises(KitsError, match=r"holds uint8 \(2, 8, 8\) of fold 0, expected uint8"):
         record_postprocessing(bad)
     (bad / "oof" / "case_00000.npz").write_bytes(b"not a zip")
     with pytest.raises(KitsError, match="not an out-of-fold prediction"):
