@@ -29,10 +29,11 @@ class SliceReader:
     per slice). Open one per process (DataLoader worker) after fork/spawn; it pickles as
     its path.
 
-    Every image read is checked against the index's CRC-32 when ISA-L is installed (a
-    dependency): ~10 us per 512x512 slice, about 1 % of a loader worker's time per slice;
-    zlib's CRC costs ~12x that, so without ISA-L `kitsprep verify` is the check
-    (`CRC_ON_READ`). A damaged chunk is a one-line KitsError naming store, case, slice."""
+    Every whole image read (`images`) is checked against the index's CRC-32 when ISA-L is
+    installed (a dependency): ~10 us per 512x512 slice; zlib's CRC costs ~12x that, so
+    without ISA-L `kitsprep verify` is the check (`CRC_ON_READ`). Partial reads
+    (`image_rows`, training) are checked once per chunk: see there. A damaged chunk is a
+    one-line KitsError naming store, case, slice."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class SliceReader:
         self.check_crc = CRC_ON_READ if check_crc is None else bool(check_crc)
         self.identity = tuple(identity)  # the file its index came from (`StoreInfo.identity`)
         self._slice_bytes = size * size * 2
+        self._checked: set[int] = set()  # image offsets of the chunks read whole and checked
         self._fd = os.open(self.path, os.O_RDONLY)
         if self.identity and self._replaced():
             os.close(self._fd)
@@ -65,10 +67,7 @@ class SliceReader:
         """Slices of `rows` into `out` (len(rows), size, size) float16, C-contiguous. Chunks
         that lie back to back in the file (a 2.5D context stack usually does) come in
         one system call."""
-        if out.shape != (len(rows), self.size, self.size) or not out.flags.c_contiguous:
-            raise ValueError(
-                f"out must be C-contiguous {(len(rows), self.size, self.size)}, found {out.shape}"
-            )
+        self._check_out(rows, out)
         # plain ints and memoryview slices: at 5 small chunks per item, numpy scalars and
         # per-chunk array views would cost more than the reads
         offsets = rows["image_offset"].tolist()
@@ -83,7 +82,7 @@ class SliceReader:
                 self._fd, [flat[k * sb : (k + 1) * sb] for k in range(i, j)], offsets[i]
             )
             if got != (j - i) * sb:
-                self._damaged(
+                self.damaged(
                     rows[i],
                     f"the image chunk ends early ({got} of {(j - i) * sb} "
                     "bytes: the file is truncated)",
@@ -93,8 +92,47 @@ class SliceReader:
             crc = crc32_bytes
             for k, want in enumerate(rows["image_crc"].tolist()):
                 if crc(flat[k * sb : (k + 1) * sb]) != want:
-                    self._damaged(rows[k], "its image chunk fails its CRC-32")
+                    self.damaged(rows[k], "its image chunk fails its CRC-32")
         return out
+
+    def image_rows(
+        self, rows: np.ndarray, out: np.ndarray, start: int, stop: int, whole: np.ndarray
+    ) -> np.ndarray:
+        """Rows `start:stop` of the slices of `rows` into the same rows of `out` (as for
+        `images`): what a training sample's warp can reach, one contiguous byte range per
+        chunk instead of the whole chunk.
+
+        A part of a chunk cannot be checked against the chunk's CRC-32, so a chunk this
+        reader has not read whole yet, or one that `whole` (bool per row) asks for, is read
+        whole and checked as `images` does; later partial reads of it trust the bytes that
+        passed. So a damaged chunk is reported on a worker's first touch of it, and a
+        chunk damaged after that touch is `kitsprep verify`'s to find. Returns the mask of
+        the chunks read whole (all their rows in `out` are fresh)."""
+        self._check_out(rows, out)
+        offsets = rows["image_offset"].tolist()
+        fresh = np.array([o not in self._checked for o in offsets]) | whole
+        sb, rb = self._slice_bytes, 2 * self.size
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        for k, off in enumerate(offsets):
+            if fresh[k]:
+                self.images(rows[k : k + 1], out[k : k + 1])
+                self._checked.add(off)
+                continue
+            want = (stop - start) * rb
+            at = k * sb + start * rb
+            got = os.preadv(self._fd, [flat[at : at + want]], off + start * rb)
+            if got != want:
+                self.damaged(
+                    rows[k],
+                    f"the image chunk ends early ({got} of {want} bytes: the file is truncated)",
+                )
+        return fresh
+
+    def _check_out(self, rows: np.ndarray, out: np.ndarray) -> None:
+        if out.shape != (len(rows), self.size, self.size) or not out.flags.c_contiguous:
+            raise ValueError(
+                f"out must be C-contiguous {(len(rows), self.size, self.size)}, found {out.shape}"
+            )
 
     def label(self, row: np.void | np.ndarray) -> np.ndarray:
         """(size, size) uint8, inflated from the deflated chunk."""
@@ -104,9 +142,9 @@ class SliceReader:
         try:
             lab = np.frombuffer(_inflater.decompress(os.pread(self._fd, n, off)), np.uint8)
         except _inflater.error as exc:
-            self._damaged(row, f"its label chunk does not inflate ({exc})")
+            self.damaged(row, f"its label chunk does not inflate ({exc})")
         if lab.size != self.size * self.size:
-            self._damaged(
+            self.damaged(
                 row, f"its label chunk holds {lab.size} bytes, expected {self.size * self.size}"
             )
         return lab.reshape(self.size, self.size)
@@ -127,7 +165,9 @@ class SliceReader:
             "(`kitstrain fit --resume` continues a run) once the new store is complete"
         )
 
-    def _damaged(self, row: np.void, what: str) -> NoReturn:
+    def damaged(self, row: np.void, what: str) -> NoReturn:
+        """Raise the one-line error for a damaged slice `row` (`what` says how it is
+        damaged): names store, case and slice, and the fix."""
         if self.identity and self._replaced():
             raise self._replaced_error()
         pos = int(row["case"])

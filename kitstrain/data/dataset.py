@@ -25,7 +25,7 @@ from kitsprep.lifeline import die_with_parent
 from kitsprep.store import SliceReader, StoreInfo
 from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.batch_pool import BatchPool, PooledBatch, shared_empty
-from kitstrain.data.device_augment import PARAMS, cut_side, draw_params
+from kitstrain.data.device_augment import PARAMS, cut_side, draw_params, reach_rows
 from kitstrain.data.patches import patch_origin, uniform_origin
 from kitstrain.data.samplers import Drawn
 from kitstrain.data.splits import require_labelled_cases
@@ -110,6 +110,7 @@ class SliceDataset(Dataset):
         sl = self.rows["slice"].astype(np.int64)[:, None]
         self._neighbours = first[:, None] + np.clip(sl + k, 0, last[:, None])
         self._reader: SliceReader | None = None
+        self._darkest: np.ndarray | None = None  # per item, this process's: see _fill_cuts
         self._rng: np.random.Generator | None = None
         self._pid: int | None = None
         self.pool: BatchPool | None = None  # a pooled training loader's slots
@@ -128,13 +129,15 @@ class SliceDataset(Dataset):
 
     def __getstate__(self) -> dict:
         # The reader and RNG are per process: a worker opens and seeds its own
-        return {**self.__dict__, "_reader": None, "_rng": None, "_pid": None}
+        return {**self.__dict__, "_reader": None, "_darkest": None, "_rng": None, "_pid": None}
 
     def _open(self) -> None:
         """(Re)open the reader and RNG in this process: first use, or first use after a fork."""
         self._reader = SliceReader(
             self.store_path, self.size, self.store_case_ids, identity=self.store_identity
         )
+        # known from each chunk's first (whole, checked) read by this reader
+        self._darkest = np.full(len(self.rows), np.nan, np.float32)
         self._seed_rng()
 
     def _seed_rng(self) -> None:
@@ -149,14 +152,17 @@ class SliceDataset(Dataset):
     def _read_into(self, i: int, img: np.ndarray, lab: np.ndarray) -> None:
         """Item i's context slices and centre label, read straight into `img` (C, H, W)
         float16 (adjacent chunks in one system call) and `lab` (H, W) uint8."""
-        rows = self.rows
-        self._reader.images(rows[self._neighbours[i]], img)
+        self._reader.images(self.rows[self._neighbours[i]], img)
+        self._read_label(i, lab)
+
+    def _read_label(self, i: int, lab: np.ndarray) -> None:
+        """Item i's label into `lab` (H, W) uint8."""
         if self._background[i]:
             # the index counts come from these very labels: zero-fill instead of inflating
             # 256 KB (10 us instead of ~100 us, and most CT slices hold no kidney)
             lab[...] = 0
         else:
-            lab[...] = self._reader.label(rows[i])
+            lab[...] = self._reader.label(self.rows[i])
 
     def _fill(
         self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor
@@ -206,36 +212,57 @@ class SliceDataset(Dataset):
         return self._rng
 
     def _origin(self, i: int, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-        """The patch's top-left; the index already says which slices are empty: no label
-        scan for those."""
+        """The patch's top-left; the index already says which labels a slice holds: no
+        label scan for those of an empty slice, one pass for the chosen one otherwise."""
         if self._background[i]:
             return uniform_origin(label.shape, self.patch, rng)
-        return patch_origin(label, self.patch, rng)
+        present = np.flatnonzero(self.rows["counts"][i][1:]) + 1
+        try:
+            return patch_origin(label, self.patch, rng, present)
+        except ValueError:
+            self._reader.damaged(self.rows[i], "its label disagrees with the index's counts")
 
     def _fill_cuts(self, indices: Sequence, img_np: np.ndarray, lab_np: np.ndarray) -> np.ndarray:
-        """The device side's share: read, choose the patch, draw its augmentation (the
-        same draws, in the same order, as the workers' side) and cut the window the warp
-        needs. The cut is the whole slice when the warp can reach that far."""
-        side, size = self.cut, self.size
+        """The device side's share: read the label, choose the patch, draw its augmentation
+        (the same draws, in the same order, as the workers' side), then read only the image
+        rows the warp reads (`reach_rows`) into the cut; rows of the cut that no tap reads
+        keep whatever they held. The cut is the whole slice when the warp can reach that
+        far.
+
+        What the warp shows beyond the slice is each context slice's darkest value, a
+        property of the stored slice: taken once per chunk from its first read, which is
+        whole and CRC-checked (`SliceReader.image_rows`), and kept for later partial reads."""
+        side, size, channels = self.cut, self.size, self.channels
         params = np.zeros(len(indices), PARAMS)
         whole = side == size
         if not whole:
-            whole_img = np.empty((self.channels, size, size), np.float16)
+            whole_img = np.empty((channels, size, size), np.float16)
             whole_lab = np.empty((size, size), np.uint8)
-        for j, item in enumerate(indices):
-            i = item.index if isinstance(item, Drawn) else int(item)
+        items = [item.index if isinstance(item, Drawn) else int(item) for item in indices]
+        for j, (item, i) in enumerate(zip(indices, items, strict=True)):
             rng = self._item_rng(item)
-            img, lab = (img_np[j], lab_np[j]) if whole else (whole_img, whole_lab)
-            self._read_into(i, img, lab)
+            lab = lab_np[j] if whole else whole_lab
+            self._read_label(i, lab)
             y, x = self._origin(i, lab, rng) if self.patch < size else (0, 0)
             params[j] = draw_params(rng, self.augment, y, x, self.patch, side, size)
             if not whole:
-                # the warp shows the slice's darkest value beyond it, not the cut's
-                fill = torch.from_numpy(whole_img).amin(dim=(1, 2)).float().numpy()
-                params["fill"][j, : self.channels] = fill
                 ct, cl = int(params[j]["cut_top"]), int(params[j]["cut_left"])
-                img_np[j] = whole_img[:, ct : ct + side, cl : cl + side]
                 lab_np[j] = whole_lab[ct : ct + side, cl : cl + side]
+        starts, stops = reach_rows(params, self.patch, size, side)
+        fill = params["fill"]
+        for j, i in enumerate(items):
+            img = img_np[j] if whole else whole_img
+            stack = self._neighbours[i]
+            start, stop = int(starts[j]), int(stops[j])
+            darkest = self._darkest[stack]
+            fresh = self._reader.image_rows(self.rows[stack], img, start, stop, np.isnan(darkest))
+            if fresh.any():
+                found = torch.from_numpy(img[fresh]).amin(dim=(1, 2)).float().numpy()
+                darkest[fresh] = self._darkest[stack[fresh]] = found
+            fill[j, :channels] = darkest
+            if not whole:
+                ct, cl = int(params[j]["cut_top"]), int(params[j]["cut_left"])
+                img_np[j, :, start - ct : stop - ct] = img[:, start:stop, cl : cl + side]
         return params
 
     def __getitem__(self, i: int):

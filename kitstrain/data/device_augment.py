@@ -23,7 +23,15 @@ import torch
 
 from kitstrain.data.augment import AugmentConfig, AugmentDraw, draw, warp_matrix
 
-__all__ = ["PARAMS", "augment_batch", "cut_origin", "cut_side", "draw_params", "matrices"]
+__all__ = [
+    "PARAMS",
+    "augment_batch",
+    "cut_origin",
+    "cut_side",
+    "draw_params",
+    "matrices",
+    "reach_rows",
+]
 
 MAX_CHANNELS = 17  # 1 + 2 x the largest --context
 
@@ -75,6 +83,26 @@ def cut_origin(top: int, left: int, patch: int, side: int, size: int) -> tuple[i
         return min(max(round(p + (patch - 1) / 2 - (side - 1) / 2), 0), size - side)
 
     return one(top), one(left)
+
+
+def reach_rows(
+    params: np.ndarray, patch: int, size: int, side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `start:stop` of the slice that each sample's warp reads (`params`, PARAMS
+    records): all that a worker must read of it. `cut_side` serves the farthest draw of a
+    config; most draws reach little beyond the patch (without rotation or zoom, its rows
+    and the bilinear tap's next one), and a row range of a chunk is one contiguous read.
+    The patch's rows reach (|cos| + |sin|) / zoom of its half-side from its centre, flips
+    aside; one row more each side covers the kernel's float32 rounding and floor, and the
+    cut (which holds every tap) bounds it."""
+    half = (patch - 1) / 2
+    angle = params["angle"]
+    reach = half * (np.abs(np.cos(angle)) + np.abs(np.sin(angle))) / params["zoom"]
+    centre = params["top"] + half
+    cut_top = params["cut_top"].astype(np.int64)
+    start = np.maximum(np.floor(centre - reach).astype(np.int64) - 1, cut_top)
+    stop = np.minimum(np.floor(centre + reach).astype(np.int64) + 3, cut_top + side)
+    return np.maximum(start, 0), np.minimum(stop, size)
 
 
 def draw_params(

@@ -40,25 +40,37 @@ def resolve_patch(patch: int | str | None, size: int, divisor: int) -> int:
     return patch
 
 
-def patch_origin(label: np.ndarray, patch: int, rng: np.random.Generator) -> tuple[int, int]:
+def patch_origin(
+    label: np.ndarray,
+    patch: int,
+    rng: np.random.Generator,
+    present: np.ndarray | None = None,
+) -> tuple[int, int]:
     """Top-left (row, col) of a `patch` x `patch` window on an (H, W) label.
 
     A slice with foreground gets a window that contains one of its foreground pixels: a
     class drawn uniformly among the foreground classes present (so a small tumour is as
     likely a target as a large kidney), then one of that class's pixels, placed anywhere
     in the window (not always at its centre, or the model would learn where organs sit).
-    A slice without foreground gets a uniformly placed window."""
+    A slice without foreground gets a uniformly placed window.
+
+    `present`: the foreground values the label holds, ascending, where already known (the
+    store's index counts them): the same window, without a pass to find them."""
     h, w = label.shape
     if patch > h or patch > w:
         raise ValueError(f"patch {patch} does not fit a {h}x{w} slice")
-    # bincount, not unique: one pass, no sort (0.2 ms vs 3 ms on a 512x512 slice)
-    present = np.flatnonzero(np.bincount(label.ravel())[1:]) + 1
+    if present is None:
+        # bincount, not unique: one pass, no sort (0.2 ms vs 3 ms on a 512x512 slice)
+        present = np.flatnonzero(np.bincount(label.ravel())[1:]) + 1
     if present.size == 0:
         return uniform_origin((h, w), patch, rng)
     cls = present[rng.integers(0, present.size)]
-    rows, cols = np.nonzero(label == cls)
-    k = int(rng.integers(0, rows.size))
-    return _around(int(rows[k]), h, patch, rng), _around(int(cols[k]), w, patch, rng)
+    # flat positions in row-major order, as 2-D np.nonzero lists them, at ~1/15 its cost
+    where = np.flatnonzero(label.ravel() == cls)
+    if where.size == 0:
+        raise ValueError(f"label value {cls} is said to be present but the label holds none")
+    row, col = divmod(int(where[rng.integers(0, where.size)]), w)
+    return _around(row, h, patch, rng), _around(col, w, patch, rng)
 
 
 def uniform_origin(shape: tuple[int, int], patch: int, rng: np.random.Generator) -> tuple[int, int]:

@@ -236,3 +236,61 @@ def test_adjacent_chunks_read_in_one_call_equal_single_reads(store, monkeypatch)
     got = m.images(stack, np.empty((5, info.size, info.size), np.float16))
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16)) and calls == [1, 1, 2, 1]
     m.close()
+
+
+def test_row_ranges_are_the_rows_of_whole_reads_and_each_chunk_is_checked_first(store, monkeypatch):
+    info = open_store(store)
+    stack = info.rows(info.case_ids[0])[[0, 0, 1, 2]]
+    m = SliceReader(store, info.size, info.case_ids)
+    want = m.images(stack, np.empty((4, info.size, info.size), np.float16))
+    sizes = []
+    real = os.preadv
+    monkeypatch.setattr(
+        os,
+        "preadv",
+        lambda fd, bufs, off: sizes.append(sum(len(b) for b in bufs)) or real(fd, bufs, off),
+    )
+    none = np.zeros(4, bool)
+    for start, stop in ((5, 20), (0, info.size), (31, 32), (0, 1)):
+        out = np.full((4, info.size, info.size), np.nan, np.float16)
+        sizes.clear()
+        fresh = m.image_rows(stack, out, start, stop, none)
+        assert np.array_equal(
+            out[:, start:stop].view(np.uint16), want[:, start:stop].view(np.uint16)
+        )
+        if start == 5:  # the reader's first touch of each chunk: whole (and checked)
+            assert fresh.all() and sizes == [info.size**2 * 2] * 4
+            assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
+        else:  # checked before: only the rows asked for, one read per chunk
+            assert not fresh.any() and sizes == [(stop - start) * info.size * 2] * 4
+            assert np.isnan(out[:, :start]).all() and np.isnan(out[:, stop:]).all()
+    # `whole` asks for a whole read of a chunk already checked
+    fresh = m.image_rows(stack, out, 5, 6, np.array([False, False, True, False]))
+    assert fresh.tolist() == [False, False, True, False]
+    assert np.array_equal(out[2].view(np.uint16), want[2].view(np.uint16))
+    m.close()
+
+
+def test_a_partial_read_checks_the_whole_chunk_on_first_touch(store, tmp_path):
+    """A damaged byte outside the rows asked for is still reported on the first read."""
+    path = tmp_path / "damaged.h5"
+    shutil.copy(store, path)
+    info = open_store(path)
+    row = info.index[3]
+    _flip_byte(path, int(row["image_offset"]) + 2 * info.size * 30)  # row 30
+    m = SliceReader(path, info.size, info.case_ids)
+    out = np.empty((1, info.size, info.size), np.float16)
+    case = info.case_ids[row["case"]]
+    with pytest.raises(
+        KitsError, match=rf"{path}: {case} slice {row['slice']}: .*CRC-32.*kitsprep verify"
+    ) as e:
+        m.image_rows(info.index[3:4], out, 0, 4, np.zeros(1, bool))
+    assert "\n" not in str(e.value)
+    # a truncated file is named as such on a partial read too
+    ok = info.index[4:5]
+    m.image_rows(ok, out, 0, 4, np.zeros(1, bool))  # first touch: whole, checked
+    with open(path, "r+b") as f:
+        f.truncate(int(ok["image_offset"][0]) + 10)
+    with pytest.raises(KitsError, match="truncated"):
+        m.image_rows(ok, out, 0, 4, np.zeros(1, bool))
+    m.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kitsprep.store import open_store
+from kitsprep.store import SliceReader, open_store
 from kitstrain.data.augment import AugmentConfig, augment_slice
 from kitstrain.data.dataset import SliceDataset
 from kitstrain.data.device_augment import (
@@ -19,6 +19,7 @@ from kitstrain.data.device_augment import (
     cut_origin,
     cut_side,
     draw_params,
+    reach_rows,
 )
 from kitstrain.data.loaders import close_loader, train_loader_for
 from kitstrain.data.prefetch import DeviceBatches
@@ -94,6 +95,40 @@ def test_the_cut_holds_every_tap_any_draw_can_reach():
         assert 0 <= ct <= 64 - side and ct <= top and top + 16 <= ct + side
 
 
+@pytest.mark.parametrize("patch", [32, 16, 64], ids=["half-whole-cut", "small-cut", "full"])
+@pytest.mark.parametrize(
+    "cfg", [WARPS, NO_WARP, AugmentConfig()], ids=["warps", "flips", "default"]
+)
+def test_the_warp_reads_no_row_beyond_reach_rows(cfg, patch):
+    """What a worker leaves unread (NaN here) changes nothing: every tap, the bilinear
+    neighbour included, lies in the rows `reach_rows` names."""
+    img, lab = slice_()
+    size = lab.shape[0]
+    side = cut_side(patch, size, cfg)
+    rng = np.random.default_rng(9)
+    params = np.zeros(40, PARAMS)
+    cuts = np.empty((40, img.shape[0], side, side), np.float16)
+    for j in range(40):
+        y, x = (int(v) for v in rng.integers(0, size - patch + 1, 2))
+        params[j] = draw_params(np.random.default_rng(j), cfg, y, x, patch, side, size)
+        params["fill"][j, : img.shape[0]] = -9.0
+        ct, cl = int(params["cut_top"][j]), int(params["cut_left"][j])
+        cuts[j] = img[:, ct : ct + side, cl : cl + side]
+    labs = torch.from_numpy(np.stack([lab[:side, :side]] * 40))
+    start, stop = reach_rows(params, patch, size, side)
+    assert (start >= params["cut_top"]).all() and (stop <= params["cut_top"] + side).all()
+    poisoned = cuts.copy()
+    for j in range(40):
+        a, b = start[j] - params["cut_top"][j], stop[j] - params["cut_top"][j]
+        poisoned[j, :, :a] = np.nan
+        poisoned[j, :, b:] = np.nan
+    want, _ = augment_batch(torch.from_numpy(cuts), labs, params, patch, size)
+    got, _ = augment_batch(torch.from_numpy(poisoned), labs, params, patch, size)
+    assert torch.equal(got, want)
+    if cfg is NO_WARP:  # flips alone read the patch's rows and the next one, no more
+        assert (stop - start <= patch + 3).all()
+
+
 def test_labels_stay_in_the_editions_set_and_are_never_blended():
     img, lab = slice_()
     for seed in range(30):
@@ -167,6 +202,49 @@ def test_both_sides_of_the_loader_give_the_same_samples_and_parameter_rates(load
     assert angles.min() > -180 and angles.max() < 180 and abs(np.median(angles)) < 45
     zooms = params["zoom"][params["zoom"] != 1]
     assert zooms.min() >= 0.7 and zooms.max() <= 1.4
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(), NO_WARP], ids=["whole-slice-cut", "smaller-cut"])
+def test_the_device_side_reads_the_rows_the_warp_reads_and_the_slices_darkest(loader_store, cfg):
+    """Every item twice in one batch: the first read of each chunk is whole, the later ones
+    partial; the reach's rows are the stored ones either way, and the fill is the whole
+    stack's darkest value as before (`amin` over each whole context slice)."""
+    info = open_store(loader_store)
+    ds = SliceDataset(
+        loader_store,
+        info,
+        info.labelled_cases,
+        context=1,
+        augment=cfg,
+        seed=5,
+        patch=16,
+        augment_on="device",
+    )
+    size, side = ds.size, ds.side
+    items = [Drawn(i % len(ds), 0, i) for i in range(2 * len(ds))]
+    images, labels = ds._batch_tensors(len(items), shared=False)
+    images.fill_(float("nan"))
+    params = ds._fill(items, images, labels)
+    assert torch.isnan(images).any()  # partial reads left the rest of the cut alone
+    reader = SliceReader(loader_store, size, info.case_ids)
+    start, stop = reach_rows(params, 16, size, side)
+    cuts = np.empty((len(items), 3, side, side), np.float16)
+    for j, item in enumerate(items):
+        stack = reader.images(
+            ds.rows[ds._neighbours[item.index]], np.empty((3, size, size), np.float16)
+        )
+        darkest = torch.from_numpy(stack).amin(dim=(1, 2)).float().numpy()
+        assert np.array_equal(params["fill"][j, :3], darkest)
+        ct, cl = int(params["cut_top"][j]), int(params["cut_left"][j])
+        cuts[j] = stack[:, ct : ct + side, cl : cl + side]
+        a, b = start[j] - ct, stop[j] - ct
+        assert np.array_equal(
+            images[j, :, a:b].numpy().view(np.uint16), cuts[j, :, a:b].view(np.uint16)
+        )
+    reader.close()
+    got, got_lab = augment_batch(images, labels, params, 16, size)
+    want, want_lab = augment_batch(torch.from_numpy(cuts), labels, params, 16, size)
+    assert torch.equal(got, want) and torch.equal(got_lab, want_lab)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -91,6 +91,33 @@ def test_patch_origin_is_repeatable_and_checks_the_size() -> None:
         patch_origin(lab, 64, np.random.default_rng(0))  # wider than the 48 columns
 
 
+def test_the_labels_present_given_give_the_same_windows() -> None:
+    """The dataset passes the index's view of which labels a slice holds."""
+    rng = np.random.default_rng(4)
+    for seed in range(20):
+        lab = (rng.random((40, 56)) < 0.02).astype(np.uint8) * rng.integers(1, 4, (40, 56))
+        lab = lab.astype(np.uint8)
+        present = np.flatnonzero(np.bincount(lab.ravel(), minlength=4)[1:]) + 1
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert [patch_origin(lab, 16, a, present) for _ in range(20)] == [
+            patch_origin(lab, 16, b) for _ in range(20)
+        ]
+    with pytest.raises(ValueError, match="label value 3 is said to be present"):
+        patch_origin(_label(), 16, np.random.default_rng(0), np.array([3]))
+
+
+def test_a_label_that_disagrees_with_the_index_is_a_damaged_store(loader_store) -> None:
+    info = open_store(loader_store)
+    ds = SliceDataset(loader_store, info, info.labelled_cases, context=1, seed=5, patch=16)
+    counts = ds.rows["counts"]
+    i = int(np.flatnonzero(~ds._background & (counts[:, -1] == 0))[0])
+    counts[i, 1:] = 0
+    counts[i, -1] = 7  # the index says: only a label value that the slice does not hold
+    case = info.case_ids[ds.rows["case"][i]]
+    with pytest.raises(KitsError, match=rf"{case} slice .*disagrees with the index.*verify"):
+        ds.__getitems__([Drawn(i, 0, 0)])
+
+
 @pytest.mark.parametrize("augment", [False, True])
 def test_dataset_cuts_patches_from_the_slices_it_would_read(loader_store, augment) -> None:
     info = open_store(loader_store)
