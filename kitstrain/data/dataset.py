@@ -153,10 +153,6 @@ class SliceDataset(Dataset):
         """Item i's context slices and centre label, read straight into `img` (C, H, W)
         float16 (adjacent chunks in one system call) and `lab` (H, W) uint8."""
         self._reader.images(self.rows[self._neighbours[i]], img)
-        self._read_label(i, lab)
-
-    def _read_label(self, i: int, lab: np.ndarray) -> None:
-        """Item i's label into `lab` (H, W) uint8."""
         if self._background[i]:
             # the index counts come from these very labels: zero-fill instead of inflating
             # 256 KB (10 us instead of ~100 us, and most CT slices hold no kidney)
@@ -211,11 +207,13 @@ class SliceDataset(Dataset):
             return np.random.default_rng([self.seed, item.epoch, item.draw])
         return self._rng
 
-    def _origin(self, i: int, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    def _origin(
+        self, i: int, label: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[int, int]:
         """The patch's top-left; the index already says which labels a slice holds: no
-        label scan for those of an empty slice, one pass for the chosen one otherwise."""
+        label (None) needed for an empty slice, one pass for the chosen label otherwise."""
         if self._background[i]:
-            return uniform_origin(label.shape, self.patch, rng)
+            return uniform_origin((self.size, self.size), self.patch, rng)
         present = np.flatnonzero(self.rows["counts"][i][1:]) + 1
         try:
             return patch_origin(label, self.patch, rng, present)
@@ -225,9 +223,9 @@ class SliceDataset(Dataset):
     def _fill_cuts(self, indices: Sequence, img_np: np.ndarray, lab_np: np.ndarray) -> np.ndarray:
         """The device side's share: read the label, choose the patch, draw its augmentation
         (the same draws, in the same order, as the workers' side), then read only the image
-        rows the warp reads (`reach_rows`) into the cut; rows of the cut that no tap reads
-        keep whatever they held. The cut is the whole slice when the warp can reach that
-        far.
+        rows the warp reads (`reach_rows`) into the cut, and copy the label's same rows;
+        rows of the cut that no tap reads keep whatever they held. The cut is the whole
+        slice when the warp can reach that far.
 
         What the warp shows beyond the slice is each context slice's darkest value, a
         property of the stored slice: taken once per chunk from its first read, which is
@@ -235,34 +233,36 @@ class SliceDataset(Dataset):
         side, size, channels = self.cut, self.size, self.channels
         params = np.zeros(len(indices), PARAMS)
         whole = side == size
-        if not whole:
-            whole_img = np.empty((channels, size, size), np.float16)
-            whole_lab = np.empty((size, size), np.uint8)
+        img = None if whole else np.empty((channels, size, size), np.float16)
         items = [item.index if isinstance(item, Drawn) else int(item) for item in indices]
+        labels = []
         for j, (item, i) in enumerate(zip(indices, items, strict=True)):
             rng = self._item_rng(item)
-            lab = lab_np[j] if whole else whole_lab
-            self._read_label(i, lab)
+            # the index counts come from these very labels: no inflating of an empty one
+            lab = None if self._background[i] else self._reader.label(self.rows[i])
             y, x = self._origin(i, lab, rng) if self.patch < size else (0, 0)
             params[j] = draw_params(rng, self.augment, y, x, self.patch, side, size)
-            if not whole:
-                ct, cl = int(params[j]["cut_top"]), int(params[j]["cut_left"])
-                lab_np[j] = whole_lab[ct : ct + side, cl : cl + side]
+            labels.append(lab)
         starts, stops = reach_rows(params, self.patch, size, side)
+        tops, lefts = params["cut_top"].tolist(), params["cut_left"].tolist()
         fill = params["fill"]
         for j, i in enumerate(items):
-            img = img_np[j] if whole else whole_img
             stack = self._neighbours[i]
-            start, stop = int(starts[j]), int(stops[j])
+            start, stop, ct, cl = int(starts[j]), int(stops[j]), tops[j], lefts[j]
+            into = img_np[j] if whole else img
             darkest = self._darkest[stack]
-            fresh = self._reader.image_rows(self.rows[stack], img, start, stop, np.isnan(darkest))
+            fresh = self._reader.image_rows(self.rows[stack], into, start, stop, np.isnan(darkest))
             if fresh.any():
-                found = torch.from_numpy(img[fresh]).amin(dim=(1, 2)).float().numpy()
+                found = torch.from_numpy(into[fresh]).amin(dim=(1, 2)).float().numpy()
                 darkest[fresh] = self._darkest[stack[fresh]] = found
             fill[j, :channels] = darkest
+            reach = slice(start - ct, stop - ct)
             if not whole:
-                ct, cl = int(params[j]["cut_top"]), int(params[j]["cut_left"])
-                img_np[j, :, start - ct : stop - ct] = img[:, start:stop, cl : cl + side]
+                img_np[j, :, reach] = img[:, start:stop, cl : cl + side]
+            if labels[j] is None:
+                lab_np[j, reach] = 0
+            else:
+                lab_np[j, reach] = labels[j][start:stop, cl : cl + side]
         return params
 
     def __getitem__(self, i: int):

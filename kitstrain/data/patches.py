@@ -64,7 +64,8 @@ def patch_origin(
         present = np.flatnonzero(np.bincount(label.ravel())[1:]) + 1
     if present.size == 0:
         return uniform_origin((h, w), patch, rng)
-    cls = present[rng.integers(0, present.size)]
+    # a Python int: an int64 scalar would widen the uint8 comparison below 8-fold
+    cls = int(present[rng.integers(0, present.size)])
     # flat positions in row-major order, as 2-D np.nonzero lists them, at ~1/15 its cost
     where = np.flatnonzero(label.ravel() == cls)
     if where.size == 0:

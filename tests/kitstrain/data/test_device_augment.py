@@ -22,6 +22,7 @@ from kitstrain.data.device_augment import (
     reach_rows,
 )
 from kitstrain.data.loaders import close_loader, train_loader_for
+from kitstrain.data.patches import patch_origin
 from kitstrain.data.prefetch import DeviceBatches
 from kitstrain.data.samplers import Drawn
 
@@ -114,17 +115,19 @@ def test_the_warp_reads_no_row_beyond_reach_rows(cfg, patch):
         params["fill"][j, : img.shape[0]] = -9.0
         ct, cl = int(params["cut_top"][j]), int(params["cut_left"][j])
         cuts[j] = img[:, ct : ct + side, cl : cl + side]
-    labs = torch.from_numpy(np.stack([lab[:side, :side]] * 40))
+    labs = np.stack([lab[:side, :side]] * 40)
     start, stop = reach_rows(params, patch, size, side)
     assert (start >= params["cut_top"]).all() and (stop <= params["cut_top"] + side).all()
-    poisoned = cuts.copy()
+    poisoned, poisoned_labs = cuts.copy(), labs.copy()
     for j in range(40):
         a, b = start[j] - params["cut_top"][j], stop[j] - params["cut_top"][j]
-        poisoned[j, :, :a] = np.nan
-        poisoned[j, :, b:] = np.nan
-    want, _ = augment_batch(torch.from_numpy(cuts), labs, params, patch, size)
-    got, _ = augment_batch(torch.from_numpy(poisoned), labs, params, patch, size)
-    assert torch.equal(got, want)
+        poisoned[j, :, :a] = poisoned[j, :, b:] = np.nan
+        poisoned_labs[j, :a] = poisoned_labs[j, b:] = 255
+    want = augment_batch(torch.from_numpy(cuts), torch.from_numpy(labs), params, patch, size)
+    got = augment_batch(
+        torch.from_numpy(poisoned), torch.from_numpy(poisoned_labs), params, patch, size
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     if cfg is NO_WARP:  # flips alone read the patch's rows and the next one, no more
         assert (stop - start <= patch + 3).all()
 
@@ -175,12 +178,14 @@ def test_both_sides_of_the_loader_give_the_same_samples_and_parameter_rates(load
     assert close.mean() > 0.995
     assert (dl.numpy() != wl.numpy()).mean() < 1e-3
     # each item's patch lies where the workers' side put it
+    reader = SliceReader(loader_store, 32, device.store_case_ids)
     for j in (0, 7, 99):
-        # the cut is the whole slice here: its label is the slice's
-        y, x = device._origin(
-            items[j].index, cl[j].numpy(), np.random.default_rng([device.seed, 0, items[j].draw])
+        i = items[j].index
+        y, x = patch_origin(
+            reader.label(device.rows[i]), 16, np.random.default_rng([device.seed, 0, items[j].draw])
         )
         assert (params["top"][j], params["left"][j]) == (y, x)
+    reader.close()
     n = len(params)
     rates = {
         "flip_h": params["flip_h"].mean(),
@@ -224,11 +229,13 @@ def test_the_device_side_reads_the_rows_the_warp_reads_and_the_slices_darkest(lo
     items = [Drawn(i % len(ds), 0, i) for i in range(2 * len(ds))]
     images, labels = ds._batch_tensors(len(items), shared=False)
     images.fill_(float("nan"))
+    labels.fill_(255)
     params = ds._fill(items, images, labels)
     assert torch.isnan(images).any()  # partial reads left the rest of the cut alone
     reader = SliceReader(loader_store, size, info.case_ids)
     start, stop = reach_rows(params, 16, size, side)
     cuts = np.empty((len(items), 3, side, side), np.float16)
+    cut_labels = np.empty((len(items), side, side), np.uint8)
     for j, item in enumerate(items):
         stack = reader.images(
             ds.rows[ds._neighbours[item.index]], np.empty((3, size, size), np.float16)
@@ -237,13 +244,17 @@ def test_the_device_side_reads_the_rows_the_warp_reads_and_the_slices_darkest(lo
         assert np.array_equal(params["fill"][j, :3], darkest)
         ct, cl = int(params["cut_top"][j]), int(params["cut_left"][j])
         cuts[j] = stack[:, ct : ct + side, cl : cl + side]
+        cut_labels[j] = reader.label(ds.rows[item.index])[ct : ct + side, cl : cl + side]
         a, b = start[j] - ct, stop[j] - ct
+        assert np.array_equal(labels[j, a:b].numpy(), cut_labels[j, a:b])
         assert np.array_equal(
             images[j, :, a:b].numpy().view(np.uint16), cuts[j, :, a:b].view(np.uint16)
         )
     reader.close()
     got, got_lab = augment_batch(images, labels, params, 16, size)
-    want, want_lab = augment_batch(torch.from_numpy(cuts), labels, params, 16, size)
+    want, want_lab = augment_batch(
+        torch.from_numpy(cuts), torch.from_numpy(cut_labels), params, 16, size
+    )
     assert torch.equal(got, want) and torch.equal(got_lab, want_lab)
 
 
