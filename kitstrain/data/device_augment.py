@@ -1,5 +1,6 @@
 """Augmentation on the device: the workers only read a slice and cut a window around the
-training patch with the margin the warp needs (`cut_side`, `cut_origin`); the warp, the
+training patch with the margin the warp needs (`cut_side`, `cut_origin`), of which they
+read only the rows that the sample's draw reaches (`reach_rows`); the warp, the
 intensity changes and the noise run batched on the GPU right after the copy
 (`augment_batch`).
 
@@ -50,8 +51,8 @@ PARAMS = np.dtype(
         ("offset", np.float64),
         ("noise", np.float64),
         ("noise_seed", np.int64),
-        # each channel's darkest value on the whole slice (what the warp shows beyond it)
-        # where the cut is smaller than the slice; NaN: the cut is the slice, its own
+        # each channel's darkest value on the whole slice (what the warp shows beyond it);
+        # NaN: the cut's own (only right where the cut is the whole slice, all of it read)
         ("fill", np.float32, (MAX_CHANNELS,)),
     ]
 )
@@ -208,9 +209,11 @@ def augment_batch(
     bot = v10 + (v11 - v10) * fx
     out = top + (bot - top) * fy
     # beyond the slice: its darkest value per channel (the cut's own, where it is the slice)
-    given = torch.from_numpy(np.array(params["fill"][:, :c], np.float32)).to(dev)
-    fill = torch.where(torch.isnan(given), src.amin(dim=2), given)[:, :, None, None]
-    out = torch.where(inside[:, None], out, fill)
+    given = np.array(params["fill"][:, :c], np.float32)
+    fill = torch.from_numpy(given).to(dev)
+    if np.isnan(given).any():
+        fill = torch.where(torch.isnan(fill), src.amin(dim=2), fill)
+    out = torch.where(inside[:, None], out, fill[:, :, None, None])
     near = i00 + (fy[:, 0] >= 0.5).long().reshape(b, 1, -1) * s
     near = near + (fx[:, 0] >= 0.5).long().reshape(b, 1, -1)
     lab = labels.reshape(b, 1, s * s).gather(2, near).reshape(b, patch, patch)
