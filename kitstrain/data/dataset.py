@@ -3,10 +3,11 @@
 The hot path never touches h5py: each DataLoader worker opens the store
 (`kitsprep.store.SliceReader`, lazily in the worker) and reads single slices at the byte
 offsets recorded in the index with positioned reads straight into the batch's slot of the
-loader's shared pool (`kitstrain.data.batch_pool`),
-checking each one's CRC-32. Nothing is mapped and no whole-case or whole-file read happens
-anywhere, so a worker's memory is the same for a 100 MB store and a store larger than RAM.
-Samplers read only the index.
+loader's shared pool (`kitstrain.data.batch_pool`), checking each one's CRC-32 (with
+augmentation on the device, where a worker reads only the rows a sample's warp reaches:
+on its first read of each chunk, see `_fill_cuts`). Nothing is mapped and no whole-case
+or whole-file read happens anywhere, so a worker's memory is the same for a 100 MB store
+and a store larger than RAM. Samplers read only the index.
 """
 
 from __future__ import annotations
@@ -152,13 +153,14 @@ class SliceDataset(Dataset):
     def _read_into(self, i: int, img: np.ndarray, lab: np.ndarray) -> None:
         """Item i's context slices and centre label, read straight into `img` (C, H, W)
         float16 (adjacent chunks in one system call) and `lab` (H, W) uint8."""
-        self._reader.images(self.rows[self._neighbours[i]], img)
+        rows = self.rows
+        self._reader.images(rows[self._neighbours[i]], img)
         if self._background[i]:
             # the index counts come from these very labels: zero-fill instead of inflating
             # 256 KB (10 us instead of ~100 us, and most CT slices hold no kidney)
             lab[...] = 0
         else:
-            lab[...] = self._reader.label(self.rows[i])
+            lab[...] = self._reader.label(rows[i])
 
     def _fill(
         self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor
