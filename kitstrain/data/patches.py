@@ -44,7 +44,7 @@ def patch_origin(
     label: np.ndarray,
     patch: int,
     rng: np.random.Generator,
-    present: np.ndarray | None = None,
+    present: np.ndarray,
 ) -> tuple[int, int]:
     """Top-left (row, col) of a `patch` x `patch` window on an (H, W) label.
 
@@ -54,14 +54,11 @@ def patch_origin(
     in the window (not always at its centre, or the model would learn where organs sit).
     A slice without foreground gets a uniformly placed window.
 
-    `present`: the foreground values the label holds, ascending, where already known (the
-    store's index counts them): the same window, without a pass to find them."""
+    `present`: the foreground values the label holds, ascending, as the store's index
+    counts them: no pass over the label to find them."""
     h, w = label.shape
     if patch > h or patch > w:
         raise ValueError(f"patch {patch} does not fit a {h}x{w} slice")
-    if present is None:
-        # bincount, not unique: one pass, no sort (0.2 ms vs 3 ms on a 512x512 slice)
-        present = np.flatnonzero(np.bincount(label.ravel())[1:]) + 1
     if present.size == 0:
         return uniform_origin((h, w), patch, rng)
     # a Python int: an int64 scalar would widen the uint8 comparison below 8-fold

@@ -181,8 +181,12 @@ def test_both_sides_of_the_loader_give_the_same_samples_and_parameter_rates(load
     reader = SliceReader(loader_store, 32, device.store_case_ids)
     for j in (0, 7, 99):
         i = items[j].index
+        present = np.flatnonzero(device.rows["counts"][i][1:]) + 1
         y, x = patch_origin(
-            reader.label(device.rows[i]), 16, np.random.default_rng([device.seed, 0, items[j].draw])
+            reader.label(device.rows[i]),
+            16,
+            np.random.default_rng([device.seed, 0, items[j].draw]),
+            present,
         )
         assert (params["top"][j], params["left"][j]) == (y, x)
     reader.close()
